@@ -1,0 +1,103 @@
+"""Base configuration: every field kforcing_jax reads, each one commented.
+
+Not launched directly; the other files in configs/ override it. Example launch:
+  python main.py --config=configs/synthetic.py --workdir=/tmp/kf
+Any field can be overridden on the command line: --config.train.steps=100
+"""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  # Comma-separated stages run in order by main.py; each writes WORKDIR/<stage>/ and is
+  # skipped when its final checkpoint and summary.json already exist.
+  # Known stages: teacher, distill_k<K> (K a power of two).
+  c.pipeline = 'teacher'
+  c.seed = 0  # model init, dropout, distillation noise.
+
+  c.model = m = ml_collections.ConfigDict()
+  m.d_model = 768  # residual width D.
+  m.n_layers = 12  # number of pre-LN blocks L.
+  m.n_heads = 12  # attention heads; head_dim = d_model / n_heads.
+  m.mlp_ratio = 4  # MLP hidden width = mlp_ratio * d_model.
+  # Vocabulary incl. the reserved never-emitted id. -1: take it from the data source's
+  # tokenizer (the usual case); a positive value must then equal it.
+  m.vocab_size = -1
+  m.max_seq_len = -1  # longest sequence the model accepts; -1: data.seq_len.
+  m.rope_base = 10000.0  # RoPE base (rotate-half / NeoX style, whole head dim).
+  m.dtype = 'bfloat16'  # compute dtype: bfloat16 | float32. LayerNorm/softmax stay f32.
+  m.param_dtype = 'float32'  # parameter dtype: float32 | bfloat16.
+  m.dropout = 0.0  # dropout after attention and MLP outputs during training.
+  # Attention kernel for jax.nn.dot_product_attention: auto (cuDNN on GPU for causal
+  # full-sequence attention, XLA otherwise) | xla | cudnn.
+  m.attention_impl = 'auto'
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = 'synthetic'  # synthetic | lm1b | openwebtext | text
+  d.seq_len = 128  # tokens per training row.
+  d.batch_size = 64  # global batch (rows); must divide by mesh data*fsdp.
+  d.eval_batch_size = 64  # global batch for validation.
+  # Tokenizer: '' = the source's default (lm1b: bert-base-uncased, openwebtext: gpt2,
+  # synthetic: synthetic). Others: bert-base-uncased | gpt2.
+  d.tokenizer = ''
+  d.tokenizer_path = ''  # local directory with the tokenizer files (offline); '' = by name.
+  # Row layout: pad = one sentence/record per row, padded with a loss mask (lm1b);
+  # concat = documents joined with EOS and cut into seq_len blocks (openwebtext);
+  # '' = the source's default.
+  d.packing = ''
+  d.path = ''  # openwebtext / text: files, a directory or a glob of local files.
+  d.eval_path = ''  # text: separate held-out files; '' = split off eval_fraction.
+  d.eval_fraction = 0.01  # openwebtext / text: seeded held-out share of documents/rows.
+  d.tfds_data_dir = ''  # lm1b: tensorflow-datasets data_dir ('' = TFDS default).
+  d.cache_dir = ''  # openwebtext / text: where tokenized arrays are cached ('' = none).
+  d.shuffle = True  # seeded reshuffle every epoch (indexable sources).
+  d.max_examples = -1  # use only the first N records of a file source (-1: all).
+  # synthetic: the seeded hidden Markov source of design.md section 7.
+  d.synthetic = s = ml_collections.ConfigDict()
+  s.seed = 1234  # the source itself (transition/emission tables).
+  s.n_states = 32  # hidden states (plus one sentence-end state).
+  s.n_symbols = 128  # emitted symbols; vocab = n_symbols + EOS + reserved id.
+  s.branching = 2  # successor states per state (sparse transitions).
+  s.symbols_per_state = 10  # each state's Zipf emission support.
+  s.zipf_exponent = 1.2  # emission weights ~ 1 / rank^exponent.
+  s.mean_sentence_len = 24  # expected tokens between EOS ids.
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 10000  # optimizer steps for the teacher stage.
+  t.learning_rate = 3e-4  # peak learning rate.
+  t.warmup_steps = 500  # linear warm-up from 0.
+  t.schedule = 'cosine'  # after warm-up: cosine | linear | constant.
+  t.min_lr_ratio = 0.1  # final lr = min_lr_ratio * peak (cosine, linear).
+  t.weight_decay = 0.1  # AdamW decay on matrices (not LayerNorm, biases).
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.grad_clip = 1.0  # clip by global norm; 0 disables.
+  t.ema_decay = 0.0  # EMA of parameters used for eval and export; 0 disables.
+  t.log_every = 50  # steps between progress lines / train metrics.
+  t.eval_every = 1000  # steps between validation runs (and at the end).
+  t.eval_batches = 8  # validation batches per evaluation.
+  t.checkpoint_every = 1000  # steps between checkpoints (and at the end).
+  t.keep_checkpoints = 2  # checkpoints kept per stage.
+
+  # Progressive self-forcing distillation (design.md section 3); used by distill_k* stages.
+  c.distill = ds = ml_collections.ConfigDict()
+  ds.steps = 2000  # optimizer steps per distillation stage.
+  ds.learning_rate = 3e-4
+  ds.warmup_steps = 200
+  ds.batch_size = -1  # global batch; -1: data.batch_size.
+  # The teacher of each distill_k<K> stage: '' = the model stage before it in `pipeline`
+  # (or distill_k<K/2> / teacher when it is the first stage listed).
+  ds.teacher_stage = ''
+  # Temperature conditioning: tau per sequence uniform in [tau_min, tau_max]; the teacher
+  # is tempered by tau and the student sees it. 1,1 = the paper's setting.
+  ds.tau_min = 1.0
+  ds.tau_max = 1.0
+  ds.eval_batches = 4  # held-out batches for the stage's agreement summary.
+
+  # Device mesh: product of the three must equal the device count; one -1 fills.
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1
+  ms.fsdp = 1
+  ms.tensor = 1
+  return c

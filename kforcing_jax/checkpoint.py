@@ -1,0 +1,78 @@
+"""Orbax checkpoints per stage: train state, data-iterator position and metadata
+(config, model shape, tokenizer identity), saved atomically by a CheckpointManager.
+
+A rerun restores the latest step; a workdir written with an incompatible config is
+refused with the differing fields named."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class IncompatibleCheckpointError(ValueError):
+  pass
+
+
+def manager(directory: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                         read_only=read_only)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_state: dict,
+         meta: dict, force: bool = False) -> None:
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          data=ocp.args.JsonSave(data_state),
+                                          meta=ocp.args.JsonSave(meta)), force=force)
+
+
+def restore_meta(mngr: ocp.CheckpointManager, step: int | None = None) -> dict:
+  step = mngr.latest_step() if step is None else step
+  return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None):
+  """Returns (state, data_state, meta) of `step` (default latest) onto the shardings of
+  `abstract_state` (a tree of jax.ShapeDtypeStruct with .sharding)."""
+  step = mngr.latest_step() if step is None else step
+  out = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+      meta=ocp.args.JsonRestore()))
+  return out['state'], out['data'], out['meta']
+
+
+def restore_params(directory: str, abstract_params: Any, step: int | None = None):
+  """Restores only the parameters of a stage's state (read-only; e.g. a frozen teacher)."""
+  mngr = manager(directory, read_only=True)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint under {directory}')
+  meta = restore_meta(mngr, step)
+  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={'params': abstract_params},
+      restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding),
+                                {'params': abstract_params}),
+      partial_restore=True)))
+  mngr.close()
+  return out['state']['params'], meta
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def check_compatible(saved: dict, wanted: dict, where: str) -> None:
+  """Compares the fields that must match to resume or reuse a checkpoint."""
+  diffs = []
+  for key in sorted(set(saved) | set(wanted)):
+    if saved.get(key) != wanted.get(key):
+      diffs.append(f'{key}: checkpoint has {saved.get(key)!r}, config asks for '
+                   f'{wanted.get(key)!r}')
+  if diffs:
+    raise IncompatibleCheckpointError(
+        f'{where} was written with an incompatible configuration:\n  ' + '\n  '.join(diffs) +
+        '\nUse a new --workdir, or the configuration the checkpoint was made with.')

@@ -1,0 +1,367 @@
+"""Data sources and the deterministic, resumable, per-host-sharded batch iterator.
+
+Every source exposes rows of `seq_len` token ids plus a validity mask:
+  tokens [n, seq_len] int32, mask [n, seq_len] bool (False on padding).
+Sources:
+  synthetic    the seeded hidden Markov source (kforcing_jax.synthetic), no download.
+  lm1b         tensorflow-datasets' `lm1b` builder, bert-base-uncased, padded rows.
+  openwebtext  Hugging Face `openwebtext` online, or local .txt/.xz/.jsonl documents; GPT-2,
+               documents joined with <|endoftext|> and cut into seq_len blocks.
+  text         local text / JSONL files with any supported tokenizer, padded or packed.
+Packing: `pad` = one sentence/record per row, [CLS] ... [SEP] for BERT (EOS appended for
+GPT-2), truncated or padded to seq_len with a loss mask; `concat` = one stream cut into
+blocks, no padding. TensorFlow is imported only by the lm1b source (design.md section 8).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import lzma
+import os
+import tarfile
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from kforcing_jax import synthetic as synthetic_lib
+from kforcing_jax import tokenization
+
+SOURCES = ('synthetic', 'lm1b', 'openwebtext', 'text')
+PACKINGS = ('pad', 'concat')
+DEFAULT_TOKENIZER = {'lm1b': 'bert-base-uncased', 'openwebtext': 'gpt2', 'text': 'gpt2'}
+DEFAULT_PACKING = {'lm1b': 'pad', 'openwebtext': 'concat', 'text': 'pad', 'synthetic': 'concat'}
+SPLITS = ('train', 'eval')
+
+
+class DataConfigError(ValueError):
+  pass
+
+
+# --------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------
+class SyntheticSource:
+  """Rows sampled on the fly; row content is a pure function of (seed, split, step)."""
+
+  def __init__(self, cfg):
+    self.hmm = synthetic_lib.source_from_config(cfg)
+    self.seq_len = cfg.data.seq_len
+    fp = hashlib.sha256(json.dumps(cfg.data.synthetic.to_dict(), sort_keys=True).encode())
+    self.tokenizer = tokenization.synthetic(self.hmm.vocab_size, fp.hexdigest()[:16])
+    self.seed = cfg.data.synthetic.seed
+
+  def num_rows(self, split: str) -> int | None:
+    return None
+
+  def global_batch(self, split: str, step: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([self.seed, SPLITS.index(split), step, batch])
+    tokens = self.hmm.sample(rng, batch, self.seq_len)
+    return tokens, np.ones_like(tokens, bool)
+
+
+class ArraySource:
+  """Rows materialised as arrays (small corpora or cached tokenisations)."""
+
+  def __init__(self, tokenizer, seq_len, splits: dict[str, tuple[np.ndarray, np.ndarray]]):
+    self.tokenizer = tokenizer
+    self.seq_len = seq_len
+    self._splits = splits
+    for split, (tokens, _) in splits.items():
+      if len(tokens) == 0:
+        raise DataConfigError(f'the {split} split has no rows of data.seq_len={seq_len}: '
+                              'add data or lower data.eval_fraction / data.seq_len')
+
+  def num_rows(self, split: str) -> int:
+    return len(self._splits[split][0])
+
+  def rows(self, split: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    tokens, mask = self._splits[split]
+    return np.asarray(tokens[ids], np.int32), np.asarray(mask[ids], bool)
+
+
+class TfdsTextSource:
+  """tensorflow-datasets random-access records (ArrayRecord), tokenised on access."""
+
+  def __init__(self, tokenizer, seq_len, data_sources: dict[str, Any]):
+    self.tokenizer = tokenizer
+    self.seq_len = seq_len
+    self._ds = data_sources
+
+  def num_rows(self, split: str) -> int:
+    return len(self._ds[split])
+
+  def rows(self, split: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    texts = [_as_text(self._ds[split][int(i)]['text']) for i in ids]
+    return pad_rows([self.tokenizer.encode(t) for t in texts], self.seq_len,
+                    self.tokenizer)
+
+
+def _as_text(x) -> str:
+  return x.decode('utf-8') if isinstance(x, bytes) else str(x)
+
+
+def pad_rows(encoded: Sequence[Sequence[int]], seq_len: int, tok) -> tuple[np.ndarray, np.ndarray]:
+  tokens = np.full((len(encoded), seq_len), tok.pad_id, np.int32)
+  mask = np.zeros((len(encoded), seq_len), bool)
+  for r, ids in enumerate(encoded):
+    ids = list(ids)
+    if not tok.add_bos_eos:
+      ids = ids + [tok.eos_id]
+    ids = ids[:seq_len]
+    tokens[r, :len(ids)] = ids
+    mask[r, :len(ids)] = True
+  return tokens, mask
+
+
+def concat_rows(encoded: Sequence[Sequence[int]], seq_len: int, tok) -> tuple[np.ndarray, np.ndarray]:
+  """Documents joined with EOS (after each document), cut into full seq_len blocks."""
+  total = sum(len(e) + 1 for e in encoded)
+  flat = np.empty(total, np.int32)
+  i = 0
+  for ids in encoded:
+    flat[i:i + len(ids)] = ids
+    flat[i + len(ids)] = tok.eos_id
+    i += len(ids) + 1
+  n = total // seq_len
+  tokens = flat[:n * seq_len].reshape(n, seq_len)
+  return tokens, np.ones_like(tokens, bool)
+
+
+# --------------------------------------------------------------------------------------
+# Local files
+# --------------------------------------------------------------------------------------
+def list_files(path: str, field: str = 'data.path') -> list[str]:
+  if not path:
+    raise DataConfigError(f'{field} is empty: set it to a file, a directory or a glob of '
+                          '.txt / .xz / .jsonl files')
+  if os.path.isdir(path):
+    files = sorted(f for f in glob.glob(os.path.join(path, '**', '*'), recursive=True)
+                   if os.path.isfile(f))
+  else:
+    files = sorted(glob.glob(path))
+  files = [f for f in files if f.endswith(('.txt', '.xz', '.jsonl', '.json'))]
+  if not files:
+    raise DataConfigError(f'{field}={path!r}: no .txt, .xz or .jsonl files found there')
+  return files
+
+
+def _jsonl_texts(lines: Iterator[str], name: str) -> Iterator[str]:
+  for n, line in enumerate(lines):
+    if line.strip():
+      rec = json.loads(line)
+      if 'text' not in rec:
+        raise DataConfigError(f'{name}:{n + 1}: JSONL records need a "text" field')
+      yield rec['text']
+
+
+def read_records(files: Sequence[str], unit: str) -> list[str]:
+  """unit='line': one record per non-empty line (or JSONL record); 'file': per document."""
+  records = []
+  for f in files:
+    if f.endswith('.xz'):
+      if tarfile.is_tarfile(f):
+        with tarfile.open(f, 'r:xz') as tar:
+          for m in sorted(tar.getmembers(), key=lambda m: m.name):
+            if m.isfile():
+              text = tar.extractfile(m).read().decode('utf-8', 'replace')
+              records.extend(_split(text, unit))
+        continue
+      with lzma.open(f, 'rt', encoding='utf-8') as fh:
+        text = fh.read()
+      name = f[:-3]
+    else:
+      with open(f, encoding='utf-8', errors='replace') as fh:
+        text = fh.read()
+      name = f
+    if name.endswith(('.jsonl', '.json')):
+      records.extend(_jsonl_texts(io.StringIO(text), f))
+    else:
+      records.extend(_split(text, unit))
+  return records
+
+
+def _split(text: str, unit: str) -> list[str]:
+  if unit == 'file':
+    return [text] if text.strip() else []
+  return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def heldout_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+  if not 0.0 < fraction < 1.0:
+    raise DataConfigError(f'data.eval_fraction must be in (0, 1), got {fraction}')
+  is_eval = np.random.default_rng([seed, 4242]).random(n) < fraction
+  if n >= 2 and not is_eval.any():
+    is_eval[np.random.default_rng([seed, 4243]).integers(n)] = True
+  if n >= 2 and is_eval.all():
+    is_eval[0] = False
+  return is_eval
+
+
+def local_file_source(cfg, tok, packing: str) -> ArraySource:
+  d = cfg.data
+  unit = 'line' if packing == 'pad' else 'file'
+  files = list_files(d.path)
+  eval_files = list_files(d.eval_path, 'data.eval_path') if d.eval_path else []
+  key = hashlib.sha256(json.dumps(
+      [[(f, os.path.getsize(f), os.path.getmtime(f)) for f in files + eval_files],
+       tok.fingerprint, packing, d.seq_len, d.eval_fraction, cfg.seed, d.max_examples,
+       unit]).encode()).hexdigest()[:20]
+  cache = os.path.join(d.cache_dir, f'tokens-{key}.npz') if d.cache_dir else ''
+  if cache and os.path.exists(cache):
+    with np.load(cache) as z:
+      splits = {s: (z[f'{s}_tokens'], z[f'{s}_mask']) for s in SPLITS}
+    return ArraySource(tok, d.seq_len, splits)
+  records = read_records(files, unit)
+  if d.max_examples > 0:
+    records = records[:d.max_examples]
+  if eval_files:
+    train_recs, eval_recs = records, read_records(eval_files, unit)
+  else:
+    is_eval = heldout_mask(len(records), d.eval_fraction, cfg.seed)
+    train_recs = [r for r, e in zip(records, is_eval) if not e]
+    eval_recs = [r for r, e in zip(records, is_eval) if e]
+  build = pad_rows if packing == 'pad' else concat_rows
+  splits = {'train': build([tok.encode(r) for r in train_recs], d.seq_len, tok),
+            'eval': build([tok.encode(r) for r in eval_recs], d.seq_len, tok)}
+  if cache:
+    os.makedirs(d.cache_dir, exist_ok=True)
+    tmp = cache + '.tmp.npz'
+    np.savez(tmp, **{f'{s}_{n}': a for s, (t, m) in splits.items()
+                     for n, a in (('tokens', t), ('mask', m))})
+    os.replace(tmp, cache)
+  return ArraySource(tok, d.seq_len, splits)
+
+
+def openwebtext_hf_records(cfg) -> list[str]:
+  """The Hugging Face `openwebtext` dataset (online); needs the optional `datasets`."""
+  try:
+    import datasets  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataConfigError(
+        'data.source=openwebtext with data.path empty loads the Hugging Face dataset and '
+        'needs `pip install datasets`; offline, set data.path to local .txt/.xz/.jsonl '
+        'documents') from e
+  ds = datasets.load_dataset('openwebtext', split='train', trust_remote_code=True)
+  n = len(ds) if cfg.data.max_examples < 0 else min(len(ds), cfg.data.max_examples)
+  return [ds[i]['text'] for i in range(n)]
+
+
+def lm1b_source(cfg, tok) -> TfdsTextSource:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  kw = {'data_dir': cfg.data.tfds_data_dir} if cfg.data.tfds_data_dir else {}
+  builder = tfds.builder('lm1b', file_format='array_record', **kw)
+  builder.download_and_prepare()
+  sources = {'train': builder.as_data_source(split='train'),
+             'eval': builder.as_data_source(split='test')}
+  return TfdsTextSource(tok, cfg.data.seq_len, sources)
+
+
+def resolve(cfg) -> tuple[str, str]:
+  """(tokenizer name, packing) after defaults; raises on unknown values."""
+  d = cfg.data
+  if d.source not in SOURCES:
+    raise DataConfigError(f'data.source={d.source!r} is not known; allowed: {", ".join(SOURCES)}')
+  packing = d.packing or DEFAULT_PACKING[d.source]
+  if packing not in PACKINGS:
+    raise DataConfigError(f'data.packing={d.packing!r} is not known; allowed: pad, concat')
+  if d.source == 'synthetic':
+    if d.tokenizer not in ('', 'synthetic'):
+      raise DataConfigError(f'data.tokenizer={d.tokenizer!r} cannot be used with '
+                            'data.source=synthetic; leave it empty')
+    return 'synthetic', 'concat'
+  name = d.tokenizer or DEFAULT_TOKENIZER[d.source]
+  if name not in ('bert-base-uncased', 'gpt2'):
+    raise DataConfigError(f'data.tokenizer={name!r} is not supported; allowed: '
+                          'bert-base-uncased, gpt2')
+  return name, packing
+
+
+def make_source(cfg):
+  """Builds the configured source (tokenises local files, prepares TFDS as needed)."""
+  name, packing = resolve(cfg)
+  if cfg.data.seq_len < 2:
+    raise DataConfigError(f'data.seq_len must be >= 2, got {cfg.data.seq_len}')
+  if cfg.data.source == 'synthetic':
+    return SyntheticSource(cfg)
+  tok = tokenization.load(name, cfg.data.tokenizer_path)
+  if cfg.data.source == 'lm1b':
+    return lm1b_source(cfg, tok)
+  if cfg.data.source == 'openwebtext' and not cfg.data.path:
+    records = openwebtext_hf_records(cfg)
+    is_eval = heldout_mask(len(records), cfg.data.eval_fraction, cfg.seed)
+    build = pad_rows if packing == 'pad' else concat_rows
+    return ArraySource(tok, cfg.data.seq_len, {
+        'train': build([tok.encode(r) for r, e in zip(records, is_eval) if not e],
+                       cfg.data.seq_len, tok),
+        'eval': build([tok.encode(r) for r, e in zip(records, is_eval) if e],
+                      cfg.data.seq_len, tok)})
+  return local_file_source(cfg, tok, packing)
+
+
+# --------------------------------------------------------------------------------------
+# Iteration
+# --------------------------------------------------------------------------------------
+class BatchIterator:
+  """Deterministic global batches; `state()` / `restore()` make a resumed run continue
+  with exactly the batch it would have seen. Each process materialises only its own rows
+  and the global array is assembled with jax.make_array_from_process_local_data."""
+
+  def __init__(self, source, split: str, global_batch: int, sharding, seed: int,
+               shuffle: bool = True):
+    self.source, self.split, self.global_batch = source, split, global_batch
+    self.sharding, self.seed, self.shuffle = sharding, seed, shuffle
+    self.step = 0
+    self._perm_epoch, self._perm = -1, None
+    nproc, pid = jax.process_count(), jax.process_index()
+    if global_batch % nproc:
+      raise DataConfigError(f'batch size {global_batch} must divide by the process count {nproc}')
+    per = global_batch // nproc
+    self._lo, self._hi = pid * per, (pid + 1) * per
+
+  def state(self) -> dict:
+    return {'split': self.split, 'step': int(self.step), 'global_batch': self.global_batch}
+
+  def restore(self, state: dict) -> None:
+    if state.get('global_batch', self.global_batch) != self.global_batch:
+      raise DataConfigError(
+          f'the checkpoint was written with batch size {state["global_batch"]}, the config '
+          f'asks for {self.global_batch}: a resumed run would not see the same data')
+    self.step = int(state['step'])
+
+  def _example_ids(self, positions: np.ndarray) -> np.ndarray:
+    n = self.source.num_rows(self.split)
+    epoch, offset = positions // n, positions % n
+    if not self.shuffle:
+      return offset
+    out = np.empty_like(positions)
+    for e in np.unique(epoch):
+      if e != self._perm_epoch:
+        self._perm = np.random.default_rng([self.seed, 99, int(e)]).permutation(n)
+        self._perm_epoch = int(e)
+      sel = epoch == e
+      out[sel] = self._perm[offset[sel]]
+    return out
+
+  def local_batch(self, step: int) -> dict[str, np.ndarray]:
+    if isinstance(self.source, SyntheticSource):
+      tokens, mask = self.source.global_batch(self.split, step, self.global_batch)
+      tokens, mask = tokens[self._lo:self._hi], mask[self._lo:self._hi]
+    else:
+      pos = step * self.global_batch + np.arange(self._lo, self._hi)
+      tokens, mask = self.source.rows(self.split, self._example_ids(pos))
+    return {'tokens': tokens, 'mask': mask}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    local = self.local_batch(self.step)
+    self.step += 1
+    if self.sharding is None:
+      return {k: jax.numpy.asarray(v) for k, v in local.items()}
+    return {k: jax.make_array_from_process_local_data(self.sharding, v,
+                                                      (self.global_batch,) + v.shape[1:])
+            for k, v in local.items()}

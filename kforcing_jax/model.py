@@ -1,0 +1,264 @@
+"""The Transformer backbone shared by the AR teacher and the push-forward student.
+
+design.md 2.1: untied token embedding, pre-LN blocks with bias-free fused QKV / output
+projections, RoPE (rotate-half) on q and k, a tanh-GELU MLP with biases, scale-only
+LayerNorm in float32, and a zero-initialised output head with bias. With `pflm=True` a
+noise encoder (design.md 2.2) turns (u, tau) into hint embeddings. One module serves
+every layout: the caller passes token ids, hint noise, RoPE positions and the boolean
+attention mask, and optionally an explicit KV cache to read from and write into.
+
+Sequence = [token embeddings (T) | hint embeddings (H)].
+Parameters carry logical axis names (see kforcing_jax.sharding for the mesh rules).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NEG_INF = -1e9
+DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int = 768
+  n_layers: int = 12
+  n_heads: int = 12
+  mlp_ratio: int = 4
+  max_seq_len: int = 1024
+  rope_base: float = 10000.0
+  dtype: str = 'bfloat16'
+  param_dtype: str = 'float32'
+  dropout: float = 0.0
+  never_emit_ids: tuple[int, ...] = ()
+  attention_impl: str = 'auto'
+  pflm: bool = False  # adds the noise encoder (push-forward student)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  def backbone_shape(self) -> dict:
+    return {k: getattr(self, k) for k in ('vocab_size', 'd_model', 'n_layers', 'n_heads',
+                                           'mlp_ratio')}
+
+
+def _init(init_fn, axes):
+  return nn.with_logical_partitioning(init_fn, axes)
+
+
+def rope(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, base: float) -> jax.Array:
+  """Rotate-half RoPE over the whole head dim, angles computed in float32."""
+  d = x_BxTxHxD.shape[-1]
+  inv_freq = 1.0 / (base ** (np.arange(0, d, 2, dtype=np.float32) / d))
+  angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  cos = jnp.cos(angles_BxTxF)[:, :, None, :]
+  sin = jnp.sin(angles_BxTxF)[:, :, None, :]
+  x = x_BxTxHxD.astype(jnp.float32)
+  x1, x2 = x[..., :d // 2], x[..., d // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxHxD.dtype)
+
+
+def sinusoid(z_B: jax.Array, dim: int) -> jax.Array:
+  """[cos(2 pi z f_j), sin(2 pi z f_j)], f_j = 10000^(-j/(dim/2)), in float32.
+
+  The fractional part of z*f_j is taken before scaling by 2 pi, so the argument keeps
+  float32's full relative precision of z (u values of neighbouring CDF intervals differ
+  in their 6th decimal; float32 resolves ~1e-7)."""
+  half = dim // 2
+  freqs = (10000.0 ** (-np.arange(half, dtype=np.float64) / half)).astype(np.float32)
+  zf = z_B.astype(jnp.float32)[..., None] * freqs
+  arg = (2 * np.pi) * (zf - jnp.floor(zf))
+  return jnp.concatenate([jnp.cos(arg), jnp.sin(arg)], axis=-1)
+
+
+class LayerNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.LayerNorm(epsilon=1e-5, use_bias=False, dtype=jnp.float32,
+                        param_dtype=DTYPES[self.cfg.param_dtype],
+                        scale_init=_init(nn.initializers.ones, ('embed',)))(
+                            x.astype(jnp.float32))
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    dt = self.dtype or DTYPES[cfg.dtype]
+    pdt = DTYPES[cfg.param_dtype]
+    h = nn.Dense(cfg.mlp_ratio * cfg.d_model, dtype=dt, param_dtype=pdt, name='fc_in',
+                 kernel_init=_init(nn.initializers.xavier_uniform(), ('embed', 'mlp')),
+                 bias_init=_init(nn.initializers.zeros, ('mlp',)))(x)
+    h = nn.gelu(h, approximate=True)
+    return nn.Dense(cfg.d_model, dtype=dt, param_dtype=pdt, name='fc_out',
+                    kernel_init=_init(nn.initializers.xavier_uniform(), ('mlp', 'embed')),
+                    bias_init=_init(nn.initializers.zeros, ('embed',)))(h)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache_kv=None, cache_slot=None, causal=False):
+    """mask: [B, T, S] bool (query may attend key) or None with causal=True.
+
+    cache_kv: (k, v) each [B, S_max, H, Dh]; the new keys/values are written at slots
+    [cache_slot, cache_slot + T) and attention runs over the whole (masked) cache."""
+    cfg = self.cfg
+    dt, pdt = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    w_qkv = self.param('qkv_kernel', _init(nn.initializers.variance_scaling(
+        1.0, 'fan_avg', 'uniform', in_axis=0, out_axis=(1, 2, 3)),
+        ('embed', None, 'heads', 'kv')), (cfg.d_model, 3, cfg.n_heads, cfg.head_dim), pdt)
+    qkv = jnp.einsum('btd,dchk->btchk', x.astype(dt), w_qkv.astype(dt))
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = rope(q, positions, cfg.rope_base)
+    k = rope(k, positions, cfg.rope_base)
+    new_kv = None
+    if cache_kv is not None:
+      ck, cv = cache_kv
+      k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_slot, 0, 0))
+      v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_slot, 0, 0))
+      new_kv = (k, v)
+      k, v = k.astype(dt), v.astype(dt)
+    impl = cfg.attention_impl
+    if impl == 'auto':
+      # cuDNN's fused kernel for plain causal attention on GPU; masks go through XLA.
+      impl = 'cudnn' if (causal and mask is None and jax.default_backend() == 'gpu'
+                         and dt == jnp.bfloat16) else 'xla'
+    if mask is None:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
+    w_out = self.param('out_kernel', _init(nn.initializers.variance_scaling(
+        1.0, 'fan_avg', 'uniform', in_axis=(0, 1), out_axis=2),
+        ('heads', 'kv', 'embed')), (cfg.n_heads, cfg.head_dim, cfg.d_model), pdt)
+    out = jnp.einsum('bthk,hkd->btd', out, w_out.astype(dt))
+    return out, new_kv
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache_kv=None, cache_slot=None, causal=False,
+               train=False):
+    cfg = self.cfg
+    h, new_kv = Attention(cfg, name='attn')(
+        LayerNorm(cfg, name='ln1')(x).astype(DTYPES[cfg.dtype]), positions, mask,
+        cache_kv, cache_slot, causal)
+    h = nn.Dropout(cfg.dropout)(h, deterministic=not train)
+    x = x + h.astype(x.dtype)
+    h = Mlp(cfg, name='mlp')(LayerNorm(cfg, name='ln2')(x).astype(DTYPES[cfg.dtype]))
+    h = nn.Dropout(cfg.dropout)(h, deterministic=not train)
+    x = x + h.astype(x.dtype)
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), new_kv
+
+
+class NoiseEncoder(nn.Module):
+  """h = W_c [sinus(u); sinus(tau)] + b_c; h = h + MLP(LayerNorm(h)), all in float32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, u_BxH, tau_B):
+    cfg = self.cfg
+    feats = jnp.concatenate(
+        [sinusoid(u_BxH, cfg.d_model),
+         jnp.broadcast_to(sinusoid(tau_B, cfg.d_model)[:, None], u_BxH.shape + (cfg.d_model,))],
+        axis=-1)
+    h = nn.Dense(cfg.d_model, dtype=jnp.float32, param_dtype=jnp.float32, name='proj',
+                 precision=jax.lax.Precision.HIGHEST,
+                 kernel_init=_init(nn.initializers.xavier_uniform(), (None, 'embed')),
+                 bias_init=_init(nn.initializers.zeros, ('embed',)))(feats)
+    return h + Mlp(cfg, dtype=jnp.float32, name='mlp')(LayerNorm(cfg, name='ln')(h))
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, positions_BxT, mask_BxQxS=None, *, hint_u_BxH=None,
+               hint_pos_BxH=None, tau_B=None, cache=None, cache_slot=None,
+               logits_from: int = 0, train: bool = False):
+    """Returns (logits [B, Q - logits_from, V] float32, new cache or None).
+
+    mask_BxQxS=None means plain causal attention over the Q = T + H inputs.
+    cache = {'k': [L, B, S_max, H, Dh], 'v': ...}; inputs are written at cache_slot.
+    """
+    cfg = self.cfg
+    dt, pdt = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, param_dtype=pdt, dtype=jnp.float32,
+                     name='embed',
+                     embedding_init=_init(nn.initializers.normal(0.02), ('vocab', 'embed')))
+    x = embed(tokens_BxT)
+    positions = positions_BxT
+    if hint_u_BxH is not None:
+      if not cfg.pflm:
+        raise ValueError('hint noise was given to a model without a noise encoder '
+                         '(ModelConfig.pflm=False)')
+      if tau_B is None:
+        tau_B = jnp.ones(hint_u_BxH.shape[:1], jnp.float32)
+      hints = NoiseEncoder(cfg, name='noise_encoder')(hint_u_BxH, tau_B)
+      x = jnp.concatenate([x, hints], axis=1)
+      positions = jnp.concatenate([positions, hint_pos_BxH], axis=1)
+    elif cfg.pflm and self.is_initializing():
+      NoiseEncoder(cfg, name='noise_encoder')(jnp.zeros((1, 1)), jnp.ones((1,)))
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    if cache is not None and mask_BxQxS is None:
+      raise ValueError('decoding with a cache needs an explicit [B, Q, S_max] mask')
+    causal = mask_BxQxS is None
+    new_k, new_v = [], []
+    for layer in range(cfg.n_layers):
+      kv = None if cache is None else (cache['k'][layer], cache['v'][layer])
+      x, kv = Block(cfg, name=f'block_{layer}')(x, positions, mask_BxQxS, kv, cache_slot,
+                                                 causal, train)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    x = LayerNorm(cfg, name='ln_f')(x[:, logits_from:])
+    logits = nn.Dense(cfg.vocab_size, dtype=dt, param_dtype=pdt, name='head',
+                      kernel_init=_init(nn.initializers.zeros, ('embed', 'vocab')),
+                      bias_init=_init(nn.initializers.zeros, ('vocab',)))(x.astype(dt))
+    logits = logits.astype(jnp.float32)
+    if cfg.never_emit_ids:
+      blocked = np.zeros((cfg.vocab_size,), bool)
+      blocked[list(cfg.never_emit_ids)] = True
+      logits = jnp.where(blocked, NEG_INF, logits)
+    new_cache = None if cache is None else {'k': jnp.stack(new_k), 'v': jnp.stack(new_v)}
+    return logits, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
+  dtype = dtype or DTYPES[cfg.dtype]
+  shape = (cfg.n_layers, batch, length, cfg.n_heads, cfg.head_dim)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
+  return 2 * cfg.n_layers * batch * length * cfg.d_model * jnp.dtype(DTYPES[cfg.dtype]).itemsize
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def model_config(cfg, vocab_size: int, never_emit_ids=(), pflm: bool = False) -> ModelConfig:
+  m = cfg.model
+  return ModelConfig(vocab_size=vocab_size, d_model=m.d_model, n_layers=m.n_layers,
+                     n_heads=m.n_heads, mlp_ratio=m.mlp_ratio,
+                     max_seq_len=m.max_seq_len if m.max_seq_len > 0 else cfg.data.seq_len,
+                     rope_base=m.rope_base, dtype=m.dtype, param_dtype=m.param_dtype,
+                     dropout=m.dropout, never_emit_ids=tuple(int(i) for i in never_emit_ids),
+                     attention_impl=m.attention_impl, pflm=pflm)

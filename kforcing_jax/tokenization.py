@@ -1,0 +1,131 @@
+"""Tokenizers: bert-base-uncased WordPiece, GPT-2 BPE and the synthetic source's ids.
+
+Each loads from a local directory (offline) or by name (online). `vocab_size` is the
+model's vocabulary: it includes the reserved id that is never emitted (design.md 2.1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Callable, Sequence
+
+KNOWN = ('bert-base-uncased', 'gpt2', 'synthetic')
+GPT2_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"""
+                r"""|\s+""")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+  name: str
+  vocab_size: int  # model vocabulary, reserved id included.
+  eos_id: int  # ends a sentence / joins documents.
+  pad_id: int  # fills padded rows (targets there are masked).
+  never_emit_ids: tuple[int, ...]  # logits forced to a large negative value.
+  fingerprint: str  # identifies the vocabulary; stored in checkpoints.
+  add_bos_eos: bool  # whether encode() wraps text in [CLS] ... [SEP].
+  _encode: Callable[[str], list[int]] = dataclasses.field(repr=False, compare=False)
+  _decode: Callable[[Sequence[int]], str] = dataclasses.field(repr=False, compare=False)
+
+  def encode(self, text: str) -> list[int]:
+    return self._encode(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._decode([int(i) for i in ids])
+
+  def identity(self) -> dict:
+    return {'name': self.name, 'vocab_size': self.vocab_size, 'fingerprint': self.fingerprint}
+
+
+def _file_hash(*paths: str) -> str:
+  h = hashlib.sha256()
+  for p in paths:
+    with open(p, 'rb') as f:
+      h.update(f.read())
+  return h.hexdigest()[:16]
+
+
+def _need(path: str, files: Sequence[str], name: str) -> list[str]:
+  out = [os.path.join(path, f) for f in files]
+  missing = [f for f in out if not os.path.exists(f)]
+  if missing:
+    raise FileNotFoundError(
+        f'data.tokenizer_path={path!r}: the {name} tokenizer needs {", ".join(files)} there; '
+        f'missing: {", ".join(missing)}')
+  return out
+
+
+def bert_base_uncased(path: str = '') -> Tokenizer:
+  import tokenizers
+  if path:
+    (vocab,) = _need(path, ['vocab.txt'], 'bert-base-uncased')
+    tok = tokenizers.BertWordPieceTokenizer(vocab, lowercase=True)
+    fp = _file_hash(vocab)
+  else:
+    tok = tokenizers.Tokenizer.from_pretrained('bert-base-uncased')
+    fp = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+  size = tok.get_vocab_size()
+  if size != 30522:
+    raise ValueError(f'data.tokenizer_path={path!r}: expected the 30,522-entry '
+                     f'bert-base-uncased vocabulary, found {size} entries')
+  return Tokenizer(
+      name='bert-base-uncased', vocab_size=size, eos_id=102, pad_id=0,
+      never_emit_ids=(103,), fingerprint=fp, add_bos_eos=True,
+      _encode=lambda s: tok.encode(s).ids,
+      _decode=lambda ids: tok.decode(ids, skip_special_tokens=True))
+
+
+def gpt2(path: str = '') -> Tokenizer:
+  import tiktoken
+  if path:
+    (ranks_file,) = _need(path, ['gpt2.tiktoken'], 'gpt2')
+    import tiktoken.load
+    enc = tiktoken.Encoding(name='gpt2', pat_str=GPT2_PATTERN,
+                            mergeable_ranks=tiktoken.load.load_tiktoken_bpe(ranks_file),
+                            special_tokens={'<|endoftext|>': 50256})
+    fp = _file_hash(ranks_file)
+  else:
+    enc = tiktoken.get_encoding('gpt2')
+    fp = hashlib.sha256(str(enc.n_vocab).encode() + enc.pat_str.encode()).hexdigest()[:16]
+  if enc.n_vocab != 50257:
+    raise ValueError(f'data.tokenizer_path={path!r}: expected 50,257 GPT-2 tokens, got '
+                     f'{enc.n_vocab}')
+  reserved = 50257
+  return Tokenizer(
+      name='gpt2', vocab_size=50258, eos_id=50256, pad_id=reserved,
+      never_emit_ids=(reserved,), fingerprint=fp, add_bos_eos=False,
+      _encode=lambda s: enc.encode_ordinary(s),
+      _decode=lambda ids: enc.decode([i for i in ids if i < 50257]))
+
+
+def synthetic(vocab_size: int, fingerprint: str) -> Tokenizer:
+  """The synthetic source's ids written as words: EOS is '|', symbol i is 's<i>'."""
+  reserved = vocab_size - 1
+
+  def encode(text: str) -> list[int]:
+    ids = []
+    for w in text.split():
+      if w == '|':
+        ids.append(0)
+      elif w.startswith('s') and w[1:].isdigit() and 0 < int(w[1:]) < reserved:
+        ids.append(int(w[1:]))
+      else:
+        raise ValueError(f'synthetic tokenizer: {w!r} is not a token; use "|" (EOS) or '
+                         f's1..s{reserved - 1}')
+    return ids
+
+  def decode(ids: Sequence[int]) -> str:
+    return ' '.join('|' if i == 0 else f's{i}' for i in ids if i != reserved)
+
+  return Tokenizer(name='synthetic', vocab_size=vocab_size, eos_id=0, pad_id=reserved,
+                   never_emit_ids=(reserved,), fingerprint=fingerprint, add_bos_eos=False,
+                   _encode=encode, _decode=decode)
+
+
+def load(name: str, path: str = '') -> Tokenizer:
+  if name == 'bert-base-uncased':
+    return bert_base_uncased(path)
+  if name == 'gpt2':
+    return gpt2(path)
+  raise ValueError(f'data.tokenizer={name!r} is not supported; allowed: '
+                   f'bert-base-uncased, gpt2 (synthetic comes with data.source=synthetic)')

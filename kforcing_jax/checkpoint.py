@@ -16,9 +16,9 @@ class IncompatibleCheckpointError(ValueError):
   pass
 
 
-def manager(directory: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                         read_only=read_only)
+def manager(directory: str, keep: int | None = 2, create: bool = True) -> ocp.CheckpointManager:
+  """create=False: open an existing stage's checkpoints to read them."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep if create else None, create=create)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -46,7 +46,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None =
 
 def restore_params(directory: str, abstract_params: Any, step: int | None = None):
   """Restores only the parameters of a stage's state (read-only; e.g. a frozen teacher)."""
-  mngr = manager(directory, read_only=True)
+  mngr = manager(directory, create=False)
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint under {directory}')

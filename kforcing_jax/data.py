@@ -365,3 +365,11 @@ class BatchIterator:
     return {k: jax.make_array_from_process_local_data(self.sharding, v,
                                                       (self.global_batch,) + v.shape[1:])
             for k, v in local.items()}
+
+
+def make_tokenizer(cfg):
+  """The tokenizer a config trains with, without preparing any data."""
+  name, _ = resolve(cfg)
+  if name == 'synthetic':
+    return SyntheticSource(cfg).tokenizer
+  return tokenization.load(name, cfg.data.tokenizer_path)

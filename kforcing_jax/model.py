@@ -39,6 +39,7 @@ class ModelConfig:
   never_emit_ids: tuple[int, ...] = ()
   attention_impl: str = 'auto'
   pflm: bool = False  # adds the noise encoder (push-forward student)
+  noise_freq_scale: float = 1.0  # multiplies the noise sinusoid's frequencies (1 = paper)
 
   @property
   def head_dim(self) -> int:
@@ -66,17 +67,63 @@ def rope(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, base: float) -> jax.Arr
   return out.astype(x_BxTxHxD.dtype)
 
 
-def sinusoid(z_B: jax.Array, dim: int) -> jax.Array:
-  """[cos(2 pi z f_j), sin(2 pi z f_j)], f_j = 10000^(-j/(dim/2)), in float32.
+def sinusoid(z_B: jax.Array, dim: int, freq_scale: float = 1.0) -> jax.Array:
+  """[cos(2 pi z f_j), sin(2 pi z f_j)], f_j = freq_scale * 10000^(-j/(dim/2)), in float32.
 
   The fractional part of z*f_j is taken before scaling by 2 pi, so the argument keeps
   float32's full relative precision of z (u values of neighbouring CDF intervals differ
   in their 6th decimal; float32 resolves ~1e-7)."""
   half = dim // 2
-  freqs = (10000.0 ** (-np.arange(half, dtype=np.float64) / half)).astype(np.float32)
+  freqs = (freq_scale * 10000.0 ** (-np.arange(half, dtype=np.float64) / half)).astype(
+      np.float32)
   zf = z_B.astype(jnp.float32)[..., None] * freqs
   arg = (2 * np.pi) * (zf - jnp.floor(zf))
   return jnp.concatenate([jnp.cos(arg), jnp.sin(arg)], axis=-1)
+
+
+def window_attention(q, k, v, window: tuple[int, int, int]):
+  """Attention of the window layout without materialising its [Q, Q] mask.
+
+  Sequence order [ctx (N) | w (N*A, window-major) | h (N*H, window-major)]. Context
+  queries are causal over the context; each window's W = A + H queries attend to
+  ctx_s (s <= t) and causally to their own window [w(t,1..A), h(t,1..H)] -- exactly the
+  mask of kforcing_jax.layouts.window_mask, at O(N^2 + N*W*(N + W)) cost instead of
+  O((N(1+W))^2).
+  """
+  n, a, h = window
+  B, _, nh, d = q.shape
+  w = a + h
+
+  def split(x):
+    ctx = x[:, :n]
+    parts = [x[:, n:n + n * a].reshape(B, n, a, nh, d)] if a else []
+    parts.append(x[:, n + n * a:].reshape(B, n, h, nh, d))
+    return ctx, jnp.concatenate(parts, axis=2)  # [B, N, ...], [B, N, W, nh, d]
+
+  q_c, q_w = split(q)
+  k_c, k_w = split(k)
+  v_c, v_w = split(v)
+  out_c = jax.nn.dot_product_attention(q_c, k_c, v_c, is_causal=True, implementation='xla')
+  scale = 1.0 / np.sqrt(d)
+  s_ctx = jnp.einsum('btwhd,bshd->btwhs', q_w, k_c,
+                     preferred_element_type=jnp.float32) * scale  # [B, N, W, nh, N]
+  s_win = jnp.einsum('btwhd,btvhd->btwhv', q_w, k_w,
+                     preferred_element_type=jnp.float32) * scale  # [B, N, W, nh, W]
+  t_idx = np.arange(n)
+  ctx_ok = (t_idx[None, :] <= t_idx[:, None])[None, :, None, None, :]  # s <= t
+  win_ok = np.tril(np.ones((w, w), bool))[None, None, :, None, :]  # v <= w
+  s_ctx = jnp.where(ctx_ok, s_ctx, NEG_INF)
+  s_win = jnp.where(win_ok, s_win, NEG_INF)
+  m = jnp.maximum(s_ctx.max(-1, keepdims=True), s_win.max(-1, keepdims=True))
+  p_ctx, p_win = jnp.exp(s_ctx - m), jnp.exp(s_win - m)
+  denom = p_ctx.sum(-1, keepdims=True) + p_win.sum(-1, keepdims=True)
+  out_w = (jnp.einsum('btwhs,bshd->btwhd', (p_ctx / denom).astype(v.dtype), v_c) +
+           jnp.einsum('btwhv,btvhd->btwhd', (p_win / denom).astype(v.dtype), v_w))
+  parts = [out_c]
+  if a:
+    parts.append(out_w[:, :, :a].reshape(B, n * a, nh, d))
+  parts.append(out_w[:, :, a:].reshape(B, n * h, nh, d))
+  return jnp.concatenate(parts, axis=1)
 
 
 class LayerNorm(nn.Module):
@@ -112,8 +159,10 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache_kv=None, cache_slot=None, causal=False):
-    """mask: [B, T, S] bool (query may attend key) or None with causal=True.
+  def __call__(self, x, positions, mask, cache_kv=None, cache_slot=None, causal=False,
+               window=None):
+    """mask: [B, T, S] bool (query may attend key) or None with causal=True;
+    window=(N, A, H): the window layout's structured attention (see window_attention).
 
     cache_kv: (k, v) each [B, S_max, H, Dh]; the new keys/values are written at slots
     [cache_slot, cache_slot + T) and attention runs over the whole (masked) cache."""
@@ -138,7 +187,9 @@ class Attention(nn.Module):
       # cuDNN's fused kernel for plain causal attention on GPU; masks go through XLA.
       impl = 'cudnn' if (causal and mask is None and jax.default_backend() == 'gpu'
                          and dt == jnp.bfloat16) else 'xla'
-    if mask is None:
+    if window is not None:
+      out = window_attention(q, k, v, window)
+    elif mask is None:
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
@@ -154,11 +205,11 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, mask, cache_kv=None, cache_slot=None, causal=False,
-               train=False):
+               train=False, window=None):
     cfg = self.cfg
     h, new_kv = Attention(cfg, name='attn')(
         LayerNorm(cfg, name='ln1')(x).astype(DTYPES[cfg.dtype]), positions, mask,
-        cache_kv, cache_slot, causal)
+        cache_kv, cache_slot, causal, window)
     h = nn.Dropout(cfg.dropout)(h, deterministic=not train)
     x = x + h.astype(x.dtype)
     h = Mlp(cfg, name='mlp')(LayerNorm(cfg, name='ln2')(x).astype(DTYPES[cfg.dtype]))
@@ -175,7 +226,7 @@ class NoiseEncoder(nn.Module):
   def __call__(self, u_BxH, tau_B):
     cfg = self.cfg
     feats = jnp.concatenate(
-        [sinusoid(u_BxH, cfg.d_model),
+        [sinusoid(u_BxH, cfg.d_model, cfg.noise_freq_scale),
          jnp.broadcast_to(sinusoid(tau_B, cfg.d_model)[:, None], u_BxH.shape + (cfg.d_model,))],
         axis=-1)
     h = nn.Dense(cfg.d_model, dtype=jnp.float32, param_dtype=jnp.float32, name='proj',
@@ -191,10 +242,11 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, mask_BxQxS=None, *, hint_u_BxH=None,
                hint_pos_BxH=None, tau_B=None, cache=None, cache_slot=None,
-               logits_from: int = 0, train: bool = False):
+               logits_from: int = 0, train: bool = False, window=None):
     """Returns (logits [B, Q - logits_from, V] float32, new cache or None).
 
-    mask_BxQxS=None means plain causal attention over the Q = T + H inputs.
+    mask_BxQxS=None means plain causal attention over the Q = T + H inputs, unless
+    window=(N, A, H) selects the window layout's structured attention.
     cache = {'k': [L, B, S_max, H, Dh], 'v': ...}; inputs are written at cache_slot.
     """
     cfg = self.cfg
@@ -218,12 +270,12 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     if cache is not None and mask_BxQxS is None:
       raise ValueError('decoding with a cache needs an explicit [B, Q, S_max] mask')
-    causal = mask_BxQxS is None
+    causal = mask_BxQxS is None and window is None
     new_k, new_v = [], []
     for layer in range(cfg.n_layers):
       kv = None if cache is None else (cache['k'][layer], cache['v'][layer])
       x, kv = Block(cfg, name=f'block_{layer}')(x, positions, mask_BxQxS, kv, cache_slot,
-                                                 causal, train)
+                                                 causal, train, window)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
@@ -261,4 +313,5 @@ def model_config(cfg, vocab_size: int, never_emit_ids=(), pflm: bool = False) ->
                      max_seq_len=m.max_seq_len if m.max_seq_len > 0 else cfg.data.seq_len,
                      rope_base=m.rope_base, dtype=m.dtype, param_dtype=m.param_dtype,
                      dropout=m.dropout, never_emit_ids=tuple(int(i) for i in never_emit_ids),
-                     attention_impl=m.attention_impl, pflm=pflm)
+                     attention_impl=m.attention_impl, pflm=pflm,
+                     noise_freq_scale=m.noise_freq_scale)

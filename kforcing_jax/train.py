@@ -19,6 +19,7 @@ from kforcing_jax import checkpoint as ckpt_lib
 from kforcing_jax import data as data_lib
 from kforcing_jax import model as model_lib
 from kforcing_jax import sharding as sharding_lib
+from kforcing_jax import stages as stages_lib
 from kforcing_jax import writers
 
 SCHEDULES = ('cosine', 'linear', 'constant')
@@ -213,18 +214,10 @@ def compat_fields(ctx: StageContext, **extra) -> dict:
 
 
 def stage_done(stage_dir: str) -> bool:
-  return os.path.exists(os.path.join(stage_dir, 'summary.json'))
+  return stages_lib.is_done(stage_dir)
 
 
-def model_init_fn(model, mcfg: model_lib.ModelConfig, seq_len: int):
-  def init_params(rng):
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    positions = jnp.zeros((1, seq_len), jnp.int32)
-    kw = {}
-    if mcfg.pflm:
-      kw = dict(hint_u_BxH=jnp.full((1, 1), 0.5), hint_pos_BxH=jnp.zeros((1, 1), jnp.int32))
-    return model.init(rng, tokens, positions, **kw)['params']
-  return init_params
+model_init_fn = stages_lib.model_init_fn
 
 
 def run_teacher(ctx: StageContext) -> dict:

@@ -1,0 +1,227 @@
+"""Batch-serving speed: AR vs PFLM tokens/s across batch sizes (design.md section 6).
+
+  python -m kforcing_jax.benchmark --config=configs/synthetic.py --random_init \
+      --batch_sizes=1,16 --K=4 --out=DIR
+  python -m kforcing_jax.benchmark --config=CONFIG --workdir=RUN --batch_sizes=... --out=DIR
+
+AR and PFLM run in one process with the same dims and dtype (bf16 on accelerators,
+float32 on CPU), prompt length 6, generation to data.seq_len, compile excluded, median
+of --repeats timed runs. Writes DIR/benchmark.json, DIR/benchmark.md, DIR/benchmark.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from kforcing_jax import decode
+from kforcing_jax import model as model_lib
+from kforcing_jax import sharding as sharding_lib
+from kforcing_jax import stages as stages_lib
+from kforcing_jax import train as train_lib
+
+PROMPT_LEN = 6
+# Peak HBM bandwidth (bytes/s) by device kind, for the bandwidth fraction on GPUs/TPUs.
+PEAK_BW = {'H100': 3.35e12, 'H200': 4.8e12, 'A100': 2.0e12, 'L4': 3.0e11, 'TPU v4': 1.2e12,
+           'TPU v5': 8.2e11, 'TPU v5p': 2.76e12}
+
+
+def peak_bandwidth(kind: str) -> float | None:
+  for name, bw in sorted(PEAK_BW.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in kind.lower():
+      return bw
+  return None
+
+
+def time_decode(engine, spec, batch: int, repeats: int, vocab: int) -> tuple[float, int]:
+  rng = np.random.default_rng(batch)
+  prompts = jnp.asarray(rng.integers(1, vocab - 1, (batch, max(PROMPT_LEN, spec.K + 1)),
+                                     dtype=np.int32))
+  pads = jnp.zeros((batch,), jnp.int32)
+  seeds = jnp.arange(batch, dtype=jnp.int32)
+  out, steps = engine.generate_arrays(spec, prompts, pads, seeds)  # compile + warm up
+  jax.block_until_ready(out)
+  times = []
+  for r in range(repeats):
+    t0 = time.perf_counter()
+    out, steps = engine.generate_arrays(spec, prompts, pads, seeds, seed=r + 1)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), int(steps)
+
+
+def bytes_per_step(mcfg, params, batch: int, cache_len: int) -> float:
+  weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  return weights + model_lib.cache_bytes(mcfg, batch, cache_len)
+
+
+def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeats: int,
+        out_dir: str) -> dict:
+  on_accel = jax.default_backend() != 'cpu'
+  if random_init:
+    vocab = cfg.model.vocab_size
+    if vocab <= 0:
+      from kforcing_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+      vocab = data_lib.make_tokenizer(cfg).vocab_size
+    m = cfg.model
+    mcfg = model_lib.ModelConfig(
+        vocab_size=vocab, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
+        mlp_ratio=m.mlp_ratio, max_seq_len=cfg.data.seq_len, rope_base=m.rope_base,
+        dtype='bfloat16' if on_accel else 'float32', param_dtype='bfloat16' if on_accel
+        else 'float32', attention_impl=m.attention_impl, pflm=True)
+    model = model_lib.Transformer(mcfg)
+    params = jax.jit(lambda r: __import__('flax').linen.unbox(
+        stages_lib.model_init_fn(model, mcfg, 8)(r)))(jax.random.key(0))
+    # the head is zero-initialised; random values make argmax/sampling realistic
+    params['head']['kernel'] = 0.02 * jax.random.normal(jax.random.key(1),
+                                                        params['head']['kernel'].shape,
+                                                        params['head']['kernel'].dtype)
+    ar_cfg, ar_params, pf_cfg, pf_params = mcfg, params, mcfg, params
+    k_model = K
+  else:
+    mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
+    ar_cfg, ar_params, _, _ = stages_lib.load_model_stage(workdir, 'teacher', mesh)
+    pf_stage = f'distill_k{K}'
+    have = stages_lib.finished_model_stages(workdir)
+    cands = [s for s in have if s != 'teacher' and int(s[len('distill_k'):]) >= K]
+    if not cands:
+      raise stages_lib.StageError(f'--K={K}: {workdir} has no finished distill_k<k> stage '
+                                  f'with k >= {K} (finished: {", ".join(have)})')
+    pf_stage = cands[0]
+    pf_cfg, pf_params, meta, _ = stages_lib.load_model_stage(workdir, pf_stage, mesh)
+    k_model = int(meta['k'])
+    if on_accel:  # serve in bf16
+      cast = lambda t: jax.tree.map(lambda x: x.astype(jnp.bfloat16), t)
+      ar_cfg = dataclasses.replace(ar_cfg, dtype='bfloat16', param_dtype='bfloat16')
+      pf_cfg = dataclasses.replace(pf_cfg, dtype='bfloat16', param_dtype='bfloat16')
+      ar_params, pf_params = cast(ar_params), cast(pf_params)
+  new_tokens = cfg.data.seq_len - PROMPT_LEN
+  ar_engine = decode.Engine(ar_cfg, ar_params, max_len=cfg.data.seq_len)
+  pf_engine = decode.Engine(pf_cfg, pf_params, max_len=cfg.data.seq_len)
+  ar_spec = decode.DecodeSpec(K=1, pflm=False, max_new_tokens=new_tokens, temperature=1.0)
+  pf_spec = decode.DecodeSpec(K=K, pflm=True, max_new_tokens=new_tokens)
+  device = jax.devices()[0]
+  kind = getattr(device, 'device_kind', str(device))
+  peak = peak_bandwidth(kind) if on_accel else None
+  rows = []
+  for b in batch_sizes:
+    ar_engine.check(ar_spec, PROMPT_LEN, b, 1)
+    cache_mb = pf_engine.check(pf_spec, PROMPT_LEN, b, k_model) / 2**20
+    print(f'batch {b}: KV cache {cache_mb:.1f} MiB per engine', flush=True)
+    ar_s, ar_steps = time_decode(ar_engine, ar_spec, b, repeats, ar_cfg.vocab_size)
+    pf_s, pf_steps = time_decode(pf_engine, pf_spec, b, repeats, pf_cfg.vocab_size)
+    row = {'batch_size': b, 'K': K, 'new_tokens': new_tokens,
+           'ar_seconds': ar_s, 'pf_seconds': pf_s,
+           'ar_tokens_per_s': b * new_tokens / ar_s, 'pf_tokens_per_s': b * new_tokens / pf_s,
+           'ar_steps': ar_steps, 'pf_steps': pf_steps}
+    row['speedup'] = row['pf_tokens_per_s'] / row['ar_tokens_per_s']
+    if peak:
+      s_ar = ar_spec.cache_len(PROMPT_LEN)
+      s_pf = pf_spec.cache_len(PROMPT_LEN)
+      row['ar_hbm_fraction'] = bytes_per_step(ar_cfg, ar_params, b, s_ar) / (ar_s / ar_steps) / peak
+      row['pf_hbm_fraction'] = bytes_per_step(pf_cfg, pf_params, b, s_pf) / (pf_s / pf_steps) / peak
+    rows.append(row)
+    print(f'batch {b}: AR {row["ar_tokens_per_s"]:,.0f} tok/s, PFLM K={K} '
+          f'{row["pf_tokens_per_s"]:,.0f} tok/s, speedup {row["speedup"]:.2f}x', flush=True)
+  result = {'device': f'{kind} x{jax.device_count()} ({jax.default_backend()})',
+            'date': time.strftime('%Y-%m-%d'),
+            'config': {'d_model': ar_cfg.d_model, 'n_layers': ar_cfg.n_layers,
+                       'n_heads': ar_cfg.n_heads, 'vocab_size': ar_cfg.vocab_size,
+                       'seq_len': cfg.data.seq_len, 'dtype': ar_cfg.dtype,
+                       'random_init': random_init, 'workdir': workdir, 'repeats': repeats,
+                       'prompt_len': PROMPT_LEN, 'k_model': k_model},
+            'rows': rows}
+  write_outputs(result, out_dir)
+  return result
+
+
+def markdown(result: dict) -> str:
+  c = result['config']
+  lines = [f'Device: {result["device"]}, {result["date"]}; D={c["d_model"]} L={c["n_layers"]} '
+           f'H={c["n_heads"]} V={c["vocab_size"]} seq {c["seq_len"]} {c["dtype"]}'
+           f'{" (random weights)" if c["random_init"] else ""}', '',
+           '| batch | K | new tokens | AR tok/s | PFLM tok/s | speedup |' +
+           (' AR HBM frac | PFLM HBM frac |' if 'ar_hbm_fraction' in result['rows'][0] else ''),
+           '|---|---|---|---|---|---|' + ('---|---|' if 'ar_hbm_fraction' in result['rows'][0]
+                                          else '')]
+  for r in result['rows']:
+    line = (f'| {r["batch_size"]} | {r["K"]} | {r["new_tokens"]} | {r["ar_tokens_per_s"]:,.0f} | '
+            f'{r["pf_tokens_per_s"]:,.0f} | {r["speedup"]:.2f}x |')
+    if 'ar_hbm_fraction' in r:
+      line += f' {r["ar_hbm_fraction"]:.1%} | {r["pf_hbm_fraction"]:.1%} |'
+    lines.append(line)
+  return '\n'.join(lines) + '\n'
+
+
+def write_outputs(result: dict, out_dir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'benchmark.json'), 'w', encoding='utf-8') as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(out_dir, 'benchmark.md'), 'w', encoding='utf-8') as f:
+    f.write(markdown(result))
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  bs = [r['batch_size'] for r in result['rows']]
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+  a1.plot(bs, [r['ar_tokens_per_s'] for r in result['rows']], 'o-', label='AR')
+  a1.plot(bs, [r['pf_tokens_per_s'] for r in result['rows']], 's-',
+          label=f'PFLM K={result["rows"][0]["K"]}')
+  a1.set_xscale('log', base=2)
+  a1.set_yscale('log')
+  a1.set_xlabel('batch size')
+  a1.set_ylabel('tokens / s')
+  a1.legend()
+  a1.grid(alpha=0.3)
+  a2.plot(bs, [r['speedup'] for r in result['rows']], 'o-', color='C2')
+  a2.axhline(1.0, color='gray', lw=0.8)
+  a2.set_xscale('log', base=2)
+  a2.set_xlabel('batch size')
+  a2.set_ylabel('speedup (PFLM / AR)')
+  a2.grid(alpha=0.3)
+  fig.suptitle(result['device'])
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, 'benchmark.png'), dpi=120)
+  plt.close(fig)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  f = FLAGS
+  if not f.random_init and not f.workdir:
+    raise app.UsageError('give --workdir=RUN (trained stages) or --random_init')
+  sizes = [int(b) for b in f.batch_sizes.split(',') if b.strip()]
+  if not sizes or min(sizes) < 1:
+    raise app.UsageError(f'--batch_sizes={f.batch_sizes!r}: give positive integers, e.g. 1,16')
+  if f.repeats < 3:
+    raise app.UsageError('--repeats must be >= 3 (the protocol takes a median of >= 3 runs)')
+  result = run(_CONFIG.value, f.workdir, f.random_init, sizes, f.K, f.repeats, f.out)
+  print(markdown(result))
+  print(f'wrote {f.out}/benchmark.json, benchmark.md, benchmark.png', file=sys.stderr)
+
+
+if __name__ == '__main__':
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'run directory with teacher and distill stages')
+  flags.DEFINE_bool('random_init', False, 'random weights; model fields used as given')
+  flags.DEFINE_string('batch_sizes', '1,16', 'comma-separated batch sizes')
+  flags.DEFINE_integer('K', 4, 'PFLM tokens per step')
+  flags.DEFINE_integer('repeats', 3, 'timed runs per point (median)')
+  flags.DEFINE_string('out', 'bench_out', 'output directory')
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

@@ -1,0 +1,267 @@
+"""One jitted, KV-cached decoding engine for the AR teacher and PFLM students (design.md 4).
+
+AR (K = 1, no hints): each step feeds the last emitted token and samples the next one by
+the inverse CDF of the tempered, top-k/top-p-filtered softmax at noise u (so AR sampling
+is the same push-forward map the students are distilled from).
+PFLM (K tokens per step): each step feeds [K tokens emitted last step | K fresh hints]
+(2K queries) with causal attention over the cache; hint i's argmax (after an optional
+frequency penalty applied token by token within the block) is token i. Hint K/V land in
+the slots the next step's tokens overwrite.
+
+Prompts are left-padded to one length P; row b's RoPE positions are slot - pad_b and its
+padding slots are masked, so a row decodes the same alone or in any batch. Noise for
+token j of the row with seed r is drawn from fold_in(fold_in(seed, r), j): a sample does
+not depend on batch size, batch position or K.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kforcing_jax import model as model_lib
+from kforcing_jax import targets as targets_lib
+
+
+class DecodeError(ValueError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+  """Static decoding settings (a new value compiles a new loop)."""
+  K: int = 1  # tokens per step; 1 with pflm=False is AR decoding
+  pflm: bool = False
+  max_new_tokens: int = 32
+  temperature: float = 1.0  # AR only; 0 = greedy
+  top_k: int = 0  # AR only; 0 = off
+  top_p: float = 1.0  # AR only; 1 = off
+  freq_penalty: float = 0.0  # PFLM: lambda * count(v) subtracted token by token
+  eos_id: int = -1  # -1: never stop early
+  pad_id: int = 0  # written after EOS
+  tau: float = 1.0  # PFLM temperature input of the noise encoder
+
+  @property
+  def n_steps(self) -> int:
+    return -(-self.max_new_tokens // self.K)
+
+  def cache_len(self, prompt_len: int) -> int:
+    feed = self.K if self.pflm else 1
+    # prompt + all emitted blocks + the last step's hints
+    return max(prompt_len, feed + 1) + self.n_steps * self.K + (self.K if self.pflm else 0)
+
+
+@flax.struct.dataclass
+class LoopState:
+  step: jax.Array  # [] int32: decoding steps done
+  cache: Any  # {'k', 'v'}: [L, B, S_max, n_heads, head_dim]
+  slot: jax.Array  # [] int32: first cache slot the next step writes
+  last_BxF: jax.Array  # [B, F] int32: tokens fed next step (F = K for PFLM, 1 for AR)
+  out_BxN: jax.Array  # [B, n_steps * K] int32: generated tokens (pad after EOS)
+  done_B: jax.Array  # [B] bool: row has emitted EOS
+  counts_BxV: jax.Array  # [B, V] int32 generated-token counts ([B, 1] when no penalty)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, min_len: int = 1):
+  """[B, P] int32 left-padded prompts and [B] pad counts."""
+  if not prompts:
+    raise DecodeError('no prompts given')
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise DecodeError(f'prompt {i} is empty: give at least one token (e.g. the EOS/BOS id)')
+  P = max(min_len, max(len(p) for p in prompts))
+  arr = np.full((len(prompts), P), pad_id, np.int32)
+  pads = np.zeros(len(prompts), np.int32)
+  for i, p in enumerate(prompts):
+    arr[i, P - len(p):] = p
+    pads[i] = P - len(p)
+  return arr, pads
+
+
+def noise_for_tokens(seed_key, row_seeds_B, token_idx_K):
+  """u [B, K] for token indices token_idx_K of each row."""
+  def row(r):
+    rk = jax.random.fold_in(seed_key, r)
+    return jax.vmap(lambda j: targets_lib.uniform_noise(jax.random.fold_in(rk, j), ()))(
+        token_idx_K)
+  return jax.vmap(row)(row_seeds_B)
+
+
+def filter_logits(logits_BxV, top_k: int, top_p: float):
+  if top_k > 0:
+    kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth, model_lib.NEG_INF, logits_BxV)
+  if top_p < 1.0:
+    sorted_l = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_l, axis=-1)
+    cum = jnp.cumsum(probs, axis=-1)
+    # keep the smallest set whose mass reaches top_p (always at least the top token)
+    cutoff_idx = jnp.sum(cum - probs < top_p, axis=-1, keepdims=True) - 1
+    cutoff = jnp.take_along_axis(sorted_l, cutoff_idx, axis=-1)
+    logits_BxV = jnp.where(logits_BxV < cutoff, model_lib.NEG_INF, logits_BxV)
+  return logits_BxV
+
+
+def _mask(slot, Q, S, pads_B):
+  q_slots = slot + jnp.arange(Q)
+  k_slots = jnp.arange(S)
+  return (k_slots[None, None, :] <= q_slots[None, :, None]) & \
+         (k_slots[None, None, :] >= pads_B[:, None, None])
+
+
+def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, seed_key):
+  cfg = model.cfg
+  B, P = prompt_BxP.shape
+  K = spec.K
+  F = K if spec.pflm else 1
+  S = spec.cache_len(P)
+  cache = model_lib.init_cache(cfg, B, S)
+  prefill = P - F
+  if prefill > 0:
+    pos = jnp.maximum(jnp.arange(prefill)[None, :] - pads_B[:, None], 0)
+    _, cache = model.apply({'params': params}, prompt_BxP[:, :prefill], pos,
+                           _mask(0, prefill, S, pads_B), cache=cache, cache_slot=0,
+                           logits_from=prefill)
+  V = cfg.vocab_size
+  penalize = spec.pflm and spec.freq_penalty != 0.0
+  state = LoopState(step=jnp.zeros((), jnp.int32), cache=cache,
+                    slot=jnp.asarray(prefill, jnp.int32),
+                    last_BxF=prompt_BxP[:, prefill:],
+                    out_BxN=jnp.full((B, spec.n_steps * K), spec.pad_id, jnp.int32),
+                    done_B=jnp.zeros((B,), bool),
+                    counts_BxV=jnp.zeros((B, V if penalize else 1), jnp.int32))
+  tau_B = jnp.full((B,), spec.tau, jnp.float32)
+
+  def body(st: LoopState) -> LoopState:
+    token_idx = st.step * K + jnp.arange(K)
+    u_BxK = noise_for_tokens(seed_key, row_seeds_B, token_idx)
+    Q = 2 * K if spec.pflm else 1
+    q_slots = st.slot + jnp.arange(Q)
+    pos_BxQ = jnp.maximum(q_slots[None, :] - pads_B[:, None], 0)
+    mask = _mask(st.slot, Q, S, pads_B)
+    if spec.pflm:
+      logits, cache = model.apply({'params': params}, st.last_BxF, pos_BxQ[:, :K], mask,
+                                  hint_u_BxH=u_BxK, hint_pos_BxH=pos_BxQ[:, K:], tau_B=tau_B,
+                                  cache=st.cache, cache_slot=st.slot, logits_from=K)
+      counts = st.counts_BxV
+      toks = []
+      for i in range(K):
+        li = logits[:, i]
+        if penalize:
+          li = li - spec.freq_penalty * counts.astype(li.dtype)
+        yi = jnp.argmax(li, axis=-1).astype(jnp.int32)
+        if penalize:
+          counts = counts + jax.nn.one_hot(yi, V, dtype=jnp.int32)
+        toks.append(yi)
+      new_BxK = jnp.stack(toks, axis=1)
+    else:
+      logits, cache = model.apply({'params': params}, st.last_BxF, pos_BxQ, mask,
+                                  cache=st.cache, cache_slot=st.slot)
+      l = logits[:, 0]
+      if spec.temperature == 0.0:
+        y = jnp.argmax(l, axis=-1).astype(jnp.int32)
+      else:
+        l = filter_logits(l, spec.top_k, spec.top_p)
+        y = targets_lib.inverse_cdf(l, u_BxK[:, 0], spec.temperature)
+      new_BxK = y[:, None]
+      counts = st.counts_BxV
+    # EOS: a row is done after its first EOS; everything after it becomes padding
+    if spec.eos_id >= 0:
+      is_eos = new_BxK == spec.eos_id
+      after = jnp.cumsum(is_eos.astype(jnp.int32), axis=1) - is_eos.astype(jnp.int32)
+      dead = st.done_B[:, None] | (after > 0)
+      written = jnp.where(dead, spec.pad_id, new_BxK)
+      done = st.done_B | jnp.any(is_eos, axis=1)
+    else:
+      written, done = new_BxK, st.done_B
+    out = jax.lax.dynamic_update_slice(st.out_BxN, written, (0, st.step * K))
+    return LoopState(step=st.step + 1, cache=cache, slot=st.slot + K, last_BxF=new_BxK,
+                     out_BxN=out, done_B=done, counts_BxV=counts)
+
+  def cond(st: LoopState):
+    return (st.step < spec.n_steps) & ~jnp.all(st.done_B)
+
+  final = jax.lax.while_loop(cond, body, state)
+  return final.out_BxN[:, :spec.max_new_tokens], final.step
+
+
+class Engine:
+  """Holds a model and compiles one decoding loop per (DecodeSpec, shapes)."""
+
+  def __init__(self, model_cfg: model_lib.ModelConfig, params, max_len: int | None = None):
+    self.cfg = model_cfg
+    self.model = model_lib.Transformer(model_cfg)
+    self.params = params
+    self.max_len = max_len or model_cfg.max_seq_len
+    self._fns = {}
+    self.traces = 0  # how many times a loop was traced (tests: no recompilation)
+
+  def _fn(self, spec: DecodeSpec):
+    if spec not in self._fns:
+      def run(params, prompt, pads, row_seeds, seed_key):
+        self.traces += 1
+        return _generate(self.model, spec, params, prompt, pads, row_seeds, seed_key)
+      self._fns[spec] = jax.jit(run)
+    return self._fns[spec]
+
+  def check(self, spec: DecodeSpec, prompt_len: int, batch: int, k_model: int) -> int:
+    if spec.K < 1:
+      raise DecodeError(f'K={spec.K}: K must be >= 1')
+    if spec.pflm and spec.K > k_model:
+      raise DecodeError(f'K={spec.K} is larger than the model\'s window k={k_model}; allowed: '
+                        f'1..{k_model}')
+    if not spec.pflm and spec.K != 1:
+      raise DecodeError('AR decoding emits one token per step: K must be 1')
+    total = prompt_len + spec.max_new_tokens
+    if prompt_len >= self.max_len or total > self.max_len + spec.K:
+      raise DecodeError(f'prompt length {prompt_len} + {spec.max_new_tokens} new tokens exceeds '
+                        f'the model\'s maximum length {self.max_len}')
+    return self.memory_check(spec, prompt_len, batch)
+
+  def memory_check(self, spec: DecodeSpec, prompt_len: int, batch: int) -> int:
+    """Cache bytes; raises before compiling when cache + weights cannot fit the device."""
+    S = spec.cache_len(prompt_len)
+    need = model_lib.cache_bytes(self.cfg, batch, S)
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+    limit = device_memory_bytes()
+    if limit and need + weights > 0.9 * limit:
+      raise DecodeError(
+          f'batch {batch} needs a {need / 2**30:.2f} GiB KV cache ([{self.cfg.n_layers}, {batch}, '
+          f'{S}, {self.cfg.n_heads}, {self.cfg.head_dim}] x 2) plus {weights / 2**30:.2f} GiB of '
+          f'weights, more than 90% of the device\'s {limit / 2**30:.2f} GiB: lower the batch')
+    return need
+
+  def generate(self, prompts, spec: DecodeSpec, seed: int = 0, row_seeds=None, k_model=None):
+    """prompts: list of token-id lists (ragged). Returns ([B, max_new] int32 numpy, steps)."""
+    feed = spec.K if spec.pflm else 1
+    arr, pads = left_pad(prompts, spec.pad_id, min_len=feed + 1)
+    self.check(spec, max(len(p) for p in prompts), len(prompts),
+               k_model if k_model is not None else spec.K)
+    row_seeds = np.arange(len(prompts)) if row_seeds is None else np.asarray(row_seeds)
+    out, steps = self._fn(spec)(self.params, jnp.asarray(arr), jnp.asarray(pads),
+                                jnp.asarray(row_seeds, jnp.int32), jax.random.key(seed))
+    return np.asarray(out), int(steps)
+
+  def generate_arrays(self, spec, prompt_BxP, pads_B, row_seeds_B, seed: int = 0):
+    """The jitted loop on already padded device arrays (benchmarks); returns device arrays."""
+    return self._fn(spec)(self.params, prompt_BxP, pads_B, row_seeds_B, jax.random.key(seed))
+
+
+@functools.lru_cache(maxsize=1)
+def device_memory_bytes() -> int | None:
+  try:
+    stats = jax.devices()[0].memory_stats()
+    if stats and 'bytes_limit' in stats:
+      return int(stats['bytes_limit'])
+  except Exception:  # pylint: disable=broad-except
+    pass
+  try:
+    import os  # pylint: disable=g-import-not-at-top
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError, AttributeError):
+    return None

@@ -18,9 +18,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   runtime.initialize()
+  from kforcing_jax import errors  # pylint: disable=g-import-not-at-top
   from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top
-  pipeline.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    pipeline.run(_CONFIG.value, _WORKDIR.value)
+  except (errors.UserError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':
+  import sys  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import config_lib  # pylint: disable=g-import-not-at-top
+  try:
+    config_lib.check_cli_overrides(sys.argv)
+  except config_lib.ConfigError as e:
+    sys.exit(f'error: {e}')
   app.run(main)

@@ -63,9 +63,12 @@ def get_config():
   s.n_states = 32  # hidden states (plus one sentence-end state).
   s.n_symbols = 128  # emitted symbols; vocab = n_symbols + EOS + reserved id.
   s.branching = 2  # successor states per state (sparse transitions).
-  s.symbols_per_state = 10  # each state's Zipf emission support.
-  s.zipf_exponent = 1.2  # emission weights ~ 1 / rank^exponent.
+  s.symbols_per_state = 6  # each state's Zipf emission support.
+  s.zipf_exponent = 1.5  # emission weights ~ 1 / rank^exponent.
   s.mean_sentence_len = 24  # expected tokens between EOS ids.
+  # probability mass spread over all symbols in every state, so that any sample has a
+  # finite exact likelihood (generative NLL under the source).
+  s.emission_floor = 0.01
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 10000  # optimizer steps for the teacher stage.
@@ -88,6 +91,8 @@ def get_config():
   # Progressive self-forcing distillation (design.md section 3); used by distill_k* stages.
   c.distill = ds = ml_collections.ConfigDict()
   ds.steps = 2000  # optimizer steps per distillation stage.
+  # Per-stage overrides of `steps`: 'distill_k2=400,distill_k4=300' ('' = none).
+  ds.stage_steps = ''
   ds.learning_rate = 3e-4
   ds.warmup_steps = 200
   ds.batch_size = -1  # global batch; -1: data.batch_size.
@@ -107,6 +112,16 @@ def get_config():
   sp.num_samples = 2  # samples per prompt.
   sp.max_new_tokens = 64
   sp.freq_penalty = 0.0  # PFLM frequency penalty lambda (released default 0.5).
+
+  # The `evaluate` stage (design.md section 5); fixed so two runs give the same numbers.
+  c.evaluate = ev = ml_collections.ConfigDict()
+  ev.num_prompts = 32  # held-out rows whose first prompt_len tokens are the prompts.
+  ev.prompt_len = 6
+  ev.num_samples = 2  # samples per prompt.
+  ev.max_new_tokens = 58  # capped at the model length minus the prompt.
+  ev.freq_penalty = 0.5  # the second lambda evaluated for students (0 is always run).
+  ev.seed = 2024  # decoding / agreement noise.
+  ev.agreement_rows = 32  # held-out rows whose every position is a shared-noise context.
 
   # Device mesh: product of the three must equal the device count; one -1 fills.
   c.mesh = ms = ml_collections.ConfigDict()

@@ -5,6 +5,8 @@ A rerun restores the latest step; a workdir written with an incompatible config 
 refused with the differing fields named."""
 from __future__ import annotations
 
+from kforcing_jax import errors
+
 import os
 from typing import Any
 
@@ -12,7 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(errors.UserError):
   pass
 
 

@@ -2,13 +2,16 @@
 value is reported by name with its allowed values, not deep inside JAX."""
 from __future__ import annotations
 
+from kforcing_jax import errors
+
+import os
 import re
 
 from kforcing_jax import data as data_lib
 from kforcing_jax import model as model_lib
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError):
   pass
 
 
@@ -93,3 +96,49 @@ def validate(cfg) -> None:
                       f'{ds.tau_min}, {ds.tau_max}')
   if ds.teacher_stage:
     stage_k(ds.teacher_stage)
+  stage_steps(cfg, 'teacher')
+
+
+def stage_steps(cfg, stage: str) -> int:
+  """distill.steps, or the stage's entry in distill.stage_steps."""
+  out = {}
+  for item in [x.strip() for x in cfg.distill.stage_steps.split(',') if x.strip()]:
+    name, _, value = item.partition('=')
+    if not STAGE_RE.match(name.strip()) or not value.strip().isdigit() or int(value) <= 0:
+      raise ConfigError(f'distill.stage_steps entry {item!r} must look like distill_k2=400')
+    out[name.strip()] = int(value)
+  return out.get(stage, cfg.distill.steps)
+
+
+def load_config_file(path: str):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = path.split(':')[0]
+  if not os.path.exists(path):
+    raise ConfigError(f'--config={path!r} does not exist; the files in configs/ are '
+                      f'{", ".join(sorted(f for f in os.listdir("configs") if f.endswith(".py") and not f.startswith("_"))) if os.path.isdir("configs") else "?"}')
+  spec = importlib.util.spec_from_file_location('kforcing_user_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def check_cli_overrides(argv: list[str]) -> None:
+  """Names an unknown --config.a.b=... key and the keys that do exist, before absl's
+  flag parser fails with a bare AttributeError."""
+  paths = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  if not paths:
+    return
+  cfg = load_config_file(paths[0])
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    key = arg[len('--config.'):].split('=', 1)[0]
+    node, walked = cfg, []
+    for part in key.split('.'):
+      if not hasattr(node, 'keys') or part not in node:
+        where = '.'.join(walked) or 'the top level'
+        known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else '(a leaf value)'
+        raise ConfigError(f'unknown config key {key!r}: {where} has no field {part!r}; '
+                          f'known fields there: {known}')
+      node = node[part]
+      walked.append(part)

@@ -14,6 +14,8 @@ blocks, no padding. TensorFlow is imported only by the lm1b source (design.md se
 """
 from __future__ import annotations
 
+from kforcing_jax import errors
+
 import glob
 import hashlib
 import io
@@ -36,7 +38,7 @@ DEFAULT_PACKING = {'lm1b': 'pad', 'openwebtext': 'concat', 'text': 'pad', 'synth
 SPLITS = ('train', 'eval')
 
 
-class DataConfigError(ValueError):
+class DataConfigError(errors.UserError):
   pass
 
 
@@ -286,6 +288,8 @@ def make_source(cfg):
     raise DataConfigError(f'data.seq_len must be >= 2, got {cfg.data.seq_len}')
   if cfg.data.source == 'synthetic':
     return SyntheticSource(cfg)
+  if cfg.data.source == 'text' or (cfg.data.source == 'openwebtext' and cfg.data.path):
+    list_files(cfg.data.path)  # a missing path is reported before any tokenizer download
   tok = tokenization.load(name, cfg.data.tokenizer_path)
   if cfg.data.source == 'lm1b':
     return lm1b_source(cfg, tok)

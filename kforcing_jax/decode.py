@@ -15,6 +15,8 @@ not depend on batch size, batch position or K.
 """
 from __future__ import annotations
 
+from kforcing_jax import errors
+
 import dataclasses
 import functools
 from typing import Any
@@ -28,7 +30,7 @@ from kforcing_jax import model as model_lib
 from kforcing_jax import targets as targets_lib
 
 
-class DecodeError(ValueError):
+class DecodeError(errors.UserError):
   pass
 
 

@@ -160,7 +160,7 @@ def run_stage(ctx: train_lib.StageContext, stage: str, names: list[str]) -> dict
                      f'{ctx.tokenizer.identity()}')
   teacher = model_lib.Transformer(t_mcfg)
   student = model_lib.Transformer(mcfg)
-  steps = ds.steps
+  steps = config_lib.stage_steps(cfg, stage)
   tx = train_lib.make_optimizer(cfg.train, steps, ds.learning_rate, ds.warmup_steps)
   batch_size = ds.batch_size if ds.batch_size > 0 else cfg.data.batch_size
   sharding_lib.check_batch(batch_size, ctx.mesh, 'distill.batch_size')
@@ -203,25 +203,28 @@ def run_stage(ctx: train_lib.StageContext, stage: str, names: list[str]) -> dict
   progress = writers.Progress(stage, steps, batch_size * cfg.data.seq_len * k, start)
   base_rng = jax.random.key(cfg.seed + 1000 * k)
   pending = None
-  with sharding_lib.mesh_context(ctx.mesh):
-    for step in range(start, steps):
-      state, metrics = step_fn(state, t_params, next(train_it), jax.random.fold_in(base_rng, step))
+  try:
+    with sharding_lib.mesh_context(ctx.mesh):
+      for step in range(start, steps):
+        state, metrics = step_fn(state, t_params, next(train_it), jax.random.fold_in(base_rng, step))
+        if pending is not None:
+          train_lib._check_finite(*pending)  # pylint: disable=protected-access
+        pending = (step + 1, metrics)
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == steps:
+          m = {n: float(v) for n, v in metrics.items() if n != 'nonfinite'}
+          writer.write_scalars(done, {f'distill/{n}': v for n, v in m.items()})
+          progress.report(done, {'loss': m['loss'], 'acc_all': m['acc_all']})
+        if done % cfg.train.checkpoint_every == 0 or done == steps:
+          ckpt_lib.save(mngr, done, state, train_it.state(), meta)
       if pending is not None:
         train_lib._check_finite(*pending)  # pylint: disable=protected-access
-      pending = (step + 1, metrics)
-      done = step + 1
-      if done % cfg.train.log_every == 0 or done == steps:
-        m = {n: float(v) for n, v in metrics.items() if n != 'nonfinite'}
-        writer.write_scalars(done, {f'distill/{n}': v for n, v in m.items()})
-        progress.report(done, {'loss': m['loss'], 'acc_all': m['acc_all']})
-      if done % cfg.train.checkpoint_every == 0 or done == steps:
-        ckpt_lib.save(mngr, done, state, train_it.state(), meta)
-    if pending is not None:
-      train_lib._check_finite(*pending)  # pylint: disable=protected-access
-    params = state.ema_params if state.ema_params is not None else state.params
-    agree = measure_agreement(ctx, student, targets_fn, k, params, t_params, shardings.params,
-                              t_shardings, eval_it, ds.eval_batches)
-  mngr.wait_until_finished()
+      params = state.ema_params if state.ema_params is not None else state.params
+      agree = measure_agreement(ctx, student, targets_fn, k, params, t_params, shardings.params,
+                                t_shardings, eval_it, ds.eval_batches)
+  finally:
+    # an interrupted run keeps every checkpoint it started writing
+    mngr.wait_until_finished()
   mngr.close()
   writer.write_scalars(steps, {'eval/agreement_all': agree['agreement_all'],
                                **{f'eval/agreement_{i + 1}': a for i, a in

@@ -2,6 +2,8 @@
 and activations onto it. One model file serves one device and many."""
 from __future__ import annotations
 
+from kforcing_jax import errors
+
 import math
 
 import flax.linen as nn
@@ -23,7 +25,7 @@ RULES = (
 )
 
 
-class MeshConfigError(ValueError):
+class MeshConfigError(errors.UserError):
   pass
 
 

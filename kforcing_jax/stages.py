@@ -1,6 +1,8 @@
 """Loading finished model stages (teacher, distill_k<K>) from a workdir, read-only."""
 from __future__ import annotations
 
+from kforcing_jax import errors
+
 import json
 import os
 
@@ -13,7 +15,7 @@ from kforcing_jax import model as model_lib
 from kforcing_jax import sharding as sharding_lib
 
 
-class StageError(ValueError):
+class StageError(errors.UserError):
   pass
 
 
@@ -87,4 +89,19 @@ def load_run_config(workdir: str):
     raise StageError(f'--workdir={workdir!r} has no config.json: it is not a kforcing_jax '
                      'run directory')
   with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  try:  # fields added to the project after the run get their defaults
+    from configs import base  # pylint: disable=g-import-not-at-top
+    cfg = base.get_config()
+  except ImportError:
+    return ml_collections.ConfigDict(saved)
+
+  def merge(node, values):
+    for key, value in values.items():
+      if isinstance(value, dict) and key in node and hasattr(node[key], 'keys'):
+        merge(node[key], value)
+      else:
+        node[key] = value
+  with cfg.unlocked():
+    merge(cfg, saved)
+  return cfg

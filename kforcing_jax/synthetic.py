@@ -1,7 +1,7 @@
 """The built-in synthetic source: a seeded hidden Markov model with an exact likelihood.
 
 Hidden states 0..S-1 emit symbols (ids 1..n_symbols) from Zipf-like distributions over a
-state-specific support and move to a few successor states (sparse transitions). State S
+state-specific support (plus a small floor on every symbol) and move to a few successor states (sparse transitions). State S
 is the sentence end: it emits EOS (id 0) and restarts the chain from the initial
 distribution, so sentences are separated by EOS. Every row starts in the end state, i.e.
 with EOS, so the first token carries no information. Id n_symbols + 1 is reserved and
@@ -115,8 +115,9 @@ def _inverse_cdf(cdf_BxN: np.ndarray, u_B: np.ndarray) -> np.ndarray:
 
 
 def make_source(seed: int = 1234, n_states: int = 32, n_symbols: int = 128,
-                branching: int = 2, symbols_per_state: int = 10,
-                zipf_exponent: float = 1.2, mean_sentence_len: float = 24.0) -> HMMSource:
+                branching: int = 2, symbols_per_state: int = 6,
+                zipf_exponent: float = 1.5, mean_sentence_len: float = 24.0,
+                emission_floor: float = 0.01) -> HMMSource:
   """Builds the seeded source. Vocabulary: EOS=0, symbols 1..n_symbols, reserved last."""
   for name, value, low in (('n_states', n_states, 1), ('n_symbols', n_symbols, 2),
                            ('branching', branching, 1),
@@ -128,6 +129,8 @@ def make_source(seed: int = 1234, n_states: int = 32, n_symbols: int = 128,
   if symbols_per_state > n_symbols:
     raise ValueError(f'data.synthetic.symbols_per_state ({symbols_per_state}) must be <= '
                      f'n_symbols ({n_symbols})')
+  if not 0.0 <= emission_floor < 1.0:
+    raise ValueError(f'data.synthetic.emission_floor must be in [0, 1), got {emission_floor}')
   if mean_sentence_len <= 1:
     raise ValueError(f'data.synthetic.mean_sentence_len must be > 1, got {mean_sentence_len}')
   rng = np.random.default_rng(seed)
@@ -147,7 +150,9 @@ def make_source(seed: int = 1234, n_states: int = 32, n_symbols: int = 128,
   zipf /= zipf.sum()
   for s in range(n_states):
     support = 1 + rng.choice(n_symbols, size=symbols_per_state, replace=False)
-    emit[s, support] = zipf
+    emit[s, support] = (1 - emission_floor) * zipf
+    # every symbol stays possible: a model's sample then has a finite exact likelihood
+    emit[s, 1:n_symbols + 1] += emission_floor / n_symbols
   emit[-1, EOS_ID] = 1.0
   return HMMSource(init_S=init, trans_SxS=trans, emit_SxV=emit)
 
@@ -156,4 +161,5 @@ def source_from_config(cfg) -> HMMSource:
   s = cfg.data.synthetic
   return make_source(seed=s.seed, n_states=s.n_states, n_symbols=s.n_symbols,
                      branching=s.branching, symbols_per_state=s.symbols_per_state,
-                     zipf_exponent=s.zipf_exponent, mean_sentence_len=s.mean_sentence_len)
+                     zipf_exponent=s.zipf_exponent, mean_sentence_len=s.mean_sentence_len,
+                     emission_floor=s.emission_floor)

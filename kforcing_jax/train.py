@@ -261,29 +261,32 @@ def run_teacher(ctx: StageContext) -> dict:
   base_rng = jax.random.key(cfg.seed + 1)
   val_nll = float('nan')
   pending = None
-  with sharding_lib.mesh_context(ctx.mesh):
-    for step in range(start, t.steps):
-      batch = next(train_it)
-      state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
+  try:
+    with sharding_lib.mesh_context(ctx.mesh):
+      for step in range(start, t.steps):
+        batch = next(train_it)
+        state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
+        if pending is not None:
+          _check_finite(*pending)
+        pending = (step + 1, metrics)
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+          m = {k: float(v) for k, v in metrics.items() if k != 'nonfinite'}
+          writer.write_scalars(done, {f'train/{k}': v for k, v in m.items()})
+          progress.report(done, {'loss': m['loss']})
+        if done % t.eval_every == 0 or done == t.steps:
+          eval_params = state.ema_params if state.ema_params is not None else state.params
+          val_nll = evaluate(eval_fn, eval_params, eval_it, t.eval_batches)
+          writer.write_scalars(done, {'eval/nll': val_nll, 'eval/ppl': math.exp(min(val_nll, 50))})
+          if jax.process_index() == 0:
+            print(f'teacher {done}: val_nll {val_nll:.4f} ppl {math.exp(min(val_nll, 50)):.3f}')
+        if done % t.checkpoint_every == 0 or done == t.steps:
+          ckpt_lib.save(mngr, done, state, train_it.state(), meta)
       if pending is not None:
         _check_finite(*pending)
-      pending = (step + 1, metrics)
-      done = step + 1
-      if done % t.log_every == 0 or done == t.steps:
-        m = {k: float(v) for k, v in metrics.items() if k != 'nonfinite'}
-        writer.write_scalars(done, {f'train/{k}': v for k, v in m.items()})
-        progress.report(done, {'loss': m['loss']})
-      if done % t.eval_every == 0 or done == t.steps:
-        eval_params = state.ema_params if state.ema_params is not None else state.params
-        val_nll = evaluate(eval_fn, eval_params, eval_it, t.eval_batches)
-        writer.write_scalars(done, {'eval/nll': val_nll, 'eval/ppl': math.exp(min(val_nll, 50))})
-        if jax.process_index() == 0:
-          print(f'teacher {done}: val_nll {val_nll:.4f} ppl {math.exp(min(val_nll, 50)):.3f}')
-      if done % t.checkpoint_every == 0 or done == t.steps:
-        ckpt_lib.save(mngr, done, state, train_it.state(), meta)
-    if pending is not None:
-      _check_finite(*pending)
-  mngr.wait_until_finished()
+  finally:
+    # an interrupted run keeps every checkpoint it started writing
+    mngr.wait_until_finished()
   mngr.close()
   writer.close()
   seconds = time.time() - t_start

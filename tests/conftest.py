@@ -39,12 +39,18 @@ def shrink(cfg, steps: int = 2):
   cfg.train.eval_batches = 1
   cfg.train.checkpoint_every = steps
   cfg.distill.steps = steps
+  cfg.distill.stage_steps = ''
   cfg.distill.warmup_steps = 1
   cfg.distill.batch_size = -1
   cfg.distill.eval_batches = 1
   cfg.sample.num_prompts = 2
   cfg.sample.max_new_tokens = 8
   cfg.sample.num_samples = 1
+  cfg.evaluate.num_prompts = 2
+  cfg.evaluate.num_samples = 1
+  cfg.evaluate.max_new_tokens = 8
+  cfg.evaluate.freq_penalty = 0.0
+  cfg.evaluate.agreement_rows = 2
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
   return cfg
 

@@ -5,7 +5,7 @@ import numpy as np
 
 from kforcing_jax import model as model_lib
 from kforcing_jax import stages
-from tests.helpers import causal_logits, tiny_model
+from tests.helpers import causal_logits, jit_apply, tiny_model
 
 
 def test_paper_parameter_counts():
@@ -44,8 +44,9 @@ def test_cached_step_by_step_equals_full_forward():
   steps = []
   for t in range(T):
     mask = jnp.broadcast_to(jnp.arange(S)[None, None, :] <= t, (B, 1, S))
-    logits, cache = model.apply({'params': params}, tokens[:, t:t + 1],
-                                jnp.full((B, 1), t), mask, cache=cache, cache_slot=t)
+    logits, cache = jit_apply(model)({'params': params}, tokens[:, t:t + 1],
+                                     jnp.full((B, 1), t), mask, cache=cache,
+                                     cache_slot=jnp.int32(t))
     steps.append(logits[:, 0])
   np.testing.assert_allclose(np.stack(steps, 1), full, atol=2e-5, rtol=1e-5)
 

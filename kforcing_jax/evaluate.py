@@ -1,0 +1,240 @@
+"""Quality of every model in a run: the `evaluate` stage and its CLI (design.md 5).
+
+  python -m kforcing_jax.evaluate --workdir=DIR
+
+For the AR teacher and every student k, every K <= k, with the frequency penalty off and
+at evaluate.freq_penalty: generative NLL of sampled continuations under each evaluator
+(`exact`: the synthetic source's forward algorithm; `teacher`: the AR teacher), mean
+unigram entropy of the samples, agreement with the AR teacher on shared noise (held-out
+contexts, same u), and NFE per token. Prompts, seeds and lengths are fixed and recorded.
+Writes WORKDIR/evaluate/report.json, report.md and report.png.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kforcing_jax import data as data_lib
+from kforcing_jax import decode
+from kforcing_jax import layouts
+from kforcing_jax import model as model_lib
+from kforcing_jax import sharding as sharding_lib
+from kforcing_jax import stages as stages_lib
+from kforcing_jax import targets as targets_lib
+from kforcing_jax import writers
+
+
+def unigram_entropy(tokens) -> float:
+  """Entropy (nats) of the empirical token distribution of one sample."""
+  tokens = np.asarray(tokens)
+  if tokens.size == 0:
+    return 0.0
+  _, counts = np.unique(tokens, return_counts=True)
+  p = counts / counts.sum()
+  return float(-(p * np.log(p)).sum())
+
+
+def sequence_nll(logits_TxV, tokens_T, start: int) -> float:
+  """Mean NLL of tokens[start:] given logits at the previous positions."""
+  logp = jax.nn.log_softmax(jnp.asarray(logits_TxV, jnp.float32), axis=-1)
+  idx = np.arange(start, len(tokens_T))
+  return float(-np.mean(np.asarray(logp)[idx - 1, np.asarray(tokens_T)[idx]]))
+
+
+class Evaluators:
+  """gen-NLL of [prompt | completion] rows: 'exact' (synthetic source) and 'teacher'."""
+
+  def __init__(self, source, teacher_cfg, teacher_params):
+    self.source = source
+    self.model = model_lib.Transformer(teacher_cfg)
+    self.params = teacher_params
+    self._fwd = jax.jit(lambda p, t: self.model.apply(
+        {'params': p}, t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape))[0])
+
+  def __call__(self, prompts, completions) -> dict:
+    out = {}
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    starts = [len(p) for p in prompts]
+    if isinstance(self.source, data_lib.SyntheticSource):
+      vals = []
+      for r, s in zip(rows, starts):
+        lp = self.source.hmm.token_logprobs(np.asarray([r]))[0]  # log p(x_t | x_<t), t >= 1
+        vals.append(float(-lp[s - 1:].mean()))
+      out['exact'] = float(np.mean(vals))
+    vals = []
+    for r, s in zip(rows, starts):
+      logits = self._fwd(self.params, jnp.asarray([r], jnp.int32))[0]
+      vals.append(sequence_nll(logits, r, s))
+    out['teacher'] = float(np.mean(vals))
+    return out
+
+
+def shared_noise_agreement(student_cfg, student_params, teacher_cfg, teacher_params, batch,
+                           k: int, seed: int, never_emit) -> list[float]:
+  """Per-position match of the student's first-k tokens with the AR teacher's inverse-CDF
+  rollout on the same contexts and noise; returns all-K rates for K = 1..k."""
+  student, teacher = model_lib.Transformer(student_cfg), model_lib.Transformer(teacher_cfg)
+  ctx, mask = jnp.asarray(batch['tokens']), jnp.asarray(batch['mask'])
+
+  @jax.jit
+  def run(sp, tp, ctx, mask):
+    u = targets_lib.uniform_noise(jax.random.key(seed), ctx.shape + (k,))
+    y = targets_lib.ar_teacher_targets(teacher, tp, ctx, u)
+    pred = jnp.argmax(layouts.apply_window(student, sp, ctx, None, u), -1)
+    hit = (pred == y)
+    ok = mask
+    for i in never_emit:
+      ok = ok & jnp.all(y != i, axis=-1)
+    return hit, ok
+
+  hit, ok = jax.device_get(run(student_params, teacher_params, ctx, mask))
+  cum = np.cumprod(hit, axis=-1)  # all of the first K positions match
+  return [float(cum[..., K - 1][ok].mean()) for K in range(1, k + 1)]
+
+
+def evaluate(workdir: str, cfg, source, mesh) -> dict:
+  e = cfg.evaluate
+  tok = source.tokenizer
+  t_cfg, t_params, _, _ = stages_lib.load_model_stage(workdir, 'teacher', mesh)
+  evaluators = Evaluators(source, t_cfg, t_params)
+  eval_it = data_lib.BatchIterator(source, 'eval', e.num_prompts, None, cfg.seed, False)
+  batch = eval_it.local_batch(0)
+  prompts = [list(map(int, r[m][:e.prompt_len])) for r, m in zip(batch['tokens'], batch['mask'])]
+  prompts = [p for p in prompts if p]
+  new_tokens = min(e.max_new_tokens, t_cfg.max_seq_len - e.prompt_len)
+  synthetic = isinstance(source, data_lib.SyntheticSource)
+  eos = -1 if synthetic else tok.eos_id  # synthetic EOS only separates sentences
+  rows_in = [p for p in prompts for _ in range(e.num_samples)]
+  row_seeds = list(range(len(rows_in)))
+  agree_batch = data_lib.BatchIterator(source, 'eval', e.agreement_rows, None, cfg.seed + 1,
+                                       False).local_batch(0)
+  report_rows = []
+  for stage in stages_lib.finished_model_stages(workdir):
+    mcfg, params, meta, _ = stages_lib.load_model_stage(workdir, stage, mesh)
+    k = int(meta['k'])
+    engine = decode.Engine(mcfg, params)
+    agree = (shared_noise_agreement(mcfg, params, t_cfg, t_params, agree_batch, k, e.seed,
+                                    mcfg.never_emit_ids) if k else None)
+    settings = [(1, 0.0)] if k == 0 else [(K, lam) for K in range(1, k + 1)
+                                          for lam in sorted({0.0, e.freq_penalty})]
+    for K, lam in settings:
+      spec = decode.DecodeSpec(K=K, pflm=k > 0, max_new_tokens=new_tokens, freq_penalty=lam,
+                               eos_id=eos, pad_id=tok.pad_id)
+      out, _ = engine.generate(rows_in, spec, seed=e.seed, row_seeds=row_seeds, k_model=max(k, 1))
+      completions = []
+      for gen in out.tolist():
+        if eos >= 0 and eos in gen:
+          gen = gen[:gen.index(eos) + 1]
+        completions.append(gen)
+      row = {'model': 'teacher' if k == 0 else f'k{k}', 'stage': stage, 'K': K,
+             'freq_penalty': lam, 'gen_nll': evaluators(rows_in, completions),
+             'entropy': float(np.mean([unigram_entropy(c) for c in completions])),
+             'agreement_all': None if agree is None else agree[K - 1],
+             'nfe_per_token': 1.0 / K}
+      report_rows.append(row)
+      print(f'evaluate {stage} K={K} lambda={lam}: gen_nll {row["gen_nll"]}, entropy '
+            f'{row["entropy"]:.3f}, agreement {row["agreement_all"]}', flush=True)
+  entropy_rate = source.hmm.entropy_rate(cfg.data.seq_len) if synthetic else None
+  return {'source_entropy_rate': entropy_rate, 'rows': report_rows,
+          'protocol': {'num_prompts': len(prompts), 'prompt_len': e.prompt_len,
+                       'num_samples': e.num_samples, 'max_new_tokens': new_tokens,
+                       'seed': e.seed, 'agreement_rows': e.agreement_rows,
+                       'eos_id': eos, 'data_seed': cfg.seed}}
+
+
+def markdown(report: dict, speed_md: str | None = None) -> str:
+  evals = sorted({k for r in report['rows'] for k in r['gen_nll']})
+  lines = []
+  if report['source_entropy_rate'] is not None:
+    lines.append(f'Source entropy rate: {report["source_entropy_rate"]:.4f} nats/token\n')
+  lines.append('| model | K | lambda | ' + ' | '.join(f'gen NLL ({e})' for e in evals) +
+               ' | gen PPL (' + evals[0] + ') | entropy | agreement (all K) | NFE/token |')
+  lines.append('|---' * (6 + len(evals)) + '|')
+  for r in report['rows']:
+    nll = [r['gen_nll'][e] for e in evals]
+    agree = '-' if r['agreement_all'] is None else f'{r["agreement_all"]:.4f}'
+    lines.append(f'| {r["model"]} | {r["K"]} | {r["freq_penalty"]} | ' +
+                 ' | '.join(f'{v:.4f}' for v in nll) +
+                 f' | {math.exp(nll[0]):.3f} | {r["entropy"]:.4f} | {agree} | '
+                 f'{r["nfe_per_token"]:.3f} |')
+  out = '\n'.join(lines) + '\n'
+  if speed_md:
+    out += '\n## Speed (benchmark in this workdir)\n\n' + speed_md
+  return out
+
+
+def write_report(report: dict, out_dir: str, workdir: str) -> None:
+  writers.write_json(os.path.join(out_dir, 'report.json'), report)
+  if jax.process_index() != 0:
+    return
+  speed = os.path.join(workdir, 'benchmark', 'benchmark.md')
+  speed_md = open(speed, encoding='utf-8').read() if os.path.exists(speed) else None
+  with open(os.path.join(out_dir, 'report.md'), 'w', encoding='utf-8') as f:
+    f.write(markdown(report, speed_md))
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  key = 'exact' if 'exact' in report['rows'][0]['gen_nll'] else 'teacher'
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  for r in report['rows']:
+    marker = 'o' if r['freq_penalty'] == 0 else 's'
+    ax.scatter(r['entropy'], math.exp(r['gen_nll'][key]), marker=marker)
+    ax.annotate(f'{r["model"]} K={r["K"]}' + (f' λ={r["freq_penalty"]}' if r['freq_penalty']
+                                               else ''),
+                (r['entropy'], math.exp(r['gen_nll'][key])), fontsize=7)
+  ax.set_xlabel('unigram entropy of samples (nats)')
+  ax.set_ylabel(f'generative perplexity ({key})')
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, 'report.png'), dpi=120)
+  plt.close(fig)
+
+
+def run_stage(ctx, names) -> dict:
+  del names
+  out_dir = os.path.join(ctx.workdir, 'evaluate')
+  if stages_lib.is_done(out_dir):
+    print(f'evaluate: {out_dir}/summary.json exists, stage skipped')
+    with open(os.path.join(out_dir, 'summary.json'), encoding='utf-8') as f:
+      return json.load(f)
+  t0 = time.time()
+  report = evaluate(ctx.workdir, ctx.cfg, ctx.source, ctx.mesh)
+  write_report(report, out_dir, ctx.workdir)
+  print(f'evaluate: wrote {out_dir}/report.json, report.md, report.png')
+  print(markdown(report))
+  summary = {'stage': 'evaluate', 'rows': report['rows'], 'seconds': time.time() - t0,
+             'source_entropy_rate': report['source_entropy_rate']}
+  writers.write_json(os.path.join(out_dir, 'summary.json'), summary)
+  return summary
+
+
+def main(argv):
+  del argv
+  from kforcing_jax import errors  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.initialize()
+  try:
+    cfg = stages_lib.load_run_config(FLAGS.workdir)
+    source = data_lib.make_source(cfg)
+    mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
+    report = evaluate(FLAGS.workdir, cfg, source, mesh)
+  except (errors.UserError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
+  write_report(report, os.path.join(FLAGS.workdir, 'evaluate'), FLAGS.workdir)
+  print(markdown(report))
+
+
+FLAGS = flags.FLAGS
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'a kforcing_jax run directory')
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)

@@ -1,0 +1,115 @@
+"""Every file in configs/ builds, shrinks and runs; bad settings give clear errors."""
+import glob
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+
+from kforcing_jax import config_lib
+from kforcing_jax import pipeline
+from kforcing_jax import train as train_lib
+from tests.conftest import shrink, synthetic_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                 if not os.path.basename(p).startswith('_'))
+
+
+def test_config_files_are_all_covered():
+  assert {'base', 'synthetic', 'lm1b', 'owt'} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_every_config_builds_shrinks_and_runs(name, tmp_path):
+  cfg = config_lib.load_config_file(os.path.join(ROOT, 'configs', f'{name}.py'))
+  config_lib.validate(cfg)
+  shrink(cfg, steps=1)
+  patches = []
+  if cfg.data.source != 'synthetic':
+    testdata = os.environ.get('KFORCING_TESTDATA', '')
+    if not testdata:
+      pytest.skip('set KFORCING_TESTDATA to run the LM1B/OWT configs on real samples')
+    tok_dir = {'bert-base-uncased': 'bert-base-uncased', 'gpt2': 'gpt2'}
+    cfg.data.tokenizer_path = os.path.join(
+        testdata, 'tokenizers', tok_dir[cfg.data.tokenizer or ('bert-base-uncased'
+                                                               if cfg.data.source == 'lm1b'
+                                                               else 'gpt2')])
+    if cfg.data.source == 'lm1b':
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      cfg.data.tfds_data_dir = str(tmp_path / 'tfds')
+      patches.append(mock.patch.object(tfds.download.DownloadManager, 'download_and_extract',
+                                       return_value=os.path.join(testdata, 'lm1b', 'tfds_layout')))
+    elif cfg.data.source == 'openwebtext':
+      cfg.data.path = os.path.join(testdata, 'owt', 'hf_dummy')
+      cfg.data.cache_dir = ''
+      cfg.data.eval_fraction = 0.25
+    else:
+      cfg.data.path = os.path.join(testdata, 'lm1b', 'lingvo_lm1b_100.txt')
+      cfg.data.eval_fraction = 0.1
+  if name != 'synthetic':
+    cfg.pipeline = 'teacher'  # the synthetic run below covers every distillation stage
+  with mock.patch.object(sys, 'argv', ['x']):
+    for p in patches:
+      p.start()
+    try:
+      out = pipeline.run(cfg, str(tmp_path / 'run'))
+    finally:
+      for p in patches:
+        p.stop()
+  for stage in config_lib.stages(cfg):
+    assert os.path.exists(tmp_path / 'run' / stage / 'summary.json'), stage
+  assert out['teacher']['steps'] == 1
+
+
+def run_main(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, 'main.py', *args], cwd=cwd, capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_unknown_config_key_is_named(tmp_path):
+  r = run_main('--config=configs/synthetic.py', f'--workdir={tmp_path}',
+               '--config.model.d_modle=64')
+  assert r.returncode != 0
+  assert "unknown config key 'model.d_modle'" in r.stderr and 'd_model' in r.stderr
+
+
+def test_bad_value_is_named_without_a_traceback(tmp_path):
+  r = run_main('--config=configs/synthetic.py', f'--workdir={tmp_path}',
+               '--config.train.schedule=exponential')
+  assert r.returncode != 0
+  assert "train.schedule='exponential' is not allowed; allowed: cosine, linear, constant" in r.stderr
+  assert 'Traceback' not in r.stderr
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('pipeline', 'teacher,distill_k3', 'distill_k3'),
+    ('model.dtype', 'float16', 'model.dtype'),
+    ('data.source', 'c4', 'data.source'),
+    ('model.n_heads', 3, 'model.n_heads'),
+    ('distill.stage_steps', 'k2:3', 'distill.stage_steps'),
+    ('mesh.data', 0, 'mesh.data'),
+])
+def test_validation_names_field_and_allowed_values(field, value, match, tmp_path):
+  cfg = synthetic_config()
+  section, _, key = field.rpartition('.')
+  (cfg[section] if section else cfg)[key] = value
+  with pytest.raises(Exception, match=match):
+    train_lib.build_context(cfg, str(tmp_path))
+
+
+def test_vocab_and_length_mismatches(tmp_path):
+  cfg = synthetic_config()
+  cfg.model.vocab_size = 1000
+  with pytest.raises(config_lib.ConfigError, match='model.vocab_size=1000 does not match'):
+    train_lib.build_context(cfg, str(tmp_path))
+  cfg = synthetic_config()
+  cfg.model.max_seq_len = 16
+  with pytest.raises(config_lib.ConfigError, match='longer than model.max_seq_len'):
+    train_lib.build_context(cfg, str(tmp_path))
+  cfg = synthetic_config()
+  cfg.data.batch_size = 3
+  cfg.mesh.data = 2
+  with pytest.raises(Exception, match='data.batch_size=3 must divide'):
+    train_lib.build_context(cfg, str(tmp_path))

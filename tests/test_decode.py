@@ -1,0 +1,128 @@
+"""The decoding engine: PFLM == training-layout argmax, AR greedy == full forwards,
+batch invariance, ragged prompts, EOS, no recompilation, bad requests."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kforcing_jax import decode
+from tests.helpers import causal_logits, jit_window, tiny_model
+
+
+@pytest.fixture(scope='module')
+def pflm():
+  return tiny_model(pflm=True, never_emit=(52,), seed=7, noise=0.5)
+
+
+def test_pflm_tokens_equal_training_layout_argmax(pflm):
+  cfg, model, params = pflm
+  eng = decode.Engine(cfg, params)
+  K = 4
+  prompt = [3, 4, 5, 6, 7, 8]
+  spec = decode.DecodeSpec(K=K, pflm=True, max_new_tokens=12)
+  out, steps = eng.generate([prompt], spec, seed=3, row_seeds=[11])
+  assert steps == 3
+  u = decode.noise_for_tokens(jax.random.key(3), jnp.asarray([11]), jnp.arange(12))
+  seq = list(prompt)
+  for s in range(3):
+    ctx = jnp.asarray([seq])
+    n = ctx.shape[1]
+    u_win = jnp.broadcast_to(u[:, None, s * K:(s + 1) * K], (1, n, K))
+    logits = jit_window(model)(params, ctx, None, u_win)
+    block = np.asarray(jnp.argmax(logits[0, -1], -1))
+    np.testing.assert_array_equal(out[0, s * K:(s + 1) * K], block)
+    seq += block.tolist()
+
+
+def test_pflm_smaller_K_and_frequency_penalty(pflm):
+  cfg, model, params = pflm
+  eng = decode.Engine(cfg, params)
+  prompt = [[3, 4, 5, 6, 7, 8]]
+  out2, steps = eng.generate(prompt, decode.DecodeSpec(K=2, pflm=True, max_new_tokens=8),
+                             k_model=4)
+  assert steps == 4 and out2.shape == (1, 8)
+  # penalty: a token repeated without it is discouraged with it
+  plain, _ = eng.generate(prompt, decode.DecodeSpec(K=4, pflm=True, max_new_tokens=24))
+  pen, _ = eng.generate(prompt, decode.DecodeSpec(K=4, pflm=True, max_new_tokens=24,
+                                                  freq_penalty=50.0))
+  assert len(set(pen[0].tolist())) > len(set(plain[0].tolist()))
+  assert len(set(pen[0].tolist())) == 24  # with a huge penalty no token repeats
+  assert 52 not in pen[0]
+
+
+def test_ar_greedy_equals_full_forward_decoding():
+  cfg, model, params = tiny_model(seed=2, noise=0.5)
+  eng = decode.Engine(cfg, params)
+  out, _ = eng.generate([[1, 2, 3]], decode.DecodeSpec(K=1, pflm=False, max_new_tokens=10,
+                                                       temperature=0.0))
+  seq = [1, 2, 3]
+  for _ in range(10):
+    seq.append(int(jnp.argmax(causal_logits(model, params, jnp.asarray([seq]))[0, -1])))
+  assert out[0].tolist() == seq[3:]
+
+
+def test_ar_sampling_follows_the_model_distribution():
+  cfg, model, params = tiny_model(seed=5, vocab=8, noise=0.5)
+  eng = decode.Engine(cfg, params)
+  n = 4000
+  out, _ = eng.generate([[1, 2]] * n, decode.DecodeSpec(K=1, max_new_tokens=1), seed=0)
+  p = np.asarray(jax.nn.softmax(causal_logits(model, params, jnp.asarray([[1, 2]]))[0, -1]))
+  freq = np.bincount(out[:, 0], minlength=8) / n
+  assert np.abs(freq - p).max() < 4 * np.sqrt(p.max() / n)
+  top1, _ = eng.generate([[1, 2]] * 50, decode.DecodeSpec(K=1, max_new_tokens=1, top_k=1))
+  assert np.all(top1[:, 0] == np.argmax(p))
+  nucleus, _ = eng.generate([[1, 2]] * 300, decode.DecodeSpec(K=1, max_new_tokens=1, top_p=0.5))
+  order = np.argsort(-p)
+  keep = order[:np.searchsorted(np.cumsum(p[order]), 0.5) + 1]
+  assert set(nucleus[:, 0].tolist()) <= set(keep.tolist())
+
+
+@pytest.mark.parametrize('pflm_mode', [True, False])
+def test_rows_do_not_depend_on_batch_or_padding(pflm, pflm_mode):
+  cfg, model, params = pflm
+  eng = decode.Engine(cfg, params)
+  spec = decode.DecodeSpec(K=4 if pflm_mode else 1, pflm=pflm_mode, max_new_tokens=8)
+  prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16], [17]]
+  batch, _ = eng.generate(prompts, spec, seed=1, row_seeds=[5, 6, 7, 8])
+  for i, p in enumerate(prompts):
+    alone, _ = eng.generate([p], spec, seed=1, row_seeds=[5 + i])
+    np.testing.assert_array_equal(batch[i], alone[0])
+  flipped, _ = eng.generate(prompts[::-1], spec, seed=1, row_seeds=[8, 7, 6, 5])
+  np.testing.assert_array_equal(flipped[::-1], batch)
+
+
+def test_eos_stops_a_row_and_pads(pflm):
+  cfg, model, params = pflm
+  eng = decode.Engine(cfg, params)
+  free, _ = eng.generate([[3, 4, 5, 6, 7]], decode.DecodeSpec(K=4, pflm=True, max_new_tokens=16))
+  eos = int(free[0, 5])
+  spec = decode.DecodeSpec(K=4, pflm=True, max_new_tokens=16, eos_id=eos, pad_id=0)
+  out, steps = eng.generate([[3, 4, 5, 6, 7]], spec)
+  first = free[0].tolist().index(eos)
+  assert out[0, :first + 1].tolist() == free[0, :first + 1].tolist()
+  assert np.all(out[0, first + 1:] == 0)
+  assert steps == first // 4 + 1  # the loop stops once every row is done
+
+
+def test_no_recompilation_for_same_shapes(pflm):
+  cfg, model, params = pflm
+  eng = decode.Engine(cfg, params)
+  spec = decode.DecodeSpec(K=2, pflm=True, max_new_tokens=6)
+  eng.generate([[1, 2, 3], [4, 5]], spec, seed=0)
+  eng.generate([[6, 7, 8], [9]], spec, seed=1)
+  assert eng.traces == 1
+  eng.generate([[6, 7, 8, 9], [9]], spec, seed=1)  # longer prompt: a new shape
+  assert eng.traces == 2
+
+
+def test_bad_requests(pflm):
+  cfg, model, params = pflm
+  eng = decode.Engine(cfg, params)
+  with pytest.raises(decode.DecodeError, match='prompt 0 is empty'):
+    eng.generate([[]], decode.DecodeSpec(K=1))
+  with pytest.raises(decode.DecodeError, match='larger than the model'):
+    eng.generate([[1, 2]], decode.DecodeSpec(K=8, pflm=True), k_model=4)
+  with pytest.raises(decode.DecodeError, match='exceeds the model'):
+    eng.generate([[1] * 60], decode.DecodeSpec(K=1, max_new_tokens=10))
+  with pytest.raises(decode.DecodeError, match='lower the batch'):
+    eng.memory_check(decode.DecodeSpec(K=1, max_new_tokens=10), 10, 10**9)

@@ -1,0 +1,112 @@
+"""The sampling CLI / stage and the speed benchmark's outputs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kforcing_jax import benchmark
+from kforcing_jax import decode
+from kforcing_jax import pipeline
+from kforcing_jax import sample
+from kforcing_jax import stages
+from tests.conftest import synthetic_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp('sample')
+  cfg = synthetic_config(steps=2, pipeline='teacher,distill_k1,distill_k2,sample')
+  pipeline.run(cfg, str(d))
+  return d
+
+
+def test_sample_stage_writes_every_model(run_dir):
+  files = sorted(os.listdir(run_dir / 'sample'))
+  assert files == ['distill_k1_K1.jsonl', 'distill_k2_K2.jsonl', 'summary.json',
+                   'teacher_K1.jsonl']
+  with open(run_dir / 'sample' / 'distill_k2_K2.jsonl', encoding='utf-8') as f:
+    recs = [json.loads(l) for l in f]
+  assert len(recs) == 2 and recs[0]['K'] == 2
+  assert all(set(r) >= {'prompt', 'completion', 'completion_ids', 'prompt_ids'} for r in recs)
+
+
+def test_sample_cli(run_dir, tmp_path):
+  prompts = tmp_path / 'p.jsonl'
+  prompts.write_text('{"prefix": "| s1 s2"}\n{"prefix": "| s3"}\n')
+  out = tmp_path / 'o.jsonl'
+  r = subprocess.run([sys.executable, '-m', 'kforcing_jax.sample', f'--workdir={run_dir}',
+                      '--stage=distill_k2', '--K=2', '--freq_penalty=0.5',
+                      f'--prompts={prompts}', '--num_samples=3', '--max_new_tokens=6',
+                      f'--out={out}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  recs = [json.loads(l) for l in out.read_text().splitlines()]
+  assert len(recs) == 6 and recs[0]['prompt_ids'] == [0, 1, 2]
+  assert all(len(x['completion_ids']) <= 6 for x in recs)
+
+
+def test_sample_errors(run_dir):
+  with pytest.raises(decode.DecodeError, match='not allowed for distill_k1'):
+    sample.sample_texts(str(run_dir), 'distill_k1', ['| s1'], 1, K=2)
+  with pytest.raises(stages.StageError, match="'distill_k4' has no finished checkpoint"):
+    sample.sample_texts(str(run_dir), 'distill_k4', ['| s1'], 1)
+  with pytest.raises(Exception, match='not a model stage|not known'):
+    sample.sample_texts(str(run_dir), 'student', ['| s1'], 1)
+  with pytest.raises(decode.DecodeError, match='encodes to no tokens'):
+    sample.sample_texts(str(run_dir), 'teacher', [''], 1)
+  with pytest.raises(decode.DecodeError, match='exceeds'):
+    sample.sample_texts(str(run_dir), 'teacher', ['| ' + 's1 ' * 40], 1)
+
+
+def test_benchmark_outputs(tmp_path):
+  cfg = synthetic_config()
+  cfg.model.vocab_size = 64
+  cfg.data.seq_len = 24
+  result = benchmark.run(cfg, None, True, [1, 2], 4, 3, str(tmp_path))
+  with open(tmp_path / 'benchmark.json', encoding='utf-8') as f:
+    saved = json.load(f)
+  assert saved['rows'] == json.loads(json.dumps(result['rows']))
+  for row in saved['rows']:
+    assert row['new_tokens'] == 18 and row['K'] == 4
+    assert row['speedup'] == pytest.approx(row['pf_tokens_per_s'] / row['ar_tokens_per_s'])
+    assert row['pf_steps'] == 5 and row['ar_steps'] == 18
+  assert (tmp_path / 'benchmark.md').read_text().count('\n| ') == 3
+  assert (tmp_path / 'benchmark.png').stat().st_size > 1000
+
+
+def test_benchmark_on_trained_stages(run_dir, tmp_path):
+  cfg = synthetic_config()
+  result = benchmark.run(cfg, str(run_dir), False, [2], 2, 3, str(tmp_path))
+  assert result['config']['k_model'] == 2 and result['rows'][0]['pf_steps'] == 13
+  with pytest.raises(stages.StageError, match='no finished distill_k<k> stage with k >= 4'):
+    benchmark.run(cfg, str(run_dir), False, [2], 4, 3, str(tmp_path))
+
+
+def test_export_round_trip_decodes_identically(run_dir, tmp_path):
+  import kforcing_jax  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import export  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
+  for stage, K in (('teacher', 1), ('distill_k2', 2)):
+    out = tmp_path / stage
+    export.export(str(run_dir), stage, str(out))
+    loaded = kforcing_jax.load(str(out))
+    assert loaded.k == (0 if stage == 'teacher' else 2)
+    assert loaded.tokenizer['name'] == 'synthetic'
+    mcfg, params, _, _ = stages.load_model_stage(str(run_dir), stage, mesh)
+    spec = loaded.spec(K, max_new_tokens=10)
+    a, _ = decode.Engine(mcfg, params).generate([[0, 1, 2], [0, 5]], spec, seed=4)
+    b, _ = loaded.engine().generate([[0, 1, 2], [0, 5]], spec, seed=4)
+    np.testing.assert_array_equal(a, b)
+    # onto a 2-device tensor-parallel mesh
+    many = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 2})
+    sharded = kforcing_jax.load(str(out), mesh=many)
+    assert len(sharded.params['head']['kernel'].sharding.device_set) == 2
+    c, _ = sharded.engine().generate([[0, 1, 2], [0, 5]], spec, seed=4)
+    np.testing.assert_array_equal(a, c)
+  with pytest.raises(stages.StageError, match='already exists'):
+    export.export(str(run_dir), 'teacher', str(tmp_path / 'teacher'))

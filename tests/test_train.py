@@ -1,0 +1,148 @@
+import json
+import os
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kforcing_jax import checkpoint as ckpt_lib
+from kforcing_jax import data as data_lib
+from kforcing_jax import model as model_lib
+from kforcing_jax import pipeline
+from kforcing_jax import sharding as sharding_lib
+from kforcing_jax import stages
+from kforcing_jax import train as train_lib
+from tests.conftest import synthetic_config
+
+
+def run_steps(cfg, mesh_shape, n_steps):
+  """n train steps on a mesh; returns (losses, params on host)."""
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_shape
+  source = data_lib.make_source(cfg)
+  mcfg = model_lib.model_config(cfg, source.tokenizer.vocab_size, source.tokenizer.never_emit_ids)
+  mesh = sharding_lib.make_mesh(cfg.mesh)
+  model = model_lib.Transformer(mcfg)
+  tx = train_lib.make_optimizer(cfg.train, cfg.train.steps)
+  state, _, shardings = train_lib.create_state(
+      stages.model_init_fn(model, mcfg, cfg.data.seq_len), tx, mesh, jax.random.key(0), False)
+  step = train_lib.jit_train_step(train_lib.make_train_step(model, tx, 0.0), shardings, mesh)
+  it = data_lib.BatchIterator(source, 'train', cfg.data.batch_size,
+                              sharding_lib.batch_sharding(mesh), 0)
+  losses = []
+  with sharding_lib.mesh_context(mesh):
+    for s in range(n_steps):
+      state, m = step(state, next(it), jax.random.fold_in(jax.random.key(1), s))
+      losses.append(float(m['loss']))
+  return losses, jax.device_get(state.params), state
+
+
+def test_sharded_train_step_matches_one_device():
+  cfg = synthetic_config(steps=3)
+  cfg.data.batch_size = 8
+  one_losses, one_params, _ = run_steps(cfg, (1, 1, 1), 3)
+  cfg = synthetic_config(steps=3)
+  cfg.data.batch_size = 8
+  many_losses, many_params, state = run_steps(cfg, (2, 2, 2), 3)
+  # parameters really are sharded over fsdp and tensor
+  emb = state.params['embed']['embedding']
+  assert emb.sharding.spec == jax.sharding.PartitionSpec('tensor', 'fsdp')
+  assert len(emb.addressable_shards) == 8
+  np.testing.assert_allclose(many_losses, one_losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(many_params), jax.tree.leaves(one_params)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+  assert one_losses[-1] < one_losses[0]
+
+
+def read_metrics(stage_dir):
+  with open(os.path.join(stage_dir, 'logs', 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(l) for l in f]
+
+
+def final_params(workdir, stage):
+  mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
+  return jax.device_get(stages.load_model_stage(workdir, stage, mesh)[1])
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path):
+  cfg = synthetic_config(steps=4)
+  cfg.train.checkpoint_every = 2
+  pipeline.run(cfg, str(tmp_path / 'a'))
+  calls = {'n': 0}
+  real_next = data_lib.BatchIterator.__next__
+
+  def dying_next(self):
+    if self.split == 'train':
+      calls['n'] += 1
+      if calls['n'] == 3:
+        raise KeyboardInterrupt('simulated preemption')
+    return real_next(self)
+
+  with mock.patch.object(data_lib.BatchIterator, '__next__', dying_next):
+    with pytest.raises(KeyboardInterrupt):
+      pipeline.run(cfg, str(tmp_path / 'b'))
+  assert not os.path.exists(tmp_path / 'b' / 'teacher' / 'summary.json')
+  pipeline.run(cfg, str(tmp_path / 'b'))  # resumes at step 2
+  a_loss = [m['train/loss'] for m in read_metrics(tmp_path / 'a' / 'teacher') if 'train/loss' in m]
+  b_loss = [m['train/loss'] for m in read_metrics(tmp_path / 'b' / 'teacher') if 'train/loss' in m]
+  assert len(a_loss) == 4 and len(b_loss) == 4  # 2 before the stop + 2 after the resume
+  np.testing.assert_allclose(b_loss, a_loss, rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(final_params(tmp_path / 'a', 'teacher')),
+                  jax.tree.leaves(final_params(tmp_path / 'b', 'teacher'))):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  # a finished stage is skipped on rerun
+  out = pipeline.run(cfg, str(tmp_path / 'b'))
+  assert out['teacher']['steps'] == 4
+
+
+def test_resuming_with_an_incompatible_config_is_refused(tmp_path):
+  cfg = synthetic_config(steps=2)
+  cfg.train.checkpoint_every = 1
+  calls = {'n': 0}
+  real_next = data_lib.BatchIterator.__next__
+
+  def dying_next(self):
+    calls['n'] += 1
+    if calls['n'] == 2:
+      raise KeyboardInterrupt
+    return real_next(self)
+
+  with mock.patch.object(data_lib.BatchIterator, '__next__', dying_next):
+    with pytest.raises(KeyboardInterrupt):
+      pipeline.run(cfg, str(tmp_path))
+  cfg.model.d_model = 64
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match='model.d_model'):
+    pipeline.run(cfg, str(tmp_path))
+
+
+def test_nan_guard_stops_with_a_clear_message(tmp_path):
+  cfg = synthetic_config(steps=3)
+  cfg.train.learning_rate = 1e30
+  cfg.train.grad_clip = 0.0
+  with pytest.raises(train_lib.NonFiniteLossError, match='not finite'):
+    pipeline.run(cfg, str(tmp_path))
+
+
+def test_teacher_summary_and_learning(tmp_path):
+  cfg = synthetic_config(steps=30)
+  cfg.train.learning_rate = 3e-3
+  cfg.train.eval_every = 30
+  cfg.train.ema_decay = 0.9
+  out = pipeline.run(cfg, str(tmp_path))['teacher']
+  with open(tmp_path / 'teacher' / 'summary.json', encoding='utf-8') as f:
+    summary = json.load(f)
+  for key in ('val_nll', 'source_entropy_rate', 'steps', 'seconds'):
+    assert key in summary
+  assert summary == json.loads(json.dumps(out))
+  losses = [m['train/loss'] for m in read_metrics(tmp_path / 'teacher') if 'train/loss' in m]
+  assert losses[-1] < losses[0] - 0.5
+  assert summary['val_nll'] < np.log(32)  # better than uniform over the vocabulary
+
+
+def test_shift_targets_masks_padding():
+  tokens = jnp.asarray([[5, 6, 7, 0, 0]])
+  mask = jnp.asarray([[True, True, True, False, False]])
+  targets, w = train_lib.shift_targets(tokens, mask)
+  np.testing.assert_array_equal(targets, [[6, 7, 0, 0, 0]])
+  np.testing.assert_array_equal(w, [[1, 1, 0, 0, 0]])

@@ -68,7 +68,7 @@ def get_config():
   s.mean_sentence_len = 24  # expected tokens between EOS ids.
   # probability mass spread over all symbols in every state, so that any sample has a
   # finite exact likelihood (generative NLL under the source).
-  s.emission_floor = 0.01
+  s.emission_floor = 0.001
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 10000  # optimizer steps for the teacher stage.

@@ -28,7 +28,7 @@ def get_config():
   c.train.log_every = 100
   c.train.eval_every = 500
   c.train.checkpoint_every = 250
-  c.distill.steps = 700  # the k=1 stage; wider windows start from a distilled student
+  c.distill.steps = 1000  # the k=1 stage; wider windows start from a distilled student
   c.distill.stage_steps = 'distill_k2=400,distill_k4=300'
   c.distill.batch_size = 16
   c.distill.learning_rate = 3e-3

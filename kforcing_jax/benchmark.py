@@ -210,7 +210,11 @@ def main(argv):
     raise app.UsageError(f'--batch_sizes={f.batch_sizes!r}: give positive integers, e.g. 1,16')
   if f.repeats < 3:
     raise app.UsageError('--repeats must be >= 3 (the protocol takes a median of >= 3 runs)')
-  result = run(_CONFIG.value, f.workdir, f.random_init, sizes, f.K, f.repeats, f.out)
+  from kforcing_jax import errors  # pylint: disable=g-import-not-at-top
+  try:
+    result = run(_CONFIG.value, f.workdir, f.random_init, sizes, f.K, f.repeats, f.out)
+  except (errors.UserError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
   print(markdown(result))
   print(f'wrote {f.out}/benchmark.json, benchmark.md, benchmark.png', file=sys.stderr)
 

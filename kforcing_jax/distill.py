@@ -182,12 +182,7 @@ def run_stage(ctx: train_lib.StageContext, stage: str, names: list[str]) -> dict
           'compat': train_lib.compat_fields(ctx, k=k, teacher_stage=teacher_stage),
           'config': cfg.to_dict()}
   mngr = ckpt_lib.manager(os.path.join(stage_dir, 'checkpoints'), cfg.train.keep_checkpoints)
-  if mngr.latest_step() is not None:
-    saved = ckpt_lib.restore_meta(mngr)
-    ckpt_lib.check_compatible(saved['compat'], meta['compat'], stage_dir)
-    state, data_state, _ = ckpt_lib.restore(mngr, abstract)
-    train_it.restore(data_state)
-    print(f'{stage}: resumed from step {int(state.step)}')
+  state = train_lib.resume(mngr, meta, abstract, train_it, stage_dir) or state
   start = int(state.step)
 
   targets_fn = make_targets_fn(teacher, teacher_k)
@@ -208,7 +203,7 @@ def run_stage(ctx: train_lib.StageContext, stage: str, names: list[str]) -> dict
       for step in range(start, steps):
         state, metrics = step_fn(state, t_params, next(train_it), jax.random.fold_in(base_rng, step))
         if pending is not None:
-          train_lib._check_finite(*pending)  # pylint: disable=protected-access
+          train_lib.check_finite(*pending)
         pending = (step + 1, metrics)
         done = step + 1
         if done % cfg.train.log_every == 0 or done == steps:
@@ -218,7 +213,7 @@ def run_stage(ctx: train_lib.StageContext, stage: str, names: list[str]) -> dict
         if done % cfg.train.checkpoint_every == 0 or done == steps:
           ckpt_lib.save(mngr, done, state, train_it.state(), meta)
       if pending is not None:
-        train_lib._check_finite(*pending)  # pylint: disable=protected-access
+        train_lib.check_finite(*pending)
       params = state.ema_params if state.ema_params is not None else state.params
       agree = measure_agreement(ctx, student, targets_fn, k, params, t_params, shardings.params,
                                 t_shardings, eval_it, ds.eval_batches)

@@ -164,8 +164,10 @@ class Attention(nn.Module):
     """mask: [B, T, S] bool (query may attend key) or None with causal=True;
     window=(N, A, H): the window layout's structured attention (see window_attention).
 
-    cache_kv: (k, v) each [B, S_max, H, Dh]; the new keys/values are written at slots
-    [cache_slot, cache_slot + T) and attention runs over the whole (masked) cache."""
+    cache_kv: (k, v, layer): the whole cache, each [L, B, S_max, H, Dh]; this layer's new
+    keys/values are written in place at [layer, :, cache_slot:cache_slot + T] and
+    attention runs over the layer's whole (masked) cache. Updating the full arrays (not a
+    per-layer slice that is stacked again) lets XLA keep one cache buffer in the loop."""
     cfg = self.cfg
     dt, pdt = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     w_qkv = self.param('qkv_kernel', _init(nn.initializers.variance_scaling(
@@ -177,11 +179,12 @@ class Attention(nn.Module):
     k = rope(k, positions, cfg.rope_base)
     new_kv = None
     if cache_kv is not None:
-      ck, cv = cache_kv
-      k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_slot, 0, 0))
-      v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_slot, 0, 0))
-      new_kv = (k, v)
-      k, v = k.astype(dt), v.astype(dt)
+      ck, cv, layer = cache_kv
+      start = (layer, 0, cache_slot, 0, 0)
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], start)
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], start)
+      new_kv = (ck, cv)
+      k, v = ck[layer].astype(dt), cv[layer].astype(dt)
     impl = cfg.attention_impl
     if impl == 'auto':
       # cuDNN's fused kernel for plain causal attention on GPU; masks go through XLA.
@@ -271,14 +274,15 @@ class Transformer(nn.Module):
     if cache is not None and mask_BxQxS is None:
       raise ValueError('decoding with a cache needs an explicit [B, Q, S_max] mask')
     causal = mask_BxQxS is None and window is None
-    new_k, new_v = [], []
+    ck = cv = None
+    if cache is not None:
+      ck, cv = cache['k'], cache['v']
     for layer in range(cfg.n_layers):
-      kv = None if cache is None else (cache['k'][layer], cache['v'][layer])
+      kv = None if cache is None else (ck, cv, layer)
       x, kv = Block(cfg, name=f'block_{layer}')(x, positions, mask_BxQxS, kv, cache_slot,
                                                  causal, train, window)
       if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
+        ck, cv = kv
     x = LayerNorm(cfg, name='ln_f')(x[:, logits_from:])
     logits = nn.Dense(cfg.vocab_size, dtype=dt, param_dtype=pdt, name='head',
                       kernel_init=_init(nn.initializers.zeros, ('embed', 'vocab')),
@@ -288,7 +292,7 @@ class Transformer(nn.Module):
       blocked = np.zeros((cfg.vocab_size,), bool)
       blocked[list(cfg.never_emit_ids)] = True
       logits = jnp.where(blocked, NEG_INF, logits)
-    new_cache = None if cache is None else {'k': jnp.stack(new_k), 'v': jnp.stack(new_v)}
+    new_cache = None if cache is None else {'k': ck, 'v': cv}
     return logits, new_cache
 
 

@@ -144,13 +144,20 @@ def main(argv):
   f = FLAGS
   if bool(f.prompt) == bool(f.prompts):
     raise app.UsageError('give exactly one of --prompt=TEXT or --prompts=FILE.jsonl')
-  config_lib.stage_k(f.stage)
+  try:
+    config_lib.stage_k(f.stage)
+  except config_lib.ConfigError as e:
+    raise SystemExit(f'error: --stage: {e}') from None
   prompts = [f.prompt] if f.prompt else read_prompts(f.prompts)
   if any(not p.strip() for p in prompts):
-    raise decode.DecodeError('empty prompt: give some text to continue')
-  recs = sample_texts(f.workdir, f.stage, prompts, f.num_samples, K=f.K,
-                      freq_penalty=f.freq_penalty, max_new_tokens=f.max_new_tokens,
-                      seed=f.seed, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
+    raise SystemExit('error: empty prompt: give some text to continue')
+  from kforcing_jax import errors  # pylint: disable=g-import-not-at-top
+  try:
+    recs = sample_texts(f.workdir, f.stage, prompts, f.num_samples, K=f.K,
+                        freq_penalty=f.freq_penalty, max_new_tokens=f.max_new_tokens,
+                        seed=f.seed, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p)
+  except (errors.UserError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
   write_jsonl(f.out, recs)
   for r in recs[:3]:
     print(json.dumps({'prompt': r['prompt'], 'completion': r['completion']}))

@@ -117,7 +117,7 @@ def _inverse_cdf(cdf_BxN: np.ndarray, u_B: np.ndarray) -> np.ndarray:
 def make_source(seed: int = 1234, n_states: int = 32, n_symbols: int = 128,
                 branching: int = 2, symbols_per_state: int = 6,
                 zipf_exponent: float = 1.5, mean_sentence_len: float = 24.0,
-                emission_floor: float = 0.01) -> HMMSource:
+                emission_floor: float = 0.001) -> HMMSource:
   """Builds the seeded source. Vocabulary: EOS=0, symbols 1..n_symbols, reserved last."""
   for name, value, low in (('n_states', n_states, 1), ('n_symbols', n_symbols, 2),
                            ('branching', branching, 1),

@@ -242,12 +242,7 @@ def run_teacher(ctx: StageContext) -> dict:
   meta = {'stage': 'teacher', 'k': 0, 'model': dataclasses.asdict(mcfg),
           'compat': compat_fields(ctx), 'config': cfg.to_dict()}
   mngr = ckpt_lib.manager(os.path.join(stage_dir, 'checkpoints'), t.keep_checkpoints)
-  if mngr.latest_step() is not None:
-    saved = ckpt_lib.restore_meta(mngr)
-    ckpt_lib.check_compatible(saved['compat'], meta['compat'], stage_dir)
-    state, data_state, _ = ckpt_lib.restore(mngr, abstract)
-    train_it.restore(data_state)
-    print(f'teacher: resumed from step {int(state.step)}')
+  state = resume(mngr, meta, abstract, train_it, stage_dir) or state
   start = int(state.step)
   print(f'teacher: {n_params:,} parameters, mesh {dict(ctx.mesh.shape)}, '
         f'{jax.device_count()} devices ({jax.default_backend()})')
@@ -267,7 +262,7 @@ def run_teacher(ctx: StageContext) -> dict:
         batch = next(train_it)
         state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
         if pending is not None:
-          _check_finite(*pending)
+          check_finite(*pending)
         pending = (step + 1, metrics)
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
@@ -283,7 +278,7 @@ def run_teacher(ctx: StageContext) -> dict:
         if done % t.checkpoint_every == 0 or done == t.steps:
           ckpt_lib.save(mngr, done, state, train_it.state(), meta)
       if pending is not None:
-        _check_finite(*pending)
+        check_finite(*pending)
   finally:
     # an interrupted run keeps every checkpoint it started writing
     mngr.wait_until_finished()
@@ -300,7 +295,20 @@ def run_teacher(ctx: StageContext) -> dict:
   return summary
 
 
-def _check_finite(step: int, metrics) -> None:
+def resume(mngr, meta: dict, abstract, train_it, stage_dir: str):
+  """The latest checkpoint's state (data iterator repositioned), or None; refuses a
+  checkpoint whose compat fields differ from `meta`'s."""
+  if mngr.latest_step() is None:
+    return None
+  saved = ckpt_lib.restore_meta(mngr)
+  ckpt_lib.check_compatible(saved['compat'], meta['compat'], stage_dir)
+  state, data_state, _ = ckpt_lib.restore(mngr, abstract)
+  train_it.restore(data_state)
+  print(f'{meta["stage"]}: resumed from step {int(state.step)}')
+  return state
+
+
+def check_finite(step: int, metrics) -> None:
   if float(metrics['nonfinite']) > 0:
     raise NonFiniteLossError(
         f'step {step}: the loss or gradient norm is not finite (loss={float(metrics["loss"])}, '

@@ -110,3 +110,16 @@ def test_export_round_trip_decodes_identically(run_dir, tmp_path):
     np.testing.assert_array_equal(a, c)
   with pytest.raises(stages.StageError, match='already exists'):
     export.export(str(run_dir), 'teacher', str(tmp_path / 'teacher'))
+
+
+def test_sample_cli_errors_are_one_line(run_dir, tmp_path):
+  base = [sys.executable, '-m', 'kforcing_jax.sample', f'--workdir={run_dir}',
+          f'--out={tmp_path / "o.jsonl"}']
+  for extra, msg in ((['--stage=distill_k2', '--prompt='], 'give exactly one of'),
+                     (['--stage=distill_k2', '--prompt= '], 'empty prompt'),
+                     (['--stage=student', '--prompt=| s1'], '--stage'),
+                     (['--stage=distill_k4', '--prompt=| s1'], 'no finished checkpoint'),
+                     (['--stage=distill_k2', '--K=4', '--prompt=| s1'], 'allowed: 1..2')):
+    r = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and msg in r.stderr, (extra, r.stderr[-500:])
+    assert 'Traceback' not in r.stderr

@@ -28,7 +28,6 @@ from kforcing_jax import decode
 from kforcing_jax import model as model_lib
 from kforcing_jax import sharding as sharding_lib
 from kforcing_jax import stages as stages_lib
-from kforcing_jax import train as train_lib
 
 PROMPT_LEN = 6
 # Peak HBM bandwidth (bytes/s) by device kind, for the bandwidth fraction on GPUs/TPUs.

@@ -87,7 +87,7 @@ def make_distill_step(student, targets_fn, tx, k: int, tau_range, never_emit, em
       return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = train_lib.apply_update(state, grads, tx, ema_decay, finite)
     stats = agreement_stats(jnp.argmax(logits, -1), y, w)
@@ -136,7 +136,7 @@ def run_stage(ctx: train_lib.StageContext, stage: str, names: list[str]) -> dict
   stage_dir = os.path.join(ctx.workdir, stage)
   if train_lib.stage_done(stage_dir):
     print(f'{stage}: {stage_dir}/summary.json exists, stage skipped')
-    return train_lib.writers_read(stage_dir)
+    return train_lib.read_summary(stage_dir)
   t_start = time.time()
   teacher_stage = teacher_stage_of(stage, names, ds.teacher_stage)
   teacher_k = config_lib.stage_k(teacher_stage)

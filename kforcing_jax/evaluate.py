@@ -190,6 +190,7 @@ def write_report(report: dict, out_dir: str, workdir: str) -> None:
     ax.annotate(f'{r["model"]} K={r["K"]}' + (f' λ={r["freq_penalty"]}' if r['freq_penalty']
                                                else ''),
                 (r['entropy'], math.exp(r['gen_nll'][key])), fontsize=7)
+  ax.set_yscale('log')  # one degenerate sample set must not flatten the rest
   ax.set_xlabel('unigram entropy of samples (nats)')
   ax.set_ylabel(f'generative perplexity ({key})')
   ax.grid(alpha=0.3)

@@ -13,7 +13,6 @@ import os
 
 from absl import app
 from absl import flags
-import jax
 import orbax.checkpoint as ocp
 
 from kforcing_jax import decode

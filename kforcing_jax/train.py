@@ -12,7 +12,6 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from kforcing_jax import checkpoint as ckpt_lib
@@ -133,7 +132,7 @@ def make_train_step(model, tx, ema_decay: float):
       return total / jnp.maximum(count, 1.0), count
 
     (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = apply_update(state, grads, tx, ema_decay, finite)
     return new_state, {'loss': loss, 'grad_norm': grad_norm, 'tokens': count,
@@ -225,7 +224,7 @@ def run_teacher(ctx: StageContext) -> dict:
   stage_dir = os.path.join(ctx.workdir, 'teacher')
   if stage_done(stage_dir):
     print(f'teacher: {stage_dir}/summary.json exists, stage skipped')
-    return writers_read(stage_dir)
+    return read_summary(stage_dir)
   t_start = time.time()
   mcfg = ctx.model_cfg
   model = model_lib.Transformer(mcfg)
@@ -322,7 +321,7 @@ def source_entropy_rate(ctx: StageContext) -> float | None:
   return None
 
 
-def writers_read(stage_dir: str) -> dict:
+def read_summary(stage_dir: str) -> dict:
   import json  # pylint: disable=g-import-not-at-top
   with open(os.path.join(stage_dir, 'summary.json'), encoding='utf-8') as f:
     return json.load(f)

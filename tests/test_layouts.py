@@ -1,5 +1,4 @@
 """The three layouts of one model agree (design.md 2.3), in float32."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from kforcing_jax import layouts
 from kforcing_jax import model as model_lib
 from kforcing_jax import targets
 from tests.helpers import jit_apply, tiny_model

@@ -114,6 +114,10 @@ def run_stage(ctx, names: list[str]) -> dict:
   """Writes WORKDIR/sample/<stage>_K<K>.jsonl for each finished model stage."""
   cfg = ctx.cfg
   out_dir = os.path.join(ctx.workdir, 'sample')
+  if stages_lib.is_done(out_dir):
+    print(f'sample: {out_dir}/summary.json exists, stage skipped')
+    with open(os.path.join(out_dir, 'summary.json'), encoding='utf-8') as f:
+      return json.load(f)
   eval_it = data_lib.BatchIterator(ctx.source, 'eval', cfg.data.eval_batch_size, None,
                                    cfg.seed, cfg.data.shuffle)
   rows = eval_it.local_batch(0)

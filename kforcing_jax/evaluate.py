@@ -60,21 +60,27 @@ class Evaluators:
         {'params': p}, t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape))[0])
 
   def __call__(self, prompts, completions) -> dict:
-    out = {}
+    """Mean over rows of each row's mean NLL of its completion. Rows of one length are
+    scored in one batched call (one forward / one forward-algorithm pass per length)."""
     rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
     starts = [len(p) for p in prompts]
-    if isinstance(self.source, data_lib.SyntheticSource):
-      vals = []
-      for r, s in zip(rows, starts):
-        lp = self.source.hmm.token_logprobs(np.asarray([r]))[0]  # log p(x_t | x_<t), t >= 1
-        vals.append(float(-lp[s - 1:].mean()))
-      out['exact'] = float(np.mean(vals))
-    vals = []
-    for r, s in zip(rows, starts):
-      logits = self._fwd(self.params, jnp.asarray([r], jnp.int32))[0]
-      vals.append(sequence_nll(logits, r, s))
-    out['teacher'] = float(np.mean(vals))
-    return out
+    groups = {}
+    for i, r in enumerate(rows):
+      groups.setdefault(len(r), []).append(i)
+    exact = isinstance(self.source, data_lib.SyntheticSource)
+    nll = {'teacher': np.zeros(len(rows))}
+    if exact:
+      nll['exact'] = np.zeros(len(rows))
+    for idx in groups.values():
+      batch = np.asarray([rows[i] for i in idx], np.int32)
+      logp = np.asarray(jax.nn.log_softmax(self._fwd(self.params, jnp.asarray(batch)), -1))
+      lp_exact = self.source.hmm.token_logprobs(batch) if exact else None  # t >= 1
+      for j, i in enumerate(idx):
+        t = np.arange(starts[i], len(rows[i]))
+        nll['teacher'][i] = -logp[j, t - 1, batch[j, t]].mean()
+        if exact:
+          nll['exact'][i] = -lp_exact[j, starts[i] - 1:].mean()
+    return {k: float(v.mean()) for k, v in nll.items()}
 
 
 def shared_noise_agreement(student_cfg, student_params, teacher_cfg, teacher_params, batch,

@@ -80,6 +80,10 @@ def get_config():
   t.b1 = 0.9
   t.b2 = 0.95
   t.eps = 1e-8
+  # Sequential microbatches per step (gradient accumulation in a lax.scan): the same
+  # update as the whole batch, with 1/microbatches of its activation memory.
+  # data.batch_size must divide by mesh data*fsdp*microbatches.
+  t.microbatches = 1
   t.grad_clip = 1.0  # clip by global norm; 0 disables.
   t.ema_decay = 0.0  # EMA of parameters used for eval and export; 0 disables.
   t.log_every = 50  # steps between progress lines / train metrics.
@@ -96,6 +100,7 @@ def get_config():
   ds.learning_rate = 3e-4
   ds.warmup_steps = 200
   ds.batch_size = -1  # global batch; -1: data.batch_size.
+  ds.microbatches = 1  # as train.microbatches, for the distillation step.
   # The teacher of each distill_k<K> stage: '' = the model stage before it in `pipeline`
   # (or distill_k<K/2> / teacher when it is the first stage listed).
   ds.teacher_stage = ''

@@ -84,12 +84,12 @@ def validate(cfg) -> None:
     _positive(f'data.{f}', d[f])
   _choice('train.schedule', t.schedule, ('cosine', 'linear', 'constant'))
   for f in ('steps', 'learning_rate', 'log_every', 'eval_every', 'eval_batches',
-            'checkpoint_every', 'keep_checkpoints'):
+            'checkpoint_every', 'keep_checkpoints', 'microbatches'):
     _positive(f'train.{f}', t[f])
   if not 0.0 <= t.ema_decay < 1.0:
     raise ConfigError(f'train.ema_decay must be in [0, 1), got {t.ema_decay}')
   ds = cfg.distill
-  for f in ('steps', 'learning_rate', 'eval_batches'):
+  for f in ('steps', 'learning_rate', 'eval_batches', 'microbatches'):
     _positive(f'distill.{f}', ds[f])
   if not 0 < ds.tau_min <= ds.tau_max:
     raise ConfigError(f'distill.tau_min/tau_max must satisfy 0 < tau_min <= tau_max, got '

@@ -20,6 +20,7 @@ from kforcing_jax import checkpoint as ckpt_lib
 from kforcing_jax import config_lib
 from kforcing_jax import data as data_lib
 from kforcing_jax import layouts
+from kforcing_jax import memory
 from kforcing_jax import model as model_lib
 from kforcing_jax import sharding as sharding_lib
 from kforcing_jax import stages as stages_lib
@@ -73,29 +74,41 @@ def agreement_stats(pred_BxNxK, y_BxNxK, w_BxNxK):
           'all_hits': jnp.sum(jnp.min(hit, axis=-1) * win_valid), 'all_count': jnp.sum(win_valid)}
 
 
-def make_distill_step(student, targets_fn, tx, k: int, tau_range, never_emit, ema_decay):
+def make_distill_step(student, targets_fn, tx, k: int, tau_range, never_emit, ema_decay,
+                      microbatches: int = 1):
   def distill_step(state: train_lib.TrainState, teacher_params, batch, rng):
-    ctx, mask = batch['tokens'], batch['mask']
+    ctx = batch['tokens']
     B, n = ctx.shape
+    # noise for the whole batch first, so microbatching leaves every row's draw unchanged
     u, tau = sample_noise(rng, B, n, k, *tau_range)
-    y = jax.lax.stop_gradient(targets_fn(teacher_params, ctx, u, tau))
-    w = window_weights(mask, y, never_emit)
 
-    def loss_fn(params):
-      logits = layouts.apply_window(student, params, ctx, None, u, tau)
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-      return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0), logits
+    def grad_fn(params, mb, j):
+      del j
+      y = jax.lax.stop_gradient(targets_fn(teacher_params, mb['tokens'], mb['u'], mb['tau']))
+      w = window_weights(mb['mask'], y, never_emit)
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      def loss_fn(p):
+        logits = layouts.apply_window(student, p, mb['tokens'], None, mb['u'], mb['tau'])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum(ce * w), logits
+
+      (total, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      return grads, {'total': total, **agreement_stats(jnp.argmax(logits, -1), y, w)}
+
+    inputs = {'tokens': ctx, 'mask': batch['mask'], 'u': u, 'tau': tau}
+    grad_sums, sums = train_lib.sum_over_microbatches(grad_fn, state.params, inputs,
+                                                      microbatches)
+    count = jnp.maximum(jnp.sum(sums['count_k']), 1.0)
+    loss = sums['total'] / count
+    grads = jax.tree.map(lambda g: g / count, grad_sums)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = train_lib.apply_update(state, grads, tx, ema_decay, finite)
-    stats = agreement_stats(jnp.argmax(logits, -1), y, w)
     metrics = {'loss': loss, 'grad_norm': grad_norm,
                'nonfinite': 1.0 - finite.astype(jnp.float32),
-               'acc_all': stats['all_hits'] / jnp.maximum(stats['all_count'], 1.0)}
+               'acc_all': sums['all_hits'] / jnp.maximum(sums['all_count'], 1.0)}
     for i in range(k):
-      metrics[f'acc_{i + 1}'] = stats['hits_k'][i] / jnp.maximum(stats['count_k'][i], 1.0)
+      metrics[f'acc_{i + 1}'] = sums['hits_k'][i] / jnp.maximum(sums['count_k'][i], 1.0)
     return new_state, metrics
   return distill_step
 
@@ -163,7 +176,8 @@ def run_stage(ctx: train_lib.StageContext, stage: str, names: list[str]) -> dict
   steps = config_lib.stage_steps(cfg, stage)
   tx = train_lib.make_optimizer(cfg.train, steps, ds.learning_rate, ds.warmup_steps)
   batch_size = ds.batch_size if ds.batch_size > 0 else cfg.data.batch_size
-  sharding_lib.check_batch(batch_size, ctx.mesh, 'distill.batch_size')
+  sharding_lib.check_batch(batch_size, ctx.mesh, 'distill.batch_size', ds.microbatches,
+                           'distill.microbatches')
   state, abstract, shardings = train_lib.create_state(
       train_lib.model_init_fn(student, mcfg, cfg.data.seq_len), tx, ctx.mesh,
       jax.random.key(cfg.seed + 17 * k), cfg.train.ema_decay > 0)
@@ -185,13 +199,15 @@ def run_stage(ctx: train_lib.StageContext, stage: str, names: list[str]) -> dict
   state = train_lib.resume(mngr, meta, abstract, train_it, stage_dir) or state
   start = int(state.step)
 
+  memory.report(stage, memory.estimate(mcfg, abstract, ctx.mesh, batch_size, cfg.data.seq_len,
+                                       ds.microbatches, window=k))
   targets_fn = make_targets_fn(teacher, teacher_k)
   never_emit = tuple(mcfg.never_emit_ids)
   rep = sharding_lib.replicated(ctx.mesh)
   bsh = {'tokens': batch_s, 'mask': batch_s}
   step_fn = jax.jit(
       make_distill_step(student, targets_fn, tx, k, (ds.tau_min, ds.tau_max), never_emit,
-                        cfg.train.ema_decay),
+                        cfg.train.ema_decay, ds.microbatches),
       in_shardings=(shardings, t_shardings, bsh, rep), out_shardings=(shardings, rep),
       donate_argnums=(0,))
   writer = writers.MetricWriter(os.path.join(stage_dir, 'logs'))

@@ -69,10 +69,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def check_batch(batch: int, mesh: Mesh, field: str) -> None:
+def check_batch(batch: int, mesh: Mesh, field: str, microbatches: int = 1,
+                micro_field: str = '') -> None:
   n = mesh.shape['data'] * mesh.shape['fsdp']
   if batch % n:
     raise MeshConfigError(f'{field}={batch} must divide by mesh data*fsdp = {n}')
+  if microbatches < 1 or batch % (n * microbatches):
+    raise MeshConfigError(f'{micro_field}={microbatches}: {field}={batch} must divide by '
+                          f'mesh data*fsdp ({n}) x {micro_field}, so that every microbatch '
+                          'has the same rows on every device')
 
 
 def logical_shardings(boxed_tree, mesh: Mesh):

@@ -16,6 +16,7 @@ import optax
 
 from kforcing_jax import checkpoint as ckpt_lib
 from kforcing_jax import data as data_lib
+from kforcing_jax import memory
 from kforcing_jax import model as model_lib
 from kforcing_jax import sharding as sharding_lib
 from kforcing_jax import stages as stages_lib
@@ -125,17 +126,46 @@ def lm_nll(model, params, batch, rng=None, train=False):
   return jnp.sum(nll * weights), jnp.sum(weights)
 
 
-def make_train_step(model, tx, ema_decay: float):
-  def train_step(state: TrainState, batch, rng):
-    def loss_fn(params):
-      total, count = lm_nll(model, params, batch, rng, train=True)
-      return total / jnp.maximum(count, 1.0), count
+def sum_over_microbatches(grad_fn, params, inputs, n: int):
+  """Sums grad_fn(params, inputs_j, j) -> (grads, sums) over n microbatches of `inputs`.
 
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  Row r of every input goes to microbatch r % n, so each device keeps its own rows and the
+  summed gradients equal the full batch's, while only B/n rows of activations are alive
+  at a time (a lax.scan)."""
+  if n == 1:
+    return grad_fn(params, inputs, 0)
+
+  def split(x):
+    x = jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+    return nn.with_logical_constraint(x, (None, 'batch') + (None,) * (x.ndim - 2))
+  stacked = jax.tree.map(split, inputs)
+  first = jax.tree.map(lambda x: x[0], stacked)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(lambda p, b: grad_fn(p, b, 0), params, first))
+
+  def body(acc, xs):
+    mb, j = xs
+    return jax.tree.map(jnp.add, acc, grad_fn(params, mb, j)), None
+  acc, _ = jax.lax.scan(body, zeros, (stacked, jnp.arange(n)))
+  return acc
+
+
+def make_train_step(model, tx, ema_decay: float, microbatches: int = 1):
+  def train_step(state: TrainState, batch, rng):
+    def grad_fn(params, mb, j):
+      (total, count), grads = jax.value_and_grad(
+          lambda p: lm_nll(model, p, mb, jax.random.fold_in(rng, j), train=True),
+          has_aux=True)(params)
+      return grads, {'total': total, 'count': count}
+
+    grad_sums, sums = sum_over_microbatches(grad_fn, state.params, batch, microbatches)
+    count = jnp.maximum(sums['count'], 1.0)
+    loss = sums['total'] / count
+    grads = jax.tree.map(lambda g: g / count, grad_sums)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = apply_update(state, grads, tx, ema_decay, finite)
-    return new_state, {'loss': loss, 'grad_norm': grad_norm, 'tokens': count,
+    return new_state, {'loss': loss, 'grad_norm': grad_norm, 'tokens': sums['count'],
                        'nonfinite': 1.0 - finite.astype(jnp.float32)}
   return train_step
 
@@ -198,7 +228,8 @@ def build_context(cfg, workdir: str) -> StageContext:
         f'data.seq_len={cfg.data.seq_len} is longer than model.max_seq_len='
         f'{mcfg.max_seq_len}')
   mesh = sharding_lib.make_mesh(cfg.mesh)
-  sharding_lib.check_batch(cfg.data.batch_size, mesh, 'data.batch_size')
+  sharding_lib.check_batch(cfg.data.batch_size, mesh, 'data.batch_size',
+                           cfg.train.microbatches, 'train.microbatches')
   sharding_lib.check_batch(cfg.data.eval_batch_size, mesh, 'data.eval_batch_size')
   return StageContext(cfg=cfg, workdir=workdir, source=source, mesh=mesh, model_cfg=mcfg)
 
@@ -245,8 +276,11 @@ def run_teacher(ctx: StageContext) -> dict:
   start = int(state.step)
   print(f'teacher: {n_params:,} parameters, mesh {dict(ctx.mesh.shape)}, '
         f'{jax.device_count()} devices ({jax.default_backend()})')
+  memory.report('teacher', memory.estimate(mcfg, abstract, ctx.mesh, cfg.data.batch_size,
+                                           cfg.data.seq_len, t.microbatches))
 
-  train_step = jit_train_step(make_train_step(model, tx, t.ema_decay), shardings, ctx.mesh)
+  train_step = jit_train_step(make_train_step(model, tx, t.ema_decay, t.microbatches),
+                              shardings, ctx.mesh)
   param_s = shardings.params
   eval_fn = jax.jit(make_eval_step(model),
                     in_shardings=(param_s, {'tokens': batch_s, 'mask': batch_s}))

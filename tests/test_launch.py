@@ -40,6 +40,10 @@ def test_multi_gpu_dry_run():
   assert r.stdout.strip() == ('+ env CUDA_VISIBLE_DEVICES=0,1 python3 main.py '
                               '--config=configs/owt.py --workdir=/x --config.mesh.data=-1 '
                               '--config.mesh.fsdp=1 --config.mesh.tensor=2')
+  # without mesh flags the config's own mesh (FSDP 4 x tensor 2) is kept
+  r = run('multi_gpu.sh', '--config=configs/owt_8xh100.py', '--workdir=/x', '--dry_run')
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.strip() == '+  python3 main.py --config=configs/owt_8xh100.py --workdir=/x'
 
 
 @pytest.mark.parametrize('script,args,msg', [

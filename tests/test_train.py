@@ -17,7 +17,7 @@ from kforcing_jax import train as train_lib
 from tests.conftest import synthetic_config
 
 
-def run_steps(cfg, mesh_shape, n_steps):
+def run_steps(cfg, mesh_shape, n_steps, microbatches=1):
   """n train steps on a mesh; returns (losses, params on host)."""
   # Adam with a tiny eps turns a ~1e-9 reduction-order difference in a near-zero gradient
   # into a full-size step; a larger eps keeps the comparison about the sharding itself.
@@ -30,7 +30,8 @@ def run_steps(cfg, mesh_shape, n_steps):
   tx = train_lib.make_optimizer(cfg.train, cfg.train.steps)
   state, _, shardings = train_lib.create_state(
       stages.model_init_fn(model, mcfg, cfg.data.seq_len), tx, mesh, jax.random.key(0), False)
-  step = train_lib.jit_train_step(train_lib.make_train_step(model, tx, 0.0), shardings, mesh)
+  step = train_lib.jit_train_step(train_lib.make_train_step(model, tx, 0.0, microbatches),
+                                  shardings, mesh)
   it = data_lib.BatchIterator(source, 'train', cfg.data.batch_size,
                               sharding_lib.batch_sharding(mesh), 0)
   losses = []
@@ -56,6 +57,19 @@ def test_sharded_train_step_matches_one_device():
   for a, b in zip(jax.tree.leaves(many_params), jax.tree.leaves(one_params)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
   assert one_losses[-1] < one_losses[0]
+
+
+def test_microbatched_step_matches_whole_batch():
+  """4 microbatches of 2 rows (interleaved, on a 2-device mesh) == one batch of 8 rows."""
+  cfg = synthetic_config(steps=2)
+  cfg.data.batch_size = 8
+  whole_losses, whole_params, _ = run_steps(cfg, (1, 1, 1), 2)
+  cfg = synthetic_config(steps=2)
+  cfg.data.batch_size = 8
+  micro_losses, micro_params, _ = run_steps(cfg, (2, 1, 1), 2, microbatches=4)
+  np.testing.assert_allclose(micro_losses, whole_losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(micro_params), jax.tree.leaves(whole_params)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
 
 
 def read_metrics(stage_dir):

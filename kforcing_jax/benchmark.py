@@ -42,21 +42,29 @@ def peak_bandwidth(kind: str) -> float | None:
   return None
 
 
-def time_decode(engine, spec, batch: int, repeats: int, vocab: int) -> tuple[float, int]:
+def time_decode(engines_and_specs, batch: int, repeats: int, vocab: int):
+  """Median seconds and decoding steps of each (engine, spec), compile excluded.
+
+  The engines' timed runs alternate (AR, PFLM, AR, PFLM, ...) so that slow drifts of a
+  shared machine's speed affect both sides of a speedup alike."""
   rng = np.random.default_rng(batch)
-  prompts = jnp.asarray(rng.integers(1, vocab - 1, (batch, max(PROMPT_LEN, spec.K + 1)),
-                                     dtype=np.int32))
+  width = max(max(PROMPT_LEN, spec.K + 1) for _, spec in engines_and_specs)
+  prompts = jnp.asarray(rng.integers(1, vocab - 1, (batch, width), dtype=np.int32))
   pads = jnp.zeros((batch,), jnp.int32)
   seeds = jnp.arange(batch, dtype=jnp.int32)
-  out, steps = engine.generate_arrays(spec, prompts, pads, seeds)  # compile + warm up
-  jax.block_until_ready(out)
-  times = []
-  for r in range(repeats):
-    t0 = time.perf_counter()
-    out, steps = engine.generate_arrays(spec, prompts, pads, seeds, seed=r + 1)
+  steps = []
+  for engine, spec in engines_and_specs:  # compile + warm up
+    out, n = engine.generate_arrays(spec, prompts, pads, seeds)
     jax.block_until_ready(out)
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), int(steps)
+    steps.append(int(n))
+  times = [[] for _ in engines_and_specs]
+  for r in range(repeats):
+    for i, (engine, spec) in enumerate(engines_and_specs):
+      t0 = time.perf_counter()
+      out, _ = engine.generate_arrays(spec, prompts, pads, seeds, seed=r + 1)
+      jax.block_until_ready(out)
+      times[i].append(time.perf_counter() - t0)
+  return [(statistics.median(t), n) for t, n in zip(times, steps)]
 
 
 def bytes_per_step(mcfg, params, batch: int, cache_len: int) -> float:
@@ -117,8 +125,8 @@ def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeat
     ar_engine.check(ar_spec, PROMPT_LEN, b, 1)
     cache_mb = pf_engine.check(pf_spec, PROMPT_LEN, b, k_model) / 2**20
     print(f'batch {b}: KV cache {cache_mb:.1f} MiB per engine', flush=True)
-    ar_s, ar_steps = time_decode(ar_engine, ar_spec, b, repeats, ar_cfg.vocab_size)
-    pf_s, pf_steps = time_decode(pf_engine, pf_spec, b, repeats, pf_cfg.vocab_size)
+    (ar_s, ar_steps), (pf_s, pf_steps) = time_decode(
+        [(ar_engine, ar_spec), (pf_engine, pf_spec)], b, repeats, ar_cfg.vocab_size)
     row = {'batch_size': b, 'K': K, 'new_tokens': new_tokens,
            'ar_seconds': ar_s, 'pf_seconds': pf_s,
            'ar_tokens_per_s': b * new_tokens / ar_s, 'pf_tokens_per_s': b * new_tokens / pf_s,
@@ -224,7 +232,7 @@ if __name__ == '__main__':
   flags.DEFINE_bool('random_init', False, 'random weights; model fields used as given')
   flags.DEFINE_string('batch_sizes', '1,16', 'comma-separated batch sizes')
   flags.DEFINE_integer('K', 4, 'PFLM tokens per step')
-  flags.DEFINE_integer('repeats', 3, 'timed runs per point (median)')
+  flags.DEFINE_integer('repeats', 5, 'timed runs per point (median), AR and PFLM alternating')
   flags.DEFINE_string('out', 'bench_out', 'output directory')
   flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -66,8 +66,8 @@ def get_config():
   s.symbols_per_state = 6  # each state's Zipf emission support.
   s.zipf_exponent = 1.5  # emission weights ~ 1 / rank^exponent.
   s.mean_sentence_len = 24  # expected tokens between EOS ids.
-  # probability mass spread over all symbols in every state, so that any sample has a
-  # finite exact likelihood (generative NLL under the source).
+  # probability mass spread over EOS and all symbols in every state, so that any sample
+  # that starts with EOS has a finite exact likelihood (generative NLL under the source).
   s.emission_floor = 0.001
 
   c.train = t = ml_collections.ConfigDict()

@@ -29,7 +29,7 @@ def get_config():
   c.train.eval_every = 500
   c.train.checkpoint_every = 250
   c.distill.steps = 1000  # the k=1 stage; wider windows start from a distilled student
-  c.distill.stage_steps = 'distill_k2=400,distill_k4=300'
+  c.distill.stage_steps = 'distill_k2=350,distill_k4=450'
   c.distill.batch_size = 16
   c.distill.learning_rate = 3e-3
   c.distill.warmup_steps = 50

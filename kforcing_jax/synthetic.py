@@ -1,7 +1,9 @@
 """The built-in synthetic source: a seeded hidden Markov model with an exact likelihood.
 
 Hidden states 0..S-1 emit symbols (ids 1..n_symbols) from Zipf-like distributions over a
-state-specific support (plus a small floor on every symbol) and move to a few successor states (sparse transitions). State S
+state-specific support (plus a small floor on EOS and every symbol, so that every row that
+starts with EOS has a finite exact likelihood) and move to a few successor states (sparse
+transitions). State S
 is the sentence end: it emits EOS (id 0) and restarts the chain from the initial
 distribution, so sentences are separated by EOS. Every row starts in the end state, i.e.
 with EOS, so the first token carries no information. Id n_symbols + 1 is reserved and
@@ -151,8 +153,9 @@ def make_source(seed: int = 1234, n_states: int = 32, n_symbols: int = 128,
   for s in range(n_states):
     support = 1 + rng.choice(n_symbols, size=symbols_per_state, replace=False)
     emit[s, support] = (1 - emission_floor) * zipf
-    # every symbol stays possible: a model's sample then has a finite exact likelihood
-    emit[s, 1:n_symbols + 1] += emission_floor / n_symbols
+    # every id but the reserved one stays possible (EOS too: without it EOS EOS had
+    # probability 0, and one such token in a model's sample cost ~690 nats of exact NLL)
+    emit[s, :n_symbols + 1] += emission_floor / (n_symbols + 1)
   emit[-1, EOS_ID] = 1.0
   return HMMSource(init_S=init, trans_SxS=trans, emit_SxV=emit)
 

@@ -70,6 +70,20 @@ def test_sampling_is_seeded_and_starts_with_eos():
   assert (a == synthetic.EOS_ID).sum() > 4  # sentences end inside rows
 
 
+def test_every_row_starting_with_eos_has_finite_likelihood():
+  """The emission floor covers EOS and every symbol: any id sequence (reserved id aside)
+  that starts with EOS -- EOS EOS included -- costs at most -log((1 - p_end) floor/(n+1))
+  per token (the next state is a non-end one with probability >= 1 - p_end)."""
+  src = synthetic.make_source()
+  rng = np.random.default_rng(0)
+  rows = rng.integers(0, src.reserved_id, (64, 40))
+  rows[:, 0] = synthetic.EOS_ID
+  rows[:, 5:7] = synthetic.EOS_ID  # EOS EOS
+  lp = src.token_logprobs(rows)
+  assert np.all(np.isfinite(lp))
+  assert lp.min() >= np.log((1 - 1 / 24) * 0.001 / 129) - 1e-9
+
+
 def test_bad_parameters_name_the_field():
   with pytest.raises(ValueError, match='data.synthetic.branching'):
     synthetic.make_source(n_states=2, branching=3)

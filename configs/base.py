@@ -127,6 +127,11 @@ def get_config():
   ev.freq_penalty = 0.5  # the second lambda evaluated for students (0 is always run).
   ev.seed = 2024  # decoding / agreement noise.
   ev.agreement_rows = 32  # held-out rows whose every position is a shared-noise context.
+  # External evaluator LM (optional extra: requirements-external.txt): a Hugging Face name
+  # ('gpt2-large', the field's convention) or a local save_pretrained directory; samples
+  # are decoded to text and re-tokenized for it. '' = none.
+  ev.external_lm = ''
+  ev.external_batch_size = 8  # rows per external LM forward.
 
   # Device mesh: product of the three must equal the device count; one -1 fills.
   c.mesh = ms = ml_collections.ConfigDict()

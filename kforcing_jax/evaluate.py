@@ -50,10 +50,12 @@ def sequence_nll(logits_TxV, tokens_T, start: int) -> float:
 
 
 class Evaluators:
-  """gen-NLL of [prompt | completion] rows: 'exact' (synthetic source) and 'teacher'."""
+  """gen-NLL of [prompt | completion] rows: 'exact' (synthetic source), 'teacher', and an
+  external pretrained LM (kforcing_jax.external_lm) when one is given."""
 
-  def __init__(self, source, teacher_cfg, teacher_params):
+  def __init__(self, source, teacher_cfg, teacher_params, external=None):
     self.source = source
+    self.external = external
     self.model = model_lib.Transformer(teacher_cfg)
     self.params = teacher_params
     self._fwd = jax.jit(lambda p, t: self.model.apply(
@@ -80,7 +82,13 @@ class Evaluators:
         nll['teacher'][i] = -logp[j, t - 1, batch[j, t]].mean()
         if exact:
           nll['exact'][i] = -lp_exact[j, starts[i] - 1:].mean()
-    return {k: float(v.mean()) for k, v in nll.items()}
+    out = {k: float(v.mean()) for k, v in nll.items()}
+    if self.external is not None:
+      tok = self.source.tokenizer
+      ext = self.external.row_nlls([tok.decode(p) for p in prompts],
+                                   [tok.decode(c) for c in completions])
+      out[self.external.name] = float(np.nanmean(ext)) if np.isfinite(ext).any() else None
+    return out
 
 
 def shared_noise_agreement(student_cfg, student_params, teacher_cfg, teacher_params, batch,
@@ -110,7 +118,11 @@ def evaluate(workdir: str, cfg, source, mesh) -> dict:
   e = cfg.evaluate
   tok = source.tokenizer
   t_cfg, t_params, _, _ = stages_lib.load_model_stage(workdir, 'teacher', mesh)
-  evaluators = Evaluators(source, t_cfg, t_params)
+  external = None
+  if e.external_lm:
+    from kforcing_jax import external_lm  # pylint: disable=g-import-not-at-top
+    external = external_lm.ExternalLM(e.external_lm, e.external_batch_size)
+  evaluators = Evaluators(source, t_cfg, t_params, external)
   eval_it = data_lib.BatchIterator(source, 'eval', e.num_prompts, None, cfg.seed, False)
   batch = eval_it.local_batch(0)
   prompts = [list(map(int, r[m][:e.prompt_len])) for r, m in zip(batch['tokens'], batch['mask'])]
@@ -153,7 +165,8 @@ def evaluate(workdir: str, cfg, source, mesh) -> dict:
           'protocol': {'num_prompts': len(prompts), 'prompt_len': e.prompt_len,
                        'num_samples': e.num_samples, 'max_new_tokens': new_tokens,
                        'seed': e.seed, 'agreement_rows': e.agreement_rows,
-                       'eos_id': eos, 'data_seed': cfg.seed}}
+                       'eos_id': eos, 'data_seed': cfg.seed,
+                       'external_lm': e.external_lm or None}}
 
 
 def markdown(report: dict, speed_md: str | None = None) -> str:
@@ -168,8 +181,9 @@ def markdown(report: dict, speed_md: str | None = None) -> str:
     nll = [r['gen_nll'][e] for e in evals]
     agree = '-' if r['agreement_all'] is None else f'{r["agreement_all"]:.4f}'
     lines.append(f'| {r["model"]} | {r["K"]} | {r["freq_penalty"]} | ' +
-                 ' | '.join(f'{v:.4f}' for v in nll) +
-                 f' | {math.exp(nll[0]):.3f} | {r["entropy"]:.4f} | {agree} | '
+                 ' | '.join('-' if v is None else f'{v:.4f}' for v in nll) +
+                 f' | {"-" if nll[0] is None else f"{math.exp(nll[0]):.3f}"} | '
+                 f'{r["entropy"]:.4f} | {agree} | '
                  f'{r["nfe_per_token"]:.3f} |')
   out = '\n'.join(lines) + '\n'
   if speed_md:

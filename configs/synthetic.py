@@ -3,7 +3,7 @@
   python main.py --config=configs/synthetic.py --workdir=/tmp/kf
 
 Trains the AR teacher, then distils it progressively into push-forward students with
-windows k = 1, 2, 4, and evaluates every model (about 12 minutes on 2 CPU cores).
+windows k = 1, 2, 4, and evaluates every model (about 14 minutes on 2 CPU cores).
 """
 from configs import base
 
@@ -21,13 +21,16 @@ def get_config():
   c.data.seq_len = 64  # sentences average 24 tokens; 64 keeps attention cheap on CPU.
   c.data.batch_size = 32
   c.data.eval_batch_size = 64
-  c.train.steps = 500
+  # 500 steps reach val NLL 1.02x the entropy rate but leave the tail too heavy: the
+  # teacher's samples held 21x the source's rate of floor-probability tokens (2.6% vs
+  # 0.12%, +0.29 nats of exact gen-NLL); 800 steps halve that.
+  c.train.steps = 800
   c.train.learning_rate = 3e-3
   c.train.warmup_steps = 50
   c.train.weight_decay = 0.0
   c.train.log_every = 100
-  c.train.eval_every = 500
-  c.train.checkpoint_every = 250
+  c.train.eval_every = 800
+  c.train.checkpoint_every = 400
   c.distill.steps = 1000  # the k=1 stage; wider windows start from a distilled student
   c.distill.stage_steps = 'distill_k2=350,distill_k4=450'
   c.distill.batch_size = 16

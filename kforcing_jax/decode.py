@@ -102,7 +102,6 @@ def first_argmax(logits_BxV):  # [..., V] -> [...] int32
   return jnp.min(jnp.where(logits_BxV == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
 
 
-
 def filter_logits(logits_BxV, top_k: int, top_p: float):
   if top_k > 0:
     kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]

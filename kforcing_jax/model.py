@@ -184,9 +184,9 @@ class Attention(nn.Module):
 
     cache_kv: (k, v): this layer's cache, k [B, H, Dh, S_max] and v [B, H, S_max, Dh] (see
     cached_attention); the new keys/values are written in place at slots
-    cache_slot:cache_slot + T and attention
-    runs over the whole (masked) cache. One array per layer (not one [L, ...] array) lets
-    attention read the cache without a per-step slice copy."""
+    cache_slot:cache_slot + T and attention runs over the whole (masked) cache. One array
+    per layer (not one [L, ...] array) lets attention read the cache without a per-step
+    slice copy."""
     cfg = self.cfg
     dt, pdt = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     w_qkv = self.param('qkv_kernel', _init(nn.initializers.variance_scaling(
@@ -203,22 +203,19 @@ class Attention(nn.Module):
                                         (0, 0, 0, cache_slot))
       cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2).astype(cv.dtype),
                                         (0, 0, cache_slot, 0))
+      new_kv = (ck, cv)
       # query_from > 0 (cache path only): inputs before it only write their keys/values
       out = cached_attention(q[:, query_from:], ck, cv, mask[:, query_from:])
-      w_out = self.param('out_kernel', _init(nn.initializers.variance_scaling(
-          1.0, 'fan_avg', 'uniform', in_axis=(0, 1), out_axis=2),
-          ('heads', 'kv', 'embed')), (cfg.n_heads, cfg.head_dim, cfg.d_model), pdt)
-      return jnp.einsum('bthk,hkd->btd', out, w_out.astype(dt)), (ck, cv)
-    impl = cfg.attention_impl
-    if impl == 'auto':
-      # cuDNN's fused kernel for plain causal attention on GPU; masks go through XLA.
-      impl = 'cudnn' if (causal and mask is None and jax.default_backend() == 'gpu'
-                         and dt == jnp.bfloat16) else 'xla'
-    if window is not None:
+    elif window is not None:
       out = window_attention(q, k, v, window)
     elif mask is None:
+      # cuDNN's fused kernel for plain causal attention on GPU; masks go through XLA.
+      impl = cfg.attention_impl
+      if impl == 'auto':
+        impl = 'cudnn' if jax.default_backend() == 'gpu' and dt == jnp.bfloat16 else 'xla'
       out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
     else:
+      impl = 'xla' if cfg.attention_impl == 'auto' else cfg.attention_impl
       out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=impl)
     w_out = self.param('out_kernel', _init(nn.initializers.variance_scaling(
         1.0, 'fan_avg', 'uniform', in_axis=(0, 1), out_axis=2),

@@ -3,7 +3,7 @@
   python main.py --config=configs/synthetic.py --workdir=/tmp/kf
 
 Trains the AR teacher, then distils it progressively into push-forward students with
-windows k = 1, 2, 4, and evaluates every model (about 14 minutes on 2 CPU cores).
+windows k = 1, 2, 4, and evaluates every model (about 15 minutes on 2 CPU cores).
 """
 from configs import base
 

@@ -67,7 +67,10 @@ def test_report_files_are_complete(trained):
 
 def test_planted_bad_student_is_caught(trained):
   """A student whose noise encoder is re-randomised agrees far less with the teacher on
-  shared noise and writes samples with a worse exact NLL than the trained one."""
+  shared noise, and its samples leave the teacher's (exact NLL, entropy) point: it
+  collapses onto a few tokens. (With a source that gives every sample a finite
+  likelihood, such repetition has a *lower* exact NLL than real samples, so NLL alone
+  cannot flag it -- the report reads NLL next to entropy for this reason.)"""
   d, cfg = trained
   mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
   t_cfg, t_params, _, _ = stages.load_model_stage(str(d), 'teacher', mesh)
@@ -85,11 +88,18 @@ def test_planted_bad_student_is_caught(trained):
   assert good[0] > planted[0] + 0.2
   from kforcing_jax import decode  # pylint: disable=g-import-not-at-top
   prompts = [list(r[:4]) for r in batch['tokens']]
-  spec = decode.DecodeSpec(K=1, pflm=True, max_new_tokens=20)
   ev = evaluate.Evaluators(source, t_cfg, t_params)
-  nll = {}
-  for name, params in (('good', s_params), ('bad', bad)):
-    out, _ = decode.Engine(s_cfg, params).generate(prompts, spec, seed=1, k_model=1)
-    nll[name] = ev(prompts, out.tolist())['exact']
-  print('exact gen NLL', nll)
-  assert nll['bad'] > nll['good'] + 0.1
+  point = {}
+  for name, mcfg, params, pflm in (('teacher', t_cfg, t_params, False),
+                                   ('good', s_cfg, s_params, True),
+                                   ('bad', s_cfg, bad, True)):
+    spec = decode.DecodeSpec(K=1, pflm=pflm, max_new_tokens=20)
+    out, _ = decode.Engine(mcfg, params).generate(prompts, spec, seed=1, k_model=1)
+    point[name] = (ev(prompts, out.tolist())['exact'],
+                   float(np.mean([evaluate.unigram_entropy(r) for r in out.tolist()])))
+  print('(exact gen NLL, entropy)', point)
+  dist = {n: abs(p[0] / point['teacher'][0] - 1) + abs(p[1] / point['teacher'][1] - 1)
+          for n, p in point.items()}
+  assert dist['good'] < 0.3
+  assert dist['bad'] > dist['good'] + 0.5
+  assert point['bad'][1] < 0.5 * point['teacher'][1]  # collapsed onto a few tokens

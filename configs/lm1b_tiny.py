@@ -6,7 +6,7 @@ Reads the 12,216 held-out LM1B sentences in $KFORCING_TESTDATA (default
 ../shared/testdata) through the `text` source with the bert-base-uncased WordPiece
 tokenizer from the same folder; sentences are [CLS] ... [SEP] padded to 64 with a loss
 mask, 2% held out. Reports teacher-evaluated perplexity and entropy for every model.
-The 30,522-way head dominates the cost on a CPU: about 20 minutes on 2 cores
+The 30,522-way head dominates the cost on a CPU: about 25 minutes on 2 cores
 (BENCHMARKS.md has the table).
 """
 import os

@@ -177,9 +177,9 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache_kv=None, cache_slot=None, causal=False,
-               window=None, query_from: int = 0):
-    """mask: [B, T, S] bool (query may attend key) or None with causal=True;
+  def __call__(self, x, positions, mask, cache_kv=None, cache_slot=None, window=None,
+               query_from: int = 0):
+    """mask: [B, T, S] bool (query may attend key) or None for plain causal attention;
     window=(N, A, H): the window layout's structured attention (see window_attention).
 
     cache_kv: (k, v): this layer's cache, k [B, H, Dh, S_max] and v [B, H, S_max, Dh] (see
@@ -228,14 +228,14 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache_kv=None, cache_slot=None, causal=False,
-               train=False, window=None, query_from: int = 0):
+  def __call__(self, x, positions, mask, cache_kv=None, cache_slot=None, train=False,
+               window=None, query_from: int = 0):
     """query_from > 0 (cached decoding): returns only positions query_from: -- the last
     block of a step whose earlier inputs are needed only as keys/values."""
     cfg = self.cfg
     h, new_kv = Attention(cfg, name='attn')(
         LayerNorm(cfg, name='ln1')(x).astype(DTYPES[cfg.dtype]), positions, mask,
-        cache_kv, cache_slot, causal, window, query_from)
+        cache_kv, cache_slot, window, query_from)
     h = nn.Dropout(cfg.dropout)(h, deterministic=not train)
     x = x[:, query_from:] + h.astype(x.dtype)
     h = Mlp(cfg, name='mlp')(LayerNorm(cfg, name='ln2')(x).astype(DTYPES[cfg.dtype]))
@@ -303,7 +303,6 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     if cache is not None and mask_BxQxS is None:
       raise ValueError('decoding with a cache needs an explicit [B, Q, S_max] mask')
-    causal = mask_BxQxS is None and window is None
     new_k, new_v = [], []
     for layer in range(cfg.n_layers):
       kv = None if cache is None else (cache['k'][layer], cache['v'][layer])
@@ -311,7 +310,7 @@ class Transformer(nn.Module):
       # tokens re-fed by a PFLM step, a prefill): their keys/values are all that is needed
       last_from = logits_from if (cache is not None and layer == cfg.n_layers - 1) else 0
       x, kv = Block(cfg, name=f'block_{layer}')(x, positions, mask_BxQxS, kv, cache_slot,
-                                                 causal, train, window, last_from)
+                                                 train, window, last_from)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])

@@ -42,34 +42,34 @@ def run_steps(cfg, mesh_shape, n_steps, microbatches=1):
   return losses, jax.device_get(state.params), state
 
 
+def run_batch8(mesh_shape, n_steps, microbatches=1):
+  cfg = synthetic_config(steps=n_steps)
+  cfg.data.batch_size = 8
+  return run_steps(cfg, mesh_shape, n_steps, microbatches)
+
+
+def assert_same_run(a_losses, a_params, b_losses, b_params):
+  np.testing.assert_allclose(a_losses, b_losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(a_params), jax.tree.leaves(b_params)):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
 def test_sharded_train_step_matches_one_device():
-  cfg = synthetic_config(steps=3)
-  cfg.data.batch_size = 8
-  one_losses, one_params, _ = run_steps(cfg, (1, 1, 1), 3)
-  cfg = synthetic_config(steps=3)
-  cfg.data.batch_size = 8
-  many_losses, many_params, state = run_steps(cfg, (2, 2, 2), 3)
+  one_losses, one_params, _ = run_batch8((1, 1, 1), 3)
+  many_losses, many_params, state = run_batch8((2, 2, 2), 3)
   # parameters really are sharded over fsdp and tensor
   emb = state.params['embed']['embedding']
   assert emb.sharding.spec == jax.sharding.PartitionSpec('tensor', 'fsdp')
   assert len(emb.addressable_shards) == 8
-  np.testing.assert_allclose(many_losses, one_losses, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(many_params), jax.tree.leaves(one_params)):
-    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+  assert_same_run(many_losses, many_params, one_losses, one_params)
   assert one_losses[-1] < one_losses[0]
 
 
 def test_microbatched_step_matches_whole_batch():
   """4 microbatches of 2 rows (interleaved, on a 2-device mesh) == one batch of 8 rows."""
-  cfg = synthetic_config(steps=2)
-  cfg.data.batch_size = 8
-  whole_losses, whole_params, _ = run_steps(cfg, (1, 1, 1), 2)
-  cfg = synthetic_config(steps=2)
-  cfg.data.batch_size = 8
-  micro_losses, micro_params, _ = run_steps(cfg, (2, 1, 1), 2, microbatches=4)
-  np.testing.assert_allclose(micro_losses, whole_losses, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(micro_params), jax.tree.leaves(whole_params)):
-    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+  whole_losses, whole_params, _ = run_batch8((1, 1, 1), 2)
+  micro_losses, micro_params, _ = run_batch8((2, 1, 1), 2, microbatches=4)
+  assert_same_run(micro_losses, micro_params, whole_losses, whole_params)
 
 
 def read_metrics(stage_dir):

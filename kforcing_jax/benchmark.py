@@ -73,7 +73,7 @@ def bytes_per_step(mcfg, params, batch: int, cache_len: int) -> float:
 
 
 def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeats: int,
-        out_dir: str) -> dict:
+        out_dir: str, cache_phases: int = 1) -> dict:
   on_accel = jax.default_backend() != 'cpu'
   if random_init:
     vocab = cfg.model.vocab_size
@@ -115,8 +115,10 @@ def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeat
   new_tokens = cfg.data.seq_len - PROMPT_LEN
   ar_engine = decode.Engine(ar_cfg, ar_params, max_len=cfg.data.seq_len)
   pf_engine = decode.Engine(pf_cfg, pf_params, max_len=cfg.data.seq_len)
-  ar_spec = decode.DecodeSpec(K=1, pflm=False, max_new_tokens=new_tokens, temperature=1.0)
-  pf_spec = decode.DecodeSpec(K=K, pflm=True, max_new_tokens=new_tokens)
+  ar_spec = decode.DecodeSpec(K=1, pflm=False, max_new_tokens=new_tokens, temperature=1.0,
+                              cache_phases=cache_phases)
+  pf_spec = decode.DecodeSpec(K=K, pflm=True, max_new_tokens=new_tokens,
+                              cache_phases=cache_phases)
   device = jax.devices()[0]
   kind = getattr(device, 'device_kind', str(device))
   peak = peak_bandwidth(kind) if on_accel else None
@@ -146,7 +148,8 @@ def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeat
                        'n_heads': ar_cfg.n_heads, 'vocab_size': ar_cfg.vocab_size,
                        'seq_len': cfg.data.seq_len, 'dtype': ar_cfg.dtype,
                        'random_init': random_init, 'workdir': workdir, 'repeats': repeats,
-                       'prompt_len': PROMPT_LEN, 'k_model': k_model},
+                       'prompt_len': PROMPT_LEN, 'k_model': k_model,
+                       'cache_phases': cache_phases},
             'rows': rows}
   write_outputs(result, out_dir)
   return result
@@ -156,6 +159,7 @@ def markdown(result: dict) -> str:
   c = result['config']
   lines = [f'Device: {result["device"]}, {result["date"]}; D={c["d_model"]} L={c["n_layers"]} '
            f'H={c["n_heads"]} V={c["vocab_size"]} seq {c["seq_len"]} {c["dtype"]}'
+           f'{", %d cache phases" % c["cache_phases"] if c.get("cache_phases", 1) > 1 else ""}'
            f'{" (random weights)" if c["random_init"] else ""}', '',
            '| batch | K | new tokens | AR tok/s | PFLM tok/s | speedup |' +
            (' AR HBM frac | PFLM HBM frac |' if 'ar_hbm_fraction' in result['rows'][0] else ''),
@@ -219,7 +223,8 @@ def main(argv):
     raise app.UsageError('--repeats must be >= 3 (the protocol takes a median of >= 3 runs)')
   from kforcing_jax import errors  # pylint: disable=g-import-not-at-top
   try:
-    result = run(_CONFIG.value, f.workdir, f.random_init, sizes, f.K, f.repeats, f.out)
+    result = run(_CONFIG.value, f.workdir, f.random_init, sizes, f.K, f.repeats, f.out,
+                 f.cache_phases)
   except (errors.UserError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
   print(markdown(result))
@@ -234,5 +239,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('K', 4, 'PFLM tokens per step')
   flags.DEFINE_integer('repeats', 5, 'timed runs per point (median), AR and PFLM alternating')
   flags.DEFINE_string('out', 'bench_out', 'output directory')
+  flags.DEFINE_integer('cache_phases', 1, '> 1: decode in phases over a growing cache whose '
+                       'attention reads only the filled prefix (AR and PFLM alike)')
   flags.mark_flags_as_required(['config'])
   app.run(main)

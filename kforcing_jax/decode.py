@@ -8,6 +8,10 @@ PFLM (K tokens per step): each step feeds [K tokens emitted last step | K fresh 
 frequency penalty applied token by token within the block) is token i. Hint K/V land in
 the slots the next step's tokens overwrite.
 
+RoPE angles come from a table made once per generation (see model.Transformer's rope_cs).
+With DecodeSpec.cache_phases > 1 the loop is a chain of loops over a growing cache, each
+reading only its prefix of slots (the attention cost then follows the filled length).
+
 Prompts are left-padded to one length P; row b's RoPE positions are slot - pad_b and its
 padding slots are masked, so a row decodes the same alone or in any batch. Noise for
 token j of the row with seed r is drawn from fold_in(fold_in(seed, r), j): a sample does
@@ -47,6 +51,17 @@ class DecodeSpec:
   eos_id: int = -1  # -1: never stop early
   pad_id: int = 0  # written after EOS
   tau: float = 1.0  # PFLM temperature input of the noise encoder
+  # > 1: the loop runs in this many phases over a cache that grows between them (zero
+  # padded), so attention reads only about the filled part instead of the whole cache.
+  # Same tokens; costs a copy of the cache per phase and up to ~2x its memory at the switch.
+  cache_phases: int = 1
+
+  def phase_lengths(self, cache_len: int, first_end: int) -> list[int]:
+    """Cache length of each phase: cache_phases equal spans of [first_end, cache_len]
+    (first_end: the slots the first step writes up to)."""
+    n = max(1, self.cache_phases)
+    ends = {first_end + -(-(cache_len - first_end) * j // n) for j in range(1, n + 1)}
+    return sorted(e for e in ends if e >= first_end)
 
   @property
   def n_steps(self) -> int:
@@ -61,7 +76,7 @@ class DecodeSpec:
 @flax.struct.dataclass
 class LoopState:
   step: jax.Array  # [] int32: decoding steps done
-  cache: Any  # {'k': L x [B, n_heads, head_dim, S_max], 'v': L x [B, n_heads, S_max, head_dim]}
+  cache: Any  # {'k': L x [B, n_heads, head_dim, S], 'v': L x [B, n_heads, S, head_dim]}, S = this phase's length
   slot: jax.Array  # [] int32: first cache slot the next step writes
   last_BxF: jax.Array  # [B, F] int32: tokens fed next step (F = K for PFLM, 1 for AR)
   out_BxN: jax.Array  # [B, n_steps * K] int32: generated tokens (pad after EOS)
@@ -130,12 +145,14 @@ def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, 
   K = spec.K
   F = K if spec.pflm else 1
   S = spec.cache_len(P)
-  cache = model_lib.init_cache(cfg, B, S)
   prefill = P - F
+  Q = 2 * K if spec.pflm else 1
+  bounds = spec.phase_lengths(S, prefill + Q)
+  cache = model_lib.init_cache(cfg, B, bounds[0])
   if prefill > 0:
     pos = jnp.maximum(jnp.arange(prefill)[None, :] - pads_B[:, None], 0)
     _, cache = model.apply({'params': params}, prompt_BxP[:, :prefill], pos,
-                           _mask(0, prefill, S, pads_B), cache=cache, cache_slot=0,
+                           _mask(0, prefill, bounds[0], pads_B), cache=cache, cache_slot=0,
                            logits_from=prefill)
   V = cfg.vocab_size
   penalize = spec.pflm and spec.freq_penalty != 0.0
@@ -154,16 +171,20 @@ def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, 
   if spec.pflm:
     hints_BxNxD = model_lib.encode_noise(cfg, params, u_BxN, tau_B)
 
+  cos_SxF, sin_SxF = model_lib.rope_cos_sin(jnp.arange(S)[None], cfg.head_dim, cfg.rope_base)
+
   def body(st: LoopState) -> LoopState:
-    Q = 2 * K if spec.pflm else 1
+    s_now = st.cache['v'][0].shape[2]
     q_slots = st.slot + jnp.arange(Q)
     pos_BxQ = jnp.maximum(q_slots[None, :] - pads_B[:, None], 0)
-    mask = _mask(st.slot, Q, S, pads_B)
+    rope_cs = (cos_SxF[0][pos_BxQ], sin_SxF[0][pos_BxQ])
+    mask = _mask(st.slot, Q, s_now, pads_B)
     if spec.pflm:
       hints = jax.lax.dynamic_slice_in_dim(hints_BxNxD, st.step * K, K, axis=1)
       logits, cache = model.apply({'params': params}, st.last_BxF, pos_BxQ[:, :K], mask,
                                   hint_emb_BxHxD=hints, hint_pos_BxH=pos_BxQ[:, K:],
-                                  cache=st.cache, cache_slot=st.slot, logits_from=K)
+                                  cache=st.cache, cache_slot=st.slot, logits_from=K,
+                                  rope_cs=rope_cs)
       counts = st.counts_BxV
       if penalize:
         toks = []
@@ -176,7 +197,7 @@ def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, 
         new_BxK = first_argmax(logits)
     else:
       logits, cache = model.apply({'params': params}, st.last_BxF, pos_BxQ, mask,
-                                  cache=st.cache, cache_slot=st.slot)
+                                  cache=st.cache, cache_slot=st.slot, rope_cs=rope_cs)
       l = logits[:, 0]
       if spec.temperature == 0.0:
         y = first_argmax(l)
@@ -200,10 +221,14 @@ def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, 
                      out_BxN=out, done_B=done, counts_BxV=counts)
 
   def cond(st: LoopState):
-    return (st.step < spec.n_steps) & ~jnp.all(st.done_B)
+    s_now = st.cache['v'][0].shape[2]
+    return (st.step < spec.n_steps) & ~jnp.all(st.done_B) & (st.slot + Q <= s_now)
 
-  final = jax.lax.while_loop(cond, body, state)
-  return final.out_BxN[:, :spec.max_new_tokens], final.step
+  for j, bound in enumerate(bounds):
+    if j:
+      state = state.replace(cache=model_lib.grow_cache(state.cache, bound))
+    state = jax.lax.while_loop(cond, body, state)
+  return state.out_BxN[:, :spec.max_new_tokens], state.step
 
 
 class Engine:
@@ -228,6 +253,9 @@ class Engine:
   def check(self, spec: DecodeSpec, prompt_len: int, batch: int, k_model: int) -> int:
     if spec.K < 1:
       raise DecodeError(f'K={spec.K}: K must be >= 1')
+    if spec.cache_phases < 1:
+      raise DecodeError(f'cache_phases={spec.cache_phases}: must be >= 1 (1 = one cache of '
+                        f'the full length)')
     if spec.pflm and spec.K > k_model:
       raise DecodeError(f'K={spec.K} is larger than the model\'s window k={k_model}; allowed: '
                         f'1..{k_model}')
@@ -243,13 +271,19 @@ class Engine:
     """Cache bytes; raises before compiling when cache + weights cannot fit the device."""
     S = spec.cache_len(prompt_len)
     need = model_lib.cache_bytes(self.cfg, batch, S)
+    lengths = spec.phase_lengths(S, prompt_len + (spec.K if spec.pflm else 0))
+    # growing the cache between phases holds the old and the new one for a moment
+    peak = need + (model_lib.cache_bytes(self.cfg, batch, lengths[-2]) if len(lengths) > 1 else 0)
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
     limit = device_memory_bytes()
-    if limit and need + weights > 0.9 * limit:
+    if limit and peak + weights > 0.9 * limit:
+      grow = (f' (up to {peak / 2**30:.2f} GiB while growing it between {len(lengths)} cache '
+              f'phases)' if peak > need else '')
       raise DecodeError(
           f'batch {batch} needs a {need / 2**30:.2f} GiB KV cache ([{self.cfg.n_layers}, {batch}, '
-          f'{S}, {self.cfg.n_heads}, {self.cfg.head_dim}] x 2) plus {weights / 2**30:.2f} GiB of '
-          f'weights, more than 90% of the device\'s {limit / 2**30:.2f} GiB: lower the batch')
+          f'{S}, {self.cfg.n_heads}, {self.cfg.head_dim}] x 2){grow} plus {weights / 2**30:.2f} GiB '
+          f'of weights, more than 90% of the device\'s {limit / 2**30:.2f} GiB: lower the batch'
+          f'{" or cache_phases" if peak > need else ""}')
     return need
 
   def generate(self, prompts, spec: DecodeSpec, seed: int = 0, row_seeds=None, k_model=None):

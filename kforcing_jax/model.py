@@ -54,13 +54,17 @@ def _init(init_fn, axes):
   return nn.with_logical_partitioning(init_fn, axes)
 
 
-def rope(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, base: float) -> jax.Array:
-  """Rotate-half RoPE over the whole head dim, angles computed in float32."""
-  d = x_BxTxHxD.shape[-1]
-  inv_freq = 1.0 / (base ** (np.arange(0, d, 2, dtype=np.float32) / d))
+def rope_cos_sin(positions_BxT: jax.Array, head_dim: int, base: float):
+  """Rotate-half RoPE's (cos, sin), each [B, T, head_dim / 2] float32, for every layer."""
+  inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
   angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
-  cos = jnp.cos(angles_BxTxF)[:, :, None, :]
-  sin = jnp.sin(angles_BxTxF)[:, :, None, :]
+  return jnp.cos(angles_BxTxF), jnp.sin(angles_BxTxF)
+
+
+def rope(x_BxTxHxD: jax.Array, cos_sin) -> jax.Array:
+  """Rotate-half RoPE over the whole head dim, in float32; cos_sin from rope_cos_sin."""
+  cos, sin = cos_sin[0][:, :, None], cos_sin[1][:, :, None]
+  d = x_BxTxHxD.shape[-1]
   x = x_BxTxHxD.astype(jnp.float32)
   x1, x2 = x[..., :d // 2], x[..., d // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -177,9 +181,9 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache_kv=None, cache_slot=None, window=None,
+  def __call__(self, x, rope_cs, mask, cache_kv=None, cache_slot=None, window=None,
                query_from: int = 0):
-    """mask: [B, T, S] bool (query may attend key) or None for plain causal attention;
+    """rope_cs: the inputs' RoPE (cos, sin) from rope_cos_sin. mask: [B, T, S] bool (query may attend key) or None for plain causal attention;
     window=(N, A, H): the window layout's structured attention (see window_attention).
 
     cache_kv: (k, v): this layer's cache, k [B, H, Dh, S_max] and v [B, H, S_max, Dh] (see
@@ -194,8 +198,8 @@ class Attention(nn.Module):
         ('embed', None, 'heads', 'kv')), (cfg.d_model, 3, cfg.n_heads, cfg.head_dim), pdt)
     qkv = jnp.einsum('btd,dchk->btchk', x.astype(dt), w_qkv.astype(dt))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = rope(q, positions, cfg.rope_base)
-    k = rope(k, positions, cfg.rope_base)
+    q = rope(q, rope_cs)
+    k = rope(k, rope_cs)
     new_kv = None
     if cache_kv is not None:
       ck, cv = cache_kv
@@ -228,13 +232,13 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache_kv=None, cache_slot=None, train=False,
+  def __call__(self, x, rope_cs, mask, cache_kv=None, cache_slot=None, train=False,
                window=None, query_from: int = 0):
     """query_from > 0 (cached decoding): returns only positions query_from: -- the last
     block of a step whose earlier inputs are needed only as keys/values."""
     cfg = self.cfg
     h, new_kv = Attention(cfg, name='attn')(
-        LayerNorm(cfg, name='ln1')(x).astype(DTYPES[cfg.dtype]), positions, mask,
+        LayerNorm(cfg, name='ln1')(x).astype(DTYPES[cfg.dtype]), rope_cs, mask,
         cache_kv, cache_slot, window, query_from)
     h = nn.Dropout(cfg.dropout)(h, deterministic=not train)
     x = x[:, query_from:] + h.astype(x.dtype)
@@ -268,11 +272,16 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, mask_BxQxS=None, *, hint_u_BxH=None,
                hint_pos_BxH=None, tau_B=None, cache=None, cache_slot=None,
-               logits_from: int = 0, train: bool = False, window=None, hint_emb_BxHxD=None):
+               logits_from: int = 0, train: bool = False, window=None, hint_emb_BxHxD=None,
+               rope_cs=None):
     """Returns (logits [B, Q - logits_from, V] float32, new cache or None).
 
     hint_emb_BxHxD: hint embeddings already computed by encode_noise (the decoding loop
     encodes the noise of a whole generation at once); replaces hint_u_BxH and tau_B.
+    rope_cs: the inputs' RoPE (cos, sin) [B, Q, head_dim / 2], gathered by the decoding loop
+    from a table made once per generation (computed here from the positions otherwise: XLA
+    fuses cos/sin into every consumer and re-evaluates them per head, layer and cache write,
+    ~10% of a CPU decoding step).
 
     mask_BxQxS=None means plain causal attention over the Q = T + H inputs, unless
     window=(N, A, H) selects the window layout's structured attention.
@@ -303,13 +312,15 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     if cache is not None and mask_BxQxS is None:
       raise ValueError('decoding with a cache needs an explicit [B, Q, S_max] mask')
+    if rope_cs is None:
+      rope_cs = rope_cos_sin(positions, cfg.head_dim, cfg.rope_base)
     new_k, new_v = [], []
     for layer in range(cfg.n_layers):
       kv = None if cache is None else (cache['k'][layer], cache['v'][layer])
       # with a cache, the last block skips the inputs whose logits are not wanted (the
       # tokens re-fed by a PFLM step, a prefill): their keys/values are all that is needed
       last_from = logits_from if (cache is not None and layer == cfg.n_layers - 1) else 0
-      x, kv = Block(cfg, name=f'block_{layer}')(x, positions, mask_BxQxS, kv, cache_slot,
+      x, kv = Block(cfg, name=f'block_{layer}')(x, rope_cs, mask_BxQxS, kv, cache_slot,
                                                  train, window, last_from)
       if kv is not None:
         new_k.append(kv[0])
@@ -342,6 +353,15 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
   v_shape = (batch, cfg.n_heads, length, cfg.head_dim)
   return {'k': tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers)),
           'v': tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers))}
+
+
+def grow_cache(cache: dict, length: int) -> dict:
+  """The cache with its slot axis zero-padded to `length`."""
+  def pad(x, axis):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths)
+  return {'k': tuple(pad(x, 3) for x in cache['k']), 'v': tuple(pad(x, 2) for x in cache['v'])}
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:

@@ -1,5 +1,7 @@
 """The decoding engine: PFLM == training-layout argmax, AR greedy == full forwards,
 batch invariance, ragged prompts, EOS, no recompilation, bad requests."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +115,30 @@ def test_no_recompilation_for_same_shapes(pflm):
   assert eng.traces == 1
   eng.generate([[6, 7, 8, 9], [9]], spec, seed=1)  # longer prompt: a new shape
   assert eng.traces == 2
+
+
+@pytest.mark.parametrize('pflm_mode', [True, False])
+def test_cache_phases_give_the_same_tokens(pflm, pflm_mode):
+  # a cache grown in phases (attention over the filled prefix) == one full-length cache,
+  # with ragged prompts, EOS stops, AR sampling and the PFLM's frequency penalty
+  cfg, model, params = pflm
+  eng = decode.Engine(cfg, params)
+  prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16]]
+  kw = dict(K=4, pflm=True, freq_penalty=0.5) if pflm_mode else dict(K=1, temperature=1.0)
+  one, steps_one = eng.generate(prompts, decode.DecodeSpec(max_new_tokens=40, **kw), seed=2)
+  eos = int(one[1, 9])
+  for phases in (2, 3, 5):
+    spec = decode.DecodeSpec(max_new_tokens=40, cache_phases=phases, **kw)
+    assert len(spec.phase_lengths(spec.cache_len(7), 7 + 4)) == phases
+    out, steps = eng.generate(prompts, spec, seed=2)
+    np.testing.assert_array_equal(out, one)
+    assert steps == steps_one
+    stop = dict(eos_id=eos, pad_id=0)
+    np.testing.assert_array_equal(
+        eng.generate(prompts, decode.DecodeSpec(max_new_tokens=40, **stop, **kw), seed=2)[0],
+        eng.generate(prompts, dataclasses.replace(spec, **stop), seed=2)[0])
+  with pytest.raises(decode.DecodeError, match='cache_phases=0'):
+    eng.generate(prompts, decode.DecodeSpec(cache_phases=0, **kw), k_model=4)
 
 
 def test_bad_requests(pflm):

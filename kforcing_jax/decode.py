@@ -60,8 +60,7 @@ class DecodeSpec:
     """Cache length of each phase: cache_phases equal spans of [first_end, cache_len]
     (first_end: the slots the first step writes up to)."""
     n = max(1, self.cache_phases)
-    ends = {first_end + -(-(cache_len - first_end) * j // n) for j in range(1, n + 1)}
-    return sorted(e for e in ends if e >= first_end)
+    return sorted({first_end + -(-(cache_len - first_end) * j // n) for j in range(1, n + 1)})
 
   @property
   def n_steps(self) -> int:
@@ -76,7 +75,9 @@ class DecodeSpec:
 @flax.struct.dataclass
 class LoopState:
   step: jax.Array  # [] int32: decoding steps done
-  cache: Any  # {'k': L x [B, n_heads, head_dim, S], 'v': L x [B, n_heads, S, head_dim]}, S = this phase's length
+  # {'k': L x [B, n_heads, head_dim, S], 'v': L x [B, n_heads, S, head_dim]}, S = the
+  # current phase's cache length (the full cache_len with one phase)
+  cache: Any
   slot: jax.Array  # [] int32: first cache slot the next step writes
   last_BxF: jax.Array  # [B, F] int32: tokens fed next step (F = K for PFLM, 1 for AR)
   out_BxN: jax.Array  # [B, n_steps * K] int32: generated tokens (pad after EOS)

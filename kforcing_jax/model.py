@@ -137,8 +137,9 @@ def cached_attention(q_BxTxHxD, kt_BxHxDxS, v_BxHxSxD, mask_BxTxS):
   Both products are batched over (B, heads) and read the cache in its stored layout; the
   [B, heads, T, head_dim] result is transposed afterwards. On CPU (XNNPACK/YNNPACK dots)
   this is 2-3x faster than the seq-major [B, S, heads, head_dim] cache, whose per-step
-  transposed copies dominated the decode step, and keys stored transposed make the
-  multi-query (PFLM, T = 2K) score product ~1.7x faster again."""
+  transposed copies dominated the decode step. Keys are stored transposed because that made
+  the multi-query (PFLM, T = 2K) score product ~1.7x faster; on CPU those few queries now
+  use the multiply-reduce below."""
   d = q_BxTxHxD.shape[-1]
   q = q_BxTxHxD.astype(kt_BxHxDxS.dtype)
   # A few queries per row (a PFLM step's 2K) on CPU: broadcast-multiply-reduce loops read
@@ -197,7 +198,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, rope_cs, mask, cache_kv=None, cache_slot=None, window=None,
                query_from: int = 0):
-    """rope_cs: the inputs' RoPE (cos, sin) from rope_cos_sin. mask: [B, T, S] bool (query may attend key) or None for plain causal attention;
+    """rope_cs: the inputs' RoPE (cos, sin) from rope_cos_sin.
+    mask: [B, T, S] bool (query may attend key) or None for plain causal attention;
     window=(N, A, H): the window layout's structured attention (see window_attention).
 
     cache_kv: (k, v): this layer's cache, k [B, H, Dh, S_max] and v [B, H, S_max, Dh] (see

@@ -56,9 +56,12 @@ class DecodeSpec:
   # Same tokens; costs a copy of the cache per phase and up to ~2x its memory at the switch.
   cache_phases: int = 1
 
-  def phase_lengths(self, cache_len: int, first_end: int) -> list[int]:
-    """Cache length of each phase: cache_phases equal spans of [first_end, cache_len]
-    (first_end: the slots the first step writes up to)."""
+  def phase_lengths(self, prompt_len: int) -> list[int]:
+    """Cache length of each phase: cache_phases equal spans from the slots the first step
+    writes up to, to cache_len(prompt_len)."""
+    feed, queries = (self.K, 2 * self.K) if self.pflm else (1, 1)
+    first_end = max(prompt_len, feed + 1) - feed + queries
+    cache_len = self.cache_len(prompt_len)
     n = max(1, self.cache_phases)
     return sorted({first_end + -(-(cache_len - first_end) * j // n) for j in range(1, n + 1)})
 
@@ -148,7 +151,7 @@ def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, 
   S = spec.cache_len(P)
   prefill = P - F
   Q = 2 * K if spec.pflm else 1
-  bounds = spec.phase_lengths(S, prefill + Q)
+  bounds = spec.phase_lengths(P)
   cache = model_lib.init_cache(cfg, B, bounds[0])
   if prefill > 0:
     pos = jnp.maximum(jnp.arange(prefill)[None, :] - pads_B[:, None], 0)
@@ -272,7 +275,7 @@ class Engine:
     """Cache bytes; raises before compiling when cache + weights cannot fit the device."""
     S = spec.cache_len(prompt_len)
     need = model_lib.cache_bytes(self.cfg, batch, S)
-    lengths = spec.phase_lengths(S, prompt_len + (spec.K if spec.pflm else 0))
+    lengths = spec.phase_lengths(prompt_len)
     # growing the cache between phases holds the old and the new one for a moment
     peak = need + (model_lib.cache_bytes(self.cfg, batch, lengths[-2]) if len(lengths) > 1 else 0)
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))

@@ -19,6 +19,7 @@ import time
 
 from absl import app
 from absl import flags
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,45 +68,51 @@ def time_decode(engines_and_specs, batch: int, repeats: int, vocab: int):
   return [(statistics.median(t), n) for t, n in zip(times, steps)]
 
 
-def bytes_per_step(mcfg, params, batch: int, cache_len: int) -> float:
+def bytes_per_step(mcfg, params, batch: int, cache_slots_read: float) -> float:
+  """Bytes a decoding step must read: every weight once plus the keys/values of the cache
+  slots its attention reads (DecodeSpec.mean_cache_read)."""
   weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-  return weights + model_lib.cache_bytes(mcfg, batch, cache_len)
+  return weights + model_lib.cache_bytes(mcfg, batch, 1) * cache_slots_read
+
+
+def random_model(cfg, on_accel: bool):
+  """(ModelConfig, params) of a PFLM with random weights at the config's model fields
+  (bf16 on accelerators, float32 on CPU); its backbone serves as the AR model too."""
+  vocab = cfg.model.vocab_size
+  if vocab <= 0:
+    from kforcing_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    vocab = data_lib.make_tokenizer(cfg).vocab_size
+  m = cfg.model
+  dtype = 'bfloat16' if on_accel else 'float32'
+  mcfg = model_lib.ModelConfig(
+      vocab_size=vocab, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
+      mlp_ratio=m.mlp_ratio, max_seq_len=cfg.data.seq_len, rope_base=m.rope_base,
+      dtype=dtype, param_dtype=dtype, attention_impl=m.attention_impl, pflm=True)
+  model = model_lib.Transformer(mcfg)
+  params = jax.jit(lambda r: flax.linen.unbox(
+      stages_lib.model_init_fn(model, mcfg, 8)(r)))(jax.random.key(0))
+  # the head is zero-initialised; random values make argmax/sampling realistic
+  head = params['head']['kernel']
+  params['head']['kernel'] = 0.02 * jax.random.normal(jax.random.key(1), head.shape, head.dtype)
+  return mcfg, params
 
 
 def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeats: int,
         out_dir: str, cache_phases: int = 1) -> dict:
   on_accel = jax.default_backend() != 'cpu'
   if random_init:
-    vocab = cfg.model.vocab_size
-    if vocab <= 0:
-      from kforcing_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-      vocab = data_lib.make_tokenizer(cfg).vocab_size
-    m = cfg.model
-    mcfg = model_lib.ModelConfig(
-        vocab_size=vocab, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
-        mlp_ratio=m.mlp_ratio, max_seq_len=cfg.data.seq_len, rope_base=m.rope_base,
-        dtype='bfloat16' if on_accel else 'float32', param_dtype='bfloat16' if on_accel
-        else 'float32', attention_impl=m.attention_impl, pflm=True)
-    model = model_lib.Transformer(mcfg)
-    params = jax.jit(lambda r: __import__('flax').linen.unbox(
-        stages_lib.model_init_fn(model, mcfg, 8)(r)))(jax.random.key(0))
-    # the head is zero-initialised; random values make argmax/sampling realistic
-    params['head']['kernel'] = 0.02 * jax.random.normal(jax.random.key(1),
-                                                        params['head']['kernel'].shape,
-                                                        params['head']['kernel'].dtype)
+    mcfg, params = random_model(cfg, on_accel)
     ar_cfg, ar_params, pf_cfg, pf_params = mcfg, params, mcfg, params
     k_model = K
   else:
     mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
     ar_cfg, ar_params, _, _ = stages_lib.load_model_stage(workdir, 'teacher', mesh)
-    pf_stage = f'distill_k{K}'
     have = stages_lib.finished_model_stages(workdir)
     cands = [s for s in have if s != 'teacher' and int(s[len('distill_k'):]) >= K]
     if not cands:
       raise stages_lib.StageError(f'--K={K}: {workdir} has no finished distill_k<k> stage '
                                   f'with k >= {K} (finished: {", ".join(have)})')
-    pf_stage = cands[0]
-    pf_cfg, pf_params, meta, _ = stages_lib.load_model_stage(workdir, pf_stage, mesh)
+    pf_cfg, pf_params, meta, _ = stages_lib.load_model_stage(workdir, cands[0], mesh)
     k_model = int(meta['k'])
     if on_accel:  # serve in bf16
       cast = lambda t: jax.tree.map(lambda x: x.astype(jnp.bfloat16), t)
@@ -135,8 +142,8 @@ def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeat
            'ar_steps': ar_steps, 'pf_steps': pf_steps}
     row['speedup'] = row['pf_tokens_per_s'] / row['ar_tokens_per_s']
     if peak:
-      s_ar = ar_spec.cache_len(PROMPT_LEN)
-      s_pf = pf_spec.cache_len(PROMPT_LEN)
+      s_ar = ar_spec.mean_cache_read(PROMPT_LEN)
+      s_pf = pf_spec.mean_cache_read(PROMPT_LEN)
       row['ar_hbm_fraction'] = bytes_per_step(ar_cfg, ar_params, b, s_ar) / (ar_s / ar_steps) / peak
       row['pf_hbm_fraction'] = bytes_per_step(pf_cfg, pf_params, b, s_pf) / (pf_s / pf_steps) / peak
     rows.append(row)
@@ -171,6 +178,9 @@ def markdown(result: dict) -> str:
     if 'ar_hbm_fraction' in r:
       line += f' {r["ar_hbm_fraction"]:.1%} | {r["pf_hbm_fraction"]:.1%} |'
     lines.append(line)
+  if 'ar_hbm_fraction' in result['rows'][0]:
+    lines += ['', 'HBM frac: (weight bytes + bytes of the KV slots attention reads) per step / '
+              'step time / peak HBM bandwidth.']
   return '\n'.join(lines) + '\n'
 
 

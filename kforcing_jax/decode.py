@@ -65,6 +65,19 @@ class DecodeSpec:
     n = max(1, self.cache_phases)
     return sorted({first_end + -(-(cache_len - first_end) * j // n) for j in range(1, n + 1)})
 
+  def mean_cache_read(self, prompt_len: int) -> float:
+    """Mean cache slots each decoding step's attention reads (no early EOS): the whole
+    cache with one phase, the current phase's length with several."""
+    feed, queries = (self.K, 2 * self.K) if self.pflm else (1, 1)
+    slot = max(prompt_len, feed + 1) - feed
+    bounds, phase, total = self.phase_lengths(prompt_len), 0, 0
+    for _ in range(self.n_steps):
+      while slot + queries > bounds[phase]:
+        phase += 1
+      total += bounds[phase]
+      slot += self.K
+    return total / self.n_steps
+
   @property
   def n_steps(self) -> int:
     return -(-self.max_new_tokens // self.K)

@@ -130,6 +130,13 @@ def window_attention(q, k, v, window: tuple[int, int, int]):
   return jnp.concatenate(parts, axis=1)
 
 
+def reduce_attention(n_queries: int) -> bool:
+  """Whether cached_attention multiplies-and-reduces (True) or uses dots (False) for a
+  step of n_queries queries per row (a module-level function so that experiments, e.g.
+  launch/decode_profile.py, can swap the rule)."""
+  return jax.default_backend() == 'cpu' and 1 < n_queries <= 16
+
+
 def cached_attention(q_BxTxHxD, kt_BxHxDxS, v_BxHxSxD, mask_BxTxS):
   """Decode-time attention over the cache: keys stored [B, heads, head_dim, S], values
   [B, heads, S, head_dim].
@@ -146,7 +153,7 @@ def cached_attention(q_BxTxHxD, kt_BxHxDxS, v_BxHxSxD, mask_BxTxS):
   # the cache once and beat XLA:CPU's batched [T, head_dim] x [head_dim, S] dots by ~15% of
   # the whole step (measured at D=256, B=16, K=4); one query (AR) or many (a prefill) stay
   # dots, which are far faster there.
-  elementwise = jax.default_backend() == 'cpu' and 1 < q.shape[1] <= 16
+  elementwise = reduce_attention(q.shape[1])
   if elementwise:
     s = jnp.sum(jnp.swapaxes(q, 1, 2)[..., None].astype(jnp.float32) * kt_BxHxDxS[:, :, None],
                 axis=-2) / np.sqrt(d)

@@ -140,6 +140,19 @@ def test_cache_phases_give_the_same_tokens(pflm, pflm_mode):
     eng.generate(prompts, decode.DecodeSpec(cache_phases=0, **kw), k_model=4)
 
 
+def test_mean_cache_read_counts_each_steps_phase():
+  # AR, prompt 3, 4 new tokens, 2 phases: slots 2..5 are written into caches of 5, 5, 5, 7
+  spec = decode.DecodeSpec(K=1, max_new_tokens=4, cache_phases=2)
+  assert spec.phase_lengths(3) == [5, 7]
+  assert spec.mean_cache_read(3) == 5.5
+  # one phase reads the whole cache every step; more phases read less, never below half
+  for pflm, K in ((False, 1), (True, 4)):
+    one = decode.DecodeSpec(K=K, pflm=pflm, max_new_tokens=1018)
+    assert one.mean_cache_read(6) == one.cache_len(6)
+    eight = dataclasses.replace(one, cache_phases=8)
+    assert one.cache_len(6) / 2 < eight.mean_cache_read(6) < 0.6 * one.cache_len(6)
+
+
 def test_bad_requests(pflm):
   cfg, model, params = pflm
   eng = decode.Engine(cfg, params)

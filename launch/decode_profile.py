@@ -1,0 +1,159 @@
+"""Where a decoding step's time goes: AR and PFLM ms/step and, with --trace, the kernels.
+
+  python launch/decode_profile.py --config=configs/owt.py --config.model.vocab_size=50258 \
+      --batch_sizes=1,256 --K=4 --trace --out=DIR [--attention=dot|reduce] [--label=NAME]
+
+Random weights at the config's model fields, the benchmark's protocol (prompt length 6,
+generation to data.seq_len, compile excluded, median of --repeats runs). With --trace, one
+more run of each engine goes under jax.profiler; the events are summed by name per trace
+process (a GPU's kernels are one process), and the top ones are printed per decoding step:
+  ms/step  calls/step  name
+so a step's kernel time can be set against its wall time (the rest is launch gaps and the
+loop's host round trip). --attention swaps model.reduce_attention's rule (dot: batched
+dots for every step; reduce: multiply-reduce for steps of <= 16 queries) to compare the two
+in one process. XLA_FLAGS set outside (e.g. command buffers) apply as usual; --label names
+the variant in the JSON. Writes DIR/decode_profile_<label>.json.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kforcing_jax import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kforcing_jax import decode  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kforcing_jax import model as model_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/owt.py', 'config file',
+                                          lock_config=True)
+flags.DEFINE_string('batch_sizes', '1', 'comma-separated batch sizes')
+flags.DEFINE_integer('K', 4, 'PFLM tokens per step')
+flags.DEFINE_integer('cache_phases', 1, 'DecodeSpec.cache_phases')
+flags.DEFINE_integer('repeats', 3, 'timed runs (median)')
+flags.DEFINE_bool('trace', False, 'profile one more run of each engine')
+flags.DEFINE_integer('top', 25, 'events printed per trace')
+flags.DEFINE_enum('attention', 'auto', ['auto', 'dot', 'reduce'], 'cached attention rule')
+flags.DEFINE_string('label', 'default', 'variant name for the output file')
+flags.DEFINE_string('out', 'bench_out', 'output directory')
+FLAGS = flags.FLAGS
+
+
+def trace_summary(engine, spec, prompts, pads, seeds, steps: int, top: int) -> dict:
+  """Per trace line (process | thread): busy ms/step and the top events by time."""
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  # on an accelerator the kernels come from the device tracer; host ops only on CPU
+  options.host_tracer_level = 2 if jax.default_backend() == 'cpu' else 1
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True, profiler_options=options):
+      out, _ = engine.generate_arrays(spec, prompts, pads, seeds, seed=99)
+      jax.block_until_ready(out)
+    files = glob.glob(os.path.join(d, '**', '*.trace.json.gz'), recursive=True)
+    if not files:
+      return {'error': f'no perfetto trace under {d}: {os.listdir(d)}'}
+    with gzip.open(files[0]) as f:
+      events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  proc = {e['pid']: e['args'].get('name', str(e['pid'])) for e in events
+          if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+  thread = {(e['pid'], e['tid']): e['args'].get('name', str(e['tid'])) for e in events
+            if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
+  total = collections.defaultdict(float)
+  calls = collections.Counter()
+  example_args = {}
+  for e in events:
+    if e.get('ph') != 'X' or 'dur' not in e:
+      continue
+    # a device's trace holds kernels and, on other lines, the XLA ops/modules around them
+    line = f'{proc.get(e["pid"], e["pid"])} | {thread.get((e["pid"], e.get("tid")), e.get("tid"))}'
+    key = (line, e['name'])
+    total[key] += e['dur']
+    calls[key] += 1
+    example_args.setdefault(key, {k: str(v)[:120] for k, v in (e.get('args') or {}).items()})
+  result = {}
+  for pname in sorted({k[0] for k in total}):
+    keys = sorted((k for k in total if k[0] == pname), key=lambda k: -total[k])
+    result[pname] = {
+        'busy_ms_per_step': sum(total[k] for k in keys) / 1e3 / steps,
+        'top': [{'name': k[1][:160], 'ms_per_step': total[k] / 1e3 / steps,
+                 'calls_per_step': calls[k] / steps, 'args': example_args[k]}
+                for k in keys[:top]]}
+  return result
+
+
+def main(argv):
+  del argv
+  f = FLAGS
+  cfg = _CONFIG.value
+  if f.attention != 'auto':
+    model_lib.reduce_attention = ((lambda n: 1 < n <= 16) if f.attention == 'reduce'
+                                  else (lambda n: False))
+  on_accel = jax.default_backend() != 'cpu'
+  mcfg, params = benchmark.random_model(cfg, on_accel)
+  new_tokens = cfg.data.seq_len - benchmark.PROMPT_LEN
+  engine = decode.Engine(mcfg, params, max_len=cfg.data.seq_len)
+  specs = {'ar': decode.DecodeSpec(K=1, pflm=False, max_new_tokens=new_tokens,
+                                   cache_phases=f.cache_phases),
+           'pf': decode.DecodeSpec(K=f.K, pflm=True, max_new_tokens=new_tokens,
+                                   cache_phases=f.cache_phases)}
+  device = jax.devices()[0]
+  result = {'device': getattr(device, 'device_kind', str(device)), 'label': f.label,
+            'xla_flags': os.environ.get('XLA_FLAGS', ''), 'attention': f.attention,
+            'cache_phases': f.cache_phases, 'K': f.K, 'new_tokens': new_tokens,
+            'model': {'d_model': mcfg.d_model, 'n_layers': mcfg.n_layers,
+                      'n_heads': mcfg.n_heads, 'vocab_size': mcfg.vocab_size,
+                      'dtype': mcfg.dtype}, 'rows': []}
+  for b in [int(x) for x in f.batch_sizes.split(',') if x.strip()]:
+    for spec in specs.values():
+      engine.check(spec, benchmark.PROMPT_LEN, b, f.K)
+    timed = benchmark.time_decode([(engine, s) for s in specs.values()], b, f.repeats,
+                                  mcfg.vocab_size)
+    row = {'batch_size': b}
+    for (name, spec), (sec, steps) in zip(specs.items(), timed):
+      row[name] = {'seconds': sec, 'steps': steps, 'ms_per_step': 1e3 * sec / steps,
+                   'tokens_per_s': b * new_tokens / sec}
+    row['speedup'] = row['pf']['tokens_per_s'] / row['ar']['tokens_per_s']
+    print(f'[{f.label}] batch {b}: AR {row["ar"]["ms_per_step"]:.3f} ms/step '
+          f'({row["ar"]["tokens_per_s"]:,.0f} tok/s), PFLM K={f.K} '
+          f'{row["pf"]["ms_per_step"]:.3f} ms/step ({row["pf"]["tokens_per_s"]:,.0f} tok/s), '
+          f'speedup {row["speedup"]:.2f}x', flush=True)
+    if f.trace:
+      width = max(benchmark.PROMPT_LEN, f.K + 1)
+      prompts = jnp.ones((b, width), jnp.int32)
+      pads = jnp.zeros((b,), jnp.int32)
+      seeds = jnp.arange(b, dtype=jnp.int32)
+      for name, spec in specs.items():
+        summary = trace_summary(engine, spec, prompts, pads, seeds, row[name]['steps'], f.top)
+        row[name]['trace'] = summary
+        for pname, s in summary.items():
+          if pname == 'error':
+            print(f'  {name}: {s}')
+            continue
+          if s['busy_ms_per_step'] < 0.02 * row[name]['ms_per_step']:
+            continue
+          print(f'  {name} trace [{pname}] busy {s["busy_ms_per_step"]:.3f} ms/step '
+                f'(wall {row[name]["ms_per_step"]:.3f})')
+          device_line = not pname.startswith('/host')
+          for t in s['top'][:f.top if device_line else 3]:
+            print(f'    {t["ms_per_step"]:8.4f} {t["calls_per_step"]:7.2f}  {t["name"][:110]}')
+    result['rows'].append(row)
+  os.makedirs(f.out, exist_ok=True)
+  path = os.path.join(f.out, f'decode_profile_{f.label}.json')
+  with open(path, 'w', encoding='utf-8') as fh:
+    json.dump(result, fh, indent=1)
+  print(f'wrote {path}')
+
+
+if __name__ == '__main__':
+  app.run(main)

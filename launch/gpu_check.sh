@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Every GPU check of kforcing_jax in one call, for a short lease of one GPU:
+#   OUT=DIR bash launch/gpu_check.sh [SECONDS]          (default 560 s in all)
+#   SMOKE=1 OUT=/tmp/g bash launch/gpu_check.sh      (checks this script on a CPU in ~1 min)
+# Sections, in order of value, each capped by what is left of SECONDS (skipped when < 20 s):
+#   bench1   python -m kforcing_jax.benchmark at the paper's OWT shape, batch 1,16,64,256, K=4
+#   bench8   the same with --cache_phases=8 (attention reads about the filled part)
+#   profile  launch/decode_profile.py --trace at batch 1 and 256 (kernels per decoding step)
+#   cmdbuf   batch 1/16 with XLA command buffers that also capture the while loop
+#   reduce   batch 16/256 with multiply-reduce attention instead of dots
+#   tests    pytest tests/test_decode.py tests/test_model.py on the GPU
+#   train    a short bf16 teacher + k=1 distillation run (synthetic source), then a
+#            D=768/L=12/seq-1024 teacher run for tokens/s
+# Logs and JSON go to DIR (a tarball DIR/gpu_check.tgz is refreshed after every section, so
+# a run cut off by its time limit still returns what finished). Missing pure-Python
+# packages (ml-collections, clu) are installed from ./.whl when that folder exists.
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+BUDGET=${1:-560}
+STAGE=/tmp/gpu_check
+rm -rf "$STAGE"; mkdir -p "$STAGE" "$OUT"
+start=$SECONDS
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+if [[ -d .whl ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+OWT=(--config=configs/owt.py --config.model.vocab_size=50258)
+B_ALL=1,16,64,256 B_PROF=1,256 B_CMD=1,16 B_RED=16,256
+if [[ -n ${SMOKE:-} ]]; then  # a quick CPU run of this script itself (tiny model, no tests)
+  OWT+=(--config.model.d_model=64 --config.model.n_layers=2 --config.model.n_heads=2
+        --config.model.vocab_size=512 --config.data.seq_len=64)
+  B_ALL=1,4 B_PROF=1,4 B_CMD=1 B_RED=4
+fi
+
+section() {  # name max_seconds command...
+  local name=$1 max=$2; shift 2
+  local left=$(( BUDGET - (SECONDS - start) ))
+  if (( left < 20 )); then echo "== $name: skipped ($left s left)"; return; fi
+  (( max > left )) && max=$left
+  echo "== $name (<= ${max} s, at $(( SECONDS - start )) s)"
+  timeout --signal=INT --kill-after=10 "$max" "$@" > "$STAGE/$name.log" 2>&1
+  local rc=$?
+  grep -vE "^(I|W)[0-9]{4} |Warning|warn\(|^ *$" "$STAGE/$name.log" | tail -n 40
+  echo "== $name rc=$rc at $(( SECONDS - start )) s"
+  tar czf "$OUT/gpu_check.tgz" -C /tmp gpu_check
+}
+
+section env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv;
+  python3 -c "import sys, jax, flax, optax, orbax.checkpoint; print(sys.version.split()[0], \"jax\",
+  jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, jax.devices())"'
+section bench1 170 python3 -m kforcing_jax.benchmark "${OWT[@]}" --random_init \
+  --batch_sizes=$B_ALL --K=4 --repeats=3 --out="$STAGE/bench1"
+section bench8 150 python3 -m kforcing_jax.benchmark "${OWT[@]}" --random_init \
+  --batch_sizes=$B_ALL --K=4 --repeats=3 --cache_phases=8 --out="$STAGE/bench8"
+section profile 90 python3 launch/decode_profile.py "${OWT[@]}" --batch_sizes=$B_PROF --trace \
+  --top=20 --label=default --out="$STAGE/profile"
+section cmdbuf 60 env XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL \
+  python3 launch/decode_profile.py "${OWT[@]}" --batch_sizes=$B_CMD --label=cmdbuf_while \
+  --out="$STAGE/profile"
+section reduce 70 python3 launch/decode_profile.py "${OWT[@]}" --batch_sizes=$B_RED \
+  --attention=reduce --label=reduce --out="$STAGE/profile"
+[[ -n ${SMOKE:-} ]] && { echo "== smoke: done at $(( SECONDS - start )) s"; exit 0; }
+section tests 70 python3 -m pytest -q -x tests/test_decode.py tests/test_model.py
+section train 60 python3 main.py --config=configs/synthetic.py --workdir=/tmp/kf_gpu \
+  --config.pipeline=teacher,distill_k1 --config.model.dtype=bfloat16 \
+  --config.train.steps=200 --config.train.eval_every=200 --config.train.log_every=50 \
+  --config.distill.steps=100
+section train_big 75 python3 main.py --config=configs/synthetic.py --workdir=/tmp/kf_gpu_big \
+  --config.pipeline=teacher --config.model.dtype=bfloat16 --config.model.d_model=768 \
+  --config.model.n_layers=12 --config.model.n_heads=12 --config.data.seq_len=1024 \
+  --config.data.batch_size=32 --config.train.steps=60 --config.train.log_every=20 \
+  --config.train.eval_every=1000000 --config.train.checkpoint_every=1000000
+echo "== done at $(( SECONDS - start )) s"

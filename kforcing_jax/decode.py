@@ -38,6 +38,17 @@ class DecodeError(errors.UserError):
   pass
 
 
+# Cache lengths are multiples of this. On GPUs, XLA pads a bf16 dot's dimensions to
+# multiples of 8 for the tensor cores: with the PFLM's natural length (1030 at OWT) every
+# step copied each layer's value cache into a padded buffer, ~a second full read and write
+# of the cache per step (H100, OWT shape, batch 256: PFLM step 7.2 ms, AR 5.7 ms).
+CACHE_ALIGN = 8
+
+
+def _align(n: int) -> int:
+  return -(-n // CACHE_ALIGN) * CACHE_ALIGN
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
   """Static decoding settings (a new value compiles a new loop)."""
@@ -58,12 +69,13 @@ class DecodeSpec:
 
   def phase_lengths(self, prompt_len: int) -> list[int]:
     """Cache length of each phase: cache_phases equal spans from the slots the first step
-    writes up to, to cache_len(prompt_len)."""
+    writes up to, to cache_len(prompt_len), each rounded up to a multiple of CACHE_ALIGN."""
     feed, queries = (self.K, 2 * self.K) if self.pflm else (1, 1)
     first_end = max(prompt_len, feed + 1) - feed + queries
     cache_len = self.cache_len(prompt_len)
     n = max(1, self.cache_phases)
-    return sorted({first_end + -(-(cache_len - first_end) * j // n) for j in range(1, n + 1)})
+    return sorted({min(cache_len, _align(first_end + -(-(cache_len - first_end) * j // n)))
+                   for j in range(1, n + 1)})
 
   def mean_cache_read(self, prompt_len: int) -> float:
     """Mean cache slots each decoding step's attention reads (no early EOS): the whole
@@ -84,8 +96,8 @@ class DecodeSpec:
 
   def cache_len(self, prompt_len: int) -> int:
     feed = self.K if self.pflm else 1
-    # prompt + all emitted blocks + the last step's hints
-    return max(prompt_len, feed + 1) + self.n_steps * self.K + (self.K if self.pflm else 0)
+    # prompt + all emitted blocks + the last step's hints, rounded up (see CACHE_ALIGN)
+    return _align(max(prompt_len, feed + 1) + self.n_steps * self.K + (self.K if self.pflm else 0))
 
 
 @flax.struct.dataclass

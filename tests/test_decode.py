@@ -141,10 +141,14 @@ def test_cache_phases_give_the_same_tokens(pflm, pflm_mode):
 
 
 def test_mean_cache_read_counts_each_steps_phase():
-  # AR, prompt 3, 4 new tokens, 2 phases: slots 2..5 are written into caches of 5, 5, 5, 7
-  spec = decode.DecodeSpec(K=1, max_new_tokens=4, cache_phases=2)
-  assert spec.phase_lengths(3) == [5, 7]
-  assert spec.mean_cache_read(3) == 5.5
+  # AR, prompt 3, 28 new tokens, 2 phases: the cache holds 3 + 28 = 31 slots, rounded up to
+  # 32 (CACHE_ALIGN); the first phase spans slots up to 3 + ceil(29 / 2) = 18, rounded to
+  # 24. Steps write slots 2..29: 22 steps read 24 slots, the last 6 read 32.
+  spec = decode.DecodeSpec(K=1, max_new_tokens=28, cache_phases=2)
+  assert decode.CACHE_ALIGN == 8
+  assert spec.cache_len(3) == 32
+  assert spec.phase_lengths(3) == [24, 32]
+  assert spec.mean_cache_read(3) == (22 * 24 + 6 * 32) / 28
   # one phase reads the whole cache every step; more phases read less, never below half
   for pflm, K in ((False, 1), (True, 4)):
     one = decode.DecodeSpec(K=K, pflm=pflm, max_new_tokens=1018)

@@ -4,16 +4,22 @@
 #   SMOKE=1 OUT=/tmp/g bash launch/gpu_check.sh      (checks this script on a CPU in ~1 min)
 # Sections, in order of value, each capped by what is left of SECONDS (skipped when < 20 s):
 #   bench1   python -m kforcing_jax.benchmark at the paper's OWT shape, batch 1,16,64,256, K=4
-#   bench8   the same with --cache_phases=8 (attention reads about the filled part)
-#   profile  launch/decode_profile.py --trace at batch 1 and 256 (kernels per decoding step)
-#   cmdbuf   batch 1/16 with XLA command buffers that also capture the while loop
-#   reduce   batch 16/256 with multiply-reduce attention instead of dots
+#   profile  launch/decode_profile.py --trace at batch 64 (kernels per decoding step)
+#   bench8   batch 64 and 256 with --cache_phases=8 (attention reads about the filled part)
 #   tests    pytest tests/test_decode.py tests/test_model.py on the GPU
 #   train    a short bf16 teacher + k=1 distillation run (synthetic source), then a
 #            D=768/L=12/seq-1024 teacher run for tokens/s
+# (2026-11-27, H100: one decoding loop at the OWT shape took ~25 s to compile; the first
+# version of this script, compiling them one by one, ran out of time inside bench1.
+# Answered then and dropped from here: multiply-reduce attention is 2.8x slower than dots
+# for the PFLM at batch 16 (decode_profile.py --attention=reduce), and XLA command buffers
+# over the while loop gain ~3% at batch 1 (XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE).)
 # Logs and JSON go to DIR (a tarball DIR/gpu_check.tgz is refreshed after every section, so
 # a run cut off by its time limit still returns what finished). Missing pure-Python
-# packages (ml-collections, clu) are installed from ./.whl when that folder exists.
+# packages (ml-collections, clu) are installed from ./.whl when that folder exists; fetch
+# them once where pip works with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux2014_x86_64 -d .whl ml-collections==1.1.0 clu==0.0.12
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 BUDGET=${1:-560}
@@ -29,11 +35,11 @@ else
   export PYTHONPATH=$PWD
 fi
 OWT=(--config=configs/owt.py --config.model.vocab_size=50258)
-B_ALL=1,16,64,256 B_PROF=1,256 B_CMD=1,16 B_RED=16,256
+B_ALL=1,16,64,256 B_PROF=64 B_BIG=64,256
 if [[ -n ${SMOKE:-} ]]; then  # a quick CPU run of this script itself (tiny model, no tests)
   OWT+=(--config.model.d_model=64 --config.model.n_layers=2 --config.model.n_heads=2
         --config.model.vocab_size=512 --config.data.seq_len=64)
-  B_ALL=1,4 B_PROF=1,4 B_CMD=1 B_RED=4
+  B_ALL=1,4 B_PROF=4 B_BIG=4
 fi
 
 section() {  # name max_seconds command...
@@ -52,17 +58,12 @@ section() {  # name max_seconds command...
 section env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv;
   python3 -c "import sys, jax, flax, optax, orbax.checkpoint; print(sys.version.split()[0], \"jax\",
   jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, jax.devices())"'
-section bench1 170 python3 -m kforcing_jax.benchmark "${OWT[@]}" --random_init \
+section bench1 240 python3 -m kforcing_jax.benchmark "${OWT[@]}" --random_init \
   --batch_sizes=$B_ALL --K=4 --repeats=3 --out="$STAGE/bench1"
-section bench8 150 python3 -m kforcing_jax.benchmark "${OWT[@]}" --random_init \
-  --batch_sizes=$B_ALL --K=4 --repeats=3 --cache_phases=8 --out="$STAGE/bench8"
-section profile 90 python3 launch/decode_profile.py "${OWT[@]}" --batch_sizes=$B_PROF --trace \
+section profile 120 python3 launch/decode_profile.py "${OWT[@]}" --batch_sizes=$B_PROF --trace \
   --top=20 --label=default --out="$STAGE/profile"
-section cmdbuf 60 env XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL \
-  python3 launch/decode_profile.py "${OWT[@]}" --batch_sizes=$B_CMD --label=cmdbuf_while \
-  --out="$STAGE/profile"
-section reduce 70 python3 launch/decode_profile.py "${OWT[@]}" --batch_sizes=$B_RED \
-  --attention=reduce --label=reduce --out="$STAGE/profile"
+section bench8 150 python3 -m kforcing_jax.benchmark "${OWT[@]}" --random_init \
+  --batch_sizes=$B_BIG --K=4 --repeats=3 --cache_phases=8 --out="$STAGE/bench8"
 [[ -n ${SMOKE:-} ]] && { echo "== smoke: done at $(( SECONDS - start )) s"; exit 0; }
 section tests 70 python3 -m pytest -q -x tests/test_decode.py tests/test_model.py
 section train 60 python3 main.py --config=configs/synthetic.py --workdir=/tmp/kf_gpu \

@@ -27,6 +27,11 @@ def get_config():
   m.rope_base = 10000.0  # RoPE base (rotate-half / NeoX style, whole head dim).
   m.dtype = 'bfloat16'  # compute dtype: bfloat16 | float32. LayerNorm/softmax stay f32.
   m.param_dtype = 'float32'  # parameter dtype: float32 | bfloat16.
+  # Operand dtype of the weight products: '' (= dtype) | bfloat16 | float32. 'bfloat16'
+  # with dtype 'float32' multiplies in bf16 with float32 results and keeps everything else
+  # (activations, KV cache, softmax) in float32: the fast mode of CPUs with bf16 dot
+  # instructions (the decode benchmark serves on CPU this way).
+  m.dot_dtype = ''
   m.dropout = 0.0  # dropout after attention and MLP outputs during training.
   # Attention kernel for jax.nn.dot_product_attention: auto (cuDNN on GPU for causal
   # full-sequence attention, XLA otherwise) | xla | cudnn.

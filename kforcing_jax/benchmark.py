@@ -4,9 +4,10 @@
       --batch_sizes=1,16 --K=4 --out=DIR
   python -m kforcing_jax.benchmark --config=CONFIG --workdir=RUN --batch_sizes=... --out=DIR
 
-AR and PFLM run in one process with the same dims and dtype (bf16 on accelerators,
-float32 on CPU), prompt length 6, generation to data.seq_len, compile excluded, median
-of --repeats timed runs. Writes DIR/benchmark.json, DIR/benchmark.md, DIR/benchmark.png.
+AR and PFLM run in one process with the same dims and precision (--dtype: bf16 on
+accelerators; on CPU bf16 weight products with float32 activations and cache), prompt
+length 6, generation to data.seq_len, compile excluded, median of --repeats timed runs.
+Writes DIR/benchmark.json, DIR/benchmark.md, DIR/benchmark.png.
 """
 from __future__ import annotations
 
@@ -93,33 +94,59 @@ def bytes_per_step(mcfg, params, batch: int, cache_slots_read: float) -> float:
   return weights + model_lib.cache_bytes(mcfg, batch, 1) * cache_slots_read
 
 
-def random_model(cfg, on_accel: bool):
-  """(ModelConfig, params) of a PFLM with random weights at the config's model fields
-  (bf16 on accelerators, float32 on CPU); its backbone serves as the AR model too."""
+# Serving precision (--dtype): weights are cast once, before decoding.
+#   bfloat16: weights, activations and KV cache in bf16 (accelerators);
+#   mixed: bf16 weights, bf16 x bf16 -> float32 weight products, float32 activations, KV
+#     cache and softmax (CPUs: their bf16 dot instructions are fast, bf16 elementwise math
+#     and bf16 attention are not; AR and PFLM alike run faster than in float32);
+#   float32: everything in float32.
+SERVE_DTYPES = {'bfloat16': ('bfloat16', ''), 'mixed': ('float32', 'bfloat16'),
+                'float32': ('float32', '')}
+
+
+def serve_dtype(name: str, on_accel: bool) -> str:
+  if name == 'auto':
+    return 'bfloat16' if on_accel else 'mixed'
+  if name not in SERVE_DTYPES:
+    raise decode.DecodeError(f'--dtype={name!r}: allowed: auto, {", ".join(SERVE_DTYPES)}')
+  return name
+
+
+def for_serving(mcfg, params, dtype: str):
+  """(ModelConfig, params) in the serving precision `dtype` (a SERVE_DTYPES key)."""
+  compute, dot = SERVE_DTYPES[dtype]
+  pdt = 'float32' if dtype == 'float32' else 'bfloat16'
+  mcfg = dataclasses.replace(mcfg, dtype=compute, param_dtype=pdt, dot_dtype=dot)
+  return mcfg, jax.tree.map(lambda x: x.astype(model_lib.DTYPES[pdt]), params)
+
+
+def random_model(cfg, dtype: str):
+  """(ModelConfig, params) of a PFLM with random weights at the config's model fields, in
+  serving precision `dtype`; its backbone serves as the AR model too."""
   vocab = cfg.model.vocab_size
   if vocab <= 0:
     from kforcing_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     vocab = data_lib.make_tokenizer(cfg).vocab_size
   m = cfg.model
-  dtype = 'bfloat16' if on_accel else 'float32'
   mcfg = model_lib.ModelConfig(
       vocab_size=vocab, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
       mlp_ratio=m.mlp_ratio, max_seq_len=cfg.data.seq_len, rope_base=m.rope_base,
-      dtype=dtype, param_dtype=dtype, attention_impl=m.attention_impl, pflm=True)
+      dtype='float32', param_dtype='float32', attention_impl=m.attention_impl, pflm=True)
   model = model_lib.Transformer(mcfg)
   params = jax.jit(lambda r: flax.linen.unbox(
       stages_lib.model_init_fn(model, mcfg, 8)(r)))(jax.random.key(0))
   # the head is zero-initialised; random values make argmax/sampling realistic
   head = params['head']['kernel']
   params['head']['kernel'] = 0.02 * jax.random.normal(jax.random.key(1), head.shape, head.dtype)
-  return mcfg, params
+  return for_serving(mcfg, params, dtype)
 
 
 def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeats: int,
-        out_dir: str, cache_phases: int = 1) -> dict:
+        out_dir: str, cache_phases: int = 1, dtype: str = 'auto') -> dict:
   on_accel = jax.default_backend() != 'cpu'
+  dtype = serve_dtype(dtype, on_accel)
   if random_init:
-    mcfg, params = random_model(cfg, on_accel)
+    mcfg, params = random_model(cfg, dtype)
     ar_cfg, ar_params, pf_cfg, pf_params = mcfg, params, mcfg, params
     k_model = K
   else:
@@ -132,11 +159,8 @@ def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeat
                                   f'with k >= {K} (finished: {", ".join(have)})')
     pf_cfg, pf_params, meta, _ = stages_lib.load_model_stage(workdir, cands[0], mesh)
     k_model = int(meta['k'])
-    if on_accel:  # serve in bf16
-      cast = lambda t: jax.tree.map(lambda x: x.astype(jnp.bfloat16), t)
-      ar_cfg = dataclasses.replace(ar_cfg, dtype='bfloat16', param_dtype='bfloat16')
-      pf_cfg = dataclasses.replace(pf_cfg, dtype='bfloat16', param_dtype='bfloat16')
-      ar_params, pf_params = cast(ar_params), cast(pf_params)
+    ar_cfg, ar_params = for_serving(ar_cfg, ar_params, dtype)
+    pf_cfg, pf_params = for_serving(pf_cfg, pf_params, dtype)
   new_tokens = cfg.data.seq_len - PROMPT_LEN
   ar_engine = decode.Engine(ar_cfg, ar_params, max_len=cfg.data.seq_len)
   pf_engine = decode.Engine(pf_cfg, pf_params, max_len=cfg.data.seq_len)
@@ -175,7 +199,7 @@ def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeat
             'date': time.strftime('%Y-%m-%d'),
             'config': {'d_model': ar_cfg.d_model, 'n_layers': ar_cfg.n_layers,
                        'n_heads': ar_cfg.n_heads, 'vocab_size': ar_cfg.vocab_size,
-                       'seq_len': cfg.data.seq_len, 'dtype': ar_cfg.dtype,
+                       'seq_len': cfg.data.seq_len, 'dtype': dtype,
                        'random_init': random_init, 'workdir': workdir, 'repeats': repeats,
                        'prompt_len': PROMPT_LEN, 'k_model': k_model,
                        'cache_phases': cache_phases},
@@ -256,7 +280,7 @@ def main(argv):
   from kforcing_jax import errors  # pylint: disable=g-import-not-at-top
   try:
     result = run(_CONFIG.value, f.workdir, f.random_init, sizes, f.K, f.repeats, f.out,
-                 f.cache_phases)
+                 f.cache_phases, f.dtype)
   except (errors.UserError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
   print(markdown(result))
@@ -273,5 +297,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('out', 'bench_out', 'output directory')
   flags.DEFINE_integer('cache_phases', 1, '> 1: decode in phases over a growing cache whose '
                        'attention reads only the filled prefix (AR and PFLM alike)')
+  flags.DEFINE_string('dtype', 'auto', 'serving precision: auto (bfloat16 on accelerators, '
+                      'mixed on CPU) | bfloat16 | mixed (bf16 weight products, float32 '
+                      'activations and KV cache) | float32')
   flags.mark_flags_as_required(['config'])
   app.run(main)

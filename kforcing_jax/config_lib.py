@@ -22,7 +22,7 @@ FIXED_STAGES = ('teacher', 'sample', 'evaluate')
 def _choice(field: str, value, allowed) -> None:
   if value not in allowed:
     raise ConfigError(f'{field}={value!r} is not allowed; allowed: '
-                      f'{", ".join(str(a) for a in allowed)}')
+                      f'{", ".join(repr(a) if a == "" else str(a) for a in allowed)}')
 
 
 def _positive(field: str, value) -> None:
@@ -63,6 +63,7 @@ def validate(cfg) -> None:
   m, d, t = cfg.model, cfg.data, cfg.train
   _choice('model.dtype', m.dtype, tuple(model_lib.DTYPES))
   _choice('model.param_dtype', m.param_dtype, tuple(model_lib.DTYPES))
+  _choice('model.dot_dtype', m.dot_dtype, ('',) + tuple(model_lib.DTYPES))
   _choice('model.attention_impl', m.attention_impl, ('auto', 'xla', 'cudnn'))
   for f in ('d_model', 'n_layers', 'n_heads', 'mlp_ratio'):
     _positive(f'model.{f}', m[f])

@@ -13,6 +13,7 @@ Parameters carry logical axis names (see kforcing_jax.sharding for the mesh rule
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -38,6 +39,10 @@ class ModelConfig:
   dropout: float = 0.0
   never_emit_ids: tuple[int, ...] = ()
   attention_impl: str = 'auto'
+  # Operand dtype of the weight products ('' = dtype). 'bfloat16' with dtype 'float32':
+  # bf16 operands, float32 results (and float32 everything else) -- the fast mixed mode of
+  # CPUs with bf16 dot instructions, where bf16 results and elementwise math are slow.
+  dot_dtype: str = ''
   pflm: bool = False  # adds the noise encoder (push-forward student)
   noise_freq_scale: float = 1.0  # multiplies the noise sinusoid's frequencies (1 = paper)
 
@@ -48,6 +53,23 @@ class ModelConfig:
   def backbone_shape(self) -> dict:
     return {k: getattr(self, k) for k in ('vocab_size', 'd_model', 'n_layers', 'n_heads',
                                            'mlp_ratio')}
+
+
+def _dot_dtypes(cfg: ModelConfig, dtype=None):
+  """(operand dtype, result dtype) of the weight products; dtype overrides the config's."""
+  result = dtype or DTYPES[cfg.dtype]
+  return (dtype or DTYPES[cfg.dot_dtype or cfg.dtype]), result
+
+
+def _dense(cfg: ModelConfig, features: int, name: str, kernel_axes, bias_axes, dtype=None,
+           kernel_init=None):
+  operand, result = _dot_dtypes(cfg, dtype)
+  extra = {}
+  if operand != result:  # e.g. bf16 operands with float32 results
+    extra['dot_general'] = functools.partial(jax.lax.dot_general, preferred_element_type=result)
+  return nn.Dense(features, dtype=operand, param_dtype=DTYPES[cfg.param_dtype], name=name,
+                  kernel_init=_init(kernel_init or nn.initializers.xavier_uniform(), kernel_axes),
+                  bias_init=_init(nn.initializers.zeros, bias_axes), **extra)
 
 
 def _init(init_fn, axes):
@@ -188,15 +210,10 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    dt = self.dtype or DTYPES[cfg.dtype]
-    pdt = DTYPES[cfg.param_dtype]
-    h = nn.Dense(cfg.mlp_ratio * cfg.d_model, dtype=dt, param_dtype=pdt, name='fc_in',
-                 kernel_init=_init(nn.initializers.xavier_uniform(), ('embed', 'mlp')),
-                 bias_init=_init(nn.initializers.zeros, ('mlp',)))(x)
+    h = _dense(cfg, cfg.mlp_ratio * cfg.d_model, 'fc_in', ('embed', 'mlp'), ('mlp',),
+               self.dtype)(x)
     h = nn.gelu(h, approximate=True)
-    return nn.Dense(cfg.d_model, dtype=dt, param_dtype=pdt, name='fc_out',
-                    kernel_init=_init(nn.initializers.xavier_uniform(), ('mlp', 'embed')),
-                    bias_init=_init(nn.initializers.zeros, ('embed',)))(h)
+    return _dense(cfg, cfg.d_model, 'fc_out', ('mlp', 'embed'), ('embed',), self.dtype)(h)
 
 
 class Attention(nn.Module):
@@ -219,7 +236,9 @@ class Attention(nn.Module):
     w_qkv = self.param('qkv_kernel', _init(nn.initializers.variance_scaling(
         1.0, 'fan_avg', 'uniform', in_axis=0, out_axis=(1, 2, 3)),
         ('embed', None, 'heads', 'kv')), (cfg.d_model, 3, cfg.n_heads, cfg.head_dim), pdt)
-    qkv = jnp.einsum('btd,dchk->btchk', x.astype(dt), w_qkv.astype(dt))
+    dot, _ = _dot_dtypes(cfg)
+    qkv = jnp.einsum('btd,dchk->btchk', x.astype(dot), w_qkv.astype(dot),
+                     preferred_element_type=dt)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = rope(q, rope_cs)
     k = rope(k, rope_cs)
@@ -247,7 +266,8 @@ class Attention(nn.Module):
     w_out = self.param('out_kernel', _init(nn.initializers.variance_scaling(
         1.0, 'fan_avg', 'uniform', in_axis=(0, 1), out_axis=2),
         ('heads', 'kv', 'embed')), (cfg.n_heads, cfg.head_dim, cfg.d_model), pdt)
-    out = jnp.einsum('bthk,hkd->btd', out, w_out.astype(dt))
+    out = jnp.einsum('bthk,hkd->btd', out.astype(dot), w_out.astype(dot),
+                     preferred_element_type=dt)
     return out, new_kv
 
 
@@ -351,9 +371,8 @@ class Transformer(nn.Module):
     if cache is None:
       x = x[:, logits_from:]
     x = LayerNorm(cfg, name='ln_f')(x)
-    logits = nn.Dense(cfg.vocab_size, dtype=dt, param_dtype=pdt, name='head',
-                      kernel_init=_init(nn.initializers.zeros, ('embed', 'vocab')),
-                      bias_init=_init(nn.initializers.zeros, ('vocab',)))(x.astype(dt))
+    logits = _dense(cfg, cfg.vocab_size, 'head', ('embed', 'vocab'), ('vocab',),
+                    kernel_init=nn.initializers.zeros)(x.astype(_dot_dtypes(cfg)[0]))
     logits = logits.astype(jnp.float32)
     if cfg.never_emit_ids:
       blocked = np.zeros((cfg.vocab_size,), bool)
@@ -401,6 +420,7 @@ def model_config(cfg, vocab_size: int, never_emit_ids=(), pflm: bool = False) ->
                      n_heads=m.n_heads, mlp_ratio=m.mlp_ratio,
                      max_seq_len=m.max_seq_len if m.max_seq_len > 0 else cfg.data.seq_len,
                      rope_base=m.rope_base, dtype=m.dtype, param_dtype=m.param_dtype,
+                     dot_dtype=m.dot_dtype,
                      dropout=m.dropout, never_emit_ids=tuple(int(i) for i in never_emit_ids),
                      attention_impl=m.attention_impl, pflm=pflm,
                      noise_freq_scale=m.noise_freq_scale)

@@ -86,6 +86,7 @@ def test_bad_value_is_named_without_a_traceback(tmp_path):
 @pytest.mark.parametrize('field,value,match', [
     ('pipeline', 'teacher,distill_k3', 'distill_k3'),
     ('model.dtype', 'float16', 'model.dtype'),
+    ('model.dot_dtype', 'int8', "model.dot_dtype='int8' is not allowed; allowed: '', bfloat16, float32"),
     ('data.source', 'c4', 'data.source'),
     ('model.n_heads', 3, 'model.n_heads'),
     ('distill.stage_steps', 'k2:3', 'distill.stage_steps'),

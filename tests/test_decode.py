@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kforcing_jax import benchmark
 from kforcing_jax import decode
+from kforcing_jax import model as model_lib
 from tests.helpers import causal_logits, jit_window, tiny_model
 
 
@@ -16,8 +18,17 @@ def pflm():
   return tiny_model(pflm=True, never_emit=(52,), seed=7, noise=0.5)
 
 
-def test_pflm_tokens_equal_training_layout_argmax(pflm):
-  cfg, model, params = pflm
+def serving(cfg, model, params, precision):
+  """The model in a benchmark serving precision ('float32' leaves it as it is)."""
+  if precision == 'float32':
+    return cfg, model_lib.Transformer(cfg), params
+  cfg, params = benchmark.for_serving(cfg, params, precision)
+  return cfg, model_lib.Transformer(cfg), params
+
+
+@pytest.mark.parametrize('precision', ['float32', 'mixed'])
+def test_pflm_tokens_equal_training_layout_argmax(pflm, precision):
+  cfg, model, params = serving(*pflm, precision)
   eng = decode.Engine(cfg, params)
   K = 4
   prompt = [3, 4, 5, 6, 7, 8]
@@ -52,8 +63,9 @@ def test_pflm_smaller_K_and_frequency_penalty(pflm):
   assert 52 not in pen[0]
 
 
-def test_ar_greedy_equals_full_forward_decoding():
-  cfg, model, params = tiny_model(seed=2, noise=0.5)
+@pytest.mark.parametrize('precision', ['float32', 'mixed'])
+def test_ar_greedy_equals_full_forward_decoding(precision):
+  cfg, model, params = serving(*tiny_model(seed=2, noise=0.5), precision)
   eng = decode.Engine(cfg, params)
   out, _ = eng.generate([[1, 2, 3]], decode.DecodeSpec(K=1, pflm=False, max_new_tokens=10,
                                                        temperature=0.0))

@@ -78,3 +78,38 @@ def test_bf16_compute_keeps_float32_params():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   logits = causal_logits(model, params, jnp.ones((1, 4), jnp.int32))
   assert logits.dtype == jnp.float32
+
+
+def _dot_dtypes(jaxpr):
+  """(operand dtypes, result dtype) of every dot_general in a closed jaxpr, nested ones too."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      found.append((tuple(str(v.aval.dtype) for v in eqn.invars), str(eqn.outvars[0].aval.dtype)))
+    for v in eqn.params.values():
+      if hasattr(v, 'jaxpr') and hasattr(v, 'consts'):
+        found += _dot_dtypes(v.jaxpr)
+  return found
+
+
+def test_bf16_dot_operands_with_float32_results():
+  """dot_dtype='bfloat16' with dtype='float32': every weight product takes bf16 operands
+  and returns float32; attention stays float32; the logits stay within bf16 rounding of the
+  float32 model's."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  cfg, model, params = tiny_model(noise=0.5)
+  mixed = dataclasses.replace(cfg, dot_dtype='bfloat16', param_dtype='bfloat16')
+  mixed_model = model_lib.Transformer(mixed)
+  mixed_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (2, 9)))
+  dots = _dot_dtypes(jax.make_jaxpr(
+      lambda p: causal_logits(mixed_model, p, tokens))(mixed_params).jaxpr)
+  # per layer: qkv, output, fc_in, fc_out in bf16 -> f32; plus the head
+  assert dots.count((('bfloat16', 'bfloat16'), 'float32')) == 4 * cfg.n_layers + 1, dots
+  assert all(d == (('float32', 'float32'), 'float32') for d in dots
+             if d != (('bfloat16', 'bfloat16'), 'float32')), dots
+  ref = causal_logits(model, params, tokens)
+  out = causal_logits(mixed_model, mixed_params, tokens)
+  assert out.dtype == jnp.float32
+  err = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
+  assert 1e-4 < err < 5e-2, err  # bf16 rounding, not float32, not garbage

@@ -75,6 +75,9 @@ def test_benchmark_outputs(tmp_path):
     assert row['pf_steps'] == 5 and row['ar_steps'] == 18
   assert (tmp_path / 'benchmark.md').read_text().count('\n| ') == 3
   assert (tmp_path / 'benchmark.png').stat().st_size > 1000
+  assert saved['config']['dtype'] == 'mixed'  # the CPU default: bf16 weight products
+  with pytest.raises(decode.DecodeError, match="--dtype='fp8': allowed: auto, bfloat16"):
+    benchmark.run(cfg, None, True, [1], 4, 3, str(tmp_path), dtype='fp8')
 
 
 def test_benchmark_on_trained_stages(run_dir, tmp_path):

@@ -6,7 +6,8 @@
 Random weights at the config's model fields, the benchmark's protocol (prompt length 6,
 generation to data.seq_len, compile excluded, median of --repeats runs). With --trace, one
 more run of each engine goes under jax.profiler; the events are summed by name per trace
-process (a GPU's kernels are one process), and the top ones are printed per decoding step:
+line (process | thread: a GPU's kernels are on its stream's line), and the top ones are
+printed per decoding step:
   ms/step  calls/step  name
 so a step's kernel time can be set against its wall time (the rest is launch gaps and the
 loop's host round trip). --attention swaps model.reduce_attention's rule (dot: batched

@@ -23,6 +23,7 @@ from kforcing_jax import errors
 
 import dataclasses
 import functools
+import threading
 from typing import Any
 
 import flax.struct
@@ -269,15 +270,17 @@ class Engine:
     self.params = params
     self.max_len = max_len or model_cfg.max_seq_len
     self._fns = {}
+    self._lock = threading.Lock()
     self.traces = 0  # how many times a loop was traced (tests: no recompilation)
 
   def _fn(self, spec: DecodeSpec):
-    if spec not in self._fns:
-      def run(params, prompt, pads, row_seeds, seed_key):
-        self.traces += 1
-        return _generate(self.model, spec, params, prompt, pads, row_seeds, seed_key)
-      self._fns[spec] = jax.jit(run)
-    return self._fns[spec]
+    with self._lock:  # one jitted loop per spec, also when threads compile (compile())
+      if spec not in self._fns:
+        def run(params, prompt, pads, row_seeds, seed_key):
+          self.traces += 1
+          return _generate(self.model, spec, params, prompt, pads, row_seeds, seed_key)
+        self._fns[spec] = jax.jit(run)
+      return self._fns[spec]
 
   def check(self, spec: DecodeSpec, prompt_len: int, batch: int, k_model: int) -> int:
     if spec.K < 1:

@@ -1,5 +1,6 @@
 """The decoding engine: PFLM == training-layout argmax, AR greedy == full forwards,
 batch invariance, ragged prompts, EOS, no recompilation, bad requests."""
+import concurrent.futures
 import dataclasses
 
 import jax
@@ -127,6 +128,15 @@ def test_no_recompilation_for_same_shapes(pflm):
   assert eng.traces == 1
   eng.generate([[6, 7, 8, 9], [9]], spec, seed=1)  # longer prompt: a new shape
   assert eng.traces == 2
+  # loops compiled ahead, from threads at once (the benchmark's precompile), are the ones
+  # the calls then run: one trace per shape, none at the calls
+  fresh = decode.Engine(cfg, params)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    list(pool.map(lambda b: fresh.compile(spec, 2 * b, 3), (1, 2)))
+  assert fresh.traces == 2 and len(fresh._fns) == 1  # pylint: disable=protected-access
+  outs = {b: fresh.generate([[6, 7, 8], [9]] * b, spec, seed=1)[0] for b in (1, 2)}
+  assert fresh.traces == 2
+  np.testing.assert_array_equal(outs[1], eng.generate([[6, 7, 8], [9]], spec, seed=1)[0])
 
 
 @pytest.mark.parametrize('pflm_mode', [True, False])

@@ -71,8 +71,9 @@ def test_ar_greedy_equals_full_forward_decoding(precision):
   out, _ = eng.generate([[1, 2, 3]], decode.DecodeSpec(K=1, pflm=False, max_new_tokens=10,
                                                        temperature=0.0))
   seq = [1, 2, 3]
-  for _ in range(10):
-    seq.append(int(jnp.argmax(causal_logits(model, params, jnp.asarray([seq]))[0, -1])))
+  for _ in range(10):  # full causal forwards over one padded length (one compile)
+    logits = causal_logits(model, params, jnp.asarray([seq + [0] * (13 - len(seq))]))
+    seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
   assert out[0].tolist() == seq[3:]
 
 

@@ -113,11 +113,16 @@ def serve_dtype(name: str, on_accel: bool) -> str:
 
 
 def for_serving(mcfg, params, dtype: str):
-  """(ModelConfig, params) in the serving precision `dtype` (a SERVE_DTYPES key)."""
+  """(ModelConfig, params) in the serving precision `dtype` (a SERVE_DTYPES key). The
+  noise encoder keeps float32 weights: it computes in float32 (design 2.2) to resolve
+  neighbouring CDF intervals, and runs once per generation, off the decoding loop."""
   compute, dot = SERVE_DTYPES[dtype]
   pdt = 'float32' if dtype == 'float32' else 'bfloat16'
   mcfg = dataclasses.replace(mcfg, dtype=compute, param_dtype=pdt, dot_dtype=dot)
-  return mcfg, jax.tree.map(lambda x: x.astype(model_lib.DTYPES[pdt]), params)
+  cast = {k: (v if k == 'noise_encoder' else
+              jax.tree.map(lambda x: x.astype(model_lib.DTYPES[pdt]), v))
+          for k, v in params.items()}
+  return mcfg, cast
 
 
 def random_model(cfg, dtype: str):

@@ -68,11 +68,34 @@ class DecodeSpec:
   # Same tokens; costs a copy of the cache per phase and up to ~2x its memory at the switch.
   cache_phases: int = 1
 
+  @property
+  def feed(self) -> int:
+    """Tokens fed per step: the K emitted last step (PFLM) or the last one (AR)."""
+    return self.K if self.pflm else 1
+
+  @property
+  def queries(self) -> int:
+    """Inputs per step: the fed tokens plus, for a PFLM, K hints."""
+    return 2 * self.K if self.pflm else 1
+
+  @property
+  def n_steps(self) -> int:
+    return -(-self.max_new_tokens // self.K)
+
+  def first_slot(self, prompt_len: int) -> int:
+    """Cache slot of the first step's first input (prompts are left-padded to at least
+    feed + 1 tokens; all but the last `feed` are prefilled)."""
+    return max(prompt_len, self.feed + 1) - self.feed
+
+  def cache_len(self, prompt_len: int) -> int:
+    # prompt + all emitted blocks + the last step's hints, rounded up (see CACHE_ALIGN)
+    return _align(max(prompt_len, self.feed + 1) + self.n_steps * self.K +
+                  (self.K if self.pflm else 0))
+
   def phase_lengths(self, prompt_len: int) -> list[int]:
     """Cache length of each phase: cache_phases equal spans from the slots the first step
     writes up to, to cache_len(prompt_len), each rounded up to a multiple of CACHE_ALIGN."""
-    feed, queries = (self.K, 2 * self.K) if self.pflm else (1, 1)
-    first_end = max(prompt_len, feed + 1) - feed + queries
+    first_end = self.first_slot(prompt_len) + self.queries
     cache_len = self.cache_len(prompt_len)
     n = max(1, self.cache_phases)
     return sorted({min(cache_len, _align(first_end + -(-(cache_len - first_end) * j // n)))
@@ -81,24 +104,14 @@ class DecodeSpec:
   def mean_cache_read(self, prompt_len: int) -> float:
     """Mean cache slots each decoding step's attention reads (no early EOS): the whole
     cache with one phase, the current phase's length with several."""
-    feed, queries = (self.K, 2 * self.K) if self.pflm else (1, 1)
-    slot = max(prompt_len, feed + 1) - feed
+    slot = self.first_slot(prompt_len)
     bounds, phase, total = self.phase_lengths(prompt_len), 0, 0
     for _ in range(self.n_steps):
-      while slot + queries > bounds[phase]:
+      while slot + self.queries > bounds[phase]:
         phase += 1
       total += bounds[phase]
       slot += self.K
     return total / self.n_steps
-
-  @property
-  def n_steps(self) -> int:
-    return -(-self.max_new_tokens // self.K)
-
-  def cache_len(self, prompt_len: int) -> int:
-    feed = self.K if self.pflm else 1
-    # prompt + all emitted blocks + the last step's hints, rounded up (see CACHE_ALIGN)
-    return _align(max(prompt_len, feed + 1) + self.n_steps * self.K + (self.K if self.pflm else 0))
 
 
 @flax.struct.dataclass
@@ -173,10 +186,10 @@ def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, 
   cfg = model.cfg
   B, P = prompt_BxP.shape
   K = spec.K
-  F = K if spec.pflm else 1
+  F = spec.feed
   S = spec.cache_len(P)
-  prefill = P - F
-  Q = 2 * K if spec.pflm else 1
+  prefill = spec.first_slot(P)  # = P - F: P >= F + 1 (left_pad's min_len)
+  Q = spec.queries
   bounds = spec.phase_lengths(P)
   cache = model_lib.init_cache(cfg, B, bounds[0])
   if prefill > 0:
@@ -320,8 +333,7 @@ class Engine:
 
   def generate(self, prompts, spec: DecodeSpec, seed: int = 0, row_seeds=None, k_model=None):
     """prompts: list of token-id lists (ragged). Returns ([B, max_new] int32 numpy, steps)."""
-    feed = spec.K if spec.pflm else 1
-    arr, pads = left_pad(prompts, spec.pad_id, min_len=feed + 1)
+    arr, pads = left_pad(prompts, spec.pad_id, min_len=spec.feed + 1)
     self.check(spec, max(len(p) for p in prompts), len(prompts),
                k_model if k_model is not None else spec.K)
     row_seeds = np.arange(len(prompts)) if row_seeds is None else np.asarray(row_seeds)

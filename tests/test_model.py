@@ -80,7 +80,7 @@ def test_bf16_compute_keeps_float32_params():
   assert logits.dtype == jnp.float32
 
 
-def _dot_dtypes(jaxpr):
+def _dots_in(jaxpr):
   """(operand dtypes, result dtype) of every dot_general in a closed jaxpr, nested ones too."""
   found = []
   for eqn in jaxpr.eqns:
@@ -88,7 +88,7 @@ def _dot_dtypes(jaxpr):
       found.append((tuple(str(v.aval.dtype) for v in eqn.invars), str(eqn.outvars[0].aval.dtype)))
     for v in eqn.params.values():
       if hasattr(v, 'jaxpr') and hasattr(v, 'consts'):
-        found += _dot_dtypes(v.jaxpr)
+        found += _dots_in(v.jaxpr)
   return found
 
 
@@ -102,7 +102,7 @@ def test_bf16_dot_operands_with_float32_results():
   mixed_model = model_lib.Transformer(mixed)
   mixed_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (2, 9)))
-  dots = _dot_dtypes(jax.make_jaxpr(
+  dots = _dots_in(jax.make_jaxpr(
       lambda p: causal_logits(mixed_model, p, tokens))(mixed_params).jaxpr)
   # per layer: qkv, output, fc_in, fc_out in bf16 -> f32; plus the head
   assert dots.count((('bfloat16', 'bfloat16'), 'float32')) == 4 * cfg.n_layers + 1, dots

@@ -10,7 +10,9 @@ line (process | thread: a GPU's kernels are on its stream's line), and the top o
 printed per decoding step:
   ms/step  calls/step  name
 so a step's kernel time can be set against its wall time (the rest is launch gaps and the
-loop's host round trip). --attention swaps model.reduce_attention's rule (dot: batched
+loop's host round trip), and then the same time per source op -- events mapped through the
+compiled HLO's op_name metadata, all layers together (e.g. `Transformer/block/attn/
+reduce_sum`, `Transformer/head/dot_general`) -- which says what a fusion or kernel is. --attention swaps model.reduce_attention's rule (dot: batched
 dots for every step; reduce: multiply-reduce for steps of <= 16 queries) to compare the two
 in one process. XLA_FLAGS set outside (e.g. command buffers) apply as usual; --label names
 the variant in the JSON. Writes DIR/decode_profile_<label>.json.
@@ -22,6 +24,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -51,8 +54,33 @@ flags.DEFINE_string('out', 'bench_out', 'output directory')
 FLAGS = flags.FLAGS
 
 
-def trace_summary(engine, spec, prompts, pads, seeds, steps: int, top: int) -> dict:
-  """Per trace line (process | thread): busy ms/step and the top events by time."""
+# Events that wrap or mark others (XLA:CPU's executor, thread-pool bookkeeping): not ops.
+_WRAPPERS = ('ThunkExecutor', 'end: ', 'ThreadpoolListener', 'SlinkyThreadPool')
+
+
+def op_categories(hlo_text: str) -> dict[str, str]:
+  """Instruction name -> its source op (the op_name metadata, with the loop's prefix and
+  the layer index dropped), so a step's time adds up per model op (every layer's
+  'block/attn/reduce_sum' together) instead of per fusion name."""
+  cats = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r'\s*(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\(', line)
+    if not m:
+      continue
+    op = re.search(r'op_name="([^"]+)"', line)
+    if op:
+      op = re.sub(r'^jit\([^)]*\)/', '', op.group(1)).replace('while/body/', '')
+      cats[m.group(1)] = re.sub(r'block_\d+', 'block', op)
+    else:  # made by a compiler pass, no source op: opcode and shape say what it is
+      cats[m.group(1)] = f'({m.group(3)} {m.group(2).split("{")[0]})'
+  return cats
+
+
+def trace_summary(engine, spec, prompts, pads, seeds, steps: int, top: int,
+                  categories: dict[str, str] | None = None) -> dict:
+  """Per trace line (process | thread): busy ms/step, the top events by time and, where
+  events name their HLO instruction (XLA:CPU ops, GPU kernels), ms/step per source op
+  ('by_op', via op_categories)."""
   options = jax.profiler.ProfileOptions()
   options.python_tracer_level = 0
   # on an accelerator the kernels come from the device tracer; host ops only on CPU
@@ -73,7 +101,9 @@ def trace_summary(engine, spec, prompts, pads, seeds, steps: int, top: int) -> d
             if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
   total = collections.defaultdict(float)
   calls = collections.Counter()
+  by_op = collections.defaultdict(float)
   example_args = {}
+  categories = categories or {}
   for e in events:
     if e.get('ph') != 'X' or 'dur' not in e:
       continue
@@ -83,6 +113,9 @@ def trace_summary(engine, spec, prompts, pads, seeds, steps: int, top: int) -> d
     total[key] += e['dur']
     calls[key] += 1
     example_args.setdefault(key, {k: str(v)[:120] for k, v in (e.get('args') or {}).items()})
+    hlo_op = (e.get('args') or {}).get('hlo_op')
+    if hlo_op in categories and not e['name'].startswith(_WRAPPERS):
+      by_op[(line, categories[hlo_op])] += e['dur']
   result = {}
   for pname in sorted({k[0] for k in total}):
     keys = sorted((k for k in total if k[0] == pname), key=lambda k: -total[k])
@@ -91,6 +124,11 @@ def trace_summary(engine, spec, prompts, pads, seeds, steps: int, top: int) -> d
         'top': [{'name': k[1][:160], 'ms_per_step': total[k] / 1e3 / steps,
                  'calls_per_step': calls[k] / steps, 'args': example_args[k]}
                 for k in keys[:top]]}
+    ops = sorted((k for k in by_op if k[0] == pname), key=lambda k: -by_op[k])
+    if ops:
+      result[pname]['ops_ms_per_step'] = sum(by_op[k] for k in ops) / 1e3 / steps
+      result[pname]['by_op'] = [{'op': k[1][:120], 'ms_per_step': by_op[k] / 1e3 / steps}
+                                for k in ops[:top]]
   return result
 
 
@@ -140,7 +178,9 @@ def main(argv):
       pads = jnp.zeros((b,), jnp.int32)
       seeds = jnp.arange(b, dtype=jnp.int32)
       for name, spec in specs.items():
-        summary = trace_summary(engine, spec, prompts, pads, seeds, row[name]['steps'], f.top)
+        categories = op_categories(engine.compile(spec, b, width).as_text())
+        summary = trace_summary(engine, spec, prompts, pads, seeds, row[name]['steps'], f.top,
+                                categories)
         row[name]['trace'] = summary
         for pname, s in summary.items():
           if pname == 'error':
@@ -153,6 +193,10 @@ def main(argv):
           device_line = not pname.startswith('/host')
           for t in s['top'][:f.top if device_line else 3]:
             print(f'    {t["ms_per_step"]:8.4f} {t["calls_per_step"]:7.2f}  {t["name"][:110]}')
+          if s.get('by_op'):
+            print(f'    per source op ({s["ops_ms_per_step"]:.3f} ms/step of ops on this line):')
+            for t in s['by_op'][:f.top]:
+              print(f'    {t["ms_per_step"]:8.4f}  {t["op"]}')
     result['rows'].append(row)
   os.makedirs(f.out, exist_ok=True)
   path = os.path.join(f.out, f'decode_profile_{f.label}.json')

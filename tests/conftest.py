@@ -22,6 +22,17 @@ def testdata():
   return testdata_dir()
 
 
+@pytest.fixture(scope='session')
+def distilled_run(tmp_path_factory):
+  """(workdir, config) of teacher -> distill_k1 -> distill_k2 (3 steps each) and the sample
+  stage: one pipeline run shared by the distillation, sampling, benchmark and export tests."""
+  from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top
+  d = tmp_path_factory.mktemp('distilled')
+  cfg = synthetic_config(steps=3, pipeline='teacher,distill_k1,distill_k2,sample')
+  pipeline.run(cfg, str(d))
+  return d, cfg
+
+
 def shrink(cfg, steps: int = 2):
   """Makes any config tiny: 1 device, a 2-layer 32-wide float32 model, 2 steps."""
   cfg.model.d_model = 32

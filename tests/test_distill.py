@@ -13,13 +13,10 @@ from kforcing_jax import stages
 from tests.conftest import synthetic_config
 
 
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  """teacher -> k1 -> k2 with a few steps each (shared by the tests below)."""
-  d = tmp_path_factory.mktemp('distill')
-  cfg = synthetic_config(steps=3, pipeline='teacher,distill_k1,distill_k2')
-  pipeline.run(cfg, str(d))
-  return d, cfg
+@pytest.fixture
+def run_dir(distilled_run):
+  """teacher -> k1 -> k2 with 3 steps each (conftest's run, shared across test files)."""
+  return distilled_run
 
 
 def test_stage_outputs_and_frozen_teacher(run_dir):

@@ -8,7 +8,6 @@ import pytest
 
 from kforcing_jax import benchmark
 from kforcing_jax import decode
-from kforcing_jax import pipeline
 from kforcing_jax import sample
 from kforcing_jax import stages
 from tests.conftest import synthetic_config
@@ -16,12 +15,10 @@ from tests.conftest import synthetic_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp('sample')
-  cfg = synthetic_config(steps=2, pipeline='teacher,distill_k1,distill_k2,sample')
-  pipeline.run(cfg, str(d))
-  return d
+@pytest.fixture
+def run_dir(distilled_run):
+  """teacher -> k1 -> k2 -> sample (conftest's run, shared across test files)."""
+  return distilled_run[0]
 
 
 def test_sample_stage_writes_every_model(run_dir):

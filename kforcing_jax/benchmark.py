@@ -112,20 +112,35 @@ def serve_dtype(name: str, on_accel: bool) -> str:
   return name
 
 
-def for_serving(mcfg, params, dtype: str):
-  """(ModelConfig, params) in the serving precision `dtype` (a SERVE_DTYPES key). The
-  noise encoder keeps float32 weights: it computes in float32 (design 2.2) to resolve
-  neighbouring CDF intervals, and runs once per generation, off the decoding loop."""
+DECODE_ATTENTION = ('xla', 'pallas')
+
+
+def check_decode_attention(name: str, on_accel: bool) -> None:
+  if name not in DECODE_ATTENTION:
+    raise decode.DecodeError(f'--decode_attention={name!r}: allowed: '
+                             f'{", ".join(DECODE_ATTENTION)}')
+  if name == 'pallas' and not on_accel:
+    raise decode.DecodeError("--decode_attention=pallas needs a GPU: on a CPU its kernel runs "
+                             "in Pallas' interpret mode (correct, for tests; far too slow to "
+                             "time); use xla")
+
+
+def for_serving(mcfg, params, dtype: str, decode_attention: str = 'xla'):
+  """(ModelConfig, params) in the serving precision `dtype` (a SERVE_DTYPES key), with the
+  cached-attention kernel `decode_attention`. The noise encoder keeps float32 weights: it
+  computes in float32 (design 2.2) to resolve neighbouring CDF intervals, and runs once
+  per generation, off the decoding loop."""
   compute, dot = SERVE_DTYPES[dtype]
   pdt = 'float32' if dtype == 'float32' else 'bfloat16'
-  mcfg = dataclasses.replace(mcfg, dtype=compute, param_dtype=pdt, dot_dtype=dot)
+  mcfg = dataclasses.replace(mcfg, dtype=compute, param_dtype=pdt, dot_dtype=dot,
+                             decode_attention=decode_attention)
   cast = {k: (v if k == 'noise_encoder' else
               jax.tree.map(lambda x: x.astype(model_lib.DTYPES[pdt]), v))
           for k, v in params.items()}
   return mcfg, cast
 
 
-def random_model(cfg, dtype: str):
+def random_model(cfg, dtype: str, decode_attention: str = 'xla'):
   """(ModelConfig, params) of a PFLM with random weights at the config's model fields, in
   serving precision `dtype`; its backbone serves as the AR model too."""
   vocab = cfg.model.vocab_size
@@ -143,15 +158,17 @@ def random_model(cfg, dtype: str):
   # the head is zero-initialised; random values make argmax/sampling realistic
   head = params['head']['kernel']
   params['head']['kernel'] = 0.02 * jax.random.normal(jax.random.key(1), head.shape, head.dtype)
-  return for_serving(mcfg, params, dtype)
+  return for_serving(mcfg, params, dtype, decode_attention)
 
 
 def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeats: int,
-        out_dir: str, cache_phases: int = 1, dtype: str = 'auto') -> dict:
+        out_dir: str, cache_phases: int = 1, dtype: str = 'auto',
+        decode_attention: str = 'xla') -> dict:
   on_accel = jax.default_backend() != 'cpu'
   dtype = serve_dtype(dtype, on_accel)
+  check_decode_attention(decode_attention, on_accel)
   if random_init:
-    mcfg, params = random_model(cfg, dtype)
+    mcfg, params = random_model(cfg, dtype, decode_attention)
     ar_cfg, ar_params, pf_cfg, pf_params = mcfg, params, mcfg, params
     k_model = K
   else:
@@ -164,8 +181,8 @@ def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeat
                                   f'with k >= {K} (finished: {", ".join(have)})')
     pf_cfg, pf_params, meta, _ = stages_lib.load_model_stage(workdir, cands[0], mesh)
     k_model = int(meta['k'])
-    ar_cfg, ar_params = for_serving(ar_cfg, ar_params, dtype)
-    pf_cfg, pf_params = for_serving(pf_cfg, pf_params, dtype)
+    ar_cfg, ar_params = for_serving(ar_cfg, ar_params, dtype, decode_attention)
+    pf_cfg, pf_params = for_serving(pf_cfg, pf_params, dtype, decode_attention)
   new_tokens = cfg.data.seq_len - PROMPT_LEN
   ar_engine = decode.Engine(ar_cfg, ar_params, max_len=cfg.data.seq_len)
   pf_engine = decode.Engine(pf_cfg, pf_params, max_len=cfg.data.seq_len)
@@ -193,8 +210,9 @@ def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeat
            'ar_steps': ar_steps, 'pf_steps': pf_steps}
     row['speedup'] = row['pf_tokens_per_s'] / row['ar_tokens_per_s']
     if peak:
-      s_ar = ar_spec.mean_cache_read(PROMPT_LEN)
-      s_pf = pf_spec.mean_cache_read(PROMPT_LEN)
+      filled = decode_attention == 'pallas'
+      s_ar = ar_spec.mean_cache_read(PROMPT_LEN, filled)
+      s_pf = pf_spec.mean_cache_read(PROMPT_LEN, filled)
       row['ar_hbm_fraction'] = bytes_per_step(ar_cfg, ar_params, b, s_ar) / (ar_s / ar_steps) / peak
       row['pf_hbm_fraction'] = bytes_per_step(pf_cfg, pf_params, b, s_pf) / (pf_s / pf_steps) / peak
     rows.append(row)
@@ -207,7 +225,7 @@ def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeat
                        'seq_len': cfg.data.seq_len, 'dtype': dtype,
                        'random_init': random_init, 'workdir': workdir, 'repeats': repeats,
                        'prompt_len': PROMPT_LEN, 'k_model': k_model,
-                       'cache_phases': cache_phases},
+                       'cache_phases': cache_phases, 'decode_attention': decode_attention},
             'rows': rows}
   write_outputs(result, out_dir)
   return result
@@ -218,6 +236,7 @@ def markdown(result: dict) -> str:
   lines = [f'Device: {result["device"]}, {result["date"]}; D={c["d_model"]} L={c["n_layers"]} '
            f'H={c["n_heads"]} V={c["vocab_size"]} seq {c["seq_len"]} {c["dtype"]}'
            f'{", %d cache phases" % c["cache_phases"] if c.get("cache_phases", 1) > 1 else ""}'
+           f'{", Pallas decode attention" if c.get("decode_attention") == "pallas" else ""}'
            f'{" (random weights)" if c["random_init"] else ""}', '',
            '| batch | K | new tokens | AR tok/s | PFLM tok/s | speedup |' +
            (' AR HBM frac | PFLM HBM frac |' if 'ar_hbm_fraction' in result['rows'][0] else ''),
@@ -285,7 +304,7 @@ def main(argv):
   from kforcing_jax import errors  # pylint: disable=g-import-not-at-top
   try:
     result = run(_CONFIG.value, f.workdir, f.random_init, sizes, f.K, f.repeats, f.out,
-                 f.cache_phases, f.dtype)
+                 f.cache_phases, f.dtype, f.decode_attention)
   except (errors.UserError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
   print(markdown(result))
@@ -305,5 +324,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('dtype', 'auto', 'serving precision: auto (bfloat16 on accelerators, '
                       'mixed on CPU) | bfloat16 | mixed (bf16 weight products, float32 '
                       'activations and KV cache) | float32')
+  flags.DEFINE_string('decode_attention', 'xla', 'cached attention (AR and PFLM alike): xla '
+                      '(masked, over the whole cache) | pallas (GPU: a flash-decoding kernel '
+                      'over the filled slots only)')
   flags.mark_flags_as_required(['config'])
   app.run(main)

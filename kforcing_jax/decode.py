@@ -11,6 +11,8 @@ the slots the next step's tokens overwrite.
 RoPE angles come from a table made once per generation (see model.Transformer's rope_cs).
 With DecodeSpec.cache_phases > 1 the loop is a chain of loops over a growing cache, each
 reading only its prefix of slots (the attention cost then follows the filled length).
+A model with decode_attention='pallas' reads only the filled slots in one loop instead
+(kforcing_jax.flash_decode; GPU).
 
 Prompts are left-padded to one length P; row b's RoPE positions are slot - pad_b and its
 padding slots are masked, so a row decodes the same alone or in any batch. Noise for
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kforcing_jax import flash_decode
 from kforcing_jax import model as model_lib
 from kforcing_jax import targets as targets_lib
 
@@ -101,9 +104,12 @@ class DecodeSpec:
     return sorted({min(cache_len, _align(first_end + -(-(cache_len - first_end) * j // n)))
                    for j in range(1, n + 1)})
 
-  def mean_cache_read(self, prompt_len: int) -> float:
-    """Mean cache slots each decoding step's attention reads (no early EOS): the whole
-    cache with one phase, the current phase's length with several."""
+  def mean_cache_read(self, prompt_len: int, filled_only: bool = False) -> float:
+    """Mean cache slots each decoding step's attention reads (no early EOS, no padding): the
+    whole cache with one phase, the current phase's length with several; with filled_only
+    (decode_attention='pallas') the slots written before the step plus the step's own."""
+    if filled_only:
+      return self.first_slot(prompt_len) + self.K * (self.n_steps - 1) / 2 + self.queries
     slot = self.first_slot(prompt_len)
     bounds, phase, total = self.phase_lengths(prompt_len), 0, 0
     for _ in range(self.n_steps):
@@ -182,21 +188,30 @@ def _mask(slot, Q, S, pads_B):
          (k_slots[None, None, :] >= pads_B[:, None, None])
 
 
+def cache_lengths(cfg: model_lib.ModelConfig, spec: DecodeSpec, prompt_len: int) -> list[int]:
+  """The cache length of each phase: spec.phase_lengths, or with decode_attention='pallas'
+  (one phase: the kernel reads only the filled slots anyway) the full length rounded up to
+  the kernel's split size."""
+  if cfg.decode_attention == 'pallas':
+    return [flash_decode.cache_length(spec.cache_len(prompt_len))]
+  return spec.phase_lengths(prompt_len)
+
+
 def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, seed_key):
   cfg = model.cfg
   B, P = prompt_BxP.shape
   K = spec.K
   F = spec.feed
-  S = spec.cache_len(P)
+  bounds = cache_lengths(cfg, spec, P)
+  S = bounds[-1]
   prefill = spec.first_slot(P)  # = P - F: P >= F + 1 (left_pad's min_len)
   Q = spec.queries
-  bounds = spec.phase_lengths(P)
   cache = model_lib.init_cache(cfg, B, bounds[0])
   if prefill > 0:
     pos = jnp.maximum(jnp.arange(prefill)[None, :] - pads_B[:, None], 0)
     _, cache = model.apply({'params': params}, prompt_BxP[:, :prefill], pos,
                            _mask(0, prefill, bounds[0], pads_B), cache=cache, cache_slot=0,
-                           logits_from=prefill)
+                           logits_from=prefill, cache_start_B=pads_B)
   V = cfg.vocab_size
   penalize = spec.pflm and spec.freq_penalty != 0.0
   state = LoopState(step=jnp.zeros((), jnp.int32), cache=cache,
@@ -227,7 +242,7 @@ def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, 
       logits, cache = model.apply({'params': params}, st.last_BxF, pos_BxQ[:, :K], mask,
                                   hint_emb_BxHxD=hints, hint_pos_BxH=pos_BxQ[:, K:],
                                   cache=st.cache, cache_slot=st.slot, logits_from=K,
-                                  rope_cs=rope_cs)
+                                  rope_cs=rope_cs, cache_start_B=pads_B)
       counts = st.counts_BxV
       if penalize:
         toks = []
@@ -240,7 +255,8 @@ def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, 
         new_BxK = first_argmax(logits)
     else:
       logits, cache = model.apply({'params': params}, st.last_BxF, pos_BxQ, mask,
-                                  cache=st.cache, cache_slot=st.slot, rope_cs=rope_cs)
+                                  cache=st.cache, cache_slot=st.slot, rope_cs=rope_cs,
+                                  cache_start_B=pads_B)
       l = logits[:, 0]
       if spec.temperature == 0.0:
         y = first_argmax(l)
@@ -301,6 +317,9 @@ class Engine:
     if spec.cache_phases < 1:
       raise DecodeError(f'cache_phases={spec.cache_phases}: must be >= 1 (1 = one cache of '
                         f'the full length)')
+    if spec.cache_phases > 1 and self.cfg.decode_attention == 'pallas':
+      raise DecodeError(f"cache_phases={spec.cache_phases} with decode_attention='pallas': "
+                        f"allowed: 1 (the kernel already reads only the filled slots)")
     if spec.pflm and spec.K > k_model:
       raise DecodeError(f'K={spec.K} is larger than the model\'s window k={k_model}; allowed: '
                         f'1..{k_model}')
@@ -314,9 +333,9 @@ class Engine:
 
   def memory_check(self, spec: DecodeSpec, prompt_len: int, batch: int) -> int:
     """Cache bytes; raises before compiling when cache + weights cannot fit the device."""
-    S = spec.cache_len(prompt_len)
+    lengths = cache_lengths(self.cfg, spec, prompt_len)
+    S = lengths[-1]
     need = model_lib.cache_bytes(self.cfg, batch, S)
-    lengths = spec.phase_lengths(prompt_len)
     # growing the cache between phases holds the old and the new one for a moment
     peak = need + (model_lib.cache_bytes(self.cfg, batch, lengths[-2]) if len(lengths) > 1 else 0)
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))

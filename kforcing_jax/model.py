@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kforcing_jax import flash_decode
+
 NEG_INF = -1e9
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 
@@ -43,6 +45,11 @@ class ModelConfig:
   # bf16 operands, float32 results (and float32 everything else) -- the fast mixed mode of
   # CPUs with bf16 dot instructions, where bf16 results and elementwise math are slow.
   dot_dtype: str = ''
+  # Cached (decoding) attention: 'xla' = masked attention over the whole preallocated cache
+  # (cached_attention); 'pallas' = JAX's Pallas flash-decoding kernel over the filled slots
+  # only, plus the step's own block (kforcing_jax.flash_decode; GPU; CPU runs it in Pallas'
+  # interpret mode, for tests). Also sets the cache layout (init_cache).
+  decode_attention: str = 'xla'
   pflm: bool = False  # adds the noise encoder (push-forward student)
   noise_freq_scale: float = 1.0  # multiplies the noise sinusoid's frequencies (1 = paper)
 
@@ -221,7 +228,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, rope_cs, mask, cache_kv=None, cache_slot=None, window=None,
-               query_from: int = 0):
+               query_from: int = 0, cache_start_B=None):
     """rope_cs: the inputs' RoPE (cos, sin) from rope_cos_sin.
     mask: [B, T, S] bool (query may attend key) or None for plain causal attention;
     window=(N, A, H): the window layout's structured attention (see window_attention).
@@ -230,7 +237,9 @@ class Attention(nn.Module):
     cached_attention); the new keys/values are written in place at slots
     cache_slot:cache_slot + T and attention runs over the whole (masked) cache. One array
     per layer (not one [L, ...] array) lets attention read the cache without a per-step
-    slice copy."""
+    slice copy. With decode_attention='pallas' both are [B, H, S_max, Dh] and attention reads
+    row b's slots cache_start_B[b]:cache_slot plus the new ones (flash_decode.attention;
+    the mask is not used)."""
     cfg = self.cfg
     dt, pdt = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     w_qkv = self.param('qkv_kernel', _init(nn.initializers.variance_scaling(
@@ -243,7 +252,16 @@ class Attention(nn.Module):
     q = rope(q, rope_cs)
     k = rope(k, rope_cs)
     new_kv = None
-    if cache_kv is not None:
+    if cache_kv is not None and cfg.decode_attention == 'pallas':
+      ck, cv = cache_kv
+      new_kv = tuple(jax.lax.dynamic_update_slice(c, jnp.swapaxes(x_new, 1, 2).astype(c.dtype),
+                                                  (0, 0, cache_slot, 0))
+                     for c, x_new in ((ck, k), (cv, v)))
+      # the updated cache (its new slots are not read): reading the old one would make XLA
+      # copy it to keep it alive past the in-place update
+      out = flash_decode.attention(q[:, query_from:], k, v, *new_kv, cache_slot, cache_start_B,
+                                   query_from)
+    elif cache_kv is not None:
       ck, cv = cache_kv
       ck = jax.lax.dynamic_update_slice(ck, jnp.transpose(k, (0, 2, 3, 1)).astype(ck.dtype),
                                         (0, 0, 0, cache_slot))
@@ -276,13 +294,13 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, rope_cs, mask, cache_kv=None, cache_slot=None, train=False,
-               window=None, query_from: int = 0):
+               window=None, query_from: int = 0, cache_start_B=None):
     """query_from > 0 (cached decoding): returns only positions query_from: -- the last
     block of a step whose earlier inputs are needed only as keys/values."""
     cfg = self.cfg
     h, new_kv = Attention(cfg, name='attn')(
         LayerNorm(cfg, name='ln1')(x).astype(DTYPES[cfg.dtype]), rope_cs, mask,
-        cache_kv, cache_slot, window, query_from)
+        cache_kv, cache_slot, window, query_from, cache_start_B)
     h = nn.Dropout(cfg.dropout)(h, deterministic=not train)
     x = x[:, query_from:] + h.astype(x.dtype)
     h = Mlp(cfg, name='mlp')(LayerNorm(cfg, name='ln2')(x).astype(DTYPES[cfg.dtype]))
@@ -316,7 +334,7 @@ class Transformer(nn.Module):
   def __call__(self, tokens_BxT, positions_BxT, mask_BxQxS=None, *, hint_u_BxH=None,
                hint_pos_BxH=None, tau_B=None, cache=None, cache_slot=None,
                logits_from: int = 0, train: bool = False, window=None, hint_emb_BxHxD=None,
-               rope_cs=None):
+               rope_cs=None, cache_start_B=None):
     """Returns (logits [B, Q - logits_from, V] float32, new cache or None).
 
     hint_emb_BxHxD: hint embeddings already computed by encode_noise (the decoding loop
@@ -329,7 +347,9 @@ class Transformer(nn.Module):
     mask_BxQxS=None means plain causal attention over the Q = T + H inputs, unless
     window=(N, A, H) selects the window layout's structured attention.
     cache = init_cache's {'k': L x [B, H, Dh, S_max], 'v': L x [B, H, S_max, Dh]}; inputs
-    are written at cache_slot.
+    are written at cache_slot. cache_start_B: row b's first valid cache slot (its left
+    padding), needed by decode_attention='pallas', which reads slots cache_start_B:cache_slot
+    instead of masking the whole cache.
     """
     cfg = self.cfg
     dt, pdt = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
@@ -355,6 +375,8 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
     if cache is not None and mask_BxQxS is None:
       raise ValueError('decoding with a cache needs an explicit [B, Q, S_max] mask')
+    if cache is not None and cfg.decode_attention == 'pallas' and cache_start_B is None:
+      raise ValueError("decode_attention='pallas' needs cache_start_B (each row's first slot)")
     if rope_cs is None:
       rope_cs = rope_cos_sin(positions, cfg.head_dim, cfg.rope_base)
     new_k, new_v = [], []
@@ -364,7 +386,7 @@ class Transformer(nn.Module):
       # tokens re-fed by a PFLM step, a prefill): their keys/values are all that is needed
       last_from = logits_from if (cache is not None and layer == cfg.n_layers - 1) else 0
       x, kv = Block(cfg, name=f'block_{layer}')(x, rope_cs, mask_BxQxS, kv, cache_slot,
-                                                 train, window, last_from)
+                                                 train, window, last_from, cache_start_B)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
@@ -389,16 +411,18 @@ def encode_noise(cfg: ModelConfig, params, u_BxH, tau_B) -> jax.Array:
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
   """{'k': n_layers x [B, n_heads, head_dim, length], 'v': n_layers x [B, n_heads, length,
-  head_dim]} (layouts chosen for the decode-time products, see cached_attention)."""
+  head_dim]} (layouts chosen for the decode-time products, see cached_attention); with
+  decode_attention='pallas' keys are [B, n_heads, length, head_dim] too (the kernel's)."""
   dtype = dtype or DTYPES[cfg.dtype]
-  k_shape = (batch, cfg.n_heads, cfg.head_dim, length)
   v_shape = (batch, cfg.n_heads, length, cfg.head_dim)
+  k_shape = v_shape if cfg.decode_attention == 'pallas' else (batch, cfg.n_heads,
+                                                              cfg.head_dim, length)
   return {'k': tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers)),
           'v': tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers))}
 
 
 def grow_cache(cache: dict, length: int) -> dict:
-  """The cache with its slot axis zero-padded to `length`."""
+  """The cache (decode_attention='xla' layout) with its slot axis zero-padded to `length`."""
   def pad(x, axis):
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, length - x.shape[axis])

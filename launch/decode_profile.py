@@ -49,6 +49,7 @@ flags.DEFINE_bool('trace', False, 'profile one more run of each engine')
 flags.DEFINE_integer('top', 25, 'events printed per trace')
 flags.DEFINE_enum('attention', 'auto', ['auto', 'dot', 'reduce'], 'cached attention rule')
 flags.DEFINE_string('dtype', 'auto', 'serving precision, as benchmark.py --dtype')
+flags.DEFINE_string('decode_attention', 'xla', 'as benchmark.py --decode_attention')
 flags.DEFINE_string('label', 'default', 'variant name for the output file')
 flags.DEFINE_string('out', 'bench_out', 'output directory')
 FLAGS = flags.FLAGS
@@ -140,7 +141,8 @@ def main(argv):
     model_lib.reduce_attention = ((lambda n: 1 < n <= 16) if f.attention == 'reduce'
                                   else (lambda n: False))
   dtype = benchmark.serve_dtype(f.dtype, jax.default_backend() != 'cpu')
-  mcfg, params = benchmark.random_model(cfg, dtype)
+  benchmark.check_decode_attention(f.decode_attention, jax.default_backend() != 'cpu')
+  mcfg, params = benchmark.random_model(cfg, dtype, f.decode_attention)
   new_tokens = cfg.data.seq_len - benchmark.PROMPT_LEN
   engine = decode.Engine(mcfg, params, max_len=cfg.data.seq_len)
   specs = {'ar': decode.DecodeSpec(K=1, pflm=False, max_new_tokens=new_tokens,
@@ -150,6 +152,7 @@ def main(argv):
   device = jax.devices()[0]
   result = {'device': getattr(device, 'device_kind', str(device)), 'label': f.label,
             'xla_flags': os.environ.get('XLA_FLAGS', ''), 'attention': f.attention,
+            'decode_attention': f.decode_attention,
             'dtype': dtype,
             'cache_phases': f.cache_phases, 'K': f.K, 'new_tokens': new_tokens,
             'model': {'d_model': mcfg.d_model, 'n_layers': mcfg.n_layers,

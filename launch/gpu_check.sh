@@ -4,6 +4,9 @@
 #   SMOKE=1 OUT=/tmp/g bash launch/gpu_check.sh      (checks this script on a CPU in ~1 min)
 # Sections, in order of value, each capped by what is left of SECONDS (skipped when < 20 s):
 #   bench1   python -m kforcing_jax.benchmark at the paper's OWT shape, batch 1,16,64,256, K=4
+#   flashtest  pytest tests/test_flash_decode.py: the Pallas kernel == masked attention, on the GPU
+#   pallas   the same benchmark with --decode_attention=pallas (flash-decoding kernel over the filled
+#            slots only: the moonshot; first run of its Triton kernel on a GPU)
 #   profile  launch/decode_profile.py --trace at batch 64 (kernels per decoding step)
 #   bench8   batch 64 and 256 with --cache_phases=8 (attention reads about the filled part)
 #   tests    pytest tests/test_decode.py tests/test_model.py on the GPU
@@ -60,6 +63,10 @@ section env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clock
   jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, jax.devices())"'
 section bench1 240 python3 -m kforcing_jax.benchmark "${OWT[@]}" --random_init \
   --batch_sizes=$B_ALL --K=4 --repeats=3 --out="$STAGE/bench1"
+[[ -z ${SMOKE:-} ]] && section flashtest 60 python3 -m pytest -q -x tests/test_flash_decode.py
+[[ -z ${SMOKE:-} ]] && section pallas 200 python3 -m kforcing_jax.benchmark "${OWT[@]}" \
+  --random_init --batch_sizes=$B_ALL --K=4 --repeats=3 --decode_attention=pallas \
+  --out="$STAGE/pallas"
 section profile 120 python3 launch/decode_profile.py "${OWT[@]}" --batch_sizes=$B_PROF --trace \
   --top=20 --label=default --out="$STAGE/profile"
 section bench8 150 python3 -m kforcing_jax.benchmark "${OWT[@]}" --random_init \

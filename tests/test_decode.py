@@ -178,6 +178,9 @@ def test_mean_cache_read_counts_each_steps_phase():
     assert one.mean_cache_read(6) == one.cache_len(6)
     eight = dataclasses.replace(one, cache_phases=8)
     assert one.cache_len(6) / 2 < eight.mean_cache_read(6) < 0.6 * one.cache_len(6)
+  # filled slots only (decode_attention='pallas'): AR, prompt 3: steps read 2 + i slots
+  # (i = 0..27) plus the one each writes
+  assert spec.mean_cache_read(3, filled_only=True) == np.mean(2 + np.arange(28)) + 1
 
 
 def test_bad_requests(pflm):

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from kforcing_jax import benchmark
@@ -75,6 +76,11 @@ def test_benchmark_outputs(tmp_path):
   assert saved['config']['dtype'] == 'mixed'  # the CPU default: bf16 weight products
   with pytest.raises(decode.DecodeError, match="--dtype='fp8': allowed: auto, bfloat16"):
     benchmark.run(cfg, None, True, [1], 4, 3, str(tmp_path), dtype='fp8')
+  with pytest.raises(decode.DecodeError, match="--decode_attention='flash': allowed: xla, pallas"):
+    benchmark.run(cfg, None, True, [1], 4, 3, str(tmp_path), decode_attention='flash')
+  if jax.default_backend() == 'cpu':
+    with pytest.raises(decode.DecodeError, match='--decode_attention=pallas needs a GPU'):
+      benchmark.run(cfg, None, True, [1], 4, 3, str(tmp_path), decode_attention='pallas')
 
 
 def test_benchmark_on_trained_stages(run_dir, tmp_path):

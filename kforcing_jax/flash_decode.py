@@ -1,0 +1,83 @@
+"""Decode-time attention that reads only the filled part of the KV cache (GPU, opt-in).
+
+`ModelConfig.decode_attention='pallas'` replaces the masked attention over the whole cache
+(model.cached_attention) by two parts combined exactly, as in flash attention:
+- the prefix, cache slots [start_b, slot) of row b (its prompt after the left padding and
+  every earlier step), through JAX's Pallas flash-decoding kernel
+  (jax.experimental.pallas.ops.gpu.decode_attention.gqa): split-K blocks of the cache, each
+  skipped or cut short past `slot`, so a step reads the slots filled so far instead of the
+  whole preallocated cache -- the "filled part only" attention of issue 4's moonshot,
+  without cache_phases' growing copies;
+- the step's own block: its T queries against the Q keys/values it writes this step (the
+  fed tokens, a PFLM's hints), causal within the block, in plain XLA ([B, H, T, Q] scores).
+A row's T queries share its keys, so the kernel sees them as T query heads per KV head
+(grouped-query attention). Both parts return unnormalised outputs with their softmax max
+and sum; the merge is a log-sum-exp combination, so the result equals softmax attention
+over the union (tests/test_flash_decode.py checks it against model.cached_attention).
+
+The cache layout is [B, heads, S, head_dim] for keys and values (the kernel's); S is a
+multiple of SPLIT (see cache_length). On CPU the kernel runs in Pallas' interpret mode:
+correct and slow, for tests only (the benchmark refuses it there).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Cache slots per split-K block: the kernel needs S = k_splits * SPLIT with SPLIT a multiple
+# of BLOCK_K (its inner loop's step, >= 16 for Triton's dot).
+SPLIT = 128
+BLOCK_K = 64
+
+
+def cache_length(slots: int) -> int:
+  """The cache length the kernel accepts for `slots` needed slots (a multiple of SPLIT).
+  The extra slots cost memory only: the kernel never reads past the filled part."""
+  return -(-slots // SPLIT) * SPLIT
+
+
+def attention(q_BxTxHxD, k_new_BxQxHxD, v_new_BxQxHxD, ck_BxHxSxD, cv_BxHxSxD, slot,
+              start_B, query_from: int = 0):
+  """Softmax attention of T queries over cache slots [start_b, slot) and the Q new keys.
+
+  q: the step's queries (inputs query_from.. of the step, RoPE applied); k_new, v_new: all
+  Q inputs' keys/values, written at slots slot..slot+Q-1; ck, cv: the cache (the new
+  block's slots may already hold it: they are not read). Query t (input query_from + t)
+  sees block keys j <= query_from + t whose slot is >= start_b. Returns [B, T, H, D] in
+  q's dtype; a query with no visible key gets zeros."""
+  from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode  # pylint: disable=g-import-not-at-top
+  B, T, H, D = q_BxTxHxD.shape
+  Q = k_new_BxQxHxD.shape[1]
+  S = ck_BxHxSxD.shape[2]
+  if S % SPLIT:
+    raise ValueError(f'flash_decode.attention: cache length {S} is not a multiple of {SPLIT} '
+                     f'(allocate it with flash_decode.cache_length)')
+  scale = 1.0 / np.sqrt(D)
+  q_BxHxTxD = jnp.swapaxes(q_BxTxHxD, 1, 2)
+  # gqa takes keys [B, S, kv_heads, D] and swaps them to [B, kv_heads, S, D] itself: the two
+  # transposes cancel, the kernel reads the cache in place
+  o, (l, m) = pallas_decode.gqa(
+      q_BxHxTxD.reshape(B, H * T, D).astype(ck_BxHxSxD.dtype),
+      jnp.swapaxes(ck_BxHxSxD, 1, 2), jnp.swapaxes(cv_BxHxSxD, 1, 2),
+      start_idx=start_B.astype(jnp.int32), kv_seq_len=jnp.asarray(slot, jnp.int32),
+      sm_scale=float(scale), block_k=BLOCK_K, k_splits=S // SPLIT,
+      interpret=jax.default_backend() == 'cpu', return_residuals=True, normalize_output=False)
+  o_pre = o.reshape(B, H, T, D).astype(jnp.float32)
+  l_pre, m_pre = l.reshape(B, H, T), m.reshape(B, H, T)
+
+  s_blk = jnp.einsum('bhtd,bjhd->bhtj', q_BxHxTxD.astype(jnp.float32),
+                     k_new_BxQxHxD.astype(jnp.float32)) * scale
+  j, t = np.arange(Q), np.arange(T) + query_from
+  visible = (jnp.asarray(j[None, :] <= t[:, None])[None, None] &
+             ((slot + j)[None, None, None, :] >= start_B[:, None, None, None]))
+  s_blk = jnp.where(visible, s_blk, -jnp.inf)
+  m_blk = jnp.max(s_blk, axis=-1)
+  m_tot = jnp.maximum(m_pre, m_blk)  # finite: the kernel's empty prefix gives finfo.min
+  p_blk = jnp.where(visible, jnp.exp(s_blk - m_tot[..., None]), 0.0)
+  w_pre = jnp.exp(m_pre - m_tot)
+  num = o_pre * w_pre[..., None] + jnp.einsum('bhtj,bjhd->bhtd', p_blk,
+                                              v_new_BxQxHxD.astype(jnp.float32))
+  den = l_pre * w_pre + jnp.sum(p_blk, axis=-1)
+  out = num / jnp.maximum(den, jnp.finfo(jnp.float32).tiny)[..., None]
+  return jnp.swapaxes(out, 1, 2).astype(q_BxTxHxD.dtype)

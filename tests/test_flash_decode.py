@@ -1,0 +1,87 @@
+"""decode_attention='pallas' (flash_decode): the same attention and the same tokens as the
+masked whole-cache attention, with left padding, EOS, the PFLM's blocks and AR sampling.
+The Pallas kernel runs in interpret mode here (on a GPU it compiles through Triton)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kforcing_jax import decode
+from kforcing_jax import flash_decode
+from kforcing_jax import model as model_lib
+from tests.helpers import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def full_float32_products():
+  # float32 products in the kernel and in XLA alike (a GPU would otherwise use TF32 for both)
+  with jax.default_matmul_precision('float32'):
+    yield
+
+
+@pytest.mark.parametrize('T,Q,query_from', [(8, 8, 0), (4, 8, 4), (1, 1, 0), (5, 5, 0)])
+def test_attention_equals_masked_whole_cache_attention(T, Q, query_from):
+  B, H, D, S = 3, 2, 16, 2 * flash_decode.SPLIT
+  slot = 150  # the prefix crosses the first split; the rest of the cache is never read
+  start_B = jnp.asarray([0, 37, 149])  # row 2: one prefix slot
+  keys = jax.random.split(jax.random.key(0), 5)
+  q = jax.random.normal(keys[0], (B, T, H, D))
+  k_new = jax.random.normal(keys[1], (B, Q, H, D))
+  v_new = jax.random.normal(keys[2], (B, Q, H, D))
+  # slots past slot + Q hold huge values: reading one would change the result
+  beyond = (np.arange(S) >= slot + Q)[None, None, :, None]
+  ck = jnp.where(beyond, 1e4, jax.random.normal(keys[3], (B, H, S, D)))
+  cv = jnp.where(beyond, 1e4, jax.random.normal(keys[4], (B, H, S, D)))
+  ck = jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k_new, 1, 2), (0, 0, slot, 0))
+  cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v_new, 1, 2), (0, 0, slot, 0))
+  got = flash_decode.attention(q, k_new, v_new, ck, cv, slot, start_B, query_from)
+  q_slots = slot + query_from + np.arange(T)
+  mask = ((np.arange(S)[None, None, :] <= q_slots[None, :, None]) &
+          (np.arange(S)[None, None, :] >= np.asarray(start_B)[:, None, None]))
+  # the whole-cache reference never reads those slots either: they are masked
+  want = model_lib.cached_attention(q, jnp.swapaxes(ck, 2, 3), cv, jnp.asarray(mask))
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_query_with_no_visible_key_gets_zeros():
+  # a PFLM's fed tokens can sit in a short row's left padding: no prefix, no block key
+  B, T, H, D, S = 1, 2, 1, 16, flash_decode.SPLIT
+  q = jnp.ones((B, T, H, D))
+  kv = jnp.ones((B, T, H, D))
+  cache = jnp.zeros((B, H, S, D))
+  out = flash_decode.attention(q, kv, kv, cache, cache, 4, jnp.asarray([9]), 0)
+  assert np.all(np.isfinite(out)) and np.all(np.asarray(out) == 0)
+
+
+def test_cache_length_is_a_whole_number_of_splits():
+  assert flash_decode.cache_length(1) == flash_decode.SPLIT
+  assert flash_decode.cache_length(1032) == 9 * flash_decode.SPLIT
+  cfg = dataclasses.replace(tiny_model(pflm=True, heads=2)[0], decode_attention='pallas')
+  cache = model_lib.init_cache(cfg, 2, 256)
+  assert cache['k'][0].shape == cache['v'][0].shape == (2, cfg.n_heads, 256, cfg.head_dim)
+  with pytest.raises(ValueError, match='not a multiple of'):
+    flash_decode.attention(jnp.ones((1, 1, 1, 16)), jnp.ones((1, 1, 1, 16)),
+                           jnp.ones((1, 1, 1, 16)), jnp.zeros((1, 1, 100, 16)),
+                           jnp.zeros((1, 1, 100, 16)), 0, jnp.zeros((1,), jnp.int32))
+
+
+@pytest.mark.parametrize('pflm_mode', [True, False])
+def test_engine_tokens_equal_whole_cache_engine(pflm_mode):
+  # head_dim 16: Triton's smallest dot on a GPU
+  cfg, _, params = tiny_model(pflm=True, never_emit=(52,), seed=7, noise=0.5, heads=2)
+  xla = decode.Engine(cfg, params)
+  pallas = decode.Engine(dataclasses.replace(cfg, decode_attention='pallas'), params)
+  prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12]]  # ragged: left padding of 0, 5, 6
+  kw = dict(K=4, pflm=True, freq_penalty=0.5) if pflm_mode else dict(K=1, temperature=1.0)
+  spec = decode.DecodeSpec(max_new_tokens=16, **kw)
+  want, steps = xla.generate(prompts, spec, seed=2)
+  got, steps_p = pallas.generate(prompts, spec, seed=2)
+  np.testing.assert_array_equal(got, want)
+  assert steps_p == steps
+  stop = dataclasses.replace(spec, eos_id=int(want[1, 5]), pad_id=0)
+  np.testing.assert_array_equal(pallas.generate(prompts, stop, seed=2)[0],
+                                xla.generate(prompts, stop, seed=2)[0])
+  with pytest.raises(decode.DecodeError, match="cache_phases=2 with decode_attention='pallas'"):
+    pallas.generate(prompts, dataclasses.replace(spec, cache_phases=2), k_model=4)

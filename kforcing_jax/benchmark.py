@@ -112,13 +112,10 @@ def serve_dtype(name: str, on_accel: bool) -> str:
   return name
 
 
-DECODE_ATTENTION = ('xla', 'pallas')
-
-
 def check_decode_attention(name: str, on_accel: bool) -> None:
-  if name not in DECODE_ATTENTION:
+  if name not in model_lib.DECODE_ATTENTION:
     raise decode.DecodeError(f'--decode_attention={name!r}: allowed: '
-                             f'{", ".join(DECODE_ATTENTION)}')
+                             f'{", ".join(model_lib.DECODE_ATTENTION)}')
   if name == 'pallas' and not on_accel:
     raise decode.DecodeError("--decode_attention=pallas needs a GPU: on a CPU its kernel runs "
                              "in Pallas' interpret mode (correct, for tests; far too slow to "

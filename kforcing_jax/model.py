@@ -25,6 +25,7 @@ from kforcing_jax import flash_decode
 
 NEG_INF = -1e9
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
+DECODE_ATTENTION = ('xla', 'pallas')  # ModelConfig.decode_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,11 @@ class ModelConfig:
   decode_attention: str = 'xla'
   pflm: bool = False  # adds the noise encoder (push-forward student)
   noise_freq_scale: float = 1.0  # multiplies the noise sinusoid's frequencies (1 = paper)
+
+  def __post_init__(self):
+    if self.decode_attention not in DECODE_ATTENTION:
+      raise ValueError(f'ModelConfig.decode_attention={self.decode_attention!r}: allowed: '
+                       f'{", ".join(DECODE_ATTENTION)}')
 
   @property
   def head_dim(self) -> int:

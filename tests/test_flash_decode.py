@@ -61,6 +61,8 @@ def test_cache_length_is_a_whole_number_of_splits():
   cfg = dataclasses.replace(tiny_model(pflm=True, heads=2)[0], decode_attention='pallas')
   cache = model_lib.init_cache(cfg, 2, 256)
   assert cache['k'][0].shape == cache['v'][0].shape == (2, cfg.n_heads, 256, cfg.head_dim)
+  with pytest.raises(ValueError, match="decode_attention='flash': allowed: xla, pallas"):
+    dataclasses.replace(cfg, decode_attention='flash')
   with pytest.raises(ValueError, match='not a multiple of'):
     flash_decode.attention(jnp.ones((1, 1, 1, 16)), jnp.ones((1, 1, 1, 16)),
                            jnp.ones((1, 1, 1, 16)), jnp.zeros((1, 1, 100, 16)),

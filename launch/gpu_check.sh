@@ -63,7 +63,7 @@ section env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,clocks.sm,clock
   jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, jax.devices())"'
 section bench1 240 python3 -m kforcing_jax.benchmark "${OWT[@]}" --random_init \
   --batch_sizes=$B_ALL --K=4 --repeats=3 --out="$STAGE/bench1"
-[[ -z ${SMOKE:-} ]] && section flashtest 60 python3 -m pytest -q -x tests/test_flash_decode.py
+[[ -z ${SMOKE:-} ]] && section flashtest 90 python3 -m pytest -q -x tests/test_flash_decode.py
 [[ -z ${SMOKE:-} ]] && section pallas 200 python3 -m kforcing_jax.benchmark "${OWT[@]}" \
   --random_init --batch_sizes=$B_ALL --K=4 --repeats=3 --decode_attention=pallas \
   --out="$STAGE/pallas"

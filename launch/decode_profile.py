@@ -12,9 +12,10 @@ printed per decoding step:
 so a step's kernel time can be set against its wall time (the rest is launch gaps and the
 loop's host round trip), and then the same time per source op -- events mapped through the
 compiled HLO's op_name metadata, all layers together (e.g. `Transformer/block/attn/
-reduce_sum`, `Transformer/head/dot_general`) -- which says what a fusion or kernel is. --attention swaps model.reduce_attention's rule (dot: batched
-dots for every step; reduce: multiply-reduce for steps of <= 16 queries) to compare the two
-in one process. XLA_FLAGS set outside (e.g. command buffers) apply as usual; --label names
+reduce_sum`, `Transformer/head/dot_general`) -- which says what a fusion or kernel is.
+--attention swaps model.reduce_attention's rule (dot: batched dots for every step; reduce:
+multiply-reduce for steps of <= 16 queries) to compare the two in one process;
+--decode_attention=pallas profiles the flash-decoding kernel path (GPU). XLA_FLAGS set outside (e.g. command buffers) apply as usual; --label names
 the variant in the JSON. Writes DIR/decode_profile_<label>.json.
 """
 from __future__ import annotations

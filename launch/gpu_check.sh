@@ -7,6 +7,8 @@
 #   flashtest  pytest tests/test_flash_decode.py: the Pallas kernel == masked attention, on the GPU
 #   pallas   the same benchmark with --decode_attention=pallas (flash-decoding kernel over the filled
 #            slots only: the moonshot; first run of its Triton kernel on a GPU)
+#   lm1b     the benchmark at the paper's LM1B shape (V=30,522, 122 new tokens), batch
+#            1,64,256,1024: design 6's second reference table, never measured yet
 #   profile  launch/decode_profile.py --trace at batch 64 (kernels per decoding step)
 #   bench8   batch 64 and 256 with --cache_phases=8 (attention reads about the filled part)
 #   tests    pytest tests/test_decode.py tests/test_model.py on the GPU
@@ -38,11 +40,14 @@ else
   export PYTHONPATH=$PWD
 fi
 OWT=(--config=configs/owt.py --config.model.vocab_size=50258)
-B_ALL=1,16,64,256 B_PROF=64 B_BIG=64,256
+LM1B=(--config=configs/lm1b.py --config.model.vocab_size=30522)
+B_ALL=1,16,64,256 B_PROF=64 B_BIG=64,256 B_LM1B=1,64,256,1024
 if [[ -n ${SMOKE:-} ]]; then  # a quick CPU run of this script itself (tiny model, no tests)
   OWT+=(--config.model.d_model=64 --config.model.n_layers=2 --config.model.n_heads=2
         --config.model.vocab_size=512 --config.data.seq_len=64)
-  B_ALL=1,4 B_PROF=4 B_BIG=4
+  LM1B+=(--config.model.d_model=64 --config.model.n_layers=2 --config.model.n_heads=2
+         --config.model.vocab_size=512 --config.data.seq_len=32)
+  B_ALL=1,4 B_PROF=4 B_BIG=4 B_LM1B=1,4
 fi
 
 section() {  # name max_seconds command...
@@ -67,6 +72,8 @@ section bench1 240 python3 -m kforcing_jax.benchmark "${OWT[@]}" --random_init \
 [[ -z ${SMOKE:-} ]] && section pallas 200 python3 -m kforcing_jax.benchmark "${OWT[@]}" \
   --random_init --batch_sizes=$B_ALL --K=4 --repeats=3 --decode_attention=pallas \
   --out="$STAGE/pallas"
+section lm1b 150 python3 -m kforcing_jax.benchmark "${LM1B[@]}" --random_init \
+  --batch_sizes=$B_LM1B --K=4 --repeats=3 --out="$STAGE/lm1b"
 section profile 120 python3 launch/decode_profile.py "${OWT[@]}" --batch_sizes=$B_PROF --trace \
   --top=20 --label=default --out="$STAGE/profile"
 section bench8 150 python3 -m kforcing_jax.benchmark "${OWT[@]}" --random_init \

@@ -16,7 +16,9 @@ and sum; the merge is a log-sum-exp combination, so the result equals softmax at
 over the union (tests/test_flash_decode.py checks it against model.cached_attention).
 
 The cache layout is [B, heads, S, head_dim] for keys and values (the kernel's); S is a
-multiple of SPLIT (see cache_length). On CPU the kernel runs in Pallas' interpret mode:
+multiple of BLOCK_K (see cache_length), cut into k_splits equal parts per (row, head) --
+as many as keep the GPU busy (k_splits), no more: each split's partial output is written
+out and merged in XLA. On CPU the kernel runs in Pallas' interpret mode:
 correct and slow, for tests only (the benchmark refuses it there).
 """
 from __future__ import annotations
@@ -25,16 +27,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Cache slots per split-K block: the kernel needs S = k_splits * SPLIT with SPLIT a multiple
-# of BLOCK_K (its inner loop's step, >= 16 for Triton's dot).
-SPLIT = 128
+# Cache slots per step of the kernel's inner loop (>= 16 for Triton's dot); every split-K
+# part is a whole number of them.
 BLOCK_K = 64
+# Kernel programs (rows x heads x splits) to aim for: several per SM of a large GPU (an H100
+# has 132). Fewer splits at large batches keep the partial outputs merged in XLA small.
+PROGRAMS = 2048
 
 
 def cache_length(slots: int) -> int:
-  """The cache length the kernel accepts for `slots` needed slots (a multiple of SPLIT).
+  """The cache length the kernel accepts for `slots` needed slots (a multiple of BLOCK_K).
   The extra slots cost memory only: the kernel never reads past the filled part."""
-  return -(-slots // SPLIT) * SPLIT
+  return -(-slots // BLOCK_K) * BLOCK_K
+
+
+def k_splits(rows_x_heads: int, cache_len: int) -> int:
+  """The fewest split-K parts (a divisor of the cache's BLOCK_K blocks) that give PROGRAMS
+  kernel programs, or the most there are when even that falls short (small batches)."""
+  blocks = cache_len // BLOCK_K
+  divisors = [d for d in range(1, blocks + 1) if blocks % d == 0]
+  return next((d for d in divisors if rows_x_heads * d >= PROGRAMS), divisors[-1])
 
 
 def attention(q_BxTxHxD, k_new_BxQxHxD, v_new_BxQxHxD, ck_BxHxSxD, cv_BxHxSxD, slot,
@@ -50,9 +62,9 @@ def attention(q_BxTxHxD, k_new_BxQxHxD, v_new_BxQxHxD, ck_BxHxSxD, cv_BxHxSxD, s
   B, T, H, D = q_BxTxHxD.shape
   Q = k_new_BxQxHxD.shape[1]
   S = ck_BxHxSxD.shape[2]
-  if S % SPLIT:
-    raise ValueError(f'flash_decode.attention: cache length {S} is not a multiple of {SPLIT} '
-                     f'(allocate it with flash_decode.cache_length)')
+  if S % BLOCK_K:
+    raise ValueError(f'flash_decode.attention: cache length {S} is not a multiple of '
+                     f'{BLOCK_K} (allocate it with flash_decode.cache_length)')
   scale = 1.0 / np.sqrt(D)
   q_BxHxTxD = jnp.swapaxes(q_BxTxHxD, 1, 2)
   # gqa takes keys [B, S, kv_heads, D] and swaps them to [B, kv_heads, S, D] itself: the two
@@ -61,7 +73,7 @@ def attention(q_BxTxHxD, k_new_BxQxHxD, v_new_BxQxHxD, ck_BxHxSxD, cv_BxHxSxD, s
       q_BxHxTxD.reshape(B, H * T, D).astype(ck_BxHxSxD.dtype),
       jnp.swapaxes(ck_BxHxSxD, 1, 2), jnp.swapaxes(cv_BxHxSxD, 1, 2),
       start_idx=start_B.astype(jnp.int32), kv_seq_len=jnp.asarray(slot, jnp.int32),
-      sm_scale=float(scale), block_k=BLOCK_K, k_splits=S // SPLIT,
+      sm_scale=float(scale), block_k=BLOCK_K, k_splits=k_splits(B * H, S),
       interpret=jax.default_backend() == 'cpu', return_residuals=True, normalize_output=False)
   o_pre = o.reshape(B, H, T, D).astype(jnp.float32)
   l_pre, m_pre = l.reshape(B, H, T), m.reshape(B, H, T)

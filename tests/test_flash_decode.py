@@ -21,10 +21,14 @@ def full_float32_products():
     yield
 
 
-@pytest.mark.parametrize('T,Q,query_from', [(8, 8, 0), (4, 8, 4), (1, 1, 0), (5, 5, 0)])
-def test_attention_equals_masked_whole_cache_attention(T, Q, query_from):
-  B, H, D, S = 3, 2, 16, 2 * flash_decode.SPLIT
-  slot = 150  # the prefix crosses the first split; the rest of the cache is never read
+@pytest.mark.parametrize('T,Q,query_from,programs', [
+    (8, 8, 0, 2048), (4, 8, 4, 2048), (1, 1, 0, 2048), (5, 5, 0, 1), (8, 8, 0, 12)])
+def test_attention_equals_masked_whole_cache_attention(T, Q, query_from, programs,
+                                                       monkeypatch):
+  # programs: the split-K target -- 2048: all 4 blocks split apart; 1: one split; 12: two
+  monkeypatch.setattr(flash_decode, 'PROGRAMS', programs)
+  B, H, D, S = 3, 2, 16, 4 * flash_decode.BLOCK_K
+  slot = 150  # the prefix crosses splits; the rest of the cache is never read
   start_B = jnp.asarray([0, 37, 149])  # row 2: one prefix slot
   keys = jax.random.split(jax.random.key(0), 5)
   q = jax.random.normal(keys[0], (B, T, H, D))
@@ -47,7 +51,7 @@ def test_attention_equals_masked_whole_cache_attention(T, Q, query_from):
 
 def test_query_with_no_visible_key_gets_zeros():
   # a PFLM's fed tokens can sit in a short row's left padding: no prefix, no block key
-  B, T, H, D, S = 1, 2, 1, 16, flash_decode.SPLIT
+  B, T, H, D, S = 1, 2, 1, 16, 2 * flash_decode.BLOCK_K
   q = jnp.ones((B, T, H, D))
   kv = jnp.ones((B, T, H, D))
   cache = jnp.zeros((B, H, S, D))
@@ -55,9 +59,14 @@ def test_query_with_no_visible_key_gets_zeros():
   assert np.all(np.isfinite(out)) and np.all(np.asarray(out) == 0)
 
 
-def test_cache_length_is_a_whole_number_of_splits():
-  assert flash_decode.cache_length(1) == flash_decode.SPLIT
-  assert flash_decode.cache_length(1032) == 9 * flash_decode.SPLIT
+def test_cache_length_and_splits():
+  assert flash_decode.BLOCK_K == 64 and flash_decode.PROGRAMS == 2048
+  assert flash_decode.cache_length(1) == 64
+  assert flash_decode.cache_length(1032) == 1088  # 17 blocks
+  # OWT's AR cache, 1024 slots = 16 blocks, 12 heads: batch 256 needs no split (3,072
+  # programs), batch 64 4 splits (the fewest divisor reaching 2,048: 3,072), batch 1 all 16
+  assert [flash_decode.k_splits(b * 12, 1024) for b in (256, 64, 1)] == [1, 4, 16]
+  assert flash_decode.k_splits(64 * 12, 1088) == 17  # a prime number of blocks
   cfg = dataclasses.replace(tiny_model(pflm=True, heads=2)[0], decode_attention='pallas')
   cache = model_lib.init_cache(cfg, 2, 256)
   assert cache['k'][0].shape == cache['v'][0].shape == (2, cfg.n_heads, 256, cfg.head_dim)

@@ -260,12 +260,14 @@ class Attention(nn.Module):
     new_kv = None
     if cache_kv is not None and cfg.decode_attention == 'pallas':
       ck, cv = cache_kv
-      new_kv = tuple(jax.lax.dynamic_update_slice(c, jnp.swapaxes(x_new, 1, 2).astype(c.dtype),
-                                                  (0, 0, cache_slot, 0))
-                     for c, x_new in ((ck, k), (cv, v)))
-      # the updated cache (its new slots are not read): reading the old one would make XLA
-      # copy it to keep it alive past the in-place update
-      out = flash_decode.attention(q[:, query_from:], k, v, *new_kv, cache_slot, cache_start_B,
+      ck = jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k, 1, 2).astype(ck.dtype),
+                                        (0, 0, cache_slot, 0))
+      cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2).astype(cv.dtype),
+                                        (0, 0, cache_slot, 0))
+      new_kv = (ck, cv)
+      # the kernel reads the updated cache (not its new slots): reading the old one would
+      # make XLA copy the cache to keep it alive past the in-place update
+      out = flash_decode.attention(q[:, query_from:], k, v, ck, cv, cache_slot, cache_start_B,
                                    query_from)
     elif cache_kv is not None:
       ck, cv = cache_kv

@@ -201,10 +201,9 @@ def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, 
   cfg = model.cfg
   B, P = prompt_BxP.shape
   K = spec.K
-  F = spec.feed
   bounds = cache_lengths(cfg, spec, P)
   S = bounds[-1]
-  prefill = spec.first_slot(P)  # = P - F: P >= F + 1 (left_pad's min_len)
+  prefill = spec.first_slot(P)  # = P - spec.feed: P >= feed + 1 (left_pad's min_len)
   Q = spec.queries
   cache = model_lib.init_cache(cfg, B, bounds[0])
   if prefill > 0:

@@ -15,8 +15,9 @@ compiled HLO's op_name metadata, all layers together (e.g. `Transformer/block/at
 reduce_sum`, `Transformer/head/dot_general`) -- which says what a fusion or kernel is.
 --attention swaps model.reduce_attention's rule (dot: batched dots for every step; reduce:
 multiply-reduce for steps of <= 16 queries) to compare the two in one process;
---decode_attention=pallas profiles the flash-decoding kernel path (GPU). XLA_FLAGS set outside (e.g. command buffers) apply as usual; --label names
-the variant in the JSON. Writes DIR/decode_profile_<label>.json.
+--decode_attention=pallas profiles the flash-decoding kernel path (GPU). XLA_FLAGS set
+outside (e.g. command buffers) apply as usual; --label names the variant in the JSON.
+Writes DIR/decode_profile_<label>.json.
 """
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
 """kforcing_jax: K-Forcing (push-forward LMs by progressive self-forcing) in JAX/Flax."""
+from kforcing_jax.export import load
+from kforcing_jax.sampler import Sampler
 
-
-def load(path: str, mesh=None):
-  """Restores a model written by `python -m kforcing_jax.export` (see export.load)."""
-  from kforcing_jax import export  # pylint: disable=g-import-not-at-top
-  return export.load(path, mesh)
+__all__ = ['load', 'Sampler']

@@ -1,13 +1,14 @@
 """Batch-serving speed: AR vs PFLM tokens/s across batch sizes (design.md section 6).
 
-  python -m kforcing_jax.benchmark --config=configs/synthetic.py --random_init \
+  python -m kforcing_jax.benchmark --config=kforcing_jax/configs/synthetic.py --random_init \
       --batch_sizes=1,16 --K=4 --out=DIR
   python -m kforcing_jax.benchmark --config=CONFIG --workdir=RUN --batch_sizes=... --out=DIR
 
-AR and PFLM run in one process with the same dims and precision (--dtype: bf16 on
-accelerators; on CPU bf16 weight products with float32 activations and cache), prompt
-length 6, generation to data.seq_len, compile excluded, median of --repeats timed runs.
-Writes DIR/benchmark.json, DIR/benchmark.md, DIR/benchmark.png.
+AR and PFLM run in one process with the same dims and precision (--dtype, see
+kforcing_jax.precision), prompt length 6, generation to data.seq_len, compile excluded,
+median of --repeats timed runs. The AR baseline samples at temperature 1 with one-pass
+Gumbel-max (the fastest correct AR sampler); greedy AR is timed too. Writes
+DIR/benchmark.json, DIR/benchmark.md, DIR/benchmark.png.
 """
 from __future__ import annotations
 
@@ -27,9 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from kforcing_jax import data as data_lib
 from kforcing_jax import decode
+from kforcing_jax import errors
 from kforcing_jax import model as model_lib
-from kforcing_jax import sharding as sharding_lib
+from kforcing_jax import precision
+from kforcing_jax import runtime
+from kforcing_jax import sampler as sampler_lib
 from kforcing_jax import stages as stages_lib
 
 PROMPT_LEN = 6
@@ -87,29 +92,11 @@ def time_decode(engines_and_specs, batch: int, repeats: int, vocab: int):
   return [(statistics.median(t), n) for t, n in zip(times, steps)]
 
 
-def bytes_per_step(mcfg, params, batch: int, cache_slots_read: float) -> float:
+def bytes_per_step(arch, exe, params, batch: int, cache_slots_read: float) -> float:
   """Bytes a decoding step must read: every weight once plus the keys/values of the cache
   slots its attention reads (DecodeSpec.mean_cache_read)."""
   weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-  return weights + model_lib.cache_bytes(mcfg, batch, 1) * cache_slots_read
-
-
-# Serving precision (--dtype): weights are cast once, before decoding.
-#   bfloat16: weights, activations and KV cache in bf16 (accelerators);
-#   mixed: bf16 weights, bf16 x bf16 -> float32 weight products, float32 activations, KV
-#     cache and softmax (CPUs: their bf16 dot instructions are fast, bf16 elementwise math
-#     and bf16 attention are not; AR and PFLM alike run faster than in float32);
-#   float32: everything in float32.
-SERVE_DTYPES = {'bfloat16': ('bfloat16', ''), 'mixed': ('float32', 'bfloat16'),
-                'float32': ('float32', '')}
-
-
-def serve_dtype(name: str, on_accel: bool) -> str:
-  if name == 'auto':
-    return 'bfloat16' if on_accel else 'mixed'
-  if name not in SERVE_DTYPES:
-    raise decode.DecodeError(f'--dtype={name!r}: allowed: auto, {", ".join(SERVE_DTYPES)}')
-  return name
+  return weights + model_lib.cache_bytes(arch, exe, batch, 1) * cache_slots_read
 
 
 def check_decode_attention(name: str, on_accel: bool) -> None:
@@ -122,107 +109,96 @@ def check_decode_attention(name: str, on_accel: bool) -> None:
                              "time); use xla")
 
 
-def for_serving(mcfg, params, dtype: str, decode_attention: str = 'xla'):
-  """(ModelConfig, params) in the serving precision `dtype` (a SERVE_DTYPES key), with the
-  cached-attention kernel `decode_attention`. The noise encoder keeps float32 weights: it
-  computes in float32 (design 2.2) to resolve neighbouring CDF intervals, and runs once
-  per generation, off the decoding loop."""
-  compute, dot = SERVE_DTYPES[dtype]
-  pdt = 'float32' if dtype == 'float32' else 'bfloat16'
-  mcfg = dataclasses.replace(mcfg, dtype=compute, param_dtype=pdt, dot_dtype=dot,
-                             decode_attention=decode_attention)
-  cast = {k: (v if k == 'noise_encoder' else
-              jax.tree.map(lambda x: x.astype(model_lib.DTYPES[pdt]), v))
-          for k, v in params.items()}
-  return mcfg, cast
-
-
-def random_model(cfg, dtype: str, decode_attention: str = 'xla'):
-  """(ModelConfig, params) of a PFLM with random weights at the config's model fields, in
-  serving precision `dtype`; its backbone serves as the AR model too."""
+def random_model(cfg):
+  """(ArchConfig, float32 params) of a PFLM with random weights at the config's model
+  fields (used as given); its backbone serves as the AR model too."""
   vocab = cfg.model.vocab_size
   if vocab <= 0:
-    from kforcing_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     vocab = data_lib.make_tokenizer(cfg).vocab_size
-  m = cfg.model
-  mcfg = model_lib.ModelConfig(
-      vocab_size=vocab, d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
-      mlp_ratio=m.mlp_ratio, max_seq_len=cfg.data.seq_len, rope_base=m.rope_base,
-      dtype='float32', param_dtype='float32', attention_impl=m.attention_impl, pflm=True)
-  model = model_lib.Transformer(mcfg)
+  arch, _ = model_lib.configs_from_run(cfg, vocab, pflm=True)
+  arch = dataclasses.replace(arch, max_seq_len=cfg.data.seq_len)
   params = jax.jit(lambda r: flax.linen.unbox(
-      stages_lib.model_init_fn(model, mcfg, 8)(r)))(jax.random.key(0))
+      model_lib.init_fn(model_lib.build(arch))(r)))(jax.random.key(0))
   # the head is zero-initialised; random values make argmax/sampling realistic
   head = params['head']['kernel']
   params['head']['kernel'] = 0.02 * jax.random.normal(jax.random.key(1), head.shape, head.dtype)
-  return for_serving(mcfg, params, dtype, decode_attention)
+  return arch, params
 
 
 def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeats: int,
         out_dir: str, cache_phases: int = 1, dtype: str = 'auto',
         decode_attention: str = 'xla') -> dict:
   on_accel = jax.default_backend() != 'cpu'
-  dtype = serve_dtype(dtype, on_accel)
+  dtype, why = precision.choose(dtype)
+  print(f'serving precision: {dtype} ({why})', flush=True)
   check_decode_attention(decode_attention, on_accel)
+  exe = precision.exec_config(dtype, decode_attention)
   if random_init:
-    mcfg, params = random_model(cfg, dtype, decode_attention)
-    ar_cfg, ar_params, pf_cfg, pf_params = mcfg, params, mcfg, params
-    k_model = K
+    arch, params = random_model(cfg)
+    ar = sampler_lib.Sampler(arch, params, k=K, exe=exe, max_len=cfg.data.seq_len)
+    pf = ar
   else:
-    mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
-    ar_cfg, ar_params, _, _ = stages_lib.load_model_stage(workdir, 'teacher', mesh)
+    ar = sampler_lib.Sampler.from_workdir(workdir, 'teacher', dtype=dtype,
+                                          decode_attention=decode_attention)
     have = stages_lib.finished_model_stages(workdir)
-    cands = [s for s in have if s != 'teacher' and int(s[len('distill_k'):]) >= K]
+    cands = [s for s in have if s != 'teacher' and stages_lib.stage_k(s) >= K]
     if not cands:
       raise stages_lib.StageError(f'--K={K}: {workdir} has no finished distill_k<k> stage '
                                   f'with k >= {K} (finished: {", ".join(have)})')
-    pf_cfg, pf_params, meta, _ = stages_lib.load_model_stage(workdir, cands[0], mesh)
-    k_model = int(meta['k'])
-    ar_cfg, ar_params = for_serving(ar_cfg, ar_params, dtype, decode_attention)
-    pf_cfg, pf_params = for_serving(pf_cfg, pf_params, dtype, decode_attention)
+    pf = sampler_lib.Sampler.from_workdir(workdir, cands[0], dtype=dtype,
+                                          decode_attention=decode_attention)
   new_tokens = cfg.data.seq_len - PROMPT_LEN
-  ar_engine = decode.Engine(ar_cfg, ar_params, max_len=cfg.data.seq_len)
-  pf_engine = decode.Engine(pf_cfg, pf_params, max_len=cfg.data.seq_len)
-  ar_spec = decode.DecodeSpec(K=1, pflm=False, max_new_tokens=new_tokens, temperature=1.0,
-                              cache_phases=cache_phases)
-  pf_spec = decode.DecodeSpec(K=K, pflm=True, max_new_tokens=new_tokens,
-                              cache_phases=cache_phases)
+  # AR's fair baseline samples with one-pass Gumbel-max (temperature 1); greedy AR is
+  # reported too (the same reduction per token as the PFLM's argmax)
+  specs = {'ar': decode.DecodeSpec(K=1, max_new_tokens=new_tokens, temperature=1.0,
+                                   cache_phases=cache_phases),
+           'ar_greedy': decode.DecodeSpec(K=1, max_new_tokens=new_tokens, temperature=0.0,
+                                          cache_phases=cache_phases),
+           'pf': decode.DecodeSpec(K=K, pflm=True, max_new_tokens=new_tokens,
+                                   cache_phases=cache_phases)}
+  engines = {'ar': ar.engine, 'ar_greedy': ar.engine, 'pf': pf.engine}
   device = jax.devices()[0]
   kind = getattr(device, 'device_kind', str(device))
   peak = peak_bandwidth(kind) if on_accel else None
   cache_mb = {}
   for b in batch_sizes:  # every batch is checked before anything compiles
-    ar_engine.check(ar_spec, PROMPT_LEN, b, 1)
-    cache_mb[b] = pf_engine.check(pf_spec, PROMPT_LEN, b, k_model) / 2**20
-  precompile([(e, s, b) for b in batch_sizes for e, s in ((ar_engine, ar_spec),
-                                                          (pf_engine, pf_spec))])
+    for name, spec in specs.items():
+      cache_mb[b] = engines[name].check(spec, PROMPT_LEN, b) / 2**20
+  precompile([(engines[n], s, b) for b in batch_sizes for n, s in specs.items()])
   rows = []
   for b in batch_sizes:
     print(f'batch {b}: KV cache {cache_mb[b]:.1f} MiB per engine', flush=True)
-    (ar_s, ar_steps), (pf_s, pf_steps) = time_decode(
-        [(ar_engine, ar_spec), (pf_engine, pf_spec)], b, repeats, ar_cfg.vocab_size)
-    row = {'batch_size': b, 'K': K, 'new_tokens': new_tokens,
-           'ar_seconds': ar_s, 'pf_seconds': pf_s,
-           'ar_tokens_per_s': b * new_tokens / ar_s, 'pf_tokens_per_s': b * new_tokens / pf_s,
-           'ar_steps': ar_steps, 'pf_steps': pf_steps}
+    timed = dict(zip(specs, time_decode([(engines[n], s) for n, s in specs.items()], b,
+                                        repeats, ar.arch.vocab_size)))
+    row = {'batch_size': b, 'K': K, 'new_tokens': new_tokens}
+    for name, (seconds, steps) in timed.items():
+      row[f'{name}_seconds'] = seconds
+      row[f'{name}_tokens_per_s'] = b * new_tokens / seconds
+      row[f'{name}_steps'] = steps
     row['speedup'] = row['pf_tokens_per_s'] / row['ar_tokens_per_s']
+    row['speedup_vs_greedy'] = row['pf_tokens_per_s'] / row['ar_greedy_tokens_per_s']
     if peak:
       filled = decode_attention == 'pallas'
-      s_ar = ar_spec.mean_cache_read(PROMPT_LEN, filled)
-      s_pf = pf_spec.mean_cache_read(PROMPT_LEN, filled)
-      row['ar_hbm_fraction'] = bytes_per_step(ar_cfg, ar_params, b, s_ar) / (ar_s / ar_steps) / peak
-      row['pf_hbm_fraction'] = bytes_per_step(pf_cfg, pf_params, b, s_pf) / (pf_s / pf_steps) / peak
+      for name in ('ar', 'pf'):
+        reads = specs[name].mean_cache_read(PROMPT_LEN, filled)
+        eng = engines[name]
+        row[f'{name}_hbm_fraction'] = bytes_per_step(eng.arch, eng.exe, eng.params, b, reads) / (
+            row[f'{name}_seconds'] / row[f'{name}_steps']) / peak
     rows.append(row)
-    print(f'batch {b}: AR {row["ar_tokens_per_s"]:,.0f} tok/s, PFLM K={K} '
-          f'{row["pf_tokens_per_s"]:,.0f} tok/s, speedup {row["speedup"]:.2f}x', flush=True)
+    print(f'batch {b}: AR {row["ar_tokens_per_s"]:,.0f} tok/s (greedy '
+          f'{row["ar_greedy_tokens_per_s"]:,.0f}), PFLM K={K} {row["pf_tokens_per_s"]:,.0f} '
+          f'tok/s, speedup {row["speedup"]:.2f}x ({row["speedup_vs_greedy"]:.2f}x vs greedy)',
+          flush=True)
   result = {'device': f'{kind} x{jax.device_count()} ({jax.default_backend()})',
-            'date': time.strftime('%Y-%m-%d'),
-            'config': {'d_model': ar_cfg.d_model, 'n_layers': ar_cfg.n_layers,
-                       'n_heads': ar_cfg.n_heads, 'vocab_size': ar_cfg.vocab_size,
-                       'seq_len': cfg.data.seq_len, 'dtype': dtype,
+            'cpu': runtime.cpu_model() if not on_accel else None,
+            'date': time.strftime('%Y-%m-%d'), 'jax': jax.__version__,
+            'config': {'d_model': ar.arch.d_model, 'n_layers': ar.arch.n_layers,
+                       'n_heads': ar.arch.n_heads, 'vocab_size': ar.arch.vocab_size,
+                       'seq_len': cfg.data.seq_len, 'dtype': dtype, 'dtype_reason': why,
                        'random_init': random_init, 'workdir': workdir, 'repeats': repeats,
-                       'prompt_len': PROMPT_LEN, 'k_model': k_model,
-                       'cache_phases': cache_phases, 'decode_attention': decode_attention},
+                       'prompt_len': PROMPT_LEN, 'k_model': pf.k,
+                       'cache_phases': cache_phases, 'decode_attention': decode_attention,
+                       'ar_sampler': 'categorical'},
             'rows': rows}
   write_outputs(result, out_dir)
   return result
@@ -235,13 +211,15 @@ def markdown(result: dict) -> str:
            f'{", %d cache phases" % c["cache_phases"] if c.get("cache_phases", 1) > 1 else ""}'
            f'{", Pallas decode attention" if c.get("decode_attention") == "pallas" else ""}'
            f'{" (random weights)" if c["random_init"] else ""}', '',
-           '| batch | K | new tokens | AR tok/s | PFLM tok/s | speedup |' +
+           '| batch | K | new tokens | AR tok/s (sampled) | AR tok/s (greedy) | PFLM tok/s | '
+           'speedup | vs greedy |' +
            (' AR HBM frac | PFLM HBM frac |' if 'ar_hbm_fraction' in result['rows'][0] else ''),
-           '|---|---|---|---|---|---|' + ('---|---|' if 'ar_hbm_fraction' in result['rows'][0]
-                                          else '')]
+           '|---|---|---|---|---|---|---|---|' + ('---|---|' if 'ar_hbm_fraction' in
+                                                  result['rows'][0] else '')]
   for r in result['rows']:
     line = (f'| {r["batch_size"]} | {r["K"]} | {r["new_tokens"]} | {r["ar_tokens_per_s"]:,.0f} | '
-            f'{r["pf_tokens_per_s"]:,.0f} | {r["speedup"]:.2f}x |')
+            f'{r["ar_greedy_tokens_per_s"]:,.0f} | {r["pf_tokens_per_s"]:,.0f} | '
+            f'{r["speedup"]:.2f}x | {r["speedup_vs_greedy"]:.2f}x |')
     if 'ar_hbm_fraction' in r:
       line += f' {r["ar_hbm_fraction"]:.1%} | {r["pf_hbm_fraction"]:.1%} |'
     lines.append(line)
@@ -264,7 +242,8 @@ def write_outputs(result: dict, out_dir: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   bs = [r['batch_size'] for r in result['rows']]
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-  a1.plot(bs, [r['ar_tokens_per_s'] for r in result['rows']], 'o-', label='AR')
+  a1.plot(bs, [r['ar_tokens_per_s'] for r in result['rows']], 'o-', label='AR (sampled)')
+  a1.plot(bs, [r['ar_greedy_tokens_per_s'] for r in result['rows']], '^--', label='AR (greedy)')
   a1.plot(bs, [r['pf_tokens_per_s'] for r in result['rows']], 's-',
           label=f'PFLM K={result["rows"][0]["K"]}')
   a1.set_xscale('log', base=2)
@@ -290,6 +269,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  runtime.quiet_library_logs()
   f = FLAGS
   if not f.random_init and not f.workdir:
     raise app.UsageError('give --workdir=RUN (trained stages) or --random_init')
@@ -298,7 +278,6 @@ def main(argv):
     raise app.UsageError(f'--batch_sizes={f.batch_sizes!r}: give positive integers, e.g. 1,16')
   if f.repeats < 3:
     raise app.UsageError('--repeats must be >= 3 (the protocol takes a median of >= 3 runs)')
-  from kforcing_jax import errors  # pylint: disable=g-import-not-at-top
   try:
     result = run(_CONFIG.value, f.workdir, f.random_init, sizes, f.K, f.repeats, f.out,
                  f.cache_phases, f.dtype, f.decode_attention)
@@ -318,9 +297,10 @@ if __name__ == '__main__':
   flags.DEFINE_string('out', 'bench_out', 'output directory')
   flags.DEFINE_integer('cache_phases', 1, '> 1: decode in phases over a growing cache whose '
                        'attention reads only the filled prefix (AR and PFLM alike)')
-  flags.DEFINE_string('dtype', 'auto', 'serving precision: auto (bfloat16 on accelerators, '
-                      'mixed on CPU) | bfloat16 | mixed (bf16 weight products, float32 '
-                      'activations and KV cache) | float32')
+  flags.DEFINE_string('dtype', 'auto', 'serving precision: auto (bfloat16 on accelerators; '
+                      'on CPU mixed with native bf16 dot instructions, else float32) | '
+                      'bfloat16 | mixed (bf16 weight products, float32 activations and KV '
+                      'cache) | float32')
   flags.DEFINE_string('decode_attention', 'xla', 'cached attention (AR and PFLM alike): xla '
                       '(masked, over the whole cache) | pallas (GPU: a flash-decoding kernel '
                       'over the filled slots only)')

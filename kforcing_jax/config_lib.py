@@ -2,21 +2,21 @@
 value is reported by name with its allowed values, not deep inside JAX."""
 from __future__ import annotations
 
-from kforcing_jax import errors
-
+import importlib.util
 import os
-import re
 
 from kforcing_jax import data as data_lib
+from kforcing_jax import errors
 from kforcing_jax import model as model_lib
+from kforcing_jax import optim
+from kforcing_jax import stages as stages_lib
+
+FIXED_STAGES = ('teacher', 'sample', 'evaluate')
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
 
 
 class ConfigError(errors.UserError):
   pass
-
-
-STAGE_RE = re.compile(r'^distill_k(\d+)$')
-FIXED_STAGES = ('teacher', 'sample', 'evaluate')
 
 
 def _choice(field: str, value, allowed) -> None:
@@ -31,40 +31,61 @@ def _positive(field: str, value) -> None:
 
 
 def stages(cfg) -> list[str]:
-  names = [s.strip() for s in cfg.pipeline.split(',') if s.strip()]
+  """`pipeline` as a validated list of stage names (a tuple, or comma-separated strings)."""
+  raw = cfg.pipeline if isinstance(cfg.pipeline, (tuple, list)) else (cfg.pipeline,)
+  names = [s.strip() for item in raw for s in str(item).split(',') if s.strip()]
+  known = sorted(k for k in cfg.stages.keys() if k != 'teacher')
   if not names:
-    raise ConfigError('pipeline is empty; allowed stages: teacher, distill_k<K> '
-                      '(K = 1, 2, 4, ...), sample, evaluate')
+    raise ConfigError('pipeline is empty; allowed stages: teacher, ' + ', '.join(known) +
+                      ', sample, evaluate')
   for s in names:
-    m = STAGE_RE.match(s)
     if s in FIXED_STAGES:
       continue
-    if not m or int(m.group(1)) < 1 or int(m.group(1)) & (int(m.group(1)) - 1):
-      raise ConfigError(f'pipeline stage {s!r} is not known; allowed: teacher, '
-                        'distill_k<K> with K a power of two (distill_k1, distill_k2, '
-                        'distill_k4, ...), sample, evaluate')
+    m = stages_lib.STAGE_RE.match(s)
+    k = int(m.group(1)) if m else 0
+    if not m or k < 1 or k & (k - 1):
+      raise ConfigError(f'pipeline stage {s!r} is not known; allowed: teacher, distill_k<K> '
+                        'with K a power of two (distill_k1, distill_k2, distill_k4, ...), '
+                        'sample, evaluate')
+    if s not in cfg.stages:
+      raise ConfigError(f'pipeline stage {s!r} has no stages.{s} section in the config '
+                        f'(sections: {", ".join(known)}); add one, e.g. '
+                        f'c.stages.{s} = base.distill_stage()')
   if len(set(names)) != len(names):
-    raise ConfigError(f'pipeline={cfg.pipeline!r} lists a stage twice')
+    raise ConfigError(f'pipeline={names} lists a stage twice')
   return names
 
 
-def stage_k(stage: str) -> int:
-  """0 for the AR teacher, K for distill_kK."""
-  if stage == 'teacher':
-    return 0
-  m = STAGE_RE.match(stage)
-  if not m:
-    raise ConfigError(f'{stage!r} is not a model stage (teacher or distill_k<K>)')
-  return int(m.group(1))
+def _validate_stage(name: str, s) -> None:
+  for f in ('steps', 'batch_size', 'microbatches', 'log_every', 'checkpoint_every',
+            'keep_checkpoints', 'eval_batches'):
+    _positive(f'stages.{name}.{f}', s[f])
+  if 'eval_every' in s:
+    _positive(f'stages.{name}.eval_every', s.eval_every)
+  o = s.opt
+  _choice(f'stages.{name}.opt.schedule', o.schedule, optim.SCHEDULES)
+  _positive(f'stages.{name}.opt.learning_rate', o.learning_rate)
+  if o.warmup_steps < 0 or o.grad_clip < 0:
+    raise ConfigError(f'stages.{name}.opt.warmup_steps / grad_clip must be >= 0')
+  if not 0.0 <= o.ema_decay < 1.0:
+    raise ConfigError(f'stages.{name}.opt.ema_decay must be in [0, 1), got {o.ema_decay}')
+  if 'tau_min' in s:
+    if not 0 < s.tau_min <= s.tau_max:
+      raise ConfigError(f'stages.{name}.tau_min/tau_max must satisfy 0 < tau_min <= '
+                        f'tau_max, got {s.tau_min}, {s.tau_max}')
+    if s.teacher_stage:
+      stages_lib.stage_k(s.teacher_stage)
 
 
 def validate(cfg) -> None:
   stages(cfg)
-  m, d, t = cfg.model, cfg.data, cfg.train
+  m, d = cfg.model, cfg.data
   _choice('model.dtype', m.dtype, tuple(model_lib.DTYPES))
   _choice('model.param_dtype', m.param_dtype, tuple(model_lib.DTYPES))
   _choice('model.dot_dtype', m.dot_dtype, ('',) + tuple(model_lib.DTYPES))
-  _choice('model.attention_impl', m.attention_impl, ('auto', 'xla', 'cudnn'))
+  _choice('model.attention_impl', m.attention_impl, model_lib.ATTENTION_IMPLS)
+  _choice('model.decode_attention', m.decode_attention, model_lib.DECODE_ATTENTION)
+  _choice('model.cache_products', m.cache_products, model_lib.CACHE_PRODUCTS)
   for f in ('d_model', 'n_layers', 'n_heads', 'mlp_ratio'):
     _positive(f'model.{f}', m[f])
   if m.d_model % m.n_heads:
@@ -81,65 +102,38 @@ def validate(cfg) -> None:
     _choice('data.packing', d.packing, data_lib.PACKINGS)
   if d.tokenizer:
     _choice('data.tokenizer', d.tokenizer, ('bert-base-uncased', 'gpt2', 'synthetic'))
-  for f in ('seq_len', 'batch_size', 'eval_batch_size'):
+  for f in ('seq_len', 'eval_batch_size'):
     _positive(f'data.{f}', d[f])
-  _choice('train.schedule', t.schedule, ('cosine', 'linear', 'constant'))
-  for f in ('steps', 'learning_rate', 'log_every', 'eval_every', 'eval_batches',
-            'checkpoint_every', 'keep_checkpoints', 'microbatches'):
-    _positive(f'train.{f}', t[f])
-  if not 0.0 <= t.ema_decay < 1.0:
-    raise ConfigError(f'train.ema_decay must be in [0, 1), got {t.ema_decay}')
-  ds = cfg.distill
-  for f in ('steps', 'learning_rate', 'eval_batches', 'microbatches'):
-    _positive(f'distill.{f}', ds[f])
-  if not 0 < ds.tau_min <= ds.tau_max:
-    raise ConfigError(f'distill.tau_min/tau_max must satisfy 0 < tau_min <= tau_max, got '
-                      f'{ds.tau_min}, {ds.tau_max}')
-  if ds.teacher_stage:
-    stage_k(ds.teacher_stage)
-  stage_steps(cfg, 'teacher')
-
-
-def stage_steps(cfg, stage: str) -> int:
-  """distill.steps, or the stage's entry in distill.stage_steps."""
-  out = {}
-  for item in [x.strip() for x in cfg.distill.stage_steps.split(',') if x.strip()]:
-    name, _, value = item.partition('=')
-    if not STAGE_RE.match(name.strip()) or not value.strip().isdigit() or int(value) <= 0:
-      raise ConfigError(f'distill.stage_steps entry {item!r} must look like distill_k2=400')
-    out[name.strip()] = int(value)
-  return out.get(stage, cfg.distill.steps)
+  for name, section in cfg.stages.items():
+    _validate_stage(name, section)
 
 
 def load_config_file(path: str):
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  """get_config() of a config file; a bare name (e.g. 'synthetic') is looked up among the
+  package's configs."""
   path = path.split(':')[0]
+  if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, path + '.py')):
+    path = os.path.join(CONFIG_DIR, path + '.py')
   if not os.path.exists(path):
-    raise ConfigError(f'--config={path!r} does not exist; the files in configs/ are '
-                      f'{", ".join(sorted(f for f in os.listdir("configs") if f.endswith(".py") and not f.startswith("_"))) if os.path.isdir("configs") else "?"}')
+    raise ConfigError(f'--config={path!r} does not exist; the package configs are '
+                      f'{", ".join(known_configs())} (in {CONFIG_DIR})')
   spec = importlib.util.spec_from_file_location('kforcing_user_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
 
 
-def check_cli_overrides(argv: list[str]) -> None:
-  """Names an unknown --config.a.b=... key and the keys that do exist, before absl's
-  flag parser fails with a bare AttributeError."""
-  paths = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
-  if not paths:
-    return
-  cfg = load_config_file(paths[0])
-  for arg in argv:
-    if not arg.startswith('--config.'):
-      continue
-    key = arg[len('--config.'):].split('=', 1)[0]
-    node, walked = cfg, []
-    for part in key.split('.'):
-      if not hasattr(node, 'keys') or part not in node:
-        where = '.'.join(walked) or 'the top level'
-        known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else '(a leaf value)'
-        raise ConfigError(f'unknown config key {key!r}: {where} has no field {part!r}; '
-                          f'known fields there: {known}')
-      node = node[part]
-      walked.append(part)
+def resolve_config_arg(arg: str) -> str:
+  """'--config=NAME[:args]' -> the package config file NAME.py when NAME is no file here."""
+  if not arg.startswith('--config='):
+    return arg
+  path, sep, rest = arg[len('--config='):].partition(':')
+  candidate = os.path.join(CONFIG_DIR, path + '.py')
+  if not os.path.exists(path) and os.path.exists(candidate):
+    return f'--config={candidate}{sep}{rest}'
+  return arg
+
+
+def known_configs() -> list[str]:
+  return sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
+                if f.endswith('.py') and not f.startswith('_'))

@@ -14,20 +14,22 @@ blocks, no padding. TensorFlow is imported only by the lm1b source (design.md se
 """
 from __future__ import annotations
 
-from kforcing_jax import errors
-
 import glob
 import hashlib
 import io
 import json
 import lzma
 import os
+import shutil
 import tarfile
-from typing import Any, Iterator, Sequence
+import tempfile
+import time
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
 
+from kforcing_jax import errors
 from kforcing_jax import synthetic as synthetic_lib
 from kforcing_jax import tokenization
 
@@ -65,9 +67,10 @@ class SyntheticSource:
 
 
 class ArraySource:
-  """Rows materialised as arrays (small corpora or cached tokenisations)."""
+  """Rows as [n, seq_len] arrays (memory-mapped token caches, or small corpora); a split's
+  mask may be None: every token is valid (concat rows)."""
 
-  def __init__(self, tokenizer, seq_len, splits: dict[str, tuple[np.ndarray, np.ndarray]]):
+  def __init__(self, tokenizer, seq_len, splits: dict[str, tuple[np.ndarray, Any]]):
     self.tokenizer = tokenizer
     self.seq_len = seq_len
     self._splits = splits
@@ -81,7 +84,14 @@ class ArraySource:
 
   def rows(self, split: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     tokens, mask = self._splits[split]
-    return np.asarray(tokens[ids], np.int32), np.asarray(mask[ids], bool)
+    order = np.argsort(ids)  # sorted reads of a memory-mapped file, then the batch order
+    rows = np.empty((len(ids), self.seq_len), np.int32)
+    rows[order] = tokens[ids[order]]
+    if mask is None:
+      return rows, np.ones(rows.shape, bool)
+    valid = np.empty(rows.shape, bool)
+    valid[order] = mask[ids[order]]
+    return rows, valid
 
 
 class TfdsTextSource:
@@ -118,18 +128,118 @@ def pad_rows(encoded: Sequence[Sequence[int]], seq_len: int, tok) -> tuple[np.nd
   return tokens, mask
 
 
-def concat_rows(encoded: Sequence[Sequence[int]], seq_len: int, tok) -> tuple[np.ndarray, np.ndarray]:
-  """Documents joined with EOS (after each document), cut into full seq_len blocks."""
-  total = sum(len(e) + 1 for e in encoded)
-  flat = np.empty(total, np.int32)
-  i = 0
-  for ids in encoded:
-    flat[i:i + len(ids)] = ids
-    flat[i + len(ids)] = tok.eos_id
-    i += len(ids) + 1
-  n = total // seq_len
-  tokens = flat[:n * seq_len].reshape(n, seq_len)
-  return tokens, np.ones_like(tokens, bool)
+class RowWriter:
+  """Appends one split's rows to raw int32 (and, for `pad`, bool mask) files as records
+  arrive, so a corpus is never held in memory: `pad` makes one row per record (EOS appended
+  for GPT-2, truncated or padded to seq_len); `concat` joins records with EOS after each and
+  cuts full seq_len blocks (the tail that fills no block is dropped)."""
+
+  def __init__(self, directory: str, split: str, seq_len: int, packing: str, tok):
+    self.seq_len, self.packing, self.tok = seq_len, packing, tok
+    self.rows = 0
+    self._carry = np.zeros((0,), np.int32)
+    self._tokens = open(os.path.join(directory, f'{split}_tokens.bin'), 'wb')
+    self._mask = (open(os.path.join(directory, f'{split}_mask.bin'), 'wb')
+                  if packing == 'pad' else None)
+
+  def add(self, ids: Sequence[int]) -> None:
+    if self.packing == 'pad':
+      tokens, mask = pad_rows([ids], self.seq_len, self.tok)
+      self._tokens.write(tokens.tobytes())
+      self._mask.write(mask.tobytes())
+      self.rows += 1
+      return
+    stream = np.concatenate([self._carry, np.asarray(list(ids) + [self.tok.eos_id], np.int32)])
+    n = len(stream) // self.seq_len
+    self._tokens.write(stream[:n * self.seq_len].tobytes())
+    self._carry = stream[n * self.seq_len:]
+    self.rows += n
+
+  def close(self) -> int:
+    self._tokens.close()
+    if self._mask is not None:
+      self._mask.close()
+    return self.rows
+
+
+# --------------------------------------------------------------------------------------
+# The token cache: a corpus tokenized once into memory-mapped arrays
+# --------------------------------------------------------------------------------------
+CACHE_FORMAT = 'kforcing_jax.tokens/1'
+
+
+def cache_key(*parts) -> str:
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def open_cache(directory: str, tok, seq_len: int) -> ArraySource:
+  """The ArraySource of a finished cache directory (its meta.json is written last)."""
+  with open(os.path.join(directory, 'meta.json'), encoding='utf-8') as f:
+    meta = json.load(f)
+  if meta.get('format') != CACHE_FORMAT or meta['seq_len'] != seq_len:
+    raise DataConfigError(f'{directory}: not a token cache of seq_len {seq_len} '
+                          f'({meta.get("format")}, seq_len {meta.get("seq_len")})')
+  splits = {}
+  for split in SPLITS:
+    n = meta['rows'][split]
+    path = os.path.join(directory, f'{split}_tokens.bin')
+    tokens = (np.memmap(path, np.int32, 'r', shape=(n, seq_len)) if n else
+              np.zeros((0, seq_len), np.int32))
+    mask = None
+    if meta['packing'] == 'pad':
+      mask = (np.memmap(os.path.join(directory, f'{split}_mask.bin'), np.bool_, 'r',
+                        shape=(n, seq_len)) if n else np.zeros((0, seq_len), bool))
+    splits[split] = (tokens, mask)
+  return ArraySource(tok, seq_len, splits)
+
+
+def build_cache(directory: str, records: Iterable[tuple[str, str]], tok, seq_len: int,
+                packing: str, description: dict) -> None:
+  """Tokenizes (split, text) records into `directory` (atomically: a temporary directory
+  renamed when complete)."""
+  tmp = directory + f'.tmp{os.getpid()}'
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  writers = {s: RowWriter(tmp, s, seq_len, packing, tok) for s in SPLITS}
+  t0, n_records = time.time(), 0
+  for split, text in records:
+    writers[split].add(tok.encode(text))
+    n_records += 1
+    if n_records % 100_000 == 0:
+      print(f'data: tokenized {n_records:,} records ({time.time() - t0:.0f} s)', flush=True)
+  rows = {s: w.close() for s, w in writers.items()}
+  meta = {'format': CACHE_FORMAT, 'seq_len': seq_len, 'packing': packing, 'rows': rows,
+          'records': n_records, 'tokenizer': tok.identity(), **description}
+  with open(os.path.join(tmp, 'meta.json'), 'w', encoding='utf-8') as f:
+    json.dump(meta, f, indent=1)
+  shutil.rmtree(directory, ignore_errors=True)
+  os.replace(tmp, directory)
+
+
+def cached_source(cache_dir: str, key: str, records_fn, tok, seq_len: int, packing: str,
+                  description: dict, wait_s: float = 24 * 3600) -> ArraySource:
+  """The corpus under cache_dir/tokens-<key>: built by process 0 from records_fn() (an
+  iterable of (split, text)) when missing, then memory-mapped by every process, each
+  reading only the rows it indexes. Other processes wait for process 0 (the directory
+  must be on a filesystem all hosts share). cache_dir '' tokenizes into a temporary
+  directory, on every run."""
+  if not cache_dir:
+    cache_dir = tempfile.mkdtemp(prefix='kforcing_tokens_')
+  directory = os.path.join(cache_dir, f'tokens-{key}')
+  done = os.path.join(directory, 'meta.json')
+  if not os.path.exists(done):
+    if jax.process_index() == 0:
+      os.makedirs(cache_dir, exist_ok=True)
+      print(f'data: tokenizing the corpus once into {directory}', flush=True)
+      build_cache(directory, records_fn(), tok, seq_len, packing, description)
+    else:
+      t0 = time.time()
+      while not os.path.exists(done):
+        if time.time() - t0 > wait_s:
+          raise DataConfigError(f'process {jax.process_index()}: {done} did not appear in '
+                                f'{wait_s:.0f} s; data.cache_dir must be shared by all hosts')
+        time.sleep(5)
+  return open_cache(directory, tok, seq_len)
 
 
 # --------------------------------------------------------------------------------------
@@ -202,53 +312,61 @@ def heldout_mask(n: int, fraction: float, seed: int) -> np.ndarray:
   return is_eval
 
 
+def _split_records(records: list[str], eval_records: list[str] | None, fraction: float,
+                   seed: int) -> Iterator[tuple[str, str]]:
+  if eval_records is not None:
+    yield from (('train', r) for r in records)
+    yield from (('eval', r) for r in eval_records)
+    return
+  is_eval = heldout_mask(len(records), fraction, seed)
+  yield from ((('eval' if e else 'train'), r) for r, e in zip(records, is_eval))
+
+
 def local_file_source(cfg, tok, packing: str) -> ArraySource:
   d = cfg.data
   unit = 'line' if packing == 'pad' else 'file'
   files = list_files(d.path)
   eval_files = list_files(d.eval_path, 'data.eval_path') if d.eval_path else []
-  key = hashlib.sha256(json.dumps(
-      [[(f, os.path.getsize(f), os.path.getmtime(f)) for f in files + eval_files],
-       tok.fingerprint, packing, d.seq_len, d.eval_fraction, cfg.seed, d.max_examples,
-       unit]).encode()).hexdigest()[:20]
-  cache = os.path.join(d.cache_dir, f'tokens-{key}.npz') if d.cache_dir else ''
-  if cache and os.path.exists(cache):
-    with np.load(cache) as z:
-      splits = {s: (z[f'{s}_tokens'], z[f'{s}_mask']) for s in SPLITS}
-    return ArraySource(tok, d.seq_len, splits)
-  records = read_records(files, unit)
-  if d.max_examples > 0:
-    records = records[:d.max_examples]
-  if eval_files:
-    train_recs, eval_recs = records, read_records(eval_files, unit)
-  else:
-    is_eval = heldout_mask(len(records), d.eval_fraction, cfg.seed)
-    train_recs = [r for r, e in zip(records, is_eval) if not e]
-    eval_recs = [r for r, e in zip(records, is_eval) if e]
-  build = pad_rows if packing == 'pad' else concat_rows
-  splits = {'train': build([tok.encode(r) for r in train_recs], d.seq_len, tok),
-            'eval': build([tok.encode(r) for r in eval_recs], d.seq_len, tok)}
-  if cache:
-    os.makedirs(d.cache_dir, exist_ok=True)
-    tmp = cache + '.tmp.npz'
-    np.savez(tmp, **{f'{s}_{n}': a for s, (t, m) in splits.items()
-                     for n, a in (('tokens', t), ('mask', m))})
-    os.replace(tmp, cache)
-  return ArraySource(tok, d.seq_len, splits)
+  key = cache_key([(f, os.path.getsize(f), os.path.getmtime(f)) for f in files + eval_files],
+                  tok.fingerprint, packing, d.seq_len, d.eval_fraction, cfg.seed,
+                  d.max_examples, unit)
+
+  def records():
+    recs = read_records(files, unit)
+    if d.max_examples > 0:
+      recs = recs[:d.max_examples]
+    return _split_records(recs, read_records(eval_files, unit) if eval_files else None,
+                          d.eval_fraction, cfg.seed)
+  return cached_source(d.cache_dir, key, records, tok, d.seq_len, packing,
+                       {'source': 'files', 'path': d.path})
 
 
-def openwebtext_hf_records(cfg) -> list[str]:
-  """The Hugging Face `openwebtext` dataset (online); needs the optional `datasets`."""
+def openwebtext_hf_documents(max_examples: int) -> tuple[int, Iterator[str]]:
+  """(document count, documents) of the Hugging Face `openwebtext` dataset (online);
+  needs the optional `datasets` package."""
   try:
-    import datasets  # pylint: disable=g-import-not-at-top
+    import datasets  # pylint: disable=g-import-not-at-top  (optional, heavy)
   except ImportError as e:
     raise DataConfigError(
         'data.source=openwebtext with data.path empty loads the Hugging Face dataset and '
         'needs `pip install datasets`; offline, set data.path to local .txt/.xz/.jsonl '
         'documents') from e
   ds = datasets.load_dataset('openwebtext', split='train', trust_remote_code=True)
-  n = len(ds) if cfg.data.max_examples < 0 else min(len(ds), cfg.data.max_examples)
-  return [ds[i]['text'] for i in range(n)]
+  n = len(ds) if max_examples < 0 else min(len(ds), max_examples)
+  return n, (ds[i]['text'] for i in range(n))
+
+
+def openwebtext_hf_source(cfg, tok, packing: str) -> ArraySource:
+  d = cfg.data
+  key = cache_key('hf:openwebtext', tok.fingerprint, packing, d.seq_len, d.eval_fraction,
+                  cfg.seed, d.max_examples)
+
+  def records():
+    n, docs = openwebtext_hf_documents(d.max_examples)
+    is_eval = heldout_mask(n, d.eval_fraction, cfg.seed)
+    return ((('eval' if e else 'train'), text) for text, e in zip(docs, is_eval))
+  return cached_source(d.cache_dir, key, records, tok, d.seq_len, packing,
+                       {'source': 'hf:openwebtext'})
 
 
 def lm1b_source(cfg, tok) -> TfdsTextSource:
@@ -294,14 +412,7 @@ def make_source(cfg):
   if cfg.data.source == 'lm1b':
     return lm1b_source(cfg, tok)
   if cfg.data.source == 'openwebtext' and not cfg.data.path:
-    records = openwebtext_hf_records(cfg)
-    is_eval = heldout_mask(len(records), cfg.data.eval_fraction, cfg.seed)
-    build = pad_rows if packing == 'pad' else concat_rows
-    return ArraySource(tok, cfg.data.seq_len, {
-        'train': build([tok.encode(r) for r, e in zip(records, is_eval) if not e],
-                       cfg.data.seq_len, tok),
-        'eval': build([tok.encode(r) for r, e in zip(records, is_eval) if e],
-                      cfg.data.seq_len, tok)})
+    return openwebtext_hf_source(cfg, tok, packing)
   return local_file_source(cfg, tok, packing)
 
 

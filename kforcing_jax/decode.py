@@ -1,30 +1,28 @@
 """One jitted, KV-cached decoding engine for the AR teacher and PFLM students (design.md 4).
 
-AR (K = 1, no hints): each step feeds the last emitted token and samples the next one by
-the inverse CDF of the tempered, top-k/top-p-filtered softmax at noise u (so AR sampling
-is the same push-forward map the students are distilled from).
+AR (K = 1, no hints): each step feeds the last emitted token and samples the next one from
+the tempered, then top-k/top-p-filtered softmax: by default with one-pass Gumbel-max
+(`jax.random.categorical`), the fastest correct sampler; `sampler='inverse_cdf'` draws the
+same distribution as the push-forward map of a shared u (the map the students are distilled
+from; for agreement checks); temperature 0 is greedy.
 PFLM (K tokens per step): each step feeds [K tokens emitted last step | K fresh hints]
 (2K queries) with causal attention over the cache; hint i's argmax (after an optional
 frequency penalty applied token by token within the block) is token i. Hint K/V land in
 the slots the next step's tokens overwrite.
 
-RoPE angles come from a table made once per generation (see model.Transformer's rope_cs).
-With DecodeSpec.cache_phases > 1 the loop is a chain of loops over a growing cache, each
-reading only its prefix of slots (the attention cost then follows the filled length).
-A model with decode_attention='pallas' reads only the filled slots in one loop instead
-(kforcing_jax.flash_decode; GPU).
+RoPE angles come from a table made once per generation. With DecodeSpec.cache_phases > 1
+the loop is a chain of loops over a growing cache, each reading only its prefix of slots.
+An ExecConfig with decode_attention='pallas' reads only the filled slots in one loop
+instead (kforcing_jax.flash_decode; GPU).
 
 Prompts are left-padded to one length P; row b's RoPE positions are slot - pad_b and its
-padding slots are masked, so a row decodes the same alone or in any batch. Noise for
-token j of the row with seed r is drawn from fold_in(fold_in(seed, r), j): a sample does
+padding slots are masked, so a row decodes the same alone or in any batch. The randomness
+of token j of the row with seed r comes from fold_in(fold_in(seed, r), j): a sample does
 not depend on batch size, batch position or K.
 """
 from __future__ import annotations
 
-from kforcing_jax import errors
-
 import dataclasses
-import functools
 import threading
 from typing import Any
 
@@ -33,20 +31,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kforcing_jax import attention as attn_lib
+from kforcing_jax import errors
 from kforcing_jax import flash_decode
 from kforcing_jax import model as model_lib
+from kforcing_jax import runtime
 from kforcing_jax import targets as targets_lib
+
+SAMPLERS = ('categorical', 'inverse_cdf')  # DecodeSpec.sampler (AR)
+# Cache lengths are multiples of this: XLA:GPU pads bf16 dot dimensions to multiples of 8
+# for the tensor cores and otherwise adds pad fusions around every step's attention
+# products. The extra slots are masked like unwritten ones.
+CACHE_ALIGN = 8
 
 
 class DecodeError(errors.UserError):
   pass
-
-
-# Cache lengths are multiples of this: XLA:GPU pads bf16 dot dimensions to multiples of 8
-# for the tensor cores, and with the PFLM's natural 1030 slots (OWT shape) it added pad
-# fusions around every step's attention products (H100: the PFLM step 3-4% faster at
-# batch 64 and 256 with 1032 slots). The few extra slots are masked like unwritten ones.
-CACHE_ALIGN = 8
 
 
 def _align(n: int) -> int:
@@ -59,9 +59,10 @@ class DecodeSpec:
   K: int = 1  # tokens per step; 1 with pflm=False is AR decoding
   pflm: bool = False
   max_new_tokens: int = 32
-  temperature: float = 1.0  # AR only; 0 = greedy
+  temperature: float = 1.0  # AR only; 0 = greedy; applied before top_k / top_p
   top_k: int = 0  # AR only; 0 = off
-  top_p: float = 1.0  # AR only; 1 = off
+  top_p: float = 1.0  # AR only; 1 = off; the nucleus of the tempered distribution
+  sampler: str = 'categorical'  # AR only: categorical (Gumbel-max) | inverse_cdf
   freq_penalty: float = 0.0  # PFLM: lambda * count(v) subtracted token by token
   eos_id: int = -1  # -1: never stop early
   pad_id: int = 0  # written after EOS
@@ -149,24 +150,28 @@ def left_pad(prompts: list[list[int]], pad_id: int, min_len: int = 1):
   return arr, pads
 
 
+def row_keys(seed_key, row_seeds_B):
+  """[B] keys fold_in(seed, row): token j of row b draws from fold_in(row_keys[b], j)."""
+  return jax.vmap(lambda r: jax.random.fold_in(seed_key, r))(row_seeds_B)
+
+
 def noise_for_tokens(seed_key, row_seeds_B, token_idx_N):
   """u [B, N] for token indices token_idx_N of each row: fold_in(fold_in(seed, row), j)."""
-  def row(r):
-    rk = jax.random.fold_in(seed_key, r)
-    return jax.vmap(lambda j: targets_lib.uniform_noise(jax.random.fold_in(rk, j), ()))(
-        token_idx_N)
-  return jax.vmap(row)(row_seeds_B)
+  return jax.vmap(lambda rk: jax.vmap(lambda j: targets_lib.uniform_noise(
+      jax.random.fold_in(rk, j), ()))(token_idx_N))(row_keys(seed_key, row_seeds_B))
 
 
 def first_argmax(logits_BxV):  # [..., V] -> [...] int32
   """jnp.argmax (first index of the maximum) as a max and a masked min: two plain
-  reductions, ~3x faster on CPU than XLA's (value, index) argmax reduction."""
+  reductions, faster on CPU than XLA's (value, index) argmax reduction."""
   V = logits_BxV.shape[-1]
   top = jnp.max(logits_BxV, axis=-1, keepdims=True)
   return jnp.min(jnp.where(logits_BxV == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
 
 
 def filter_logits(logits_BxV, top_k: int, top_p: float):
+  """Top-k, then top-p (the smallest set of tokens whose softmax mass reaches top_p; always
+  at least the top token) of already tempered logits."""
   if top_k > 0:
     kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
     logits_BxV = jnp.where(logits_BxV < kth, model_lib.NEG_INF, logits_BxV)
@@ -174,11 +179,21 @@ def filter_logits(logits_BxV, top_k: int, top_p: float):
     sorted_l = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(sorted_l, axis=-1)
     cum = jnp.cumsum(probs, axis=-1)
-    # keep the smallest set whose mass reaches top_p (always at least the top token)
     cutoff_idx = jnp.sum(cum - probs < top_p, axis=-1, keepdims=True) - 1
     cutoff = jnp.take_along_axis(sorted_l, cutoff_idx, axis=-1)
     logits_BxV = jnp.where(logits_BxV < cutoff, model_lib.NEG_INF, logits_BxV)
   return logits_BxV
+
+
+def sample_ar(spec: DecodeSpec, logits_BxV, keys_B, u_B):
+  """The AR token of one step: greedy, or a draw from the tempered, filtered softmax
+  (Gumbel-max with per-row keys, or the inverse CDF at per-row u)."""
+  if spec.temperature == 0.0:
+    return first_argmax(logits_BxV)
+  l = filter_logits(logits_BxV / spec.temperature, spec.top_k, spec.top_p)
+  if spec.sampler == 'inverse_cdf':
+    return targets_lib.inverse_cdf(l, u_B)
+  return jax.vmap(jax.random.categorical)(keys_B, l).astype(jnp.int32)
 
 
 def _mask(slot, Q, S, pads_B):
@@ -188,30 +203,38 @@ def _mask(slot, Q, S, pads_B):
          (k_slots[None, None, :] >= pads_B[:, None, None])
 
 
-def cache_lengths(cfg: model_lib.ModelConfig, spec: DecodeSpec, prompt_len: int) -> list[int]:
+def cache_lengths(exe: model_lib.ExecConfig, spec: DecodeSpec, prompt_len: int) -> list[int]:
   """The cache length of each phase: spec.phase_lengths, or with decode_attention='pallas'
   (one phase: the kernel reads only the filled slots anyway) the full length rounded up to
   the kernel's split size."""
-  if cfg.decode_attention == 'pallas':
+  if exe.decode_attention == 'pallas':
     return [flash_decode.cache_length(spec.cache_len(prompt_len))]
   return spec.phase_lengths(prompt_len)
 
 
 def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, seed_key):
-  cfg = model.cfg
+  arch, exe = model.arch, model.exe
   B, P = prompt_BxP.shape
   K = spec.K
-  bounds = cache_lengths(cfg, spec, P)
+  bounds = cache_lengths(exe, spec, P)
   S = bounds[-1]
   prefill = spec.first_slot(P)  # = P - spec.feed: P >= feed + 1 (left_pad's min_len)
   Q = spec.queries
-  cache = model_lib.init_cache(cfg, B, bounds[0])
+  cos_SxF, sin_SxF = model_lib.rope_cos_sin(jnp.arange(S)[None], arch.head_dim, arch.rope_base)
+
+  def step(tokens, cache, slot, hints=None, logits_from=0):
+    q_slots = slot + jnp.arange(tokens.shape[1] + (0 if hints is None else hints.shape[1]))
+    pos = jnp.maximum(q_slots[None, :] - pads_B[:, None], 0)
+    attend = attn_lib.Cached(slot, _mask(slot, pos.shape[1], cache['v'][0].shape[2], pads_B),
+                             pads_B, exe.decode_attention, exe.cache_products)
+    return model.apply({'params': params}, tokens, cache, attend, (cos_SxF[0][pos], sin_SxF[0][pos]),
+                       hints_BxHxD=hints, logits_from=logits_from,
+                       method=model_lib.Transformer.decode_step)
+
+  cache = model_lib.init_cache(arch, exe, B, bounds[0])
   if prefill > 0:
-    pos = jnp.maximum(jnp.arange(prefill)[None, :] - pads_B[:, None], 0)
-    _, cache = model.apply({'params': params}, prompt_BxP[:, :prefill], pos,
-                           _mask(0, prefill, bounds[0], pads_B), cache=cache, cache_slot=0,
-                           logits_from=prefill, cache_start_B=pads_B)
-  V = cfg.vocab_size
+    _, cache = step(prompt_BxP[:, :prefill], cache, 0, logits_from=prefill)
+  V = arch.vocab_size
   penalize = spec.pflm and spec.freq_penalty != 0.0
   state = LoopState(step=jnp.zeros((), jnp.int32), cache=cache,
                     slot=jnp.asarray(prefill, jnp.int32),
@@ -219,52 +242,39 @@ def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, 
                     out_BxN=jnp.full((B, spec.n_steps * K), spec.pad_id, jnp.int32),
                     done_B=jnp.zeros((B,), bool),
                     counts_BxV=jnp.zeros((B, V if penalize else 1), jnp.int32))
-  tau_B = jnp.full((B,), spec.tau, jnp.float32)
-  # The noise of the whole generation is drawn (and, for a PFLM, encoded into hint
-  # embeddings) before the loop in one batched call: the same values as drawing each
-  # step's, without per-step RNG and encoder work on the sequential path.
+  keys_B = row_keys(seed_key, row_seeds_B)
   n_tokens = spec.n_steps * K
-  u_BxN = noise_for_tokens(seed_key, row_seeds_B, jnp.arange(n_tokens))
+  # A PFLM's noise of the whole generation is drawn and encoded into hint embeddings
+  # before the loop in one batched call (the same values as drawing each step's), keeping
+  # RNG and encoder work off the sequential path; likewise the AR inverse CDF's u.
+  u_BxN = None
+  if spec.pflm or spec.sampler == 'inverse_cdf':
+    u_BxN = noise_for_tokens(seed_key, row_seeds_B, jnp.arange(n_tokens))
   if spec.pflm:
-    hints_BxNxD = model_lib.encode_noise(cfg, params, u_BxN, tau_B)
-
-  cos_SxF, sin_SxF = model_lib.rope_cos_sin(jnp.arange(S)[None], cfg.head_dim, cfg.rope_base)
+    hints_BxNxD = model.apply({'params': params}, u_BxN, jnp.full((B,), spec.tau, jnp.float32),
+                              method=model_lib.Transformer.encode_noise)
+  rows = jnp.arange(B)
 
   def body(st: LoopState) -> LoopState:
-    s_now = st.cache['v'][0].shape[2]
-    q_slots = st.slot + jnp.arange(Q)
-    pos_BxQ = jnp.maximum(q_slots[None, :] - pads_B[:, None], 0)
-    rope_cs = (cos_SxF[0][pos_BxQ], sin_SxF[0][pos_BxQ])
-    mask = _mask(st.slot, Q, s_now, pads_B)
+    counts = st.counts_BxV
     if spec.pflm:
       hints = jax.lax.dynamic_slice_in_dim(hints_BxNxD, st.step * K, K, axis=1)
-      logits, cache = model.apply({'params': params}, st.last_BxF, pos_BxQ[:, :K], mask,
-                                  hint_emb_BxHxD=hints, hint_pos_BxH=pos_BxQ[:, K:],
-                                  cache=st.cache, cache_slot=st.slot, logits_from=K,
-                                  rope_cs=rope_cs, cache_start_B=pads_B)
-      counts = st.counts_BxV
+      logits, cache = step(st.last_BxF, st.cache, st.slot, hints, logits_from=K)
       if penalize:
         toks = []
         for i in range(K):
           yi = first_argmax(logits[:, i] - spec.freq_penalty * counts.astype(jnp.float32))
-          counts = counts + jax.nn.one_hot(yi, V, dtype=jnp.int32)
+          counts = counts.at[rows, yi].add(1)
           toks.append(yi)
         new_BxK = jnp.stack(toks, axis=1)
       else:
         new_BxK = first_argmax(logits)
     else:
-      logits, cache = model.apply({'params': params}, st.last_BxF, pos_BxQ, mask,
-                                  cache=st.cache, cache_slot=st.slot, rope_cs=rope_cs,
-                                  cache_start_B=pads_B)
-      l = logits[:, 0]
-      if spec.temperature == 0.0:
-        y = first_argmax(l)
-      else:
-        l = filter_logits(l, spec.top_k, spec.top_p)
-        u_B = jax.lax.dynamic_index_in_dim(u_BxN, st.step, axis=1, keepdims=False)
-        y = targets_lib.inverse_cdf(l, u_B, spec.temperature)
-      new_BxK = y[:, None]
-      counts = st.counts_BxV
+      logits, cache = step(st.last_BxF, st.cache, st.slot)
+      u_B = (None if u_BxN is None else
+             jax.lax.dynamic_index_in_dim(u_BxN, st.step, axis=1, keepdims=False))
+      keys = jax.vmap(lambda k: jax.random.fold_in(k, st.step))(keys_B)
+      new_BxK = sample_ar(spec, logits[:, 0], keys, u_B)[:, None]
     # EOS: a row is done after its first EOS; everything after it becomes padding
     if spec.eos_id >= 0:
       is_eos = new_BxK == spec.eos_id
@@ -290,13 +300,20 @@ def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, 
 
 
 class Engine:
-  """Holds a model and compiles one decoding loop per (DecodeSpec, shapes)."""
+  """A model with its parameters and window k (0: AR); compiles one decoding loop per
+  (DecodeSpec, shapes) and refuses specs the model cannot decode."""
 
-  def __init__(self, model_cfg: model_lib.ModelConfig, params, max_len: int | None = None):
-    self.cfg = model_cfg
-    self.model = model_lib.Transformer(model_cfg)
+  def __init__(self, arch: model_lib.ArchConfig, params, exe: model_lib.ExecConfig | None = None,
+               *, k: int = 0, max_len: int | None = None):
+    if arch.pflm != (k > 0):
+      raise DecodeError(f'window k={k} does not fit the model: a PFLM (pflm=True) needs '
+                        'k >= 1, an AR model k=0')
+    self.arch = arch
+    self.model = model_lib.build(arch, exe)
+    self.exe = self.model.exe
     self.params = params
-    self.max_len = max_len or model_cfg.max_seq_len
+    self.k = k
+    self.max_len = max_len or arch.max_seq_len
     self._fns = {}
     self._lock = threading.Lock()
     self.traces = 0  # how many times a loop was traced (tests: no recompilation)
@@ -310,20 +327,32 @@ class Engine:
         self._fns[spec] = jax.jit(run)
       return self._fns[spec]
 
-  def check(self, spec: DecodeSpec, prompt_len: int, batch: int, k_model: int) -> int:
+  def check(self, spec: DecodeSpec, prompt_len: int, batch: int) -> int:
+    """Raises DecodeError naming the field for a spec this model cannot decode; returns
+    the KV cache's bytes."""
     if spec.K < 1:
       raise DecodeError(f'K={spec.K}: K must be >= 1')
+    if spec.max_new_tokens < 1:
+      raise DecodeError(f'max_new_tokens={spec.max_new_tokens}: must be >= 1')
     if spec.cache_phases < 1:
       raise DecodeError(f'cache_phases={spec.cache_phases}: must be >= 1 (1 = one cache of '
                         f'the full length)')
-    if spec.cache_phases > 1 and self.cfg.decode_attention == 'pallas':
+    if spec.cache_phases > 1 and self.exe.decode_attention == 'pallas':
       raise DecodeError(f"cache_phases={spec.cache_phases} with decode_attention='pallas': "
                         f"allowed: 1 (the kernel already reads only the filled slots)")
-    if spec.pflm and spec.K > k_model:
-      raise DecodeError(f'K={spec.K} is larger than the model\'s window k={k_model}; allowed: '
-                        f'1..{k_model}')
+    if spec.pflm and not self.k:
+      raise DecodeError('this is an AR model (k=0): it decodes one token per step, without '
+                        'hints (pflm=False, K=1)')
+    if spec.pflm and spec.K > self.k:
+      raise DecodeError(f'K={spec.K} is larger than the model\'s window k={self.k}; allowed: '
+                        f'1..{self.k}')
     if not spec.pflm and spec.K != 1:
       raise DecodeError('AR decoding emits one token per step: K must be 1')
+    if spec.sampler not in SAMPLERS:
+      raise DecodeError(f'sampler={spec.sampler!r}: allowed: {", ".join(SAMPLERS)}')
+    if spec.temperature < 0 or not 0.0 < spec.top_p <= 1.0 or spec.top_k < 0:
+      raise DecodeError(f'temperature={spec.temperature}, top_k={spec.top_k}, top_p='
+                        f'{spec.top_p}: allowed: temperature >= 0, top_k >= 0, 0 < top_p <= 1')
     total = prompt_len + spec.max_new_tokens
     if prompt_len >= self.max_len or total > self.max_len + spec.K:
       raise DecodeError(f'prompt length {prompt_len} + {spec.max_new_tokens} new tokens exceeds '
@@ -331,29 +360,32 @@ class Engine:
     return self.memory_check(spec, prompt_len, batch)
 
   def memory_check(self, spec: DecodeSpec, prompt_len: int, batch: int) -> int:
-    """Cache bytes; raises before compiling when cache + weights cannot fit the device."""
-    lengths = cache_lengths(self.cfg, spec, prompt_len)
+    """Cache bytes; raises before compiling when cache, hint embeddings and weights cannot
+    fit the device."""
+    lengths = cache_lengths(self.exe, spec, prompt_len)
     S = lengths[-1]
-    need = model_lib.cache_bytes(self.cfg, batch, S)
+    need = model_lib.cache_bytes(self.arch, self.exe, batch, S)
     # growing the cache between phases holds the old and the new one for a moment
-    peak = need + (model_lib.cache_bytes(self.cfg, batch, lengths[-2]) if len(lengths) > 1 else 0)
+    peak = need + (model_lib.cache_bytes(self.arch, self.exe, batch, lengths[-2])
+                   if len(lengths) > 1 else 0)
+    hints = batch * spec.n_steps * spec.K * self.arch.d_model * 4 if spec.pflm else 0
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
-    limit = device_memory_bytes()
-    if limit and peak + weights > 0.9 * limit:
+    limit = runtime.device_memory_bytes()
+    if limit and peak + hints + weights > 0.9 * limit:
       grow = (f' (up to {peak / 2**30:.2f} GiB while growing it between {len(lengths)} cache '
               f'phases)' if peak > need else '')
       raise DecodeError(
-          f'batch {batch} needs a {need / 2**30:.2f} GiB KV cache ([{self.cfg.n_layers}, {batch}, '
-          f'{S}, {self.cfg.n_heads}, {self.cfg.head_dim}] x 2){grow} plus {weights / 2**30:.2f} GiB '
-          f'of weights, more than 90% of the device\'s {limit / 2**30:.2f} GiB: lower the batch'
+          f'batch {batch} needs a {need / 2**30:.2f} GiB KV cache ([{self.arch.n_layers}, '
+          f'{batch}, {S}, {self.arch.n_heads}, {self.arch.head_dim}] x 2){grow}, '
+          f'{hints / 2**30:.2f} GiB of hint embeddings and {weights / 2**30:.2f} GiB of '
+          f'weights, more than 90% of the device\'s {limit / 2**30:.2f} GiB: lower the batch'
           f'{" or cache_phases" if peak > need else ""}')
     return need
 
-  def generate(self, prompts, spec: DecodeSpec, seed: int = 0, row_seeds=None, k_model=None):
+  def generate(self, prompts, spec: DecodeSpec, seed: int = 0, row_seeds=None):
     """prompts: list of token-id lists (ragged). Returns ([B, max_new] int32 numpy, steps)."""
     arr, pads = left_pad(prompts, spec.pad_id, min_len=spec.feed + 1)
-    self.check(spec, max(len(p) for p in prompts), len(prompts),
-               k_model if k_model is not None else spec.K)
+    self.check(spec, max(len(p) for p in prompts), len(prompts))
     row_seeds = np.arange(len(prompts)) if row_seeds is None else np.asarray(row_seeds)
     out, steps = self._fn(spec)(self.params, jnp.asarray(arr), jnp.asarray(pads),
                                 jnp.asarray(row_seeds, jnp.int32), jax.random.key(seed))
@@ -362,7 +394,7 @@ class Engine:
   def compile(self, spec: DecodeSpec, batch: int, prompt_width: int):
     """Compiles the loop for [batch, prompt_width] prompts ahead of the first call, which
     then reuses it (jit's lowering and compilation caches). Thread-safe: benchmarks compile
-    several loops at once on hosts with many cores (a GPU's ~25 s per loop at OWT size)."""
+    several loops at once on hosts with many cores."""
     int_B = jax.ShapeDtypeStruct((batch,), jnp.int32)
     return self._fn(spec).lower(self.params, jax.ShapeDtypeStruct((batch, prompt_width),
                                                                   jnp.int32),
@@ -371,18 +403,3 @@ class Engine:
   def generate_arrays(self, spec, prompt_BxP, pads_B, row_seeds_B, seed: int = 0):
     """The jitted loop on already padded device arrays (benchmarks); returns device arrays."""
     return self._fn(spec)(self.params, prompt_BxP, pads_B, row_seeds_B, jax.random.key(seed))
-
-
-@functools.lru_cache(maxsize=1)
-def device_memory_bytes() -> int | None:
-  try:
-    stats = jax.devices()[0].memory_stats()
-    if stats and 'bytes_limit' in stats:
-      return int(stats['bytes_limit'])
-  except Exception:  # pylint: disable=broad-except
-    pass
-  try:
-    import os  # pylint: disable=g-import-not-at-top
-    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-  except (ValueError, OSError, AttributeError):
-    return None

@@ -8,28 +8,19 @@ differentiated or re-saved; the student starts from a copy of the teacher's weig
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kforcing_jax import checkpoint as ckpt_lib
-from kforcing_jax import config_lib
 from kforcing_jax import data as data_lib
 from kforcing_jax import layouts
-from kforcing_jax import memory
 from kforcing_jax import model as model_lib
 from kforcing_jax import sharding as sharding_lib
 from kforcing_jax import stages as stages_lib
 from kforcing_jax import targets as targets_lib
-from kforcing_jax import train as train_lib
-from kforcing_jax import writers
-
-
-StageError = stages_lib.StageError
+from kforcing_jax import trainer
 
 
 def teacher_stage_of(stage: str, names: list[str], override: str = '') -> str:
@@ -39,7 +30,7 @@ def teacher_stage_of(stage: str, names: list[str], override: str = '') -> str:
   i = model_stages.index(stage)
   if i > 0:
     return model_stages[i - 1]
-  k = config_lib.stage_k(stage)
+  k = stages_lib.stage_k(stage)
   return 'teacher' if k == 1 else f'distill_k{k // 2}'
 
 
@@ -76,7 +67,7 @@ def agreement_stats(pred_BxNxK, y_BxNxK, w_BxNxK):
 
 def make_distill_step(student, targets_fn, tx, k: int, tau_range, never_emit, ema_decay,
                       microbatches: int = 1):
-  def distill_step(state: train_lib.TrainState, teacher_params, batch, rng):
+  def distill_step(state: trainer.TrainState, batch, rng, teacher_params):
     ctx = batch['tokens']
     B, n = ctx.shape
     # noise for the whole batch first, so microbatching leaves every row's draw unchanged
@@ -96,17 +87,11 @@ def make_distill_step(student, targets_fn, tx, k: int, tau_range, never_emit, em
       return grads, {'total': total, **agreement_stats(jnp.argmax(logits, -1), y, w)}
 
     inputs = {'tokens': ctx, 'mask': batch['mask'], 'u': u, 'tau': tau}
-    grad_sums, sums = train_lib.sum_over_microbatches(grad_fn, state.params, inputs,
-                                                      microbatches)
-    count = jnp.maximum(jnp.sum(sums['count_k']), 1.0)
-    loss = sums['total'] / count
-    grads = jax.tree.map(lambda g: g / count, grad_sums)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = train_lib.apply_update(state, grads, tx, ema_decay, finite)
-    metrics = {'loss': loss, 'grad_norm': grad_norm,
-               'nonfinite': 1.0 - finite.astype(jnp.float32),
-               'acc_all': sums['all_hits'] / jnp.maximum(sums['all_count'], 1.0)}
+    grad_sums, sums = trainer.sum_over_microbatches(grad_fn, state.params, inputs,
+                                                    microbatches)
+    new_state, metrics = trainer.finish_update(state, tx, ema_decay, grad_sums, sums['total'],
+                                               jnp.sum(sums['count_k']))
+    metrics['acc_all'] = sums['all_hits'] / jnp.maximum(sums['all_count'], 1.0)
     for i in range(k):
       metrics[f'acc_{i + 1}'] = sums['hits_k'][i] / jnp.maximum(sums['count_k'][i], 1.0)
     return new_state, metrics
@@ -143,129 +128,85 @@ def copy_matching(student_params, teacher_params):
   return out, copied, new
 
 
-def run_stage(ctx: train_lib.StageContext, stage: str, names: list[str]) -> dict:
-  cfg, ds = ctx.cfg, ctx.cfg.distill
-  k = config_lib.stage_k(stage)
-  stage_dir = os.path.join(ctx.workdir, stage)
-  if train_lib.stage_done(stage_dir):
-    print(f'{stage}: {stage_dir}/summary.json exists, stage skipped')
-    return train_lib.read_summary(stage_dir)
-  t_start = time.time()
-  teacher_stage = teacher_stage_of(stage, names, ds.teacher_stage)
-  teacher_k = config_lib.stage_k(teacher_stage)
+def spec(ctx, stage: str, names: list[str]) -> trainer.StageSpec:
+  """The distill_k<K> stage: a student of window K copied from its (frozen) teacher."""
+  cfg, s = ctx.cfg, ctx.cfg.stages[stage]
+  k = stages_lib.stage_k(stage)
+  teacher_stage = teacher_stage_of(stage, names, s.teacher_stage)
+  teacher_k = stages_lib.stage_k(teacher_stage)
   if teacher_k > 0 and k != 2 * teacher_k:
-    raise StageError(f'{stage}: a PFLM teacher of window {teacher_k} ({teacher_stage}) can only '
-                     f'teach window {2 * teacher_k}, not {k}; allowed: distill_k{2 * teacher_k} '
-                     'after it, or an AR teacher (teacher) for any K')
-  t_mcfg, t_params, t_meta, t_shardings = stages_lib.load_model_stage(
+    raise stages_lib.StageError(
+        f'{stage}: a PFLM teacher of window {teacher_k} ({teacher_stage}) can only teach '
+        f'window {2 * teacher_k}, not {k}; allowed: distill_k{2 * teacher_k} after it, or an '
+        'AR teacher (teacher) for any K')
+  t_arch, t_params, t_meta, t_shardings = stages_lib.load_model_stage(
       ctx.workdir, teacher_stage, ctx.mesh)
-  mcfg = dataclasses.replace(ctx.model_cfg, pflm=True)
-  diffs = {f: (t_mcfg.backbone_shape()[f], v) for f, v in mcfg.backbone_shape().items()
-           if t_mcfg.backbone_shape()[f] != v}
+  arch = dataclasses.replace(ctx.arch, pflm=True)
+  diffs = {f: (t_arch.backbone_shape()[f], v) for f, v in arch.backbone_shape().items()
+           if t_arch.backbone_shape()[f] != v}
   if diffs:
-    raise StageError(f'{stage}: the student backbone differs from its teacher '
-                     f'{teacher_stage}: ' + ', '.join(f'model.{f}: teacher {a}, student {b}'
-                                                     for f, (a, b) in diffs.items()) +
-                     '; a stage copies its teacher, so the shapes must match')
+    raise stages_lib.StageError(
+        f'{stage}: the student backbone differs from its teacher {teacher_stage}: ' +
+        ', '.join(f'model.{f}: teacher {a}, student {b}' for f, (a, b) in diffs.items()) +
+        '; a stage copies its teacher, so the shapes must match')
   if t_meta['compat']['tokenizer'] != ctx.tokenizer.identity():
-    raise StageError(f'{stage}: the teacher {teacher_stage} was trained with tokenizer '
-                     f'{t_meta["compat"]["tokenizer"]}, the config gives '
-                     f'{ctx.tokenizer.identity()}')
-  teacher = model_lib.Transformer(t_mcfg)
-  student = model_lib.Transformer(mcfg)
-  steps = config_lib.stage_steps(cfg, stage)
-  tx = train_lib.make_optimizer(cfg.train, steps, ds.learning_rate, ds.warmup_steps)
-  batch_size = ds.batch_size if ds.batch_size > 0 else cfg.data.batch_size
-  sharding_lib.check_batch(batch_size, ctx.mesh, 'distill.batch_size', ds.microbatches,
-                           'distill.microbatches')
-  state, abstract, shardings = train_lib.create_state(
-      train_lib.model_init_fn(student, mcfg, cfg.data.seq_len), tx, ctx.mesh,
-      jax.random.key(cfg.seed + 17 * k), cfg.train.ema_decay > 0)
-  params, copied, new = copy_matching(state.params, t_params)
-  state = state.replace(params=params, ema_params=None if state.ema_params is None
-                        else jax.tree.map(jnp.copy, params))
-  print(f'{stage}: teacher {teacher_stage}; copied {len(copied)} tensors, new '
-        f'{len(new)}: {", ".join(n for n in new) if len(new) < 12 else len(new)}')
-  batch_s = sharding_lib.batch_sharding(ctx.mesh)
-  train_it = data_lib.BatchIterator(ctx.source, 'train', batch_size, batch_s, cfg.seed + k,
-                                    cfg.data.shuffle)
-  eval_it = data_lib.BatchIterator(ctx.source, 'eval', cfg.data.eval_batch_size, batch_s,
-                                   cfg.seed, cfg.data.shuffle)
-  meta = {'stage': stage, 'k': k, 'teacher_stage': teacher_stage,
-          'model': dataclasses.asdict(mcfg),
-          'compat': train_lib.compat_fields(ctx, k=k, teacher_stage=teacher_stage),
-          'config': cfg.to_dict()}
-  mngr = ckpt_lib.manager(os.path.join(stage_dir, 'checkpoints'), cfg.train.keep_checkpoints)
-  state = train_lib.resume(mngr, meta, abstract, train_it, stage_dir) or state
-  start = int(state.step)
-
-  memory.report(stage, memory.estimate(mcfg, abstract, ctx.mesh, batch_size, cfg.data.seq_len,
-                                       ds.microbatches, window=k))
+    raise stages_lib.StageError(
+        f'{stage}: the teacher {teacher_stage} was trained with tokenizer '
+        f'{t_meta["compat"]["tokenizer"]}, the config gives {ctx.tokenizer.identity()}')
+  teacher = model_lib.build(t_arch, ctx.exe)
+  student = model_lib.build(arch, ctx.exe)
   targets_fn = make_targets_fn(teacher, teacher_k)
-  never_emit = tuple(mcfg.never_emit_ids)
-  rep = sharding_lib.replicated(ctx.mesh)
-  bsh = {'tokens': batch_s, 'mask': batch_s}
-  step_fn = jax.jit(
-      make_distill_step(student, targets_fn, tx, k, (ds.tau_min, ds.tau_max), never_emit,
-                        cfg.train.ema_decay, ds.microbatches),
-      in_shardings=(shardings, t_shardings, bsh, rep), out_shardings=(shardings, rep),
-      donate_argnums=(0,))
-  writer = writers.MetricWriter(os.path.join(stage_dir, 'logs'))
-  progress = writers.Progress(stage, steps, batch_size * cfg.data.seq_len * k, start)
-  base_rng = jax.random.key(cfg.seed + 1000 * k)
-  pending = None
-  try:
-    with sharding_lib.mesh_context(ctx.mesh):
-      for step in range(start, steps):
-        state, metrics = step_fn(state, t_params, next(train_it), jax.random.fold_in(base_rng, step))
-        if pending is not None:
-          train_lib.check_finite(*pending)
-        pending = (step + 1, metrics)
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == steps:
-          m = {n: float(v) for n, v in metrics.items() if n != 'nonfinite'}
-          writer.write_scalars(done, {f'distill/{n}': v for n, v in m.items()})
-          progress.report(done, {'loss': m['loss'], 'acc_all': m['acc_all']})
-        if done % cfg.train.checkpoint_every == 0 or done == steps:
-          ckpt_lib.save(mngr, done, state, train_it.state(), meta)
-      if pending is not None:
-        train_lib.check_finite(*pending)
-      params = state.ema_params if state.ema_params is not None else state.params
-      agree = measure_agreement(ctx, student, targets_fn, k, params, t_params, shardings.params,
-                                t_shardings, eval_it, ds.eval_batches)
-  finally:
-    # an interrupted run keeps every checkpoint it started writing
-    mngr.wait_until_finished()
-  mngr.close()
-  writer.write_scalars(steps, {'eval/agreement_all': agree['agreement_all'],
-                               **{f'eval/agreement_{i + 1}': a for i, a in
-                                  enumerate(agree['agreement_per_position'])}})
-  writer.close()
-  summary = {'stage': stage, 'k': k, 'teacher_stage': teacher_stage, 'steps': steps,
-             'seconds': time.time() - t_start, **agree}
-  print(f'{stage}: held-out agreement with {teacher_stage} targets: all-{k} '
-        f'{agree["agreement_all"]:.4f}, per position '
-        f'{[round(a, 4) for a in agree["agreement_per_position"]]}')
-  writers.write_json(os.path.join(stage_dir, 'summary.json'), summary)
-  return summary
+  never_emit = tuple(arch.never_emit_ids)
+
+  def start_params(fresh):
+    params, copied, new = copy_matching(fresh, t_params)
+    print(f'{stage}: teacher {teacher_stage}; copied {len(copied)} tensors, new '
+          f'{len(new)}: {", ".join(new) if len(new) < 12 else len(new)}')
+    return params
+
+  def evaluate(params):
+    agree = measure_agreement(ctx, student, targets_fn, k, params, t_params, s.eval_batches)
+    if jax.process_index() == 0:
+      print(f'{stage}: held-out agreement with {teacher_stage} targets: all-{k} '
+            f'{agree["agreement_all"]:.4f}, per position '
+            f'{[round(a, 4) for a in agree["agreement_per_position"]]}', flush=True)
+    return agree
+
+  compat = ctx.compat(k=k, teacher_stage=teacher_stage,
+                      teacher_fingerprint=stages_lib.params_fingerprint(t_params))
+  return trainer.StageSpec(
+      name=stage, arch=arch, settings=s,
+      init_params=model_lib.init_fn(student, cfg.data.seq_len),
+      make_step=lambda tx: make_distill_step(student, targets_fn, tx, k,
+                                             (s.tau_min, s.tau_max), never_emit,
+                                             s.opt.ema_decay, s.microbatches),
+      compat=compat, evaluate=evaluate,
+      seeds=(cfg.seed + 17 * k, cfg.seed + k, cfg.seed + 1000 * k),
+      tokens_per_step=s.batch_size * cfg.data.seq_len * k, window=k,
+      frozen=(t_params,), frozen_shardings=(t_shardings,), start_params=start_params,
+      progress_keys=('loss', 'acc_all'), meta={'k': k, 'teacher_stage': teacher_stage},
+      summary={'k': k, 'teacher_stage': teacher_stage})
 
 
-def measure_agreement(ctx, student, targets_fn, k, params, t_params, p_shardings, t_shardings,
-                      eval_it, num_batches: int, seed: int = 12345) -> dict:
+def run_stage(ctx, stage: str, names: list[str]) -> dict:
+  return trainer.run(ctx, spec(ctx, stage, names))
+
+
+def measure_agreement(ctx, student, targets_fn, k, params, t_params, num_batches: int,
+                      seed: int = 12345) -> dict:
   """Agreement with fresh teacher targets on held-out contexts (tau = 1)."""
   cfg = ctx.cfg
-  rep = sharding_lib.replicated(ctx.mesh)
   batch_s = sharding_lib.batch_sharding(ctx.mesh)
-  fn = jax.jit(make_agreement_step(student, targets_fn, k, tuple(student.cfg.never_emit_ids)),
-               in_shardings=(p_shardings, t_shardings, {'tokens': batch_s, 'mask': batch_s},
-                             rep, batch_s))
-  eval_it.restore({'step': 0, 'global_batch': eval_it.global_batch})
+  eval_it = data_lib.BatchIterator(ctx.source, 'eval', cfg.data.eval_batch_size, batch_s,
+                                   cfg.seed, cfg.data.shuffle)
+  fn = jax.jit(make_agreement_step(student, targets_fn, k, tuple(student.arch.never_emit_ids)))
   tot = None
   tau = jax.device_put(jnp.ones((cfg.data.eval_batch_size,), jnp.float32), batch_s)
-  for b in range(num_batches):
-    out = jax.device_get(fn(params, t_params, next(eval_it),
-                            jax.random.fold_in(jax.random.key(seed), b), tau))
-    tot = out if tot is None else jax.tree.map(np.add, tot, out)
+  with sharding_lib.mesh_context(ctx.mesh):
+    for b in range(num_batches):
+      out = jax.device_get(fn(params, t_params, next(eval_it),
+                              jax.random.fold_in(jax.random.key(seed), b), tau))
+      tot = out if tot is None else jax.tree.map(np.add, tot, out)
   per = (np.asarray(tot['hits_k']) / np.maximum(np.asarray(tot['count_k']), 1)).tolist()
   return {'agreement_per_position': per,
           'agreement_all': float(tot['all_hits'] / max(float(tot['all_count']), 1.0)),

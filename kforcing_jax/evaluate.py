@@ -11,7 +11,6 @@ Writes WORKDIR/evaluate/report.json, report.md and report.png.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -24,9 +23,11 @@ import numpy as np
 
 from kforcing_jax import data as data_lib
 from kforcing_jax import decode
+from kforcing_jax import errors
 from kforcing_jax import layouts
 from kforcing_jax import model as model_lib
-from kforcing_jax import sharding as sharding_lib
+from kforcing_jax import runtime
+from kforcing_jax import sampler as sampler_lib
 from kforcing_jax import stages as stages_lib
 from kforcing_jax import targets as targets_lib
 from kforcing_jax import writers
@@ -42,47 +43,42 @@ def unigram_entropy(tokens) -> float:
   return float(-(p * np.log(p)).sum())
 
 
-def sequence_nll(logits_TxV, tokens_T, start: int) -> float:
-  """Mean NLL of tokens[start:] given logits at the previous positions."""
-  logp = jax.nn.log_softmax(jnp.asarray(logits_TxV, jnp.float32), axis=-1)
-  idx = np.arange(start, len(tokens_T))
-  return float(-np.mean(np.asarray(logp)[idx - 1, np.asarray(tokens_T)[idx]]))
+def next_token_logprobs(model, params, tokens_BxT):
+  """log p(token[t] | tokens[<t]) [B, T - 1] of a causal model, gathered inside the jit."""
+  B, T = tokens_BxT.shape
+  logits = model.apply({'params': params}, tokens_BxT, jnp.broadcast_to(jnp.arange(T), (B, T)),
+                       method=model_lib.Transformer.forward)
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  return jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
 
 
 class Evaluators:
   """gen-NLL of [prompt | completion] rows: 'exact' (synthetic source), 'teacher', and an
   external pretrained LM (kforcing_jax.external_lm) when one is given."""
 
-  def __init__(self, source, teacher_cfg, teacher_params, external=None):
+  def __init__(self, source, teacher: sampler_lib.Sampler, external=None):
     self.source = source
     self.external = external
-    self.model = model_lib.Transformer(teacher_cfg)
-    self.params = teacher_params
-    self._fwd = jax.jit(lambda p, t: self.model.apply(
-        {'params': p}, t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape))[0])
+    self.params = teacher.params
+    model = teacher.engine.model
+    self._logprobs = jax.jit(lambda p, t: next_token_logprobs(model, p, t))
 
-  def __call__(self, prompts, completions) -> dict:
-    """Mean over rows of each row's mean NLL of its completion. Rows of one length are
-    scored in one batched call (one forward / one forward-algorithm pass per length)."""
+  def __call__(self, prompts, completions, width: int | None = None) -> dict:
+    """Mean over rows of each row's mean NLL of its completion. All rows are scored in one
+    call, right-padded to `width` (default: the longest row): one compile per width."""
     rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
-    starts = [len(p) for p in prompts]
-    groups = {}
-    for i, r in enumerate(rows):
-      groups.setdefault(len(r), []).append(i)
-    exact = isinstance(self.source, data_lib.SyntheticSource)
-    nll = {'teacher': np.zeros(len(rows))}
-    if exact:
-      nll['exact'] = np.zeros(len(rows))
-    for idx in groups.values():
-      batch = np.asarray([rows[i] for i in idx], np.int32)
-      logp = np.asarray(jax.nn.log_softmax(self._fwd(self.params, jnp.asarray(batch)), -1))
-      lp_exact = self.source.hmm.token_logprobs(batch) if exact else None  # t >= 1
-      for j, i in enumerate(idx):
-        t = np.arange(starts[i], len(rows[i]))
-        nll['teacher'][i] = -logp[j, t - 1, batch[j, t]].mean()
-        if exact:
-          nll['exact'][i] = -lp_exact[j, starts[i] - 1:].mean()
-    out = {k: float(v.mean()) for k, v in nll.items()}
+    width = max(width or 0, max(len(r) for r in rows))
+    batch = np.zeros((len(rows), width), np.int32)
+    valid = np.zeros((len(rows), width - 1), bool)  # target t + 1 of row i is scored
+    for i, (r, p) in enumerate(zip(rows, prompts)):
+      batch[i, :len(r)] = r
+      valid[i, len(p) - 1:len(r) - 1] = True
+    counts = np.maximum(valid.sum(1), 1)
+    lp = np.asarray(self._logprobs(self.params, jnp.asarray(batch)))
+    out = {'teacher': float(np.mean(-(lp * valid).sum(1) / counts))}
+    if isinstance(self.source, data_lib.SyntheticSource):
+      lp_exact = self.source.hmm.token_logprobs(batch)[:, :width - 1]  # target t >= 1
+      out['exact'] = float(np.mean(-(lp_exact * valid).sum(1) / counts))
     if self.external is not None:
       tok = self.source.tokenizer
       ext = self.external.row_nlls([tok.decode(p) for p in prompts],
@@ -91,25 +87,26 @@ class Evaluators:
     return out
 
 
-def shared_noise_agreement(student_cfg, student_params, teacher_cfg, teacher_params, batch,
-                           k: int, seed: int, never_emit) -> list[float]:
+def shared_noise_agreement(student: sampler_lib.Sampler, teacher: sampler_lib.Sampler, batch,
+                           seed: int) -> list[float]:
   """Per-position match of the student's first-k tokens with the AR teacher's inverse-CDF
   rollout on the same contexts and noise; returns all-K rates for K = 1..k."""
-  student, teacher = model_lib.Transformer(student_cfg), model_lib.Transformer(teacher_cfg)
+  k = student.k
+  s_model, t_model = student.engine.model, teacher.engine.model
   ctx, mask = jnp.asarray(batch['tokens']), jnp.asarray(batch['mask'])
 
   @jax.jit
   def run(sp, tp, ctx, mask):
     u = targets_lib.uniform_noise(jax.random.key(seed), ctx.shape + (k,))
-    y = targets_lib.ar_teacher_targets(teacher, tp, ctx, u)
-    pred = jnp.argmax(layouts.apply_window(student, sp, ctx, None, u), -1)
+    y = targets_lib.ar_teacher_targets(t_model, tp, ctx, u)
+    pred = jnp.argmax(layouts.apply_window(s_model, sp, ctx, None, u), -1)
     hit = (pred == y)
     ok = mask
-    for i in never_emit:
+    for i in student.arch.never_emit_ids:
       ok = ok & jnp.all(y != i, axis=-1)
     return hit, ok
 
-  hit, ok = jax.device_get(run(student_params, teacher_params, ctx, mask))
+  hit, ok = jax.device_get(run(student.params, teacher.params, ctx, mask))
   cum = np.cumprod(hit, axis=-1)  # all of the first K positions match
   return [float(cum[..., K - 1][ok].mean()) for K in range(1, k + 1)]
 
@@ -117,43 +114,38 @@ def shared_noise_agreement(student_cfg, student_params, teacher_cfg, teacher_par
 def evaluate(workdir: str, cfg, source, mesh) -> dict:
   e = cfg.evaluate
   tok = source.tokenizer
-  t_cfg, t_params, _, _ = stages_lib.load_model_stage(workdir, 'teacher', mesh)
+  teacher = sampler_lib.Sampler.from_workdir(workdir, 'teacher', mesh=mesh)
   external = None
   if e.external_lm:
-    from kforcing_jax import external_lm  # pylint: disable=g-import-not-at-top
+    from kforcing_jax import external_lm  # pylint: disable=g-import-not-at-top  (torch)
     external = external_lm.ExternalLM(e.external_lm, e.external_batch_size)
-  evaluators = Evaluators(source, t_cfg, t_params, external)
+  evaluators = Evaluators(source, teacher, external)
   eval_it = data_lib.BatchIterator(source, 'eval', e.num_prompts, None, cfg.seed, False)
   batch = eval_it.local_batch(0)
   prompts = [list(map(int, r[m][:e.prompt_len])) for r, m in zip(batch['tokens'], batch['mask'])]
   prompts = [p for p in prompts if p]
-  new_tokens = min(e.max_new_tokens, t_cfg.max_seq_len - e.prompt_len)
+  new_tokens = min(e.max_new_tokens, teacher.arch.max_seq_len - e.prompt_len)
   synthetic = isinstance(source, data_lib.SyntheticSource)
   eos = -1 if synthetic else tok.eos_id  # synthetic EOS only separates sentences
   rows_in = [p for p in prompts for _ in range(e.num_samples)]
   row_seeds = list(range(len(rows_in)))
+  width = max(len(p) for p in prompts) + new_tokens
   agree_batch = data_lib.BatchIterator(source, 'eval', e.agreement_rows, None, cfg.seed + 1,
                                        False).local_batch(0)
   report_rows = []
   for stage in stages_lib.finished_model_stages(workdir):
-    mcfg, params, meta, _ = stages_lib.load_model_stage(workdir, stage, mesh)
-    k = int(meta['k'])
-    engine = decode.Engine(mcfg, params)
-    agree = (shared_noise_agreement(mcfg, params, t_cfg, t_params, agree_batch, k, e.seed,
-                                    mcfg.never_emit_ids) if k else None)
+    sampler = sampler_lib.Sampler.from_workdir(workdir, stage, mesh=mesh)
+    k = sampler.k
+    agree = shared_noise_agreement(sampler, teacher, agree_batch, e.seed) if k else None
     settings = [(1, 0.0)] if k == 0 else [(K, lam) for K in range(1, k + 1)
                                           for lam in sorted({0.0, e.freq_penalty})]
     for K, lam in settings:
       spec = decode.DecodeSpec(K=K, pflm=k > 0, max_new_tokens=new_tokens, freq_penalty=lam,
                                eos_id=eos, pad_id=tok.pad_id)
-      out, _ = engine.generate(rows_in, spec, seed=e.seed, row_seeds=row_seeds, k_model=max(k, 1))
-      completions = []
-      for gen in out.tolist():
-        if eos >= 0 and eos in gen:
-          gen = gen[:gen.index(eos) + 1]
-        completions.append(gen)
+      out, _ = sampler.engine.generate(rows_in, spec, seed=e.seed, row_seeds=row_seeds)
+      completions = [sampler_lib.cut_at_eos(gen, eos) for gen in out.tolist()]
       row = {'model': 'teacher' if k == 0 else f'k{k}', 'stage': stage, 'K': K,
-             'freq_penalty': lam, 'gen_nll': evaluators(rows_in, completions),
+             'freq_penalty': lam, 'gen_nll': evaluators(rows_in, completions, width),
              'entropy': float(np.mean([unigram_entropy(c) for c in completions])),
              'agreement_all': None if agree is None else agree[K - 1],
              'nfe_per_token': 1.0 / K}
@@ -219,13 +211,8 @@ def write_report(report: dict, out_dir: str, workdir: str) -> None:
   plt.close(fig)
 
 
-def run_stage(ctx, names) -> dict:
-  del names
+def run_stage(ctx) -> dict:
   out_dir = os.path.join(ctx.workdir, 'evaluate')
-  if stages_lib.is_done(out_dir):
-    print(f'evaluate: {out_dir}/summary.json exists, stage skipped')
-    with open(os.path.join(out_dir, 'summary.json'), encoding='utf-8') as f:
-      return json.load(f)
   t0 = time.time()
   report = evaluate(ctx.workdir, ctx.cfg, ctx.source, ctx.mesh)
   write_report(report, out_dir, ctx.workdir)
@@ -239,13 +226,12 @@ def run_stage(ctx, names) -> dict:
 
 def main(argv):
   del argv
-  from kforcing_jax import errors  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.quiet_library_logs()
   runtime.initialize()
   try:
     cfg = stages_lib.load_run_config(FLAGS.workdir)
     source = data_lib.make_source(cfg)
-    mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
+    mesh = sampler_lib.one_device_mesh()
     report = evaluate(FLAGS.workdir, cfg, source, mesh)
   except (errors.UserError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None

@@ -2,80 +2,94 @@
 
   python -m kforcing_jax.export --workdir=DIR --stage=distill_k4 --out=OUT
 
-OUT is an Orbax checkpoint holding the parameters and a JSON description (model config,
-window k, tokenizer identity, source stage). `kforcing_jax.load(OUT)` restores it onto a
-mesh (default: one device) and returns a `LoadedModel` whose `engine()` decodes.
+OUT is an Orbax checkpoint holding the float32 parameters and a JSON description: the
+architecture config, the window k, the tokenizer's identity and where its files were,
+and the provenance (source run and stage). `kforcing_jax.load(OUT)` restores it onto a
+mesh (default: one device) as a Sampler.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from absl import app
 from absl import flags
 import orbax.checkpoint as ocp
 
-from kforcing_jax import decode
-from kforcing_jax import model as model_lib
-from kforcing_jax import sharding as sharding_lib
+from kforcing_jax import errors
+from kforcing_jax import precision
+from kforcing_jax import runtime
+from kforcing_jax import sampler as sampler_lib
 from kforcing_jax import stages as stages_lib
+from kforcing_jax import tokenization
 
-FORMAT = 'kforcing_jax.export/1'
-
-
-@dataclasses.dataclass
-class LoadedModel:
-  model_cfg: model_lib.ModelConfig
-  params: dict
-  k: int  # 0 = AR teacher
-  tokenizer: dict  # {'name', 'vocab_size', 'fingerprint'}
-  description: dict
-
-  def engine(self) -> decode.Engine:
-    return decode.Engine(self.model_cfg, self.params)
-
-  def spec(self, K: int | None = None, **kw) -> decode.DecodeSpec:
-    K = (self.k or 1) if K is None else K
-    return decode.DecodeSpec(K=K, pflm=self.k > 0, **kw)
+FORMAT = 'kforcing_jax.export/1'  # 'model' (first format) or 'arch' describe the weights
 
 
-def export(workdir: str, stage: str, out: str) -> dict:
-  mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
-  mcfg, params, meta, _ = stages_lib.load_model_stage(workdir, stage, mesh)
-  desc = {'format': FORMAT, 'stage': stage, 'k': int(meta['k']),
-          'model': dataclasses.asdict(mcfg), 'tokenizer': meta['compat']['tokenizer'],
-          'teacher_stage': meta.get('teacher_stage'), 'source_workdir': os.path.abspath(workdir)}
+def write(out: str, params, desc: dict) -> dict:
+  """Writes an export (refuses an existing path); desc must hold 'arch', 'k', 'tokenizer'."""
   out = os.path.abspath(out)
   if os.path.exists(out):
     raise stages_lib.StageError(f'--out={out} already exists; choose a new path')
+  desc = {'format': FORMAT, **desc}
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(out, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
                                             description=ocp.args.JsonSave(desc)))
   return desc
 
 
-def load(path: str, mesh=None) -> LoadedModel:
-  """Restores an export onto `mesh` (parameters sharded by their logical axes)."""
+def export(workdir: str, stage: str, out: str) -> dict:
+  cfg = stages_lib.load_run_config(workdir)
+  arch, params, meta, _ = stages_lib.load_model_stage(workdir, stage,
+                                                      sampler_lib.one_device_mesh())
+  return write(out, params, {
+      'stage': stage, 'k': int(meta['k']), 'arch': arch.to_dict(),
+      'tokenizer': meta['compat']['tokenizer'],
+      'tokenizer_path': os.path.abspath(cfg.data.tokenizer_path) if cfg.data.tokenizer_path
+                        else '',
+      'teacher_stage': meta.get('teacher_stage'), 'source_workdir': os.path.abspath(workdir)})
+
+
+def read_description(path: str) -> dict:
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f'{path} is not an exported kforcing_jax model')
-  mesh = mesh or sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     desc = ckptr.restore(path, args=ocp.args.Composite(
         description=ocp.args.JsonRestore()))['description']
-    if desc.get('format') != FORMAT:
-      raise stages_lib.StageError(f'{path}: unknown export format {desc.get("format")!r}')
-    mcfg = stages_lib.model_config_from_meta(desc)
-    abstract, _ = stages_lib.abstract_params(mcfg, mesh)
+  if desc.get('format') != FORMAT:
+    raise stages_lib.StageError(f'{path}: unknown export format {desc.get("format")!r} '
+                                f'(this code reads {FORMAT})')
+  return desc
+
+
+def load(path: str, mesh=None, *, dtype: str = 'float32', decode_attention: str = 'xla',
+         tokenizer_path: str | None = None) -> sampler_lib.Sampler:
+  """Restores an export onto `mesh` (parameters sharded by their logical axes) as a
+  Sampler in serving precision `dtype` (precision.SERVE_DTYPES or auto). The tokenizer
+  comes from tokenizer_path, else where the export says it was; without its files the
+  sampler decodes ids only."""
+  path = os.path.abspath(path)
+  desc = read_description(path)
+  arch = stages_lib.arch_from_meta(desc)
+  mesh = mesh or sampler_lib.one_device_mesh()
+  abstract, _ = stages_lib.abstract_params(arch, mesh)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     params = ckptr.restore(path, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract)))['params']
-  return LoadedModel(model_cfg=mcfg, params=params, k=int(desc['k']),
-                     tokenizer=desc['tokenizer'], description=desc)
+  tok_path = desc.get('tokenizer_path', '') if tokenizer_path is None else tokenizer_path
+  try:
+    tok = tokenization.from_identity(desc['tokenizer'], tok_path)
+  except (OSError, ValueError) as e:  # files not here (offline): ids only, said once
+    print(f'kforcing_jax.load: no tokenizer for {path} ({e}); generate_ids still works')
+    tok = None
+  exe = precision.exec_config(precision.choose(dtype)[0], decode_attention)
+  return sampler_lib.Sampler(arch, params, k=int(desc['k']), tokenizer=tok, exe=exe,
+                             description=desc)
 
 
 def main(argv):
   del argv
-  from kforcing_jax import errors  # pylint: disable=g-import-not-at-top
+  runtime.quiet_library_logs()
   try:
     desc = export(FLAGS.workdir, FLAGS.stage, FLAGS.out)
   except (errors.UserError, FileNotFoundError) as e:

@@ -1,13 +1,12 @@
 """Decode-time attention that reads only the filled part of the KV cache (GPU, opt-in).
 
-`ModelConfig.decode_attention='pallas'` replaces the masked attention over the whole cache
-(model.cached_attention) by two parts combined exactly, as in flash attention:
+`ExecConfig.decode_attention='pallas'` replaces the masked attention over the whole cache
+(attention.cached_attention) by two parts combined exactly, as in flash attention:
 - the prefix, cache slots [start_b, slot) of row b (its prompt after the left padding and
   every earlier step), through JAX's Pallas flash-decoding kernel
   (jax.experimental.pallas.ops.gpu.decode_attention.gqa): split-K blocks of the cache, each
   skipped or cut short past `slot`, so a step reads the slots filled so far instead of the
-  whole preallocated cache -- the "filled part only" attention of issue 4's moonshot,
-  without cache_phases' growing copies;
+  whole preallocated cache, without cache_phases' growing copies;
 - the step's own block: its T queries against the Q keys/values it writes this step (the
   fed tokens, a PFLM's hints), causal within the block, in plain XLA ([B, H, T, Q] scores).
 A row's T queries share its keys, so the kernel sees them as T query heads per KV head

@@ -38,7 +38,7 @@ def window_inputs(ctx_BxN: jnp.ndarray, win_BxNxA: jnp.ndarray | None, h: int):
   """Token ids, their positions, hint positions and the mask of the window layout.
 
   Returns dict(tokens [B, N(1+A)], positions [B, N(1+A)], hint_pos [B, N*H],
-  mask [1, Q, Q] (traced lazily; unused unless dense), logits_from = N(1+A))."""
+  logits_from = N(1+A))."""
   B, n = ctx_BxN.shape
   a = 0 if win_BxNxA is None else win_BxNxA.shape[-1]
   t = jnp.arange(n, dtype=jnp.int32)
@@ -51,7 +51,6 @@ def window_inputs(ctx_BxN: jnp.ndarray, win_BxNxA: jnp.ndarray | None, h: int):
   return dict(tokens=jnp.concatenate(tokens, axis=1),
               positions=jnp.broadcast_to(positions, (B, positions.shape[0])),
               hint_pos=jnp.broadcast_to(hint_pos, (B, n * h)),
-              mask=jnp.asarray(window_mask(n, a, h))[None],
               logits_from=n * (1 + a))
 
 
@@ -60,25 +59,22 @@ def apply_window(model, params, ctx_BxN, win_BxNxA, u_BxNxH, tau_B=None, dense=F
   last real token of each window ([B, N, V]; the context token itself when A = 0).
 
   dense=True runs the same layout through the explicit [Q, Q] mask (the reference the
-  structured attention is tested against); the default never builds that mask."""
+  structured attention is tested against); only then is that mask built."""
   B, n = ctx_BxN.shape
   h = 0 if u_BxNxH is None else u_BxNxH.shape[-1]
   a = 0 if win_BxNxA is None else win_BxNxA.shape[-1]
   inp = window_inputs(ctx_BxN, win_BxNxA, h)
+  kw = {'window': (n, a, h)}
   if dense:
-    layout = dict(mask_BxQxS=inp['mask'])
-  elif a == 0 and h == 0:
-    layout = {}  # plain causal
-  else:
-    layout = dict(window=(n, a, h))
+    kw['dense_mask_BxQxQ'] = jnp.asarray(window_mask(n, a, h))[None]
   if h:
-    logits, _ = model.apply({'params': params}, inp['tokens'], inp['positions'],
-                            hint_u_BxH=u_BxNxH.reshape(B, n * h), hint_pos_BxH=inp['hint_pos'],
-                            tau_B=tau_B, logits_from=inp['logits_from'], **layout)
+    logits = model.apply({'params': params}, inp['tokens'], inp['positions'],
+                         hint_u_BxH=u_BxNxH.reshape(B, n * h), hint_pos_BxH=inp['hint_pos'],
+                         tau_B=tau_B, logits_from=inp['logits_from'],
+                         method=type(model).window_forward, **kw)
     return logits.reshape(B, n, h, -1)
-  start = 0 if a == 0 else n
-  logits, _ = model.apply({'params': params}, inp['tokens'], inp['positions'],
-                          logits_from=start, **layout)
+  logits = model.apply({'params': params}, inp['tokens'], inp['positions'],
+                       logits_from=0 if a == 0 else n, method=type(model).window_forward, **kw)
   if a == 0:
     return logits
   return logits.reshape(B, n, a, -1)[:, :, -1]

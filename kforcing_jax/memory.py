@@ -1,7 +1,7 @@
 """Per-device memory estimate of a training step (parameters, optimizer state, gradients,
 activations) and of the decoding KV cache, printed at the start of every training stage.
 
-    python -m kforcing_jax.memory --config=configs/owt_8xh100.py --devices=8 [--compile]
+    python launch/plan_memory.py --config=kforcing_jax/configs/owt_8xh100.py --devices=8 [--compile]
 
 prints the estimate for a config's mesh without any accelerator (`--devices` fakes that
 many CPU devices) and, with `--compile`, XLA's own buffer assignment of the teacher step
@@ -9,8 +9,8 @@ many CPU devices) and, with `--compile`, XLA's own buffer assignment of the teac
 
 Parameters and optimizer state are exact (their per-device shard shapes). Activations and
 gradient buffers are an estimate whose constants were measured against XLA's buffer
-assignment for this model without rematerialisation (XLA:CPU, 2026-11-27; tests/test_memory.py
-holds the teacher step at the paper's shape to 10% of it, measured -4% and -7%):
+assignment for this model without rematerialisation (XLA:CPU; tests/test_memory.py holds the
+teacher step at the paper's shape to 10% of it):
   per layer and token:  ACT_BYTES_PER_D x D  (f32 residual and LayerNorm copies, the bf16/f32
                         projections, RoPE inputs, the 4D-wide MLP intermediates)
                       + SCORE_BYTES x heads x keys  (f32 scores and probabilities; 0 when a
@@ -30,6 +30,9 @@ import math
 
 import jax
 import numpy as np
+
+from kforcing_jax import model as model_lib
+from kforcing_jax import runtime
 
 ACT_BYTES_PER_D = 96
 SCORE_BYTES = 8
@@ -83,38 +86,36 @@ def tree_bytes_per_device(tree) -> int:
   return total
 
 
-def activation_bytes(mcfg, rows: float, tokens: int, keys: int, fused_attention: bool = False,
+def activation_bytes(arch, rows: float, tokens: int, keys: int, fused_attention: bool = False,
                      window: int = 0) -> int:
   """Saved activations of `rows` rows of `tokens` query positions attending `keys` keys.
 
   window > 0: the distillation window layout, whose tokens + tokens*window queries attend
   the context (tokens keys) plus their own window, with the teacher's targets drawn first."""
   queries = tokens * (1 + window)
-  per_token_layer = ACT_BYTES_PER_D * mcfg.d_model
+  per_token_layer = ACT_BYTES_PER_D * arch.d_model
   score_keys = 0 if fused_attention else (keys + window)
-  per_layer = queries * (per_token_layer + SCORE_BYTES * mcfg.n_heads * score_keys)
-  logits = LOGIT_BYTES * mcfg.vocab_size * tokens * max(window, 1)
-  targets = TARGET_BYTES * mcfg.vocab_size * tokens * window
-  return int(rows * (mcfg.n_layers * per_layer + logits + targets))
+  per_layer = queries * (per_token_layer + SCORE_BYTES * arch.n_heads * score_keys)
+  logits = LOGIT_BYTES * arch.vocab_size * tokens * max(window, 1)
+  targets = TARGET_BYTES * arch.vocab_size * tokens * window
+  return int(rows * (arch.n_layers * per_layer + logits + targets))
 
 
-def kv_cache_bytes(mcfg, rows: int, length: int, mesh) -> int:
-  from kforcing_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+def kv_cache_bytes(arch, exe, rows: int, length: int, mesh) -> int:
   split = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['tensor']
-  return int(model_lib.cache_bytes(mcfg, rows, length) / split)
+  return int(model_lib.cache_bytes(arch, exe, rows, length) / split)
 
 
-def uses_fused_attention(mcfg) -> bool:
-  return (jax.default_backend() == 'gpu' and mcfg.dtype == 'bfloat16'
-          and mcfg.attention_impl in ('auto', 'cudnn'))
+def uses_fused_attention(exe) -> bool:
+  return exe.resolved().attention_impl == 'cudnn'
 
 
-def estimate(mcfg, abstract_state, mesh, global_batch: int, seq_len: int,
+def estimate(arch, exe, abstract_state, mesh, global_batch: int, seq_len: int,
              microbatches: int = 1, window: int = 0, cache_rows: int | None = None,
              fused_attention: bool | None = None) -> MemoryEstimate:
   """The estimate for one training step over `global_batch` rows of `seq_len` tokens.
 
-  abstract_state: a TrainState of ShapeDtypeStructs with shardings (train.abstract_state).
+  abstract_state: a TrainState of ShapeDtypeStructs with shardings (trainer.abstract_state).
   window: 0 for the AR teacher step; k for a distill_k<k> step (window layout)."""
   fsdp, tensor = mesh.shape['fsdp'], mesh.shape['tensor']
   n_devices = math.prod(mesh.shape.values())
@@ -123,11 +124,12 @@ def estimate(mcfg, abstract_state, mesh, global_batch: int, seq_len: int,
   gradients = int(n_params(abstract_state) * (GATHERED_WEIGHT_BYTES / tensor + GRAD_BYTES / (fsdp * tensor)))
   rows = global_batch / microbatches / n_devices
   if fused_attention is None:
-    fused_attention = uses_fused_attention(mcfg) and window == 0
-  acts = activation_bytes(mcfg, rows, seq_len, seq_len, fused_attention, window)
+    fused_attention = uses_fused_attention(exe) and window == 0
+  acts = activation_bytes(arch, rows, seq_len, seq_len, fused_attention, window)
   cache_rows = global_batch if cache_rows is None else cache_rows
   return MemoryEstimate(params=params, optimizer=optimizer, gradients=gradients,
-                        activations=acts, kv_cache=kv_cache_bytes(mcfg, cache_rows, seq_len, mesh),
+                        activations=acts,
+                        kv_cache=kv_cache_bytes(arch, exe, cache_rows, seq_len, mesh),
                         rows_per_device=rows, cache_rows=cache_rows, cache_len=seq_len)
 
 
@@ -150,102 +152,9 @@ def compiled_bytes(compiled) -> dict | None:
 
 
 def report(stage: str, est: MemoryEstimate, warn_fraction: float = 0.9) -> None:
-  from kforcing_jax import decode  # pylint: disable=g-import-not-at-top
-  capacity = decode.device_memory_bytes() if jax.default_backend() != 'cpu' else None
+  capacity = runtime.device_memory_bytes() if jax.default_backend() != 'cpu' else None
   if jax.process_index() == 0:
     print(f'{stage}: {est.summary(capacity)}')
     if capacity and est.train_total > warn_fraction * capacity:
       print(f'{stage}: WARNING the estimate exceeds {warn_fraction:.0%} of device memory; raise '
             'train.microbatches / distill.microbatches or mesh.fsdp, or lower the batch')
-
-
-# --------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------
-def _main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import config_lib, errors  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import stages, train  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
-  cfg = f.config
-  try:
-    config_lib.validate(cfg)
-    vocab = cfg.model.vocab_size if cfg.model.vocab_size > 0 else f.vocab_size
-    mcfg = model_lib.model_config(cfg, vocab)
-    mesh = sharding_lib.make_mesh(cfg.mesh)
-    t = cfg.train
-    sharding_lib.check_batch(cfg.data.batch_size, mesh, 'data.batch_size', t.microbatches,
-                             'train.microbatches')
-  except errors.UserError as e:
-    raise SystemExit(f'error: {e}') from None
-  model = model_lib.Transformer(mcfg)
-  tx = train.make_optimizer(t, max(t.steps, 1))
-  abstract, shardings, _ = train.abstract_state(
-      stages.model_init_fn(model, mcfg, cfg.data.seq_len), tx, mesh, t.ema_decay > 0)
-  fused = True if f.fused_attention else None
-  est = estimate(mcfg, abstract, mesh, cfg.data.batch_size, cfg.data.seq_len, t.microbatches,
-                 fused_attention=fused)
-  print(f'mesh {dict(mesh.shape)}, model D={mcfg.d_model} L={mcfg.n_layers} V={vocab}, '
-        f'{n_params(abstract) / 1e6:.1f}M parameters')
-  print(f'teacher: batch {cfg.data.batch_size} x {cfg.data.seq_len}, {t.microbatches} '
-        f'microbatches: {est.summary()}')
-  ds = cfg.distill
-  d_batch = ds.batch_size if ds.batch_size > 0 else cfg.data.batch_size
-  for stage in config_lib.stages(cfg):
-    k = config_lib.stage_k(stage)
-    if k:
-      sharding_lib.check_batch(d_batch, mesh, 'distill.batch_size', ds.microbatches,
-                               'distill.microbatches')
-      d_est = estimate(dataclasses.replace(mcfg, pflm=True), abstract, mesh, d_batch,
-                       cfg.data.seq_len, ds.microbatches, window=k, fused_attention=False)
-      print(f'{stage}: batch {d_batch} x {cfg.data.seq_len} windows of {k}, '
-            f'{ds.microbatches} microbatches: train step ~{d_est.train_total / GiB:.2f} GiB '
-            f'(activations ~{d_est.activations / GiB:.2f})')
-  if f.compile:
-    measured = compile_teacher_step(model, tx, abstract, shardings, mesh, cfg.data.batch_size,
-                                    cfg.data.seq_len, t.microbatches)
-    if measured:
-      print('XLA buffer assignment on this backend ({}): arguments {:.2f} GiB, temp {:.2f} '
-            'GiB, total {:.2f} GiB; estimate {:.2f} GiB'.format(
-                jax.default_backend(), measured['arguments'] / GiB, measured['temp'] / GiB,
-                measured['total'] / GiB, est.train_total / GiB))
-
-
-def compile_teacher_step(model, tx, abstract, shardings, mesh, global_batch, seq_len,
-                         microbatches: int = 1):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import train  # pylint: disable=g-import-not-at-top
-  step = train.jit_train_step(train.make_train_step(model, tx, 0.0, microbatches), shardings,
-                              mesh)
-  bs = sharding_lib.batch_sharding(mesh)
-  batch = {'tokens': jax.ShapeDtypeStruct((global_batch, seq_len), jnp.int32, sharding=bs),
-           'mask': jax.ShapeDtypeStruct((global_batch, seq_len), jnp.bool_, sharding=bs)}
-  with sharding_lib.mesh_context(mesh):
-    compiled = step.lower(abstract, batch, jax.random.key(0)).compile()
-  return compiled_bytes(compiled)
-
-
-if __name__ == '__main__':
-  import os
-  import sys
-  for a in sys.argv:  # fake CPU devices must be requested before jax initialises
-    if a.startswith('--devices='):
-      os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                                 f' --xla_force_host_platform_device_count={a.split("=")[1]}')
-      os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'config file', lock_config=True)
-  flags.DEFINE_integer('devices', 0, 'fake this many CPU devices (planning a mesh on a CPU)')
-  flags.DEFINE_integer('vocab_size', 50258, 'vocabulary when model.vocab_size is -1 '
-                       '(50258: GPT-2 + the reserved id; 30522: BERT)')
-  flags.DEFINE_bool('fused_attention', False, 'assume a fused attention kernel that never '
-                    'materialises the scores (cuDNN on GPUs, bf16) for the teacher step')
-  flags.DEFINE_bool('compile', False, 'also compile the teacher step and print XLA\'s buffer '
-                    'sizes on this backend')
-  flags.mark_flags_as_required(['config'])
-  app.run(_main)

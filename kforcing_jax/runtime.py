@@ -1,10 +1,21 @@
-"""Process start-up: multi-host initialisation from the environment, logging."""
+"""Process start-up (multi-host initialisation from the environment) and facts about the
+machine: device memory, CPU model and features."""
 from __future__ import annotations
 
-import logging
+import functools
 import os
+import platform
 
+from absl import flags as absl_flags
+from absl import logging as absl_logging
 import jax
+
+
+def quiet_library_logs() -> None:
+  """For command-line entry points: absl INFO lines of the libraries (Orbax writes several
+  per checkpoint) hidden unless asked for with -v / --verbosity."""
+  if not absl_flags.FLAGS['verbosity'].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def initialize() -> None:
@@ -14,7 +25,6 @@ def initialize() -> None:
   explicitly; otherwise JAX's own auto-detection (Cloud TPU, SLURM, Open MPI) runs when
   KFORCING_DISTRIBUTED=1. A plain single-process run does nothing.
   """
-  logging.getLogger('absl').setLevel(logging.WARNING)
   coord = os.environ.get('KFORCING_COORDINATOR')
   if coord:
     kw = {}
@@ -25,3 +35,58 @@ def initialize() -> None:
                                process_id=int(os.environ['KFORCING_PROCESS_ID']), **kw)
   elif os.environ.get('KFORCING_DISTRIBUTED') == '1':
     jax.distributed.initialize()
+
+
+@functools.lru_cache(maxsize=1)
+def device_memory_bytes() -> int | None:
+  """The first device's memory limit, or the host's RAM on CPU (None if unknown)."""
+  try:
+    stats = jax.devices()[0].memory_stats()
+    if stats and 'bytes_limit' in stats:
+      return int(stats['bytes_limit'])
+  except Exception:  # pylint: disable=broad-except  (backends without memory_stats)
+    pass
+  try:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> frozenset[str]:
+  """The host CPU's feature flags (x86 `flags`, Arm `Features` in /proc/cpuinfo)."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        if key.strip() in ('flags', 'Features'):
+          return frozenset(value.split())
+  except OSError:
+    pass
+  return frozenset()
+
+
+def cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        if key.strip() == 'model name':
+          return value.strip()
+  except OSError:
+    pass
+  return platform.processor() or 'unknown CPU'
+
+
+BF16_DOT_FLAGS = ('avx512_bf16', 'amx_bf16', 'bf16')  # x86 AVX-512 BF16 / AMX, Arm BF16
+
+
+def native_bf16_dot(features=None) -> tuple[bool, str]:
+  """Whether this CPU multiplies bf16 natively (else XLA:CPU emulates bf16 dots, slower
+  than float32), and why."""
+  features = cpu_features() if features is None else features
+  have = [f for f in BF16_DOT_FLAGS if f in features]
+  if have:
+    return True, f'the CPU has {"/".join(have)}'
+  return False, ('the CPU has none of ' + ', '.join(BF16_DOT_FLAGS) +
+                 ': bf16 products would be emulated')

@@ -1,41 +1,39 @@
-"""Loading finished model stages (teacher, distill_k<K>) from a workdir, read-only."""
+"""Finished model stages (teacher, distill_k<K>) of a run directory: names, loading, the
+saved run config. Read-only."""
 from __future__ import annotations
 
-from kforcing_jax import errors
-
+import hashlib
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from kforcing_jax import checkpoint as ckpt_lib
-from kforcing_jax import config_lib
+from kforcing_jax.configs import base as base_config
+from kforcing_jax import errors
 from kforcing_jax import model as model_lib
 from kforcing_jax import sharding as sharding_lib
+
+STAGE_RE = re.compile(r'^distill_k(\d+)$')
 
 
 class StageError(errors.UserError):
   pass
 
 
-def model_init_fn(model, mcfg: model_lib.ModelConfig, seq_len: int):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  def init_params(rng):
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    positions = jnp.zeros((1, seq_len), jnp.int32)
-    kw = {}
-    if mcfg.pflm:
-      kw = dict(hint_u_BxH=jnp.full((1, 1), 0.5), hint_pos_BxH=jnp.zeros((1, 1), jnp.int32))
-    return model.init(rng, tokens, positions, **kw)['params']
-  return init_params
-
-
-def model_config_from_meta(meta: dict) -> model_lib.ModelConfig:
-  m = dict(meta['model'])
-  m['never_emit_ids'] = tuple(m['never_emit_ids'])
-  return model_lib.ModelConfig(**m)
+def stage_k(stage: str) -> int:
+  """0 for the AR teacher, K for distill_kK."""
+  if stage == 'teacher':
+    return 0
+  m = STAGE_RE.match(stage)
+  if not m:
+    raise StageError(f'{stage!r} is not a model stage (teacher or distill_k<K>)')
+  return int(m.group(1))
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -46,25 +44,35 @@ def is_done(directory: str) -> bool:
   return os.path.exists(os.path.join(directory, 'summary.json'))
 
 
+def read_summary(directory: str) -> dict:
+  with open(os.path.join(directory, 'summary.json'), encoding='utf-8') as f:
+    return json.load(f)
+
+
 def finished_model_stages(workdir: str) -> list[str]:
   out = []
   for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
-    if (name == 'teacher' or config_lib.STAGE_RE.match(name)) and is_done(
-        stage_dir(workdir, name)):
+    if (name == 'teacher' or STAGE_RE.match(name)) and is_done(stage_dir(workdir, name)):
       out.append(name)
-  return sorted(out, key=lambda s: (s != 'teacher', config_lib.stage_k(s)))
+  return sorted(out, key=lambda s: (s != 'teacher', stage_k(s)))
 
 
-def abstract_params(mcfg: model_lib.ModelConfig, mesh):
-  model = model_lib.Transformer(mcfg)
-  boxed = jax.eval_shape(model_init_fn(model, mcfg, 8), jax.random.key(0))
+def arch_from_meta(meta: dict) -> model_lib.ArchConfig:
+  """The architecture a checkpoint or export describes ('arch', or the first format's
+  'model')."""
+  return model_lib.ArchConfig.from_dict(meta['arch'] if 'arch' in meta else meta['model'])
+
+
+def abstract_params(arch: model_lib.ArchConfig, mesh, exe: model_lib.ExecConfig | None = None):
+  """(ShapeDtypeStructs with shardings, shardings) of a model's parameters on `mesh`."""
+  boxed = jax.eval_shape(model_lib.init_fn(model_lib.build(arch, exe)), jax.random.key(0))
   shardings = sharding_lib.logical_shardings(boxed, mesh)
   return ckpt_lib.abstract_like(nn.unbox(boxed), shardings), shardings
 
 
 def load_model_stage(workdir: str, stage: str, mesh):
-  """(ModelConfig, params, meta, param shardings) of a finished stage."""
-  config_lib.stage_k(stage)
+  """(ArchConfig, float32 params, meta, param shardings) of a finished stage."""
+  stage_k(stage)
   d = stage_dir(workdir, stage)
   ckpt_dir = os.path.join(d, 'checkpoints')
   if not is_done(d) or not os.path.isdir(ckpt_dir):
@@ -75,33 +83,48 @@ def load_model_stage(workdir: str, stage: str, mesh):
   mngr = ckpt_lib.manager(ckpt_dir, create=False)
   meta = ckpt_lib.restore_meta(mngr)
   mngr.close()
-  mcfg = model_config_from_meta(meta)
-  abstract, shardings = abstract_params(mcfg, mesh)
+  arch = arch_from_meta(meta)
+  abstract, shardings = abstract_params(arch, mesh)
   params, meta = ckpt_lib.restore_params(ckpt_dir, abstract)
-  return mcfg, params, meta, shardings
+  return arch, params, meta, shardings
+
+
+def params_fingerprint(params) -> str:
+  """sha256 (16 hex digits) of the parameters' float32 bytes in tree order: the same for
+  the same weights on any mesh, different for retrained ones."""
+  h = hashlib.sha256()
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.ascontiguousarray(np.asarray(
+        multihost_utils.process_allgather(x, tiled=True), np.float32)).tobytes())
+  return h.hexdigest()[:16]
 
 
 def load_run_config(workdir: str):
-  """The ml_collections config a pipeline run saved as WORKDIR/config.json."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  """The config a pipeline run saved as WORKDIR/config.json, over today's defaults (fields
+  added since get their defaults; sections of older layouts that no longer exist are
+  ignored)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise StageError(f'--workdir={workdir!r} has no config.json: it is not a kforcing_jax '
                      'run directory')
   with open(path, encoding='utf-8') as f:
     saved = json.load(f)
-  try:  # fields added to the project after the run get their defaults
-    from configs import base  # pylint: disable=g-import-not-at-top
-    cfg = base.get_config()
-  except ImportError:
-    return ml_collections.ConfigDict(saved)
+  cfg = base_config.get_config()
 
   def merge(node, values):
     for key, value in values.items():
-      if isinstance(value, dict) and key in node and hasattr(node[key], 'keys'):
+      if key not in node:
+        continue
+      if isinstance(value, dict) and isinstance(node[key], ml_collections.ConfigDict):
         merge(node[key], value)
-      else:
-        node[key] = value
+      elif not isinstance(node[key], ml_collections.ConfigDict):
+        if isinstance(node[key], tuple):
+          value = (value,) if isinstance(value, str) else tuple(value)
+        try:
+          node[key] = value
+        except TypeError:  # a field whose type changed since the run: today's default
+          pass
   with cfg.unlocked():
     merge(cfg, saved)
   return cfg

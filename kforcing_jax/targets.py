@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kforcing_jax import layouts
+
 U_BITS = 24
 
 
@@ -81,7 +83,6 @@ def inverse_cdf(logits_xV: jax.Array, u_x: jax.Array, tau=None) -> jax.Array:
 def ar_teacher_targets(model, params, ctx_BxN, u_BxNxK, tau_B=None) -> jax.Array:
   """k tokens per window from an AR teacher by sequential inverse-CDF sampling: pass i
   feeds the i-1 tokens already drawn as real tokens (window layout, H = 0)."""
-  from kforcing_jax import layouts  # pylint: disable=g-import-not-at-top
   k = u_BxNxK.shape[-1]
   tau = None if tau_B is None else tau_B[:, None, None]
   ys = []
@@ -95,7 +96,6 @@ def ar_teacher_targets(model, params, ctx_BxN, u_BxNxK, tau_B=None) -> jax.Array
 def pflm_teacher_targets(model, params, ctx_BxN, u_BxNxK, tau_B=None) -> jax.Array:
   """2h tokens per window from a PFLM teacher of window h: the first h by argmax of its
   training layout, the second h by argmax of the rollout (double-pass) layout."""
-  from kforcing_jax import layouts  # pylint: disable=g-import-not-at-top
   h = u_BxNxK.shape[-1] // 2
   first = jnp.argmax(layouts.apply_window(model, params, ctx_BxN, None, u_BxNxK[..., :h],
                                           tau_B), axis=-1).astype(jnp.int32)

@@ -129,3 +129,24 @@ def load(name: str, path: str = '') -> Tokenizer:
     return gpt2(path)
   raise ValueError(f'data.tokenizer={name!r} is not supported; allowed: '
                    f'bert-base-uncased, gpt2 (synthetic comes with data.source=synthetic)')
+
+
+def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
+  """Token ids of a prompt: BERT's closing [SEP] is dropped (the sentence goes on)."""
+  ids = tok.encode(text)
+  if tok.add_bos_eos and ids and ids[-1] == tok.eos_id:
+    ids = ids[:-1]
+  return ids
+
+
+def from_identity(identity: dict, path: str = '') -> Tokenizer:
+  """The tokenizer an export or checkpoint names ({'name', 'vocab_size', 'fingerprint'}):
+  the synthetic one rebuilt from its identity, the others loaded from `path` (or by name
+  when it is empty). A different vocabulary is an error naming both."""
+  if identity['name'] == 'synthetic':
+    return synthetic(int(identity['vocab_size']), identity['fingerprint'])
+  tok = load(identity['name'], path)
+  if tok.vocab_size != identity['vocab_size']:
+    raise ValueError(f'tokenizer {identity["name"]} from {path or "the hub"} has '
+                     f'{tok.vocab_size} ids, the model was trained with {identity["vocab_size"]}')
+  return tok

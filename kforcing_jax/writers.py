@@ -19,16 +19,26 @@ def _is_main() -> bool:
 
 
 class MetricWriter:
-  """write_scalars(step, {name: value}) to TensorBoard (clu) and metrics.jsonl."""
+  """write_scalars(step, {name: value}) to TensorBoard (clu) and metrics.jsonl.
 
-  def __init__(self, logdir: str, use_tensorboard: bool = True):
+  resume_step: a run resumed from this step's checkpoint; records of later steps (written
+  before the interruption, and about to be written again) are dropped from metrics.jsonl."""
+
+  def __init__(self, logdir: str, use_tensorboard: bool = True, resume_step: int | None = None):
     self.logdir = logdir
     self._clu = None
     self._jsonl = None
     if not _is_main():
       return
     os.makedirs(logdir, exist_ok=True)
-    self._jsonl = open(os.path.join(logdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    path = os.path.join(logdir, 'metrics.jsonl')
+    if resume_step is not None and os.path.exists(path):
+      with open(path, encoding='utf-8') as f:
+        kept = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
+      with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        f.writelines(kept)
+      os.replace(path + '.tmp', path)
+    self._jsonl = open(path, 'a', encoding='utf-8')
     if use_tensorboard:
       try:
         from clu import metric_writers  # pylint: disable=g-import-not-at-top

@@ -1,6 +1,6 @@
 """Where a decoding step's time goes: AR and PFLM ms/step and, with --trace, the kernels.
 
-  python launch/decode_profile.py --config=configs/owt.py --config.model.vocab_size=50258 \
+  python launch/decode_profile.py --config=kforcing_jax/configs/owt.py --config.model.vocab_size=50258 \
       --batch_sizes=1,256 --K=4 --trace --out=DIR [--attention=dot|reduce] [--label=NAME]
 
 Random weights at the config's model fields, the benchmark's protocol (prompt length 6,
@@ -13,8 +13,8 @@ so a step's kernel time can be set against its wall time (the rest is launch gap
 loop's host round trip), and then the same time per source op -- events mapped through the
 compiled HLO's op_name metadata, all layers together (e.g. `Transformer/block/attn/
 reduce_sum`, `Transformer/head/dot_general`) -- which says what a fusion or kernel is.
---attention swaps model.reduce_attention's rule (dot: batched dots for every step; reduce:
-multiply-reduce for steps of <= 16 queries) to compare the two in one process;
+--attention sets ExecConfig.cache_products (dot: batched dots for every step; reduce:
+multiply-reduce for steps of 2..16 queries; auto: reduce on CPU) to compare them;
 --decode_attention=pallas profiles the flash-decoding kernel path (GPU). XLA_FLAGS set
 outside (e.g. command buffers) apply as usual; --label names the variant in the JSON.
 Writes DIR/decode_profile_<label>.json.
@@ -27,7 +27,6 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 
 from absl import app
@@ -36,12 +35,12 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kforcing_jax import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kforcing_jax import decode  # pylint: disable=g-import-not-at-top,wrong-import-position
-from kforcing_jax import model as model_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from kforcing_jax import benchmark
+from kforcing_jax import decode
+from kforcing_jax import precision
+from kforcing_jax import sampler as sampler_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/owt.py', 'config file',
+_CONFIG = config_flags.DEFINE_config_file('config', 'kforcing_jax/configs/owt.py', 'config file',
                                           lock_config=True)
 flags.DEFINE_string('batch_sizes', '1', 'comma-separated batch sizes')
 flags.DEFINE_integer('K', 4, 'PFLM tokens per step')
@@ -49,7 +48,8 @@ flags.DEFINE_integer('cache_phases', 1, 'DecodeSpec.cache_phases')
 flags.DEFINE_integer('repeats', 3, 'timed runs (median)')
 flags.DEFINE_bool('trace', False, 'profile one more run of each engine')
 flags.DEFINE_integer('top', 25, 'events printed per trace')
-flags.DEFINE_enum('attention', 'auto', ['auto', 'dot', 'reduce'], 'cached attention rule')
+flags.DEFINE_enum('attention', 'auto', ['auto', 'dot', 'reduce'],
+                  'products of the xla cached attention (ExecConfig.cache_products)')
 flags.DEFINE_string('dtype', 'auto', 'serving precision, as benchmark.py --dtype')
 flags.DEFINE_string('decode_attention', 'xla', 'as benchmark.py --decode_attention')
 flags.DEFINE_string('label', 'default', 'variant name for the output file')
@@ -139,14 +139,14 @@ def main(argv):
   del argv
   f = FLAGS
   cfg = _CONFIG.value
-  if f.attention != 'auto':
-    model_lib.reduce_attention = ((lambda n: 1 < n <= 16) if f.attention == 'reduce'
-                                  else (lambda n: False))
-  dtype = benchmark.serve_dtype(f.dtype, jax.default_backend() != 'cpu')
+  dtype, why = precision.choose(f.dtype)
+  print(f'serving precision: {dtype} ({why})')
   benchmark.check_decode_attention(f.decode_attention, jax.default_backend() != 'cpu')
-  mcfg, params = benchmark.random_model(cfg, dtype, f.decode_attention)
+  arch, params = benchmark.random_model(cfg)
+  exe = precision.exec_config(dtype, f.decode_attention, f.attention)
+  mcfg = arch
+  engine = sampler_lib.Sampler(arch, params, k=f.K, exe=exe, max_len=cfg.data.seq_len).engine
   new_tokens = cfg.data.seq_len - benchmark.PROMPT_LEN
-  engine = decode.Engine(mcfg, params, max_len=cfg.data.seq_len)
   specs = {'ar': decode.DecodeSpec(K=1, pflm=False, max_new_tokens=new_tokens,
                                    cache_phases=f.cache_phases),
            'pf': decode.DecodeSpec(K=f.K, pflm=True, max_new_tokens=new_tokens,
@@ -159,11 +159,11 @@ def main(argv):
             'cache_phases': f.cache_phases, 'K': f.K, 'new_tokens': new_tokens,
             'model': {'d_model': mcfg.d_model, 'n_layers': mcfg.n_layers,
                       'n_heads': mcfg.n_heads, 'vocab_size': mcfg.vocab_size,
-                      'dtype': mcfg.dtype}, 'rows': []}
+                      'dtype': dtype}, 'rows': []}
   batch_sizes = [int(x) for x in f.batch_sizes.split(',') if x.strip()]
   for b in batch_sizes:
     for spec in specs.values():
-      engine.check(spec, benchmark.PROMPT_LEN, b, f.K)
+      engine.check(spec, benchmark.PROMPT_LEN, b)
   benchmark.precompile([(engine, spec, b) for b in batch_sizes for spec in specs.values()])
   for b in batch_sizes:
     timed = benchmark.time_decode([(engine, s) for s in specs.values()], b, f.repeats,

@@ -1,12 +1,16 @@
 """Test set-up: 8 virtual CPU devices (sharding tests), tiny configs, the testdata path."""
 import os
-import sys
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Most tests compile many small programs once each: XLA's optimisation passes cost more
+# than they save there (flax's lm1b tests do the same). Tests that time or compare
+# compiled buffer sizes turn them back on (test_memory).
+jax.config.update('jax_disable_most_optimizations', True)
 
 
 def testdata_dir():
@@ -28,34 +32,30 @@ def distilled_run(tmp_path_factory):
   stage: one pipeline run shared by the distillation, sampling, benchmark and export tests."""
   from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top
   d = tmp_path_factory.mktemp('distilled')
-  cfg = synthetic_config(steps=3, pipeline='teacher,distill_k1,distill_k2,sample')
+  cfg = synthetic_config(steps=3, pipeline=('teacher', 'distill_k1', 'distill_k2', 'sample'))
   pipeline.run(cfg, str(d))
   return d, cfg
 
 
 def shrink(cfg, steps: int = 2):
-  """Makes any config tiny: 1 device, a 2-layer 32-wide float32 model, 2 steps."""
+  """Makes any config tiny: 1 device, a 2-layer 32-wide float32 model, 2 steps a stage."""
   cfg.model.d_model = 32
   cfg.model.n_layers = 2
   cfg.model.n_heads = 2
   cfg.model.dtype = 'float32'
   cfg.model.max_seq_len = -1
   cfg.data.seq_len = 32
-  cfg.data.batch_size = 4
   cfg.data.eval_batch_size = 4
-  cfg.train.steps = steps
-  cfg.train.warmup_steps = 1
-  cfg.train.log_every = 1
-  cfg.train.eval_every = steps
-  cfg.train.eval_batches = 1
-  cfg.train.checkpoint_every = steps
-  cfg.train.microbatches = 1
-  cfg.distill.steps = steps
-  cfg.distill.stage_steps = ''
-  cfg.distill.warmup_steps = 1
-  cfg.distill.batch_size = -1
-  cfg.distill.microbatches = 1
-  cfg.distill.eval_batches = 1
+  for name, s in cfg.stages.items():
+    s.steps = steps
+    s.batch_size = 4
+    s.microbatches = 1
+    s.log_every = 1
+    s.checkpoint_every = steps
+    s.eval_batches = 1
+    s.opt.warmup_steps = 1
+    if name == 'teacher':
+      s.eval_every = steps
   cfg.sample.num_prompts = 2
   cfg.sample.max_new_tokens = 8
   cfg.sample.num_samples = 1
@@ -68,10 +68,22 @@ def shrink(cfg, steps: int = 2):
   return cfg
 
 
-def synthetic_config(steps: int = 2, pipeline: str = 'teacher'):
-  from configs import synthetic  # pylint: disable=g-import-not-at-top
+def synthetic_config(steps: int = 2, pipeline=('teacher',)):
+  from kforcing_jax.configs import synthetic  # pylint: disable=g-import-not-at-top
   cfg = shrink(synthetic.get_config(), steps)
-  cfg.pipeline = pipeline
+  cfg.pipeline = (pipeline,) if isinstance(pipeline, str) else tuple(pipeline)
   cfg.data.synthetic.n_states = 8
   cfg.data.synthetic.n_symbols = 30
+  return cfg
+
+
+def two_process_config():
+  """teacher -> distill_k1, 2 steps of batch 8: the multi-process test's job."""
+  cfg = synthetic_config(steps=2, pipeline=('teacher', 'distill_k1'))
+  cfg.data.eval_batch_size = 8
+  for s in cfg.stages.values():
+    s.batch_size = 8
+    # Adam with a tiny eps turns a ~1e-9 reduction-order difference in a near-zero gradient
+    # into a full-size step; a larger eps keeps the comparison about the sharding itself.
+    s.opt.eps = 1e-3
   return cfg

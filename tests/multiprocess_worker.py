@@ -6,7 +6,6 @@ import os
 import sys
 
 os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
@@ -20,12 +19,9 @@ runtime.initialize()
 assert jax.process_count() == nproc and jax.device_count() == 4 * nproc
 
 from kforcing_jax import pipeline  # noqa: E402
-from tests.conftest import synthetic_config  # noqa: E402
+from tests.conftest import two_process_config  # noqa: E402
 
-cfg = synthetic_config(steps=2, pipeline='teacher,distill_k1')
-cfg.data.batch_size = 8
-cfg.data.eval_batch_size = 8
+cfg = two_process_config()
 cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
-cfg.train.eps = 1e-3  # see tests/test_train.py::run_steps
 pipeline.run(cfg, workdir)
 print(f'process {pid} done', flush=True)

@@ -9,7 +9,7 @@ from tests.conftest import shrink, synthetic_config
 
 
 def text_config(testdata, tmp_path, **kw):
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from kforcing_jax.configs import base  # pylint: disable=g-import-not-at-top
   cfg = shrink(base.get_config())
   cfg.data.source = 'text'
   cfg.data.path = os.path.join(testdata, 'lm1b', 'lingvo_lm1b_100.txt')
@@ -41,7 +41,7 @@ def test_text_source_pads_sentences_with_a_mask(testdata, tmp_path):
 
 
 def test_owt_local_documents_are_packed(testdata, tmp_path):
-  from configs import owt  # pylint: disable=g-import-not-at-top
+  from kforcing_jax.configs import owt  # pylint: disable=g-import-not-at-top
   cfg = shrink(owt.get_config())
   cfg.data.path = os.path.join(testdata, 'owt', 'hf_dummy')
   cfg.data.tokenizer_path = os.path.join(testdata, 'tokenizers', 'gpt2')
@@ -82,9 +82,46 @@ def test_owt_xz_and_jsonl_files(tmp_path):
                                  'fourth', 'fifth'])
 
 
+def test_owt_from_the_hub_is_tokenized_once_into_the_shared_cache(testdata, tmp_path):
+  """The Hugging Face path (its loader replaced by the 4 real OWT documents) writes the
+  same memory-mapped cache as the local-files path, with the same rows; a second run reads
+  the cache without loading or tokenizing the corpus; concat rows store no mask."""
+  from kforcing_jax.configs import owt  # pylint: disable=g-import-not-at-top
+  docs_dir = os.path.join(testdata, 'owt', 'hf_dummy')
+  texts = [open(os.path.join(docs_dir, f), encoding='utf-8').read()
+           for f in sorted(os.listdir(docs_dir))]
+  cfg = shrink(owt.get_config())
+  cfg.data.tokenizer_path = os.path.join(testdata, 'tokenizers', 'gpt2')
+  cfg.data.eval_fraction = 0.25
+  cfg.data.cache_dir = str(tmp_path / 'hub_cache')
+  calls = []
+
+  def documents(max_examples):
+    calls.append(max_examples)
+    return len(texts), iter(texts)
+
+  with mock.patch.object(data_lib, 'openwebtext_hf_documents', documents):
+    hub = data_lib.make_source(cfg)
+    again = data_lib.make_source(cfg)
+  assert calls == [-1]  # tokenized once; the second source read the cache
+  (entry,) = os.listdir(cfg.data.cache_dir)
+  files = sorted(os.listdir(os.path.join(cfg.data.cache_dir, entry)))
+  assert files == ['eval_tokens.bin', 'meta.json', 'train_tokens.bin']  # no mask files
+  tokens, _ = hub.rows('train', np.arange(hub.num_rows('train')))
+  assert isinstance(hub._splits['train'][0], np.memmap) and hub._splits['train'][1] is None
+  np.testing.assert_array_equal(again.rows('train', np.arange(3))[0], tokens[:3])
+  # the local-files path over the same documents: the same split and rows
+  cfg.data.path = docs_dir
+  cfg.data.cache_dir = str(tmp_path / 'files_cache')
+  files_src = data_lib.make_source(cfg)
+  np.testing.assert_array_equal(files_src.rows('train', np.arange(files_src.num_rows('train')))[0],
+                                tokens)
+  assert files_src.num_rows('eval') == hub.num_rows('eval')
+
+
 def test_lm1b_through_the_real_tfds_builder(testdata, tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from configs import lm1b  # pylint: disable=g-import-not-at-top
+  from kforcing_jax.configs import lm1b  # pylint: disable=g-import-not-at-top
   cfg = shrink(lm1b.get_config())
   cfg.data.tfds_data_dir = str(tmp_path / 'tfds')
   cfg.data.tokenizer_path = os.path.join(testdata, 'tokenizers', 'bert-base-uncased')

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kforcing_jax import benchmark
 from kforcing_jax import decode
 from kforcing_jax import model as model_lib
+from kforcing_jax import precision as precision_lib
 from tests.helpers import causal_logits, jit_window, tiny_model
 
 
@@ -20,17 +20,20 @@ def pflm():
 
 
 def serving(cfg, model, params, precision):
-  """The model in a benchmark serving precision ('float32' leaves it as it is)."""
-  if precision == 'float32':
-    return cfg, model_lib.Transformer(cfg), params
-  cfg, params = benchmark.for_serving(cfg, params, precision)
-  return cfg, model_lib.Transformer(cfg), params
+  """(arch, model, params, exe) in a serving precision (precision.SERVE_DTYPES)."""
+  exe = precision_lib.exec_config(precision)
+  params = precision_lib.cast_params(params, exe)
+  return cfg, model_lib.build(cfg, exe), params, exe
+
+
+def engine(arch, params, exe=None, k=None):
+  return decode.Engine(arch, params, exe, k=(4 if arch.pflm else 0) if k is None else k)
 
 
 @pytest.mark.parametrize('precision', ['float32', 'mixed'])
 def test_pflm_tokens_equal_training_layout_argmax(pflm, precision):
-  cfg, model, params = serving(*pflm, precision)
-  eng = decode.Engine(cfg, params)
+  cfg, model, params, exe = serving(*pflm, precision)
+  eng = engine(cfg, params, exe)
   K = 4
   prompt = [3, 4, 5, 6, 7, 8]
   spec = decode.DecodeSpec(K=K, pflm=True, max_new_tokens=12)
@@ -50,10 +53,9 @@ def test_pflm_tokens_equal_training_layout_argmax(pflm, precision):
 
 def test_pflm_smaller_K_and_frequency_penalty(pflm):
   cfg, model, params = pflm
-  eng = decode.Engine(cfg, params)
+  eng = engine(cfg, params)
   prompt = [[3, 4, 5, 6, 7, 8]]
-  out2, steps = eng.generate(prompt, decode.DecodeSpec(K=2, pflm=True, max_new_tokens=8),
-                             k_model=4)
+  out2, steps = eng.generate(prompt, decode.DecodeSpec(K=2, pflm=True, max_new_tokens=8))
   assert steps == 4 and out2.shape == (1, 8)
   # penalty: a token repeated without it is discouraged with it
   plain, _ = eng.generate(prompt, decode.DecodeSpec(K=4, pflm=True, max_new_tokens=24))
@@ -66,8 +68,8 @@ def test_pflm_smaller_K_and_frequency_penalty(pflm):
 
 @pytest.mark.parametrize('precision', ['float32', 'mixed'])
 def test_ar_greedy_equals_full_forward_decoding(precision):
-  cfg, model, params = serving(*tiny_model(seed=2, noise=0.5), precision)
-  eng = decode.Engine(cfg, params)
+  cfg, model, params, exe = serving(*tiny_model(seed=2, noise=0.5), precision)
+  eng = engine(cfg, params, exe)
   out, _ = eng.generate([[1, 2, 3]], decode.DecodeSpec(K=1, pflm=False, max_new_tokens=10,
                                                        temperature=0.0))
   seq = [1, 2, 3]
@@ -77,26 +79,42 @@ def test_ar_greedy_equals_full_forward_decoding(precision):
   assert out[0].tolist() == seq[3:]
 
 
-def test_ar_sampling_follows_the_model_distribution():
-  cfg, model, params = tiny_model(seed=5, vocab=8, noise=0.5)
-  eng = decode.Engine(cfg, params)
-  n = 4000
-  out, _ = eng.generate([[1, 2]] * n, decode.DecodeSpec(K=1, max_new_tokens=1), seed=0)
-  p = np.asarray(jax.nn.softmax(causal_logits(model, params, jnp.asarray([[1, 2]]))[0, -1]))
-  freq = np.bincount(out[:, 0], minlength=8) / n
-  assert np.abs(freq - p).max() < 4 * np.sqrt(p.max() / n)
-  top1, _ = eng.generate([[1, 2]] * 50, decode.DecodeSpec(K=1, max_new_tokens=1, top_k=1))
-  assert np.all(top1[:, 0] == np.argmax(p))
-  nucleus, _ = eng.generate([[1, 2]] * 300, decode.DecodeSpec(K=1, max_new_tokens=1, top_p=0.5))
+def nucleus(p, top_p):
   order = np.argsort(-p)
-  keep = order[:np.searchsorted(np.cumsum(p[order]), 0.5) + 1]
-  assert set(nucleus[:, 0].tolist()) <= set(keep.tolist())
+  return set(order[:np.searchsorted(np.cumsum(p[order]), top_p) + 1].tolist())
+
+
+@pytest.mark.parametrize('sampler', decode.SAMPLERS)
+def test_ar_sampling_follows_the_tempered_filtered_distribution(sampler):
+  """Both AR samplers draw softmax(logits / T); top-k and top-p filter that tempered
+  distribution (temperature first): at T = 2 the nucleus is wider than at T = 1."""
+  cfg, model, params = tiny_model(seed=5, vocab=8, noise=0.5)
+  eng = engine(cfg, params)
+  logits = np.asarray(causal_logits(model, params, jnp.asarray([[1, 2]]))[0, -1], np.float64)
+  soft = lambda l: np.exp(l - l.max()) / np.exp(l - l.max()).sum()
+  n = 4000
+  for T in (1.0, 2.0):
+    p = soft(logits / T)
+    out, _ = eng.generate([[1, 2]] * n, decode.DecodeSpec(K=1, max_new_tokens=1, temperature=T,
+                                                         sampler=sampler), seed=0)
+    freq = np.bincount(out[:, 0], minlength=8) / n
+    assert np.abs(freq - p).max() < 4 * np.sqrt(p.max() / n), (T, freq, p)
+  top1, _ = eng.generate([[1, 2]] * 50, decode.DecodeSpec(K=1, max_new_tokens=1, top_k=1,
+                                                          sampler=sampler))
+  assert np.all(top1[:, 0] == np.argmax(logits))
+  for T in (1.0, 2.0):
+    keep = nucleus(soft(logits / T), 0.5)
+    out, _ = eng.generate([[1, 2]] * 600, decode.DecodeSpec(K=1, max_new_tokens=1, top_p=0.5,
+                                                            temperature=T, sampler=sampler))
+    seen = set(out[:, 0].tolist())
+    assert seen <= keep and len(seen) == len(keep), (T, seen, keep)
+  assert len(nucleus(soft(logits / 2.0), 0.5)) > len(nucleus(soft(logits), 0.5))
 
 
 @pytest.mark.parametrize('pflm_mode', [True, False])
 def test_rows_do_not_depend_on_batch_or_padding(pflm, pflm_mode):
   cfg, model, params = pflm
-  eng = decode.Engine(cfg, params)
+  eng = engine(cfg, params)
   spec = decode.DecodeSpec(K=4 if pflm_mode else 1, pflm=pflm_mode, max_new_tokens=8)
   prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16], [17]]
   batch, _ = eng.generate(prompts, spec, seed=1, row_seeds=[5, 6, 7, 8])
@@ -109,7 +127,7 @@ def test_rows_do_not_depend_on_batch_or_padding(pflm, pflm_mode):
 
 def test_eos_stops_a_row_and_pads(pflm):
   cfg, model, params = pflm
-  eng = decode.Engine(cfg, params)
+  eng = engine(cfg, params)
   free, _ = eng.generate([[3, 4, 5, 6, 7]], decode.DecodeSpec(K=4, pflm=True, max_new_tokens=16))
   eos = int(free[0, 5])
   spec = decode.DecodeSpec(K=4, pflm=True, max_new_tokens=16, eos_id=eos, pad_id=0)
@@ -122,7 +140,7 @@ def test_eos_stops_a_row_and_pads(pflm):
 
 def test_no_recompilation_for_same_shapes(pflm):
   cfg, model, params = pflm
-  eng = decode.Engine(cfg, params)
+  eng = engine(cfg, params)
   spec = decode.DecodeSpec(K=2, pflm=True, max_new_tokens=6)
   eng.generate([[1, 2, 3], [4, 5]], spec, seed=0)
   eng.generate([[6, 7, 8], [9]], spec, seed=1)
@@ -131,7 +149,7 @@ def test_no_recompilation_for_same_shapes(pflm):
   assert eng.traces == 2
   # loops compiled ahead, from threads at once (the benchmark's precompile), are the ones
   # the calls then run: one trace per shape, none at the calls
-  fresh = decode.Engine(cfg, params)
+  fresh = engine(cfg, params)
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     list(pool.map(lambda b: fresh.compile(spec, 2 * b, 3), (1, 2)))
   assert fresh.traces == 2 and len(fresh._fns) == 1  # pylint: disable=protected-access
@@ -145,7 +163,7 @@ def test_cache_phases_give_the_same_tokens(pflm, pflm_mode):
   # a cache grown in phases (attention over the filled prefix) == one full-length cache,
   # with ragged prompts, EOS stops, AR sampling and the PFLM's frequency penalty
   cfg, model, params = pflm
-  eng = decode.Engine(cfg, params)
+  eng = engine(cfg, params)
   prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16]]
   kw = dict(K=4, pflm=True, freq_penalty=0.5) if pflm_mode else dict(K=1, temperature=1.0)
   one, steps_one = eng.generate(prompts, decode.DecodeSpec(max_new_tokens=40, **kw), seed=2)
@@ -160,15 +178,14 @@ def test_cache_phases_give_the_same_tokens(pflm, pflm_mode):
   np.testing.assert_array_equal(
       eng.generate(prompts, dataclasses.replace(spec, **stop), seed=2)[0], one_eos)
   with pytest.raises(decode.DecodeError, match='cache_phases=0'):
-    eng.generate(prompts, decode.DecodeSpec(cache_phases=0, **kw), k_model=4)
+    eng.generate(prompts, decode.DecodeSpec(cache_phases=0, **kw))
 
 
 def test_mean_cache_read_counts_each_steps_phase():
   # AR, prompt 3, 28 new tokens, 2 phases: the cache holds 3 + 28 = 31 slots, rounded up to
-  # 32 (CACHE_ALIGN); the first phase spans slots up to 3 + ceil(29 / 2) = 18, rounded to
+  # 32 (a multiple of 8); the first phase spans slots up to 3 + ceil(29 / 2) = 18, rounded to
   # 24. Steps write slots 2..29: 22 steps read 24 slots, the last 6 read 32.
   spec = decode.DecodeSpec(K=1, max_new_tokens=28, cache_phases=2)
-  assert decode.CACHE_ALIGN == 8
   assert spec.cache_len(3) == 32
   assert spec.phase_lengths(3) == [24, 32]
   assert spec.mean_cache_read(3) == (22 * 24 + 6 * 32) / 28
@@ -185,12 +202,22 @@ def test_mean_cache_read_counts_each_steps_phase():
 
 def test_bad_requests(pflm):
   cfg, model, params = pflm
-  eng = decode.Engine(cfg, params)
+  eng = engine(cfg, params)
   with pytest.raises(decode.DecodeError, match='prompt 0 is empty'):
     eng.generate([[]], decode.DecodeSpec(K=1))
-  with pytest.raises(decode.DecodeError, match='larger than the model'):
-    eng.generate([[1, 2]], decode.DecodeSpec(K=8, pflm=True), k_model=4)
+  # K > k is refused by the engine itself, whoever calls it
+  with pytest.raises(decode.DecodeError, match="K=8 is larger than the model's window k=4"):
+    eng.generate([[1, 2]], decode.DecodeSpec(K=8, pflm=True))
+  ar = engine(*tiny_model()[::2])
+  with pytest.raises(decode.DecodeError, match='this is an AR model'):
+    ar.generate([[1, 2]], decode.DecodeSpec(K=1, pflm=True))
+  with pytest.raises(decode.DecodeError, match='window k=2 does not fit'):
+    engine(*tiny_model()[::2], k=2)
   with pytest.raises(decode.DecodeError, match='exceeds the model'):
     eng.generate([[1] * 60], decode.DecodeSpec(K=1, max_new_tokens=10))
+  with pytest.raises(decode.DecodeError, match="sampler='gumbel': allowed: categorical, inverse_cdf"):
+    eng.generate([[1, 2]], decode.DecodeSpec(K=1, sampler='gumbel'))
+  with pytest.raises(decode.DecodeError, match='top_p=0.0'):
+    eng.generate([[1, 2]], decode.DecodeSpec(K=1, top_p=0.0))
   with pytest.raises(decode.DecodeError, match='lower the batch'):
     eng.memory_check(decode.DecodeSpec(K=1, max_new_tokens=10), 10, 10**9)

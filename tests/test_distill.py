@@ -2,14 +2,23 @@
 import json
 import os
 
+import dataclasses
+from unittest import mock
+
 import jax
 import numpy as np
 import pytest
 
+from kforcing_jax import checkpoint as ckpt_lib
+from kforcing_jax import context as context_lib
+from kforcing_jax import data as data_lib
 from kforcing_jax import distill
+from kforcing_jax import model as model_lib
+from kforcing_jax import optim
 from kforcing_jax import pipeline
 from kforcing_jax import sharding as sharding_lib
 from kforcing_jax import stages
+from kforcing_jax import trainer
 from tests.conftest import synthetic_config
 
 
@@ -35,37 +44,62 @@ def test_stage_outputs_and_frozen_teacher(run_dir):
   s_cfg, s_params, meta, _ = stages.load_model_stage(str(d), 'distill_k1', mesh)
   assert not t_cfg.pflm and s_cfg.pflm and meta['teacher_stage'] == 'teacher'
   assert 'noise_encoder' in s_params and 'noise_encoder' not in t_params
+  assert meta['compat']['teacher_fingerprint'] == stages.params_fingerprint(t_params)
+
+
+def student_setup(d, cfg, mesh):
+  t_cfg, t_params, _, t_shardings = stages.load_model_stage(str(d), 'teacher', mesh)
+  s_cfg = dataclasses.replace(t_cfg, pflm=True)
+  student = model_lib.build(s_cfg)
+  tx = optim.make_optimizer(cfg.stages.distill_k2.opt, 10)
+  targets_fn = distill.make_targets_fn(model_lib.build(t_cfg), 0)
+  source = data_lib.make_source(cfg)
+  batch = next(data_lib.BatchIterator(source, 'train', 4, sharding_lib.batch_sharding(mesh), 0))
+  return s_cfg, student, tx, targets_fn, t_params, t_shardings, batch
 
 
 def test_microbatched_distill_step_matches_whole_batch(run_dir):
   """Same noise per row, same targets, same update with 2 microbatches as with one batch."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   d, cfg = run_dir
   mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
-  t_cfg, t_params, _, _ = stages.load_model_stage(str(d), 'teacher', mesh)
-  s_cfg = dataclasses.replace(t_cfg, pflm=True)
-  student = model_lib.Transformer(s_cfg)
-  tx = train_lib.make_optimizer(cfg.train, 10)
-  source = data_lib.make_source(cfg)
-  batch = next(data_lib.BatchIterator(source, 'train', 4, sharding_lib.batch_sharding(mesh), 0))
+  s_cfg, student, tx, targets_fn, t_params, _, batch = student_setup(d, cfg, mesh)
   outs = []
   for micro in (1, 2):
-    state, _, _ = train_lib.create_state(
-        stages.model_init_fn(student, s_cfg, cfg.data.seq_len), tx, mesh, jax.random.key(0),
-        False)
-    step = jax.jit(distill.make_distill_step(
-        student, distill.make_targets_fn(model_lib.Transformer(t_cfg), 0), tx, 2, (0.5, 1.5),
-        (), 0.0, micro))
-    new_state, metrics = step(state, t_params, batch, jax.random.key(3))
+    state, _, _ = trainer.create_state(model_lib.init_fn(student, cfg.data.seq_len), tx, mesh,
+                                       jax.random.key(0), False)
+    step = jax.jit(distill.make_distill_step(student, targets_fn, tx, 2, (0.5, 1.5), (), 0.0,
+                                             micro))
+    new_state, metrics = step(state, batch, jax.random.key(3), t_params)
     outs.append((jax.device_get(new_state.params), jax.device_get(metrics)))
   (p1, m1), (p2, m2) = outs
   for key in ('loss', 'acc_all', 'acc_1', 'acc_2', 'grad_norm'):
     np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, err_msg=key)
   for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_donated_distill_steps_leave_the_teacher_intact(run_dir):
+  """The jitted step donates the student's state; the teacher's parameters (a frozen
+  argument, the source of the student's copied weights) stay alive and unchanged."""
+  d, cfg = run_dir
+  mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
+  s_cfg, student, tx, targets_fn, t_params, t_shardings, batch = student_setup(d, cfg, mesh)
+  before = stages.params_fingerprint(t_params)
+  state, _, shardings = trainer.create_state(model_lib.init_fn(student, cfg.data.seq_len), tx,
+                                             mesh, jax.random.key(0), False)
+  params, copied, _ = distill.copy_matching(state.params, t_params)
+  state = state.replace(params=params)
+  assert copied
+  step = trainer.jit_step(distill.make_distill_step(student, targets_fn, tx, 2, (1.0, 1.0), (),
+                                                    0.0), shardings, mesh, (t_shardings,))
+  with sharding_lib.mesh_context(mesh):
+    for _ in range(2):
+      old = state
+      state, _ = step(state, batch, jax.random.key(3), t_params)
+  assert all(x.is_deleted() for x in jax.tree.leaves(old.params))  # donation did happen
+  assert not any(x.is_deleted() for x in jax.tree.leaves(t_params))
+  assert stages.params_fingerprint(t_params) == before
+  assert stages.params_fingerprint(state.params) != before
 
 
 def test_copy_matching_copies_backbone_and_keeps_encoder():
@@ -87,22 +121,94 @@ def test_teacher_stage_resolution():
 
 
 def test_missing_teacher_stage(tmp_path):
-  cfg = synthetic_config(pipeline='distill_k2')
+  cfg = synthetic_config(pipeline=('distill_k2',))
   with pytest.raises(stages.StageError, match="'distill_k1' has no finished checkpoint"):
     pipeline.run(cfg, str(tmp_path))
 
 
 def test_window_must_double_the_pflm_teacher(run_dir, tmp_path):
   d, _ = run_dir
-  cfg = synthetic_config(steps=3, pipeline='distill_k4')
-  cfg.distill.teacher_stage = 'distill_k1'
+  cfg = synthetic_config(steps=3, pipeline=('distill_k4',))
+  cfg.stages.distill_k4.teacher_stage = 'distill_k1'
   with pytest.raises(stages.StageError, match='can only teach window 2, not 4'):
     pipeline.run(cfg, str(d))
 
 
 def test_student_shape_must_match_teacher(run_dir):
   d, _ = run_dir
-  cfg = synthetic_config(steps=3, pipeline='distill_k4')
+  cfg = synthetic_config(steps=3, pipeline=('distill_k4',))
   cfg.model.n_layers = 3
   with pytest.raises(stages.StageError, match='model.n_layers: teacher 2, student 3'):
     pipeline.run(cfg, str(d))
+
+
+def test_resume_against_a_retrained_teacher_is_refused(tmp_path):
+  cfg = synthetic_config(steps=2, pipeline=('teacher', 'distill_k1'))
+  cfg.stages.distill_k1.checkpoint_every = 1
+  real_next = data_lib.BatchIterator.__next__
+  calls = {'n': 0}
+
+  def dying_next(self):
+    if self.split == 'train' and self.global_batch == cfg.stages.distill_k1.batch_size:
+      calls['n'] += 1
+      if calls['n'] == 2 + 2:  # the teacher's 2 steps, then distill_k1's second
+        raise KeyboardInterrupt
+    return real_next(self)
+
+  with mock.patch.object(data_lib.BatchIterator, '__next__', dying_next):
+    with pytest.raises(KeyboardInterrupt):
+      pipeline.run(cfg, str(tmp_path))
+  assert os.listdir(tmp_path / 'distill_k1' / 'checkpoints') == ['1']
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(tmp_path / 'teacher')
+  cfg.stages.teacher.opt.learning_rate = 1e-2  # a different teacher, same shapes
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match='teacher_fingerprint'):
+    pipeline.run(cfg, str(tmp_path))
+
+
+@pytest.fixture(scope='module')
+def learning_run(tmp_path_factory):
+  """teacher -> k1 -> k2 with enough steps to learn: the teachers of the k=2 and k=4 runs."""
+  d = tmp_path_factory.mktemp('learning')
+  cfg = synthetic_config(steps=60, pipeline=('teacher', 'distill_k1', 'distill_k2',
+                                             'distill_k4'))
+  cfg.pipeline = cfg.pipeline[:3]
+  cfg.data.eval_batch_size = 16
+  for s in cfg.stages.values():
+    s.batch_size = 16
+    s.log_every = 30
+    s.eval_batches = 2
+    s.opt.learning_rate = 3e-3
+    s.opt.warmup_steps = 10
+  pipeline.run(cfg, str(d))
+  cfg.pipeline = cfg.pipeline + ('distill_k4',)
+  return d, cfg
+
+
+@pytest.mark.parametrize('stage', ['distill_k2', 'distill_k4'])
+def test_wider_windows_learn_their_rollout_targets(learning_run, stage):
+  """The k=2 / k=4 stage's own step and targets (argmax + rollout of its PFLM teacher)
+  teach a student whose noise encoder starts fresh (its backbone copied): after 80 steps
+  it agrees with those targets on held-out contexts far more often than before."""
+  d, cfg = learning_run
+  ctx = context_lib.build(cfg, str(d))
+  spec = distill.spec(ctx, stage, list(cfg.pipeline))
+  t_params = spec.frozen[0]
+  steps = 80
+  tx = optim.make_optimizer(cfg.stages[stage].opt, steps)
+  state, _, shardings = trainer.create_state(spec.init_params, tx, ctx.mesh,
+                                             jax.random.key(spec.seeds[0]), False)
+  backbone = {k: v for k, v in t_params.items() if k != 'noise_encoder'}
+  state = state.replace(params=distill.copy_matching(state.params, backbone)[0])
+  before = spec.evaluate(state.params)
+  step = trainer.jit_step(spec.make_step(tx), shardings, ctx.mesh, spec.frozen_shardings)
+  it = data_lib.BatchIterator(ctx.source, 'train', cfg.stages[stage].batch_size,
+                              sharding_lib.batch_sharding(ctx.mesh), 0)
+  with sharding_lib.mesh_context(ctx.mesh):
+    for _ in range(steps):
+      state, metrics = step(state, next(it), jax.random.key(1), *spec.frozen)
+  after = spec.evaluate(state.params)
+  print(stage, 'before', before, 'after', after, 'train acc', float(metrics['acc_all']))
+  assert after['agreement_all'] > before['agreement_all'] + 0.2
+  for b, a in zip(before['agreement_per_position'], after['agreement_per_position']):
+    assert a > b + 0.1

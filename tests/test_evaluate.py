@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kforcing_jax import Sampler
 from kforcing_jax import data as data_lib
 from kforcing_jax import evaluate
 from kforcing_jax import pipeline
-from kforcing_jax import sharding as sharding_lib
-from kforcing_jax import stages
 from tests.conftest import synthetic_config
+from tests.helpers import causal_logits, tiny_model
 
 
 def test_unigram_entropy_by_hand():
@@ -22,23 +22,36 @@ def test_unigram_entropy_by_hand():
   assert evaluate.unigram_entropy([5, 5, 6, 7]) == pytest.approx(-(p * np.log(p)).sum())
 
 
-def test_sequence_nll_by_hand():
-  logits = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8], [1 / 3] * 3]))
-  tokens = [0, 1, 2]
-  # tokens[1] under logits[0], tokens[2] under logits[1]
-  assert evaluate.sequence_nll(logits, tokens, 1) == pytest.approx(
-      -(math.log(0.25) + math.log(0.8)) / 2, rel=1e-6)
-  assert evaluate.sequence_nll(logits, tokens, 2) == pytest.approx(-math.log(0.8), rel=1e-6)
+def test_gen_nll_of_ragged_rows_by_hand():
+  """Evaluators score rows of different prompt and completion lengths in one padded call:
+  the mean over rows of each completion's mean NLL, by hand from each row's own forward
+  (teacher) and from the source's forward algorithm (exact)."""
+  cfg = synthetic_config()
+  source = data_lib.make_source(cfg)
+  arch, model, params = tiny_model(vocab=source.tokenizer.vocab_size, seed=3)
+  teacher = Sampler(arch, params, k=0, tokenizer=source.tokenizer)
+  prompts = [[0, 3, 4], [0, 7], [0, 1, 2, 5]]
+  completions = [[6, 8, 9, 2], [11], [4, 4, 0, 12, 13]]
+  got = evaluate.Evaluators(source, teacher)(prompts, completions, width=16)
+  want_t, want_x = [], []
+  for p, c in zip(prompts, completions):
+    row = np.asarray([p + c])
+    logp = np.asarray(jax.nn.log_softmax(causal_logits(model, params, jnp.asarray(row))[0], -1))
+    want_t.append(-np.mean([logp[t - 1, row[0, t]] for t in range(len(p), row.shape[1])]))
+    want_x.append(-np.mean(source.hmm.token_logprobs(row)[0, len(p) - 1:]))
+  assert got['teacher'] == pytest.approx(np.mean(want_t), rel=1e-5)
+  assert got['exact'] == pytest.approx(np.mean(want_x), rel=1e-9)
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   d = tmp_path_factory.mktemp('eval')
-  cfg = synthetic_config(steps=150, pipeline='teacher,distill_k1,evaluate')
-  cfg.train.learning_rate = 3e-3
-  cfg.distill.learning_rate = 3e-3
-  cfg.distill.batch_size = 8
-  cfg.train.log_every = 50
+  cfg = synthetic_config(steps=150, pipeline=('teacher', 'distill_k1', 'evaluate'))
+  cfg.stages.teacher.opt.learning_rate = 3e-3
+  cfg.stages.distill_k1.opt.learning_rate = 3e-3
+  cfg.stages.distill_k1.batch_size = 8
+  cfg.stages.teacher.log_every = 50
+  cfg.stages.distill_k1.log_every = 50
   cfg.evaluate.num_prompts = 4
   cfg.evaluate.max_new_tokens = 12
   cfg.evaluate.agreement_rows = 8
@@ -72,9 +85,9 @@ def test_planted_bad_student_is_caught(trained):
   likelihood, such repetition has a *lower* exact NLL than real samples, so NLL alone
   cannot flag it -- the report reads NLL next to entropy for this reason.)"""
   d, cfg = trained
-  mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
-  t_cfg, t_params, _, _ = stages.load_model_stage(str(d), 'teacher', mesh)
-  s_cfg, s_params, _, _ = stages.load_model_stage(str(d), 'distill_k1', mesh)
+  teacher = Sampler.from_workdir(str(d), 'teacher')
+  student = Sampler.from_workdir(str(d), 'distill_k1')
+  s_params = student.params
   bad = dict(s_params)
   leaves, tree = jax.tree.flatten(s_params['noise_encoder'])
   keys = jax.random.split(jax.random.key(0), len(leaves))
@@ -82,19 +95,16 @@ def test_planted_bad_student_is_caught(trained):
       tree, [jax.random.normal(k, x.shape) * (jnp.std(x) + 0.1) for x, k in zip(leaves, keys)])
   source = data_lib.make_source(cfg)
   batch = data_lib.BatchIterator(source, 'eval', 16, None, 0, False).local_batch(0)
-  good = evaluate.shared_noise_agreement(s_cfg, s_params, t_cfg, t_params, batch, 1, 0, ())
-  planted = evaluate.shared_noise_agreement(s_cfg, bad, t_cfg, t_params, batch, 1, 0, ())
+  planted_student = Sampler(student.arch, bad, k=1, tokenizer=student.tokenizer)
+  good = evaluate.shared_noise_agreement(student, teacher, batch, 0)
+  planted = evaluate.shared_noise_agreement(planted_student, teacher, batch, 0)
   print('agreement trained', good, 'planted', planted)
   assert good[0] > planted[0] + 0.2
-  from kforcing_jax import decode  # pylint: disable=g-import-not-at-top
   prompts = [list(r[:4]) for r in batch['tokens']]
-  ev = evaluate.Evaluators(source, t_cfg, t_params)
+  ev = evaluate.Evaluators(source, teacher)
   point = {}
-  for name, mcfg, params, pflm in (('teacher', t_cfg, t_params, False),
-                                   ('good', s_cfg, s_params, True),
-                                   ('bad', s_cfg, bad, True)):
-    spec = decode.DecodeSpec(K=1, pflm=pflm, max_new_tokens=20)
-    out, _ = decode.Engine(mcfg, params).generate(prompts, spec, seed=1, k_model=1)
+  for name, model in (('teacher', teacher), ('good', student), ('bad', planted_student)):
+    out = model.generate_ids(prompts, 20, seed=1, stop_at_eos=False)
     point[name] = (ev(prompts, out.tolist())['exact'],
                    float(np.mean([evaluate.unigram_entropy(r) for r in out.tolist()])))
   print('(exact gen NLL, entropy)', point)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kforcing_jax import attention
 from kforcing_jax import decode
 from kforcing_jax import flash_decode
 from kforcing_jax import model as model_lib
@@ -45,7 +46,7 @@ def test_attention_equals_masked_whole_cache_attention(T, Q, query_from, program
   mask = ((np.arange(S)[None, None, :] <= q_slots[None, :, None]) &
           (np.arange(S)[None, None, :] >= np.asarray(start_B)[:, None, None]))
   # the whole-cache reference never reads those slots either: they are masked
-  want = model_lib.cached_attention(q, jnp.swapaxes(ck, 2, 3), cv, jnp.asarray(mask))
+  want = attention.cached_attention(q, jnp.swapaxes(ck, 2, 3), cv, jnp.asarray(mask))
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
@@ -60,18 +61,24 @@ def test_query_with_no_visible_key_gets_zeros():
 
 
 def test_cache_length_and_splits():
-  assert flash_decode.BLOCK_K == 64 and flash_decode.PROGRAMS == 2048
-  assert flash_decode.cache_length(1) == 64
-  assert flash_decode.cache_length(1032) == 1088  # 17 blocks
-  # OWT's AR cache, 1024 slots = 16 blocks, 12 heads: batch 256 needs no split (3,072
-  # programs), batch 64 4 splits (the fewest divisor reaching 2,048: 3,072), batch 1 all 16
-  assert [flash_decode.k_splits(b * 12, 1024) for b in (256, 64, 1)] == [1, 4, 16]
-  assert flash_decode.k_splits(64 * 12, 1088) == 17  # a prime number of blocks
-  cfg = dataclasses.replace(tiny_model(pflm=True, heads=2)[0], decode_attention='pallas')
-  cache = model_lib.init_cache(cfg, 2, 256)
+  for slots in (1, 63, 64, 65, 1032):
+    n = flash_decode.cache_length(slots)
+    assert n >= slots and n % flash_decode.BLOCK_K == 0 and n - slots < flash_decode.BLOCK_K
+  # split-K parts: a divisor of the cache's blocks, the fewest that give PROGRAMS kernel
+  # programs (rows x heads x parts), or all blocks when even that falls short
+  for rows_x_heads in (12, 768, 3072, 50_000):
+    for cache_len in (1024, 1088, 64 * 12):
+      blocks = cache_len // flash_decode.BLOCK_K
+      d = flash_decode.k_splits(rows_x_heads, cache_len)
+      assert blocks % d == 0
+      reaching = [x for x in range(1, blocks + 1)
+                  if blocks % x == 0 and rows_x_heads * x >= flash_decode.PROGRAMS]
+      assert d == (reaching[0] if reaching else blocks), (rows_x_heads, cache_len, d)
+  cfg = tiny_model(pflm=True, heads=2)[0]
+  cache = model_lib.init_cache(cfg, model_lib.ExecConfig(decode_attention='pallas'), 2, 256)
   assert cache['k'][0].shape == cache['v'][0].shape == (2, cfg.n_heads, 256, cfg.head_dim)
-  with pytest.raises(ValueError, match="decode_attention='flash': allowed: xla, pallas"):
-    dataclasses.replace(cfg, decode_attention='flash')
+  with pytest.raises(ValueError, match="decode_attention='flash' is not allowed; allowed: xla, pallas"):
+    model_lib.ExecConfig(decode_attention='flash')
   with pytest.raises(ValueError, match='not a multiple of'):
     flash_decode.attention(jnp.ones((1, 1, 1, 16)), jnp.ones((1, 1, 1, 16)),
                            jnp.ones((1, 1, 1, 16)), jnp.zeros((1, 1, 100, 16)),
@@ -82,8 +89,8 @@ def test_cache_length_and_splits():
 def test_engine_tokens_equal_whole_cache_engine(pflm_mode):
   # head_dim 16: Triton's smallest dot on a GPU
   cfg, _, params = tiny_model(pflm=True, never_emit=(52,), seed=7, noise=0.5, heads=2)
-  xla = decode.Engine(cfg, params)
-  pallas = decode.Engine(dataclasses.replace(cfg, decode_attention='pallas'), params)
+  xla = decode.Engine(cfg, params, k=4)
+  pallas = decode.Engine(cfg, params, model_lib.ExecConfig(decode_attention='pallas'), k=4)
   prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12]]  # ragged: left padding of 0, 5, 6
   kw = dict(K=4, pflm=True, freq_penalty=0.5) if pflm_mode else dict(K=1, temperature=1.0)
   spec = decode.DecodeSpec(max_new_tokens=16, **kw)
@@ -95,4 +102,4 @@ def test_engine_tokens_equal_whole_cache_engine(pflm_mode):
   np.testing.assert_array_equal(pallas.generate(prompts, stop, seed=2)[0],
                                 xla.generate(prompts, stop, seed=2)[0])
   with pytest.raises(decode.DecodeError, match="cache_phases=2 with decode_attention='pallas'"):
-    pallas.generate(prompts, dataclasses.replace(spec, cache_phases=2), k_model=4)
+    pallas.generate(prompts, dataclasses.replace(spec, cache_phases=2))

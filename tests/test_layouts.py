@@ -3,9 +3,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kforcing_jax import attention as attn_lib
 from kforcing_jax import layouts
 from kforcing_jax import model as model_lib
-from tests.helpers import jit_apply, jit_window, tiny_model
+from tests.helpers import jit_decode_step, jit_encode, jit_window, tiny_model
 
 
 def test_window_mask_pattern():
@@ -36,19 +37,24 @@ def inference_step(model, cfg, params, ctx_1xT, u_1xK, prefill_to):
   [ctx[prefill_to:] | K hints] with causal attention over the cache."""
   T, K = ctx_1xT.shape[1], u_1xK.shape[1]
   S = T + K
-  apply = jit_apply(model)
-  cache = model_lib.init_cache(cfg, 1, S)
-  causal = lambda start, q: (jnp.arange(S)[None, None, :] <= (start + jnp.arange(q))[None, :, None])
+  step = jit_decode_step(model)
+  cache = model_lib.init_cache(cfg, model.exe, 1, S)
+
+  def attend(start, q):
+    mask = jnp.arange(S)[None, None, :] <= (start + jnp.arange(q))[None, :, None]
+    return attn_lib.Cached(jnp.int32(start), mask, jnp.zeros((1,), jnp.int32),
+                           products=model.exe.cache_products)
+
+  def rope(start, q):
+    return model_lib.rope_cos_sin((start + jnp.arange(q))[None], cfg.head_dim, cfg.rope_base)
+
   if prefill_to:
-    _, cache = apply({'params': params}, ctx_1xT[:, :prefill_to],
-                           jnp.arange(prefill_to)[None], causal(0, prefill_to), cache=cache,
-                           cache_slot=0)
+    _, cache = step(params, ctx_1xT[:, :prefill_to], cache, attend(0, prefill_to),
+                    rope(0, prefill_to), logits_from=prefill_to)
   feed = T - prefill_to
-  pos = jnp.arange(prefill_to, T + K)[None]
-  logits, _ = apply({'params': params}, ctx_1xT[:, prefill_to:], pos[:, :feed],
-                          causal(prefill_to, feed + K), hint_u_BxH=u_1xK,
-                          hint_pos_BxH=pos[:, feed:], cache=cache, cache_slot=prefill_to,
-                          logits_from=feed)
+  hints = jit_encode(model)(params, u_1xK, jnp.ones((1,), jnp.float32))
+  logits, _ = step(params, ctx_1xT[:, prefill_to:], cache, attend(prefill_to, feed + K),
+                   rope(prefill_to, feed + K), hints, logits_from=feed)
   return logits[0]
 
 

@@ -1,6 +1,7 @@
 """The per-device memory estimate against XLA's own buffer assignment
 (compiled.memory_analysis()) of the real train and distill steps, on the paper's shape."""
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -8,28 +9,39 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import owt_8xh100, owt_v4_8
 from kforcing_jax import distill
 from kforcing_jax import memory
 from kforcing_jax import model as model_lib
+from kforcing_jax import optim
 from kforcing_jax import sharding as sharding_lib
 from kforcing_jax import stages
-from kforcing_jax import targets as targets_lib
-from kforcing_jax import train as train_lib
+from kforcing_jax import teacher
+from kforcing_jax import trainer
+from kforcing_jax.configs import base as base_config
+from kforcing_jax.configs import owt_8xh100, owt_v4_8
 
 GPT2_VOCAB = 50258
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def optimized_compiles():
+  # XLA's buffer assignment is what these tests measure: with its optimisations on
+  jax.config.update('jax_disable_most_optimizations', False)
+  yield
+  jax.config.update('jax_disable_most_optimizations', True)
 
 
 def teacher_case(cfg, batch: int, microbatches: int):
-  mcfg = model_lib.model_config(cfg, GPT2_VOCAB)
+  arch, exe = model_lib.configs_from_run(cfg, GPT2_VOCAB)
   mesh = sharding_lib.make_mesh(cfg.mesh)
-  model = model_lib.Transformer(mcfg)
-  tx = train_lib.make_optimizer(cfg.train, 100)
-  abstract, shardings, _ = train_lib.abstract_state(
-      stages.model_init_fn(model, mcfg, cfg.data.seq_len), tx, mesh, False)
-  est = memory.estimate(mcfg, abstract, mesh, batch, cfg.data.seq_len, microbatches)
-  measured = memory.compile_teacher_step(model, tx, abstract, shardings, mesh, batch,
-                                         cfg.data.seq_len, microbatches)
+  model = model_lib.build(arch, exe)
+  tx = optim.make_optimizer(cfg.stages.teacher.opt, 100)
+  abstract, shardings, _ = trainer.abstract_state(
+      model_lib.init_fn(model, cfg.data.seq_len), tx, mesh, False)
+  est = memory.estimate(arch, exe, abstract, mesh, batch, cfg.data.seq_len, microbatches)
+  measured = teacher.compile_teacher_step(model, tx, abstract, shardings, mesh, batch,
+                                          cfg.data.seq_len, microbatches)
   return est, measured
 
 
@@ -54,28 +66,26 @@ def test_distill_estimate_matches_xla(d=256, layers=4, seq=256, vocab=8192, k=2)
   """The window layout of the distill step, the AR teacher's targets included. (At larger
   shapes XLA:CPU's buffer assignment of this step varies up to 2x between processes
   compiling the same program, so only this shape is held to 25%.)"""
-  mcfg = model_lib.ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=d // 64,
-                               max_seq_len=seq, dtype='bfloat16')
-  s_cfg = dataclasses.replace(mcfg, pflm=True)
+  arch = model_lib.ArchConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=d // 64,
+                              max_seq_len=seq)
+  exe = model_lib.ExecConfig(dtype='bfloat16')
+  s_arch = dataclasses.replace(arch, pflm=True)
   mesh = sharding_lib.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 1})
-  student, teacher = model_lib.Transformer(s_cfg), model_lib.Transformer(mcfg)
-  from configs import base  # pylint: disable=g-import-not-at-top
-  tx = train_lib.make_optimizer(base.get_config().train, 100)
-  abstract, shardings, _ = train_lib.abstract_state(
-      stages.model_init_fn(student, s_cfg, seq), tx, mesh, False)
-  t_abs, t_shard = stages.abstract_params(mcfg, mesh)
+  student, teacher_model = model_lib.build(s_arch, exe), model_lib.build(arch, exe)
+  tx = optim.make_optimizer(base_config.distill_stage().opt, 100)
+  abstract, shardings, _ = trainer.abstract_state(model_lib.init_fn(student, seq), tx, mesh,
+                                                  False)
+  t_abs, t_shard = stages.abstract_params(arch, mesh, exe)
   step = distill.make_distill_step(
-      student, distill.make_targets_fn(teacher, 0), tx, k, (1.0, 1.0), (), 0.0, 2)
+      student, distill.make_targets_fn(teacher_model, 0), tx, k, (1.0, 1.0), (), 0.0, 2)
   bs = sharding_lib.batch_sharding(mesh)
-  rep = sharding_lib.replicated(mesh)
   batch = {'tokens': jax.ShapeDtypeStruct((16, 256), jnp.int32, sharding=bs),
            'mask': jax.ShapeDtypeStruct((16, 256), jnp.bool_, sharding=bs)}
-  fn = jax.jit(step, in_shardings=(shardings, t_shard, {'tokens': bs, 'mask': bs}, rep),
-               out_shardings=(shardings, rep), donate_argnums=(0,))
+  fn = trainer.jit_step(step, shardings, mesh, (t_shard,))
   with sharding_lib.mesh_context(mesh):
-    compiled = fn.lower(abstract, t_abs, batch, jax.random.key(0)).compile()
+    compiled = fn.lower(abstract, batch, jax.random.key(0), t_abs).compile()
   measured = memory.compiled_bytes(compiled)
-  est = memory.estimate(s_cfg, abstract, mesh, 16, seq, microbatches=2, window=k)
+  est = memory.estimate(s_arch, exe, abstract, mesh, 16, seq, microbatches=2, window=k)
   assert est.rows_per_device == 2
   teacher_params = memory.tree_bytes_per_device(t_abs)
   assert est.state + teacher_params == pytest.approx(measured['arguments'], rel=0.01)
@@ -83,17 +93,18 @@ def test_distill_estimate_matches_xla(d=256, layers=4, seq=256, vocab=8192, k=2)
 
 
 def test_kv_cache_bytes_split_over_the_mesh():
-  mcfg = model_lib.ModelConfig(vocab_size=100, d_model=64, n_layers=3, n_heads=4,
-                               dtype='bfloat16')
+  arch = model_lib.ArchConfig(vocab_size=100, d_model=64, n_layers=3, n_heads=4)
   mesh = sharding_lib.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
   # [L, B, S, H, Dh] x (k, v) x 2 bytes, over 8 devices
-  assert memory.kv_cache_bytes(mcfg, 16, 128, mesh) == 3 * 16 * 128 * 64 * 2 * 2 // 8
+  assert memory.kv_cache_bytes(arch, model_lib.ExecConfig(dtype='bfloat16'), 16, 128,
+                               mesh) == 3 * 16 * 128 * 64 * 2 * 2 // 8
 
 
 def test_cli_prints_every_stage(tmp_path):
   out = subprocess.run(
-      [sys.executable, '-m', 'kforcing_jax.memory', '--config=configs/owt_8xh100.py',
-       '--devices=8'], capture_output=True, text=True, check=True, timeout=300,
+      [sys.executable, os.path.join(ROOT, 'launch', 'plan_memory.py'),
+       '--config=kforcing_jax/configs/owt_8xh100.py', '--devices=8'], cwd=ROOT,
+      capture_output=True, text=True, check=True, timeout=300,
       env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin'}).stdout
   assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 2}" in out and '162.2M parameters' in out
   for stage in ('teacher', 'distill_k1', 'distill_k2', 'distill_k4'):
@@ -102,5 +113,6 @@ def test_cli_prints_every_stage(tmp_path):
 
 def test_microbatches_must_divide_the_batch():
   mesh = sharding_lib.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 1})
-  with pytest.raises(sharding_lib.MeshConfigError, match='train.microbatches=3'):
-    sharding_lib.check_batch(8, mesh, 'data.batch_size', 3, 'train.microbatches')
+  with pytest.raises(sharding_lib.MeshConfigError, match='stages.teacher.microbatches=3'):
+    sharding_lib.check_batch(8, mesh, 'stages.teacher.batch_size', 3,
+                             'stages.teacher.microbatches')

@@ -3,16 +3,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pytest
+
+from kforcing_jax import attention as attn_lib
 from kforcing_jax import model as model_lib
-from kforcing_jax import stages
-from tests.helpers import causal_logits, jit_apply, tiny_model
+from tests.helpers import causal_logits, jit_decode_step, tiny_model
 
 
 def test_paper_parameter_counts():
   for vocab, expected in ((50258, 162.2e6), (30522, 131.9e6)):
-    cfg = model_lib.ModelConfig(vocab_size=vocab)
-    model = model_lib.Transformer(cfg)
-    shapes = jax.eval_shape(stages.model_init_fn(model, cfg, 8), jax.random.key(0))
+    model = model_lib.build(model_lib.ArchConfig(vocab_size=vocab))
+    shapes = jax.eval_shape(model_lib.init_fn(model), jax.random.key(0))
     n = model_lib.count_params(nn.unbox(shapes))
     assert abs(n - expected) < 0.05e6, (vocab, n)
 
@@ -35,20 +36,27 @@ def test_causality_by_gradients():
     assert all(used[v] for v in before)
 
 
-def test_cached_step_by_step_equals_full_forward():
-  cfg, model, params = tiny_model()
-  B, T, S = 2, 10, 16
+@pytest.mark.parametrize('products', ['dot', 'reduce'])
+def test_cached_steps_equal_full_forward(products):
+  """Two tokens per step (so 'reduce', the CPU multiply-reduce, and 'dot', the GPU's batched
+  dots, both run) over an explicit cache == one causal forward."""
+  exe = model_lib.ExecConfig(cache_products=products)
+  arch, model, params = tiny_model(exe=exe)
+  B, T, S, F = 2, 10, 16, 2
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (B, T)))
   full = causal_logits(model, params, tokens)
-  cache = model_lib.init_cache(cfg, B, S)
+  cache = model_lib.init_cache(arch, model.exe, B, S)
   steps = []
-  for t in range(T):
-    mask = jnp.broadcast_to(jnp.arange(S)[None, None, :] <= t, (B, 1, S))
-    logits, cache = jit_apply(model)({'params': params}, tokens[:, t:t + 1],
-                                     jnp.full((B, 1), t), mask, cache=cache,
-                                     cache_slot=jnp.int32(t))
-    steps.append(logits[:, 0])
-  np.testing.assert_allclose(np.stack(steps, 1), full, atol=2e-5, rtol=1e-5)
+  for t in range(0, T, F):
+    slots = t + jnp.arange(F)
+    mask = jnp.broadcast_to(jnp.arange(S)[None, None, :] <= slots[None, :, None], (B, F, S))
+    attend = attn_lib.Cached(jnp.int32(t), mask, jnp.zeros((B,), jnp.int32),
+                             products=model.exe.cache_products)
+    rope_cs = model_lib.rope_cos_sin(jnp.broadcast_to(slots, (B, F)), arch.head_dim,
+                                     arch.rope_base)
+    logits, cache = jit_decode_step(model)(params, tokens[:, t:t + F], cache, attend, rope_cs)
+    steps.append(logits)
+  np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=2e-5, rtol=1e-5)
 
 
 def test_never_emitted_ids_are_blocked():
@@ -71,13 +79,30 @@ def test_noise_encoder_separates_neighbouring_cdf_intervals():
   np.testing.assert_allclose(feats, ref, atol=2e-6)
 
 
-def test_bf16_compute_keeps_float32_params():
-  cfg = model_lib.ModelConfig(vocab_size=40, d_model=32, n_layers=1, n_heads=2)
-  model = model_lib.Transformer(cfg)
-  params = nn.unbox(stages.model_init_fn(model, cfg, 8)(jax.random.key(0)))
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-  logits = causal_logits(model, params, jnp.ones((1, 4), jnp.int32))
-  assert logits.dtype == jnp.float32
+def test_bf16_compute_gives_float32_logits():
+  """Under bf16 compute the head multiplies bf16 operands into a float32 result: logits of
+  magnitude up to 10-40 stay within 1e-3 of the float32 product of the same operands, where a
+  bf16-rounded result is off by up to 0.06, and the model's logits are not bf16 numbers."""
+  arch = model_lib.ArchConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2)
+  exe = model_lib.ExecConfig(dtype='bfloat16').resolved()
+  head = model_lib.Head(arch, exe)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(32, 64)) * 1.3, jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(64,)), jnp.float32)
+  out = head.apply({'params': {'kernel': kernel, 'bias': bias}}, x)
+  assert out.dtype == jnp.float32
+  ref = np.einsum('btd,dv->btv', np.asarray(x.astype(jnp.bfloat16), np.float64),
+                  np.asarray(kernel.astype(jnp.bfloat16), np.float64)) + np.asarray(bias)
+  assert 10 < np.abs(ref).max() < 40 and np.abs(ref).mean() > 4
+  assert np.abs(np.asarray(out) - ref).max() < 1e-3
+  rounded = np.asarray(jnp.asarray(ref, jnp.float32).astype(jnp.bfloat16), np.float64)
+  assert np.abs(rounded - ref).max() > 1e-2  # what a bf16 result would lose
+  model = model_lib.build(arch, exe)
+  params = jax.tree.map(lambda p: p + 0.5, nn.unbox(model_lib.init_fn(model)(jax.random.key(0))))
+  logits = np.asarray(causal_logits(model, params, jnp.ones((1, 8), jnp.int32)))
+  as_bf16 = np.asarray(jnp.asarray(logits).astype(jnp.bfloat16).astype(jnp.float32))
+  assert np.mean(logits == as_bf16) < 0.05
 
 
 def _dots_in(jaxpr):
@@ -96,10 +121,9 @@ def test_bf16_dot_operands_with_float32_results():
   """dot_dtype='bfloat16' with dtype='float32': every weight product takes bf16 operands
   and returns float32; attention stays float32; the logits stay within bf16 rounding of the
   float32 model's."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   cfg, model, params = tiny_model(noise=0.5)
-  mixed = dataclasses.replace(cfg, dot_dtype='bfloat16', param_dtype='bfloat16')
-  mixed_model = model_lib.Transformer(mixed)
+  mixed_model = model_lib.build(cfg, model_lib.ExecConfig(dot_dtype='bfloat16',
+                                                          param_dtype='bfloat16'))
   mixed_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (2, 9)))
   dots = _dots_in(jax.make_jaxpr(

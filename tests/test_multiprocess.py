@@ -13,7 +13,7 @@ import numpy as np
 from kforcing_jax import pipeline
 from kforcing_jax import sharding as sharding_lib
 from kforcing_jax import stages
-from tests.conftest import synthetic_config
+from tests.conftest import two_process_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +34,7 @@ def losses(stage_dir):
 def test_two_processes_match_one(tmp_path):
   port = free_port()
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['PYTHONPATH'] = ROOT  # the worker imports tests.conftest
   procs = [subprocess.Popen([sys.executable, os.path.join('tests', 'multiprocess_worker.py'),
                              str(i), '2', str(port), str(tmp_path / 'multi')], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -42,10 +43,7 @@ def test_two_processes_match_one(tmp_path):
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   # the same job in this process, on one device
-  cfg = synthetic_config(steps=2, pipeline='teacher,distill_k1')
-  cfg.data.batch_size = 8
-  cfg.data.eval_batch_size = 8
-  cfg.train.eps = 1e-3
+  cfg = two_process_config()
   pipeline.run(cfg, str(tmp_path / 'single'))
   for stage in ('teacher', 'distill_k1'):
     np.testing.assert_allclose(losses(tmp_path / 'multi' / stage),

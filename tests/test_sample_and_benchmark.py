@@ -5,11 +5,17 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
+import kforcing_jax
+from kforcing_jax import Sampler
 from kforcing_jax import benchmark
 from kforcing_jax import decode
+from kforcing_jax import errors
+from kforcing_jax import export
 from kforcing_jax import sample
+from kforcing_jax import sharding as sharding_lib
 from kforcing_jax import stages
 from tests.conftest import synthetic_config
 
@@ -47,34 +53,39 @@ def test_sample_cli(run_dir, tmp_path):
 
 
 def test_sample_errors(run_dir):
-  with pytest.raises(decode.DecodeError, match='not allowed for distill_k1'):
-    sample.sample_texts(str(run_dir), 'distill_k1', ['| s1'], 1, K=2)
+  k1 = Sampler.from_workdir(str(run_dir), 'distill_k1')
+  with pytest.raises(decode.DecodeError, match="K=2 is larger than the model's window k=1"):
+    sample.sample_records(k1, ['| s1'], 1, K=2)
   with pytest.raises(stages.StageError, match="'distill_k4' has no finished checkpoint"):
-    sample.sample_texts(str(run_dir), 'distill_k4', ['| s1'], 1)
-  with pytest.raises(Exception, match='not a model stage|not known'):
-    sample.sample_texts(str(run_dir), 'student', ['| s1'], 1)
+    Sampler.from_workdir(str(run_dir), 'distill_k4')
+  with pytest.raises(stages.StageError, match='not a model stage'):
+    Sampler.from_workdir(str(run_dir), 'student')
+  teacher = Sampler.from_workdir(str(run_dir), 'teacher')
   with pytest.raises(decode.DecodeError, match='encodes to no tokens'):
-    sample.sample_texts(str(run_dir), 'teacher', [''], 1)
+    sample.sample_records(teacher, [''], 1)
   with pytest.raises(decode.DecodeError, match='exceeds'):
-    sample.sample_texts(str(run_dir), 'teacher', ['| ' + 's1 ' * 40], 1)
+    sample.sample_records(teacher, ['| ' + 's1 ' * 40], 1, max_new_tokens=8)
+  with pytest.raises(decode.DecodeError, match='freq_penalty is a PFLM setting'):
+    teacher.generate(['| s1'], 4, freq_penalty=0.5)
 
 
 def test_benchmark_outputs(tmp_path):
   cfg = synthetic_config()
   cfg.model.vocab_size = 64
   cfg.data.seq_len = 24
-  result = benchmark.run(cfg, None, True, [1, 2], 4, 3, str(tmp_path))
+  result = benchmark.run(cfg, None, True, [1, 2], 4, 3, str(tmp_path), dtype='float32')
   with open(tmp_path / 'benchmark.json', encoding='utf-8') as f:
     saved = json.load(f)
   assert saved['rows'] == json.loads(json.dumps(result['rows']))
   for row in saved['rows']:
     assert row['new_tokens'] == 18 and row['K'] == 4
-    assert row['speedup'] == pytest.approx(row['pf_tokens_per_s'] / row['ar_tokens_per_s'])
-    assert row['pf_steps'] == 5 and row['ar_steps'] == 18
+    assert row['pf_steps'] == 5 and row['ar_steps'] == 18 and row['ar_greedy_steps'] == 18
+    for name in ('ar', 'ar_greedy', 'pf'):
+      assert row[f'{name}_tokens_per_s'] > 0
   assert (tmp_path / 'benchmark.md').read_text().count('\n| ') == 3
   assert (tmp_path / 'benchmark.png').stat().st_size > 1000
-  assert saved['config']['dtype'] == 'mixed'  # the CPU default: bf16 weight products
-  with pytest.raises(decode.DecodeError, match="--dtype='fp8': allowed: auto, bfloat16"):
+  assert saved['config']['dtype'] == 'float32' and saved['config']['ar_sampler'] == 'categorical'
+  with pytest.raises(errors.UserError, match="--dtype='fp8': allowed: auto, bfloat16"):
     benchmark.run(cfg, None, True, [1], 4, 3, str(tmp_path), dtype='fp8')
   with pytest.raises(decode.DecodeError, match="--decode_attention='flash': allowed: xla, pallas"):
     benchmark.run(cfg, None, True, [1], 4, 3, str(tmp_path), decode_attention='flash')
@@ -83,37 +94,46 @@ def test_benchmark_outputs(tmp_path):
       benchmark.run(cfg, None, True, [1], 4, 3, str(tmp_path), decode_attention='pallas')
 
 
+def test_benchmark_speedups_from_fixed_timings(monkeypatch, tmp_path):
+  """The row arithmetic on fixed timings: tokens/s = batch x new tokens / seconds and the
+  speedups are PFLM over sampled and over greedy AR."""
+  fixed = {'ar': (2.0, 18), 'ar_greedy': (1.5, 18), 'pf': (0.5, 5)}
+  monkeypatch.setattr(benchmark, 'time_decode',
+                      lambda jobs, b, r, v: [fixed[n] for n in ('ar', 'ar_greedy', 'pf')])
+  monkeypatch.setattr(benchmark, 'precompile', lambda jobs: None)
+  cfg = synthetic_config()
+  cfg.model.vocab_size = 64
+  cfg.data.seq_len = 24
+  row = benchmark.run(cfg, None, True, [4], 4, 3, str(tmp_path), dtype='float32')['rows'][0]
+  assert row['ar_tokens_per_s'] == 4 * 18 / 2.0 and row['pf_tokens_per_s'] == 4 * 18 / 0.5
+  assert row['speedup'] == 4.0 and row['speedup_vs_greedy'] == 3.0
+
+
 def test_benchmark_on_trained_stages(run_dir, tmp_path):
   cfg = synthetic_config()
-  result = benchmark.run(cfg, str(run_dir), False, [2], 2, 3, str(tmp_path))
+  result = benchmark.run(cfg, str(run_dir), False, [2], 2, 3, str(tmp_path), dtype='float32')
   assert result['config']['k_model'] == 2 and result['rows'][0]['pf_steps'] == 13
   with pytest.raises(stages.StageError, match='no finished distill_k<k> stage with k >= 4'):
     benchmark.run(cfg, str(run_dir), False, [2], 4, 3, str(tmp_path))
 
 
 def test_export_round_trip_decodes_identically(run_dir, tmp_path):
-  import kforcing_jax  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import export  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
   for stage, K in (('teacher', 1), ('distill_k2', 2)):
     out = tmp_path / stage
     export.export(str(run_dir), stage, str(out))
     loaded = kforcing_jax.load(str(out))
-    assert loaded.k == (0 if stage == 'teacher' else 2)
-    assert loaded.tokenizer['name'] == 'synthetic'
-    mcfg, params, _, _ = stages.load_model_stage(str(run_dir), stage, mesh)
-    spec = loaded.spec(K, max_new_tokens=10)
-    a, _ = decode.Engine(mcfg, params).generate([[0, 1, 2], [0, 5]], spec, seed=4)
-    b, _ = loaded.engine().generate([[0, 1, 2], [0, 5]], spec, seed=4)
-    np.testing.assert_array_equal(a, b)
+    assert isinstance(loaded, Sampler) and loaded.k == (0 if stage == 'teacher' else 2)
+    assert loaded.tokenizer.name == 'synthetic'
+    direct = Sampler.from_workdir(str(run_dir), stage)
+    prompts = [[0, 1, 2], [0, 5]]
+    a = direct.generate_ids(prompts, 10, K=K, seed=4)
+    np.testing.assert_array_equal(a, loaded.generate_ids(prompts, 10, K=K, seed=4))
+    assert loaded.generate(['| s1 s2'], 6, seed=4) == direct.generate(['| s1 s2'], 6, seed=4)
     # onto a 2-device tensor-parallel mesh
     many = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 2})
     sharded = kforcing_jax.load(str(out), mesh=many)
     assert len(sharded.params['head']['kernel'].sharding.device_set) == 2
-    c, _ = sharded.engine().generate([[0, 1, 2], [0, 5]], spec, seed=4)
-    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(a, sharded.generate_ids(prompts, 10, K=K, seed=4))
   with pytest.raises(stages.StageError, match='already exists'):
     export.export(str(run_dir), 'teacher', str(tmp_path / 'teacher'))
 
@@ -125,7 +145,8 @@ def test_sample_cli_errors_are_one_line(run_dir, tmp_path):
                      (['--stage=distill_k2', '--prompt= '], 'empty prompt'),
                      (['--stage=student', '--prompt=| s1'], '--stage'),
                      (['--stage=distill_k4', '--prompt=| s1'], 'no finished checkpoint'),
-                     (['--stage=distill_k2', '--K=4', '--prompt=| s1'], 'allowed: 1..2')):
+                     (['--stage=distill_k2', '--K=4', '--prompt=| s1'], 'allowed: 1..2'),
+                     (['--stage=teacher', '--top_p=0', '--prompt=| s1'], 'top_p=0.0')):
     r = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and msg in r.stderr, (extra, r.stderr[-500:])
     assert 'Traceback' not in r.stderr

@@ -6,7 +6,7 @@ from scipy import stats
 
 from kforcing_jax import model as model_lib
 from kforcing_jax import targets
-from tests.helpers import jit_apply, tiny_model
+from tests.helpers import causal_logits, tiny_model
 from tests.test_layouts import inference_step
 
 
@@ -81,9 +81,8 @@ def test_ar_teacher_k_targets_are_sequential_sampling():
   y = jax.jit(lambda p, c, uu: targets.ar_teacher_targets(model, p, c, uu))(params, ctx, u)
   t = 4
   seq = list(np.asarray(ctx[0, :t + 1]))
-  apply = jit_apply(model)
   for i in range(3):
-    logits, _ = apply({'params': params}, jnp.asarray([seq]), jnp.arange(len(seq))[None])
+    logits = causal_logits(model, params, jnp.asarray([seq]))
     seq.append(int(targets.inverse_cdf(logits[0, -1], u[0, t, i])))
   assert list(np.asarray(y[0, t])) == seq[t + 1:]
 

@@ -10,41 +10,43 @@ import pytest
 from kforcing_jax import checkpoint as ckpt_lib
 from kforcing_jax import data as data_lib
 from kforcing_jax import model as model_lib
+from kforcing_jax import optim
 from kforcing_jax import pipeline
 from kforcing_jax import sharding as sharding_lib
 from kforcing_jax import stages
-from kforcing_jax import train as train_lib
+from kforcing_jax import teacher
+from kforcing_jax import trainer
 from tests.conftest import synthetic_config
 
 
 def run_steps(cfg, mesh_shape, n_steps, microbatches=1):
   """n train steps on a mesh; returns (losses, params on host)."""
+  t = cfg.stages.teacher
   # Adam with a tiny eps turns a ~1e-9 reduction-order difference in a near-zero gradient
   # into a full-size step; a larger eps keeps the comparison about the sharding itself.
-  cfg.train.eps = 1e-3
+  t.opt.eps = 1e-3
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_shape
   source = data_lib.make_source(cfg)
-  mcfg = model_lib.model_config(cfg, source.tokenizer.vocab_size, source.tokenizer.never_emit_ids)
+  arch, exe = model_lib.configs_from_run(cfg, source.tokenizer.vocab_size,
+                                         source.tokenizer.never_emit_ids)
   mesh = sharding_lib.make_mesh(cfg.mesh)
-  model = model_lib.Transformer(mcfg)
-  tx = train_lib.make_optimizer(cfg.train, cfg.train.steps)
-  state, _, shardings = train_lib.create_state(
-      stages.model_init_fn(model, mcfg, cfg.data.seq_len), tx, mesh, jax.random.key(0), False)
-  step = train_lib.jit_train_step(train_lib.make_train_step(model, tx, 0.0, microbatches),
-                                  shardings, mesh)
-  it = data_lib.BatchIterator(source, 'train', cfg.data.batch_size,
-                              sharding_lib.batch_sharding(mesh), 0)
+  model = model_lib.build(arch, exe)
+  tx = optim.make_optimizer(t.opt, t.steps)
+  state, _, shardings = trainer.create_state(
+      model_lib.init_fn(model, cfg.data.seq_len), tx, mesh, jax.random.key(0), False)
+  step = trainer.jit_step(teacher.make_train_step(model, tx, 0.0, microbatches), shardings, mesh)
+  it = data_lib.BatchIterator(source, 'train', t.batch_size, sharding_lib.batch_sharding(mesh), 0)
   losses = []
   with sharding_lib.mesh_context(mesh):
-    for s in range(n_steps):
-      state, m = step(state, next(it), jax.random.fold_in(jax.random.key(1), s))
+    for _ in range(n_steps):
+      state, m = step(state, next(it), jax.random.key(1))
       losses.append(float(m['loss']))
   return losses, jax.device_get(state.params), state
 
 
 def run_batch8(mesh_shape, n_steps, microbatches=1):
   cfg = synthetic_config(steps=n_steps)
-  cfg.data.batch_size = 8
+  cfg.stages.teacher.batch_size = 8
   return run_steps(cfg, mesh_shape, n_steps, microbatches)
 
 
@@ -84,7 +86,7 @@ def final_params(workdir, stage):
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path):
   cfg = synthetic_config(steps=4)
-  cfg.train.checkpoint_every = 2
+  cfg.stages.teacher.checkpoint_every = 2
   pipeline.run(cfg, str(tmp_path / 'a'))
   calls = {'n': 0}
   real_next = data_lib.BatchIterator.__next__
@@ -92,7 +94,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
   def dying_next(self):
     if self.split == 'train':
       calls['n'] += 1
-      if calls['n'] == 3:
+      if calls['n'] == 4:  # steps 1-3 ran and were logged; the last checkpoint is step 2
         raise KeyboardInterrupt('simulated preemption')
     return real_next(self)
 
@@ -103,19 +105,23 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
   pipeline.run(cfg, str(tmp_path / 'b'))  # resumes at step 2
   a_loss = [m['train/loss'] for m in read_metrics(tmp_path / 'a' / 'teacher') if 'train/loss' in m]
   b_loss = [m['train/loss'] for m in read_metrics(tmp_path / 'b' / 'teacher') if 'train/loss' in m]
-  assert len(a_loss) == 4 and len(b_loss) == 4  # 2 before the stop + 2 after the resume
+  # steps 1-2 before the stop + 3-4 after the resume: step 3's record from before the stop
+  # (past the checkpoint the run resumed from) is not kept twice
+  steps = [m['step'] for m in read_metrics(tmp_path / 'b' / 'teacher') if 'train/loss' in m]
+  assert steps == [1, 2, 3, 4] and len(a_loss) == 4
   np.testing.assert_allclose(b_loss, a_loss, rtol=1e-6)
   for x, y in zip(jax.tree.leaves(final_params(tmp_path / 'a', 'teacher')),
                   jax.tree.leaves(final_params(tmp_path / 'b', 'teacher'))):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-  # a finished stage is skipped on rerun
-  out = pipeline.run(cfg, str(tmp_path / 'b'))
+  # a finished stage is skipped on rerun, without building the data source
+  with mock.patch.object(data_lib, 'make_source', side_effect=AssertionError('data read')):
+    out = pipeline.run(cfg, str(tmp_path / 'b'))
   assert out['teacher']['steps'] == 4
 
 
 def test_resuming_with_an_incompatible_config_is_refused(tmp_path):
   cfg = synthetic_config(steps=2)
-  cfg.train.checkpoint_every = 1
+  cfg.stages.teacher.checkpoint_every = 1
   calls = {'n': 0}
   real_next = data_lib.BatchIterator.__next__
 
@@ -140,17 +146,17 @@ def test_resuming_with_an_incompatible_config_is_refused(tmp_path):
 
 def test_nan_guard_stops_with_a_clear_message(tmp_path):
   cfg = synthetic_config(steps=3)
-  cfg.train.learning_rate = 1e30
-  cfg.train.grad_clip = 0.0
-  with pytest.raises(train_lib.NonFiniteLossError, match='not finite'):
+  cfg.stages.teacher.opt.learning_rate = 1e30
+  cfg.stages.teacher.opt.grad_clip = 0.0
+  with pytest.raises(trainer.NonFiniteLossError, match='not finite'):
     pipeline.run(cfg, str(tmp_path))
 
 
 def test_teacher_summary_and_learning(tmp_path):
   cfg = synthetic_config(steps=30)
-  cfg.train.learning_rate = 3e-3
-  cfg.train.eval_every = 30
-  cfg.train.ema_decay = 0.9
+  cfg.stages.teacher.opt.learning_rate = 3e-3
+  cfg.stages.teacher.eval_every = 30
+  cfg.stages.teacher.opt.ema_decay = 0.9
   out = pipeline.run(cfg, str(tmp_path))['teacher']
   with open(tmp_path / 'teacher' / 'summary.json', encoding='utf-8') as f:
     summary = json.load(f)
@@ -165,6 +171,6 @@ def test_teacher_summary_and_learning(tmp_path):
 def test_shift_targets_masks_padding():
   tokens = jnp.asarray([[5, 6, 7, 0, 0]])
   mask = jnp.asarray([[True, True, True, False, False]])
-  targets, w = train_lib.shift_targets(tokens, mask)
+  targets, w = teacher.shift_targets(tokens, mask)
   np.testing.assert_array_equal(targets, [[6, 7, 0, 0, 0]])
   np.testing.assert_array_equal(w, [[1, 1, 0, 0, 0]])

@@ -1,0 +1,27 @@
+"""LM1B teacher + distillation at the paper's shape (D=768, L=12, seq 128).
+
+  python main.py --config=kforcing_jax/configs/lm1b.py --workdir=gs://bucket/kf_lm1b
+
+Downloads and prepares LM1B through tensorflow-datasets (ArrayRecord) on first use;
+offline: --config.data.tfds_data_dir=DIR with the prepared dataset and
+--config.data.tokenizer_path=DIR holding bert-base-uncased's vocab.txt.
+"""
+from kforcing_jax.configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.pipeline = ('teacher', 'distill_k1', 'distill_k2', 'distill_k4')
+  c.data.source = 'lm1b'
+  c.data.seq_len = 128
+  c.data.eval_batch_size = 512
+  t = c.stages.teacher
+  t.steps = 100_000
+  t.batch_size = 512
+  t.opt.warmup_steps = 2500
+  t.opt.learning_rate = 3e-4
+  for k in base.DISTILL_WINDOWS:
+    s = c.stages[f'distill_k{k}']
+    s.steps = 20_000
+    s.batch_size = 256
+  return c

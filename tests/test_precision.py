@@ -1,0 +1,28 @@
+"""The serving precision `auto` follows the hardware, and says why."""
+import pytest
+
+from kforcing_jax import precision
+from kforcing_jax import runtime
+
+AVX2_EPYC = frozenset({'sse4_2', 'avx', 'avx2', 'fma', 'bmi2'})
+ZEN4 = AVX2_EPYC | {'avx512f', 'avx512_bf16'}
+SAPPHIRE_RAPIDS = AVX2_EPYC | {'avx512f', 'amx_bf16', 'amx_tile'}
+
+
+def test_auto_on_cpu_needs_native_bf16_dots():
+  name, why = precision.choose('auto', 'cpu', AVX2_EPYC)
+  assert name == 'float32' and 'emulated' in why
+  assert precision.choose('auto', 'cpu', ZEN4)[0] == 'mixed'
+  name, why = precision.choose('auto', 'cpu', SAPPHIRE_RAPIDS)
+  assert name == 'mixed' and 'amx_bf16' in why
+  assert precision.choose('auto', 'cpu', frozenset({'fp', 'asimd', 'bf16'}))[0] == 'mixed'
+  assert precision.choose('auto', 'gpu')[0] == 'bfloat16'
+  assert precision.choose('mixed', 'cpu', AVX2_EPYC) == ('mixed', 'requested')
+  with pytest.raises(precision.PrecisionError, match="--dtype='fp16': allowed: auto, bfloat16"):
+    precision.choose('fp16')
+
+
+def test_this_machine_is_read():
+  native, why = runtime.native_bf16_dot()
+  assert native == any(f in runtime.cpu_features() for f in runtime.BF16_DOT_FLAGS), why
+  assert runtime.cpu_model()

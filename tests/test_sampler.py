@@ -1,0 +1,89 @@
+"""The Sampler: text in / text out, ids in / ids out, one compile per shape, K <= k."""
+import jax
+import numpy as np
+import pytest
+
+import kforcing_jax
+from kforcing_jax import decode
+from kforcing_jax import model as model_lib
+from kforcing_jax import tokenization
+from tests.helpers import causal_logits, tiny_model
+
+
+@pytest.fixture(scope='module')
+def pflm_sampler():
+  arch, _, params = tiny_model(pflm=True, vocab=32, seed=3, noise=0.5, never_emit=(31,))
+  tok = tokenization.synthetic(32, 'test')
+  return kforcing_jax.Sampler(arch, params, k=4, tokenizer=tok)
+
+
+def test_generate_text_and_ids(pflm_sampler):
+  s = pflm_sampler
+  texts = s.generate(['| s3 s4', '| s9'], max_new_tokens=8, K=4, freq_penalty=0.5, seed=1)
+  ids = s.generate_ids(s.encode_prompts(['| s3 s4', '| s9']), max_new_tokens=8, K=4,
+                       freq_penalty=0.5, seed=1)
+  assert ids.shape == (2, 8) and ids.dtype == np.int32
+  for text, row in zip(texts, ids.tolist()):
+    cut = row[:row.index(0)] if 0 in row else row  # EOS (0) ends a completion
+    assert text == s.tokenizer.decode(cut)
+  assert s.encode_prompts(['| s3 s4']) == [[0, 3, 4]]
+  # the same request alone gives the same tokens (noise per row seed, not batch position)
+  alone = s.generate_ids([[0, 9]], max_new_tokens=8, K=4, freq_penalty=0.5, seed=1,
+                         row_seeds=[1])
+  np.testing.assert_array_equal(alone[0], ids[1])
+
+
+def test_same_shapes_compile_once(pflm_sampler):
+  s = kforcing_jax.Sampler(pflm_sampler.arch, pflm_sampler.params, k=4,
+                           tokenizer=pflm_sampler.tokenizer)
+  a = s.generate_ids([[0, 1, 2]], max_new_tokens=6, seed=0)
+  b = s.generate_ids([[0, 5, 6]], max_new_tokens=6, seed=1)
+  assert s.engine.traces == 1 and a.shape == b.shape
+  s.generate(['| s1 s2'], max_new_tokens=6, seed=2)  # same settings and shapes from text
+  assert s.engine.traces == 1
+  s.generate_ids([[0, 1, 2]], max_new_tokens=6, K=2)  # another K: another loop
+  assert s.engine.traces == 2
+
+
+def test_window_is_enforced_by_the_engine(pflm_sampler):
+  with pytest.raises(decode.DecodeError, match="K=8 is larger than the model's window k=4"):
+    pflm_sampler.generate_ids([[0, 1]], max_new_tokens=8, K=8)
+  with pytest.raises(decode.DecodeError, match="K=8 is larger than the model's window k=4"):
+    pflm_sampler.engine.generate([[0, 1]], decode.DecodeSpec(K=8, pflm=True))
+
+
+def test_ar_sampler_logits_and_eos():
+  arch, model, params = tiny_model(vocab=32, seed=4, noise=0.5, never_emit=(31,))
+  tok = tokenization.synthetic(32, 'test')
+  s = kforcing_jax.Sampler(arch, params, k=0, tokenizer=tok)
+  tokens = np.asarray([[0, 3, 4, 5], [0, 7, 8, 9]])
+  logits = s.logits(tokens)
+  assert logits.dtype == np.float32 and logits.shape == (2, 4, 32)
+  np.testing.assert_allclose(logits, np.asarray(causal_logits(model, params, tokens)),
+                             rtol=1e-6, atol=1e-6)
+  greedy = s.generate_ids([[0, 3, 4]], max_new_tokens=12, temperature=0.0, stop_at_eos=False)
+  assert greedy.shape == (1, 12)
+  stopped = s.generate_ids([[0, 3, 4]], max_new_tokens=12, temperature=0.0)
+  row = greedy[0].tolist()
+  if 0 in row:  # after the first EOS the row holds padding (the reserved id)
+    i = row.index(0)
+    assert stopped[0, :i + 1].tolist() == row[:i + 1] and np.all(stopped[0, i + 1:] == 31)
+  else:
+    np.testing.assert_array_equal(stopped, greedy)
+  with pytest.raises(decode.DecodeError, match='AR model'):
+    s.engine.generate([[0, 1]], decode.DecodeSpec(K=2, pflm=True))
+
+
+def test_sampler_without_tokenizer_decodes_ids_only():
+  arch, _, params = tiny_model(vocab=32)
+  s = kforcing_jax.Sampler(arch, params, k=0)
+  assert s.generate_ids([[1, 2]], 3, temperature=0.0).shape == (1, 3)
+  with pytest.raises(decode.DecodeError, match='no tokenizer'):
+    s.generate(['hello'], 3)
+
+
+def test_serving_precision_keeps_the_noise_encoder_float32(pflm_sampler):
+  exe = model_lib.ExecConfig(dtype='float32', param_dtype='bfloat16', dot_dtype='bfloat16')
+  s = kforcing_jax.Sampler(pflm_sampler.arch, pflm_sampler.params, k=4, exe=exe)
+  assert s.params['head']['kernel'].dtype == np.dtype('bfloat16')
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(s.params['noise_encoder']))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from absl import flags
+
 from kforcing_jax import data as data_lib
 from kforcing_jax import errors
 from kforcing_jax import model as model_lib
@@ -121,6 +123,22 @@ def load_config_file(path: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def parse_flags(argv):
+  """absl's flag parsing for the command-line entry points (app.run's flags_parser):
+  --config=NAME also names a package config (kforcing_jax/configs/NAME.py) from any
+  directory, and a bad --config override is reported in one line, not a traceback."""
+  argv = [resolve_config_arg(a) for a in argv]
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, TypeError, ValueError, OSError, flags.Error) as e:
+    text = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").strip('\'" ').split())
+    name = text.split()[0].strip("'") if text else ''
+    bad = [a.split('=')[0] for a in argv[1:]
+           if a.startswith('--config.') and name and name in a.split('=')[0]]
+    raise SystemExit(f'error: bad command line{" (" + bad[0] + ")" if bad else ""}: '
+                     f'{text}') from None
 
 
 def resolve_config_arg(arg: str) -> str:

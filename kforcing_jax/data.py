@@ -14,6 +14,7 @@ blocks, no padding. TensorFlow is imported only by the lm1b source (design.md se
 """
 from __future__ import annotations
 
+import atexit
 import glob
 import hashlib
 import io
@@ -222,13 +223,15 @@ def cached_source(cache_dir: str, key: str, records_fn, tok, seq_len: int, packi
   iterable of (split, text)) when missing, then memory-mapped by every process, each
   reading only the rows it indexes. Other processes wait for process 0 (the directory
   must be on a filesystem all hosts share). cache_dir '' tokenizes into a temporary
-  directory, on every run."""
-  if not cache_dir:
+  directory of each process (removed at exit), on every run."""
+  shared = bool(cache_dir)
+  if not shared:
     cache_dir = tempfile.mkdtemp(prefix='kforcing_tokens_')
+    atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
   directory = os.path.join(cache_dir, f'tokens-{key}')
   done = os.path.join(directory, 'meta.json')
   if not os.path.exists(done):
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 or not shared:
       os.makedirs(cache_dir, exist_ok=True)
       print(f'data: tokenizing the corpus once into {directory}', flush=True)
       build_cache(directory, records_fn(), tok, seq_len, packing, description)

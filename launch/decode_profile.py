@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from kforcing_jax import benchmark
+from kforcing_jax import config_lib
 from kforcing_jax import decode
 from kforcing_jax import precision
 from kforcing_jax import sampler as sampler_lib
@@ -211,4 +212,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -4,21 +4,20 @@
 #   SMOKE=1 OUT=/tmp/g bash launch/gpu_check.sh      (checks this script on a CPU in ~1 min)
 # Sections, in order of value, each capped by what is left of SECONDS (skipped when < 20 s):
 #   bench1   python -m kforcing_jax.benchmark at the paper's OWT shape, batch 1,16,64,256, K=4
+#            (AR sampled with Gumbel-max and greedy, PFLM)
 #   flashtest  pytest tests/test_flash_decode.py: the Pallas kernel == masked attention, on the GPU
 #   pallas   the same benchmark with --decode_attention=pallas (flash-decoding kernel over the filled
-#            slots only: the moonshot; first run of its Triton kernel on a GPU)
+#            slots only; first run of its Triton kernel on a GPU)
 #   lm1b     the benchmark at the paper's LM1B shape (V=30,522, 122 new tokens), batch
-#            1,64,256,1024: design 6's second reference table, never measured yet
+#            1,64,256,1024, never measured yet
 #   profile  launch/decode_profile.py --trace at batch 64 (kernels per decoding step)
 #   bench8   batch 64 and 256 with --cache_phases=8 (attention reads about the filled part)
 #   tests    pytest tests/test_decode.py tests/test_model.py on the GPU
 #   train    a short bf16 teacher + k=1 distillation run (synthetic source), then a
 #            D=768/L=12/seq-1024 teacher run for tokens/s
-# (2026-11-27, H100: one decoding loop at the OWT shape took ~25 s to compile; the first
-# version of this script, compiling them one by one, ran out of time inside bench1.
-# Answered then and dropped from here: multiply-reduce attention is 2.8x slower than dots
-# for the PFLM at batch 16 (decode_profile.py --attention=reduce), and XLA command buffers
-# over the while loop gain ~3% at batch 1 (XLA_FLAGS=--xla_gpu_enable_command_buffer=+WHILE).)
+# (One decoding loop at the OWT shape takes ~25 s to compile on an H100: the benchmark
+# compiles its loops in parallel threads. Measured before and dropped from here: see
+# BENCHMARKS.md, "Decoding on the GPU".)
 # Logs and JSON go to DIR (a tarball DIR/gpu_check.tgz is refreshed after every section, so
 # a run cut off by its time limit still returns what finished). Missing pure-Python
 # packages (ml-collections, clu) are installed from ./.whl when that folder exists; fetch

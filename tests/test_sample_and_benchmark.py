@@ -80,11 +80,12 @@ def test_benchmark_outputs(tmp_path):
   for row in saved['rows']:
     assert row['new_tokens'] == 18 and row['K'] == 4
     assert row['pf_steps'] == 5 and row['ar_steps'] == 18 and row['ar_greedy_steps'] == 18
-    for name in ('ar', 'ar_greedy', 'pf'):
+    for name in ('ar_categorical', 'ar_inverse_cdf', 'ar_greedy', 'pf'):
       assert row[f'{name}_tokens_per_s'] > 0
+    assert row['ar_tokens_per_s'] == row[f'ar_{row["ar_sampler"]}_tokens_per_s']
   assert (tmp_path / 'benchmark.md').read_text().count('\n| ') == 3
   assert (tmp_path / 'benchmark.png').stat().st_size > 1000
-  assert saved['config']['dtype'] == 'float32' and saved['config']['ar_sampler'] == 'categorical'
+  assert saved['config']['dtype'] == 'float32'
   with pytest.raises(errors.UserError, match="--dtype='fp8': allowed: auto, bfloat16"):
     benchmark.run(cfg, None, True, [1], 4, 3, str(tmp_path), dtype='fp8')
   with pytest.raises(decode.DecodeError, match="--decode_attention='flash': allowed: xla, pallas"):
@@ -95,17 +96,20 @@ def test_benchmark_outputs(tmp_path):
 
 
 def test_benchmark_speedups_from_fixed_timings(monkeypatch, tmp_path):
-  """The row arithmetic on fixed timings: tokens/s = batch x new tokens / seconds and the
-  speedups are PFLM over sampled and over greedy AR."""
-  fixed = {'ar': (2.0, 18), 'ar_greedy': (1.5, 18), 'pf': (0.5, 5)}
+  """The row arithmetic on fixed timings: tokens/s = batch x new tokens / seconds; the AR
+  baseline is the faster sampled AR; the speedups are PFLM over it and over greedy AR."""
+  order = ('ar_categorical', 'ar_inverse_cdf', 'ar_greedy', 'pf')
+  fixed = {'ar_categorical': (2.5, 18), 'ar_inverse_cdf': (2.0, 18), 'ar_greedy': (1.5, 18),
+           'pf': (0.5, 5)}
   monkeypatch.setattr(benchmark, 'time_decode',
-                      lambda jobs, b, r, v: [fixed[n] for n in ('ar', 'ar_greedy', 'pf')])
+                      lambda jobs, b, r, v: [fixed[n] for n in order])
   monkeypatch.setattr(benchmark, 'precompile', lambda jobs: None)
   cfg = synthetic_config()
   cfg.model.vocab_size = 64
   cfg.data.seq_len = 24
   row = benchmark.run(cfg, None, True, [4], 4, 3, str(tmp_path), dtype='float32')['rows'][0]
-  assert row['ar_tokens_per_s'] == 4 * 18 / 2.0 and row['pf_tokens_per_s'] == 4 * 18 / 0.5
+  assert row['ar_sampler'] == 'inverse_cdf' and row['ar_tokens_per_s'] == 4 * 18 / 2.0
+  assert row['pf_tokens_per_s'] == 4 * 18 / 0.5
   assert row['speedup'] == 4.0 and row['speedup_vs_greedy'] == 3.0
 
 

@@ -170,7 +170,7 @@ def test_resume_against_a_retrained_teacher_is_refused(tmp_path):
 def learning_run(tmp_path_factory):
   """teacher -> k1 -> k2 with enough steps to learn: the teachers of the k=2 and k=4 runs."""
   d = tmp_path_factory.mktemp('learning')
-  cfg = synthetic_config(steps=60, pipeline=('teacher', 'distill_k1', 'distill_k2',
+  cfg = synthetic_config(steps=40, pipeline=('teacher', 'distill_k1', 'distill_k2',
                                              'distill_k4'))
   cfg.pipeline = cfg.pipeline[:3]
   cfg.data.eval_batch_size = 16
@@ -188,13 +188,13 @@ def learning_run(tmp_path_factory):
 @pytest.mark.parametrize('stage', ['distill_k2', 'distill_k4'])
 def test_wider_windows_learn_their_rollout_targets(learning_run, stage):
   """The k=2 / k=4 stage's own step and targets (argmax + rollout of its PFLM teacher)
-  teach a student whose noise encoder starts fresh (its backbone copied): after 80 steps
+  teach a student whose noise encoder starts fresh (its backbone copied): after 60 steps
   it agrees with those targets on held-out contexts far more often than before."""
   d, cfg = learning_run
   ctx = context_lib.build(cfg, str(d))
   spec = distill.spec(ctx, stage, list(cfg.pipeline))
   t_params = spec.frozen[0]
-  steps = 80
+  steps = 60
   tx = optim.make_optimizer(cfg.stages[stage].opt, steps)
   state, _, shardings = trainer.create_state(spec.init_params, tx, ctx.mesh,
                                              jax.random.key(spec.seeds[0]), False)

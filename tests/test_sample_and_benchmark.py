@@ -73,7 +73,7 @@ def test_benchmark_outputs(tmp_path):
   cfg = synthetic_config()
   cfg.model.vocab_size = 64
   cfg.data.seq_len = 24
-  result = benchmark.run(cfg, None, True, [1, 2], 4, 3, str(tmp_path), dtype='float32')
+  result = benchmark.run(cfg, None, True, [2], 4, 3, str(tmp_path), dtype='float32')
   with open(tmp_path / 'benchmark.json', encoding='utf-8') as f:
     saved = json.load(f)
   assert saved['rows'] == json.loads(json.dumps(result['rows']))
@@ -83,7 +83,7 @@ def test_benchmark_outputs(tmp_path):
     for name in ('ar_categorical', 'ar_inverse_cdf', 'ar_greedy', 'pf'):
       assert row[f'{name}_tokens_per_s'] > 0
     assert row['ar_tokens_per_s'] == row[f'ar_{row["ar_sampler"]}_tokens_per_s']
-  assert (tmp_path / 'benchmark.md').read_text().count('\n| ') == 3
+  assert (tmp_path / 'benchmark.md').read_text().count('\n| ') == 2  # header + one batch
   assert (tmp_path / 'benchmark.png').stat().st_size > 1000
   assert saved['config']['dtype'] == 'float32'
   with pytest.raises(errors.UserError, match="--dtype='fp8': allowed: auto, bfloat16"):

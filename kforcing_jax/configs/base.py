@@ -62,6 +62,11 @@ def distill_stage():
   return s
 
 
+def distill_stages(c):
+  """The config's stages.distill_k<K> sections, to override them together."""
+  return [c.stages[f'distill_k{k}'] for k in DISTILL_WINDOWS]
+
+
 def get_config():
   c = ml_collections.ConfigDict()
   # The stages run in order by main.py; each writes WORKDIR/<stage>/ and is skipped when

@@ -15,13 +15,8 @@ def get_config():
   c.data.source = 'lm1b'
   c.data.seq_len = 128
   c.data.eval_batch_size = 512
-  t = c.stages.teacher
-  t.steps = 100_000
-  t.batch_size = 512
-  t.opt.warmup_steps = 2500
-  t.opt.learning_rate = 3e-4
-  for k in base.DISTILL_WINDOWS:
-    s = c.stages[f'distill_k{k}']
-    s.steps = 20_000
-    s.batch_size = 256
+  c.stages.teacher.update({'steps': 100_000, 'batch_size': 512})
+  c.stages.teacher.opt.update({'warmup_steps': 2500, 'learning_rate': 3e-4})
+  for s in base.distill_stages(c):
+    s.update({'steps': 20_000, 'batch_size': 256})
   return c

@@ -17,13 +17,8 @@ def get_config():
   c.data.eval_batch_size = 64
   c.data.eval_fraction = 0.0005
   c.data.cache_dir = '/tmp/kforcing_owt_cache'
-  t = c.stages.teacher
-  t.steps = 400_000
-  t.batch_size = 512
-  t.opt.warmup_steps = 2500
-  t.opt.learning_rate = 6e-4
-  for k in base.DISTILL_WINDOWS:
-    s = c.stages[f'distill_k{k}']
-    s.steps = 50_000
-    s.batch_size = 128
+  c.stages.teacher.update({'steps': 400_000, 'batch_size': 512})
+  c.stages.teacher.opt.update({'warmup_steps': 2500, 'learning_rate': 6e-4})
+  for s in base.distill_stages(c):
+    s.update({'steps': 50_000, 'batch_size': 128})
   return c

@@ -14,9 +14,8 @@ from kforcing_jax.configs import owt
 def get_config():
   c = owt.get_config()
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 1
-  # 512 rows = 4 chips x 4 rows x 32 microbatches
-  c.stages.teacher.microbatches = 32
-  # 128 rows of k=4 windows (5x the queries of a teacher row) = 4 chips x 1 row x 32
-  for k in base.DISTILL_WINDOWS:
-    c.stages[f'distill_k{k}'].microbatches = 32
+  # 512 teacher rows = 4 chips x 4 rows x 32 microbatches; 128 rows of k=4 windows (5x the
+  # queries of a teacher row) = 4 chips x 1 row x 32
+  for s in [c.stages.teacher] + base.distill_stages(c):
+    s.microbatches = 32
   return c

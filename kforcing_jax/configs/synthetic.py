@@ -1,6 +1,6 @@
 """Default main job: the built-in synthetic source, no download, 2 CPU cores.
 
-  python main.py --config=kforcing_jax/configs/synthetic.py --workdir=/tmp/kf
+  python main.py --config=synthetic --workdir=/tmp/kf
 
 Trains the AR teacher, then distils it progressively into push-forward students with
 windows k = 1, 2, 4, and evaluates every model (about 15 minutes on 2 CPU cores).
@@ -20,27 +20,14 @@ def get_config():
   c.model.noise_freq_scale = 32.0
   c.data.seq_len = 64  # sentences average 24 tokens; 64 keeps attention cheap on CPU.
   c.data.eval_batch_size = 64
-  t = c.stages.teacher
-  # 800 steps: at 500 the teacher's samples held far more floor-probability tokens than
-  # the source (a heavy tail; BENCHMARKS.md, main job).
-  t.steps = 800
-  t.batch_size = 32
-  t.opt.learning_rate = 3e-3
-  t.opt.warmup_steps = 50
-  t.opt.weight_decay = 0.0
-  t.log_every = 100
-  t.eval_every = 800
-  t.checkpoint_every = 400
-  # k=1 learns the inverse CDF from scratch; wider windows start from a distilled
-  # student; k=4 gets the most steps (its K=4 samples carry the most floor-probability
-  # tokens at fewer steps).
-  for k, steps in ((1, 600), (2, 300), (4, 750)):
-    s = c.stages[f'distill_k{k}']
-    s.steps = steps
-    s.batch_size = 16
-    s.opt.learning_rate = 3e-3
-    s.opt.warmup_steps = 50
-    s.opt.weight_decay = 0.0
-    s.log_every = 100
-    s.checkpoint_every = 400
+  # 800 teacher steps: at 500 the teacher's samples held far more floor-probability tokens
+  # than the source (a heavy tail; BENCHMARKS.md, main job). k=1 learns the inverse CDF
+  # from scratch; wider windows start from a distilled student; k=4 gets the most steps
+  # (its K=4 samples carry the most floor-probability tokens at fewer steps).
+  for name, steps, batch in (('teacher', 800, 32), ('distill_k1', 600, 16),
+                             ('distill_k2', 300, 16), ('distill_k4', 750, 16)):
+    s = c.stages[name]
+    s.update({'steps': steps, 'batch_size': batch, 'log_every': 100, 'checkpoint_every': 400})
+    s.opt.update({'learning_rate': 3e-3, 'warmup_steps': 50, 'weight_decay': 0.0})
+  c.stages.teacher.eval_every = 800
   return c

@@ -157,4 +157,4 @@ def report(stage: str, est: MemoryEstimate, warn_fraction: float = 0.9) -> None:
     print(f'{stage}: {est.summary(capacity)}')
     if capacity and est.train_total > warn_fraction * capacity:
       print(f'{stage}: WARNING the estimate exceeds {warn_fraction:.0%} of device memory; raise '
-            'train.microbatches / distill.microbatches or mesh.fsdp, or lower the batch')
+            'the stage\'s microbatches or mesh.fsdp, or lower its batch_size')

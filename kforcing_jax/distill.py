@@ -164,8 +164,10 @@ def spec(ctx, stage: str, names: list[str]) -> trainer.StageSpec:
           f'{len(new)}: {", ".join(new) if len(new) < 12 else len(new)}')
     return params
 
+  agreement_fn = jax.jit(make_agreement_step(student, targets_fn, k, never_emit))
+
   def evaluate(params):
-    agree = measure_agreement(ctx, student, targets_fn, k, params, t_params, s.eval_batches)
+    agree = measure_agreement(ctx, agreement_fn, params, t_params, s.eval_batches)
     if jax.process_index() == 0:
       print(f'{stage}: held-out agreement with {teacher_stage} targets: all-{k} '
             f'{agree["agreement_all"]:.4f}, per position '
@@ -192,14 +194,13 @@ def run_stage(ctx, stage: str, names: list[str]) -> dict:
   return trainer.run(ctx, spec(ctx, stage, names))
 
 
-def measure_agreement(ctx, student, targets_fn, k, params, t_params, num_batches: int,
-                      seed: int = 12345) -> dict:
-  """Agreement with fresh teacher targets on held-out contexts (tau = 1)."""
+def measure_agreement(ctx, fn, params, t_params, num_batches: int, seed: int = 12345) -> dict:
+  """Agreement with fresh teacher targets on held-out contexts (tau = 1); fn: the jitted
+  make_agreement_step."""
   cfg = ctx.cfg
   batch_s = sharding_lib.batch_sharding(ctx.mesh)
   eval_it = data_lib.BatchIterator(ctx.source, 'eval', cfg.data.eval_batch_size, batch_s,
                                    cfg.seed, cfg.data.shuffle)
-  fn = jax.jit(make_agreement_step(student, targets_fn, k, tuple(student.arch.never_emit_ids)))
   tot = None
   tau = jax.device_put(jnp.ones((cfg.data.eval_batch_size,), jnp.float32), batch_s)
   with sharding_lib.mesh_context(ctx.mesh):

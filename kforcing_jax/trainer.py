@@ -162,20 +162,22 @@ def run(ctx, spec: StageSpec) -> dict:
                            s.microbatches, f'stages.{spec.name}.microbatches')
   tx = optim.make_optimizer(s.opt, s.steps)
   init_seed, data_seed, step_seed = spec.seeds
-  state, abstract, shardings = create_state(spec.init_params, tx, ctx.mesh,
-                                            jax.random.key(init_seed), s.opt.ema_decay > 0)
-  if spec.start_params is not None:
-    params = spec.start_params(state.params)
-    state = state.replace(params=params, ema_params=None if state.ema_params is None
-                          else jax.tree.map(jnp.copy, params))
-  n_params = model_lib.count_params(state.params)
+  ema = s.opt.ema_decay > 0
+  abstract, shardings, _ = abstract_state(spec.init_params, tx, ctx.mesh, ema)
   train_it = data_lib.BatchIterator(ctx.source, 'train', s.batch_size,
                                     sharding_lib.batch_sharding(ctx.mesh), data_seed,
                                     ctx.cfg.data.shuffle)
   meta = {'stage': spec.name, 'arch': spec.arch.to_dict(), 'compat': spec.compat,
           'config': ctx.cfg.to_dict(), **spec.meta}
   mngr = ckpt_lib.manager(os.path.join(stage_dir, 'checkpoints'), s.keep_checkpoints)
-  state = resume(mngr, meta, abstract, train_it, stage_dir) or state
+  state = resume(mngr, meta, abstract, train_it, stage_dir)
+  if state is None:  # a fresh start: initialise, then e.g. copy the teacher's weights in
+    state, _, _ = create_state(spec.init_params, tx, ctx.mesh, jax.random.key(init_seed), ema)
+    if spec.start_params is not None:
+      params = spec.start_params(state.params)
+      state = state.replace(params=params, ema_params=None if state.ema_params is None
+                            else jax.tree.map(jnp.copy, params))
+  n_params = model_lib.count_params(state.params)
   start = int(state.step)
   print(f'{spec.name}: {n_params:,} parameters, mesh {dict(ctx.mesh.shape)}, '
         f'{jax.device_count()} devices ({jax.default_backend()})')

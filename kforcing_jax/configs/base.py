@@ -67,6 +67,12 @@ def distill_stages(c):
   return [c.stages[f'distill_k{k}'] for k in DISTILL_WINDOWS]
 
 
+def set_microbatches(c, n: int):
+  """Every training stage accumulates gradients over n sequential microbatches."""
+  for s in c.stages.values():
+    s.microbatches = n
+
+
 def get_config():
   c = ml_collections.ConfigDict()
   # The stages run in order by main.py; each writes WORKDIR/<stage>/ and is skipped when

@@ -17,6 +17,5 @@ def get_config():
   c = owt.get_config()
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 2
   # 512 rows = 4 (data x fsdp) x 16 rows x 8 microbatches; activations split over all 8
-  for s in [c.stages.teacher] + base.distill_stages(c):
-    s.microbatches = 8
+  base.set_microbatches(c, 8)
   return c

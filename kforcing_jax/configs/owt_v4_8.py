@@ -16,6 +16,5 @@ def get_config():
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 1
   # 512 teacher rows = 4 chips x 4 rows x 32 microbatches; 128 rows of k=4 windows (5x the
   # queries of a teacher row) = 4 chips x 1 row x 32
-  for s in [c.stages.teacher] + base.distill_stages(c):
-    s.microbatches = 32
+  base.set_microbatches(c, 32)
   return c

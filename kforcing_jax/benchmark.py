@@ -3,6 +3,7 @@
   python -m kforcing_jax.benchmark --config=kforcing_jax/configs/synthetic.py --random_init \
       --batch_sizes=1,16 --K=4 --out=DIR
   python -m kforcing_jax.benchmark --config=CONFIG --workdir=RUN --batch_sizes=... --out=DIR
+  python -m kforcing_jax.benchmark --config=CONFIG --ar_export=DIR --pflm_export=DIR ...
 
 AR and PFLM run in one process with the same dims and precision (--dtype, see
 kforcing_jax.precision), prompt length 6, generation to data.seq_len, compile excluded,
@@ -33,6 +34,7 @@ from kforcing_jax import config_lib
 from kforcing_jax import data as data_lib
 from kforcing_jax import decode
 from kforcing_jax import errors
+from kforcing_jax import export as export_lib
 from kforcing_jax import model as model_lib
 from kforcing_jax import precision
 from kforcing_jax import runtime
@@ -129,7 +131,9 @@ def random_model(cfg):
 
 def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeats: int,
         out_dir: str, cache_phases: int = 1, dtype: str = 'auto',
-        decode_attention: str = 'xla') -> dict:
+        decode_attention: str = 'xla', exports: tuple[str, str] | None = None) -> dict:
+  """exports: (AR export, PFLM export) directories (e.g. imported released checkpoints)
+  instead of a run's stages or random weights."""
   on_accel = jax.default_backend() != 'cpu'
   dtype, why = precision.choose(dtype)
   print(f'serving precision: {dtype} ({why})', flush=True)
@@ -139,6 +143,12 @@ def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeat
     arch, params = random_model(cfg)
     ar = sampler_lib.Sampler(arch, params, k=K, exe=exe, max_len=cfg.data.seq_len)
     pf = ar
+  elif exports:
+    ar, pf = (export_lib.load(p, dtype=dtype, decode_attention=decode_attention)
+              for p in exports)
+    if ar.k or pf.k < K:
+      raise stages_lib.StageError(f'--ar_export must be an AR model (k={ar.k}) and '
+                                  f'--pflm_export a PFLM with k >= --K={K} (k={pf.k})')
   else:
     ar = sampler_lib.Sampler.from_workdir(workdir, 'teacher', dtype=dtype,
                                           decode_attention=decode_attention)
@@ -205,7 +215,8 @@ def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeat
             'config': {'d_model': ar.arch.d_model, 'n_layers': ar.arch.n_layers,
                        'n_heads': ar.arch.n_heads, 'vocab_size': ar.arch.vocab_size,
                        'seq_len': cfg.data.seq_len, 'dtype': dtype, 'dtype_reason': why,
-                       'random_init': random_init, 'workdir': workdir, 'repeats': repeats,
+                       'random_init': random_init, 'workdir': workdir,
+                       'exports': list(exports) if exports else None, 'repeats': repeats,
                        'prompt_len': PROMPT_LEN, 'k_model': pf.k,
                        'cache_phases': cache_phases, 'decode_attention': decode_attention},
             'rows': rows}
@@ -281,8 +292,12 @@ def main(argv):
   del argv
   runtime.quiet_library_logs()
   f = FLAGS
-  if not f.random_init and not f.workdir:
-    raise app.UsageError('give --workdir=RUN (trained stages) or --random_init')
+  exports = (f.ar_export, f.pflm_export) if f.ar_export or f.pflm_export else None
+  if exports and not all(exports):
+    raise app.UsageError('give both --ar_export and --pflm_export')
+  if sum(map(bool, (f.random_init, f.workdir, exports))) != 1:
+    raise app.UsageError('give one of --workdir=RUN (trained stages), --random_init, or '
+                         '--ar_export=DIR --pflm_export=DIR')
   sizes = [int(b) for b in f.batch_sizes.split(',') if b.strip()]
   if not sizes or min(sizes) < 1:
     raise app.UsageError(f'--batch_sizes={f.batch_sizes!r}: give positive integers, e.g. 1,16')
@@ -290,7 +305,7 @@ def main(argv):
     raise app.UsageError('--repeats must be >= 3 (the protocol takes a median of >= 3 runs)')
   try:
     result = run(_CONFIG.value, f.workdir, f.random_init, sizes, f.K, f.repeats, f.out,
-                 f.cache_phases, f.dtype, f.decode_attention)
+                 f.cache_phases, f.dtype, f.decode_attention, exports)
   except (errors.UserError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
   print(markdown(result))
@@ -301,6 +316,8 @@ if __name__ == '__main__':
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file', lock_config=True)
   flags.DEFINE_string('workdir', None, 'run directory with teacher and distill stages')
   flags.DEFINE_bool('random_init', False, 'random weights; model fields used as given')
+  flags.DEFINE_string('ar_export', None, 'an exported/imported AR model')
+  flags.DEFINE_string('pflm_export', None, 'an exported/imported PFLM')
   flags.DEFINE_string('batch_sizes', '1,16', 'comma-separated batch sizes')
   flags.DEFINE_integer('K', 4, 'PFLM tokens per step')
   flags.DEFINE_integer('repeats', 5, 'timed runs per point (median), AR and PFLM alternating')

@@ -75,8 +75,12 @@ def _validate_stage(name: str, s) -> None:
     if not 0 < s.tau_min <= s.tau_max:
       raise ConfigError(f'stages.{name}.tau_min/tau_max must satisfy 0 < tau_min <= '
                         f'tau_max, got {s.tau_min}, {s.tau_max}')
-    if s.teacher_stage:
-      stages_lib.stage_k(s.teacher_stage)
+    if s.teacher_stage and not stages_lib.is_export(s.teacher_stage):
+      try:
+        stages_lib.stage_k(s.teacher_stage)
+      except errors.UserError as e:
+        raise ConfigError(f'stages.{name}.teacher_stage: {e}, or an export directory '
+                          '(a path)') from None
 
 
 def validate(cfg) -> None:
@@ -88,6 +92,7 @@ def validate(cfg) -> None:
   _choice('model.attention_impl', m.attention_impl, model_lib.ATTENTION_IMPLS)
   _choice('model.decode_attention', m.decode_attention, model_lib.DECODE_ATTENTION)
   _choice('model.cache_products', m.cache_products, model_lib.CACHE_PRODUCTS)
+  _choice('model.noise_encoder', m.noise_encoder, model_lib.NOISE_ENCODERS)
   for f in ('d_model', 'n_layers', 'n_heads', 'mlp_ratio'):
     _positive(f'model.{f}', m[f])
   if m.d_model % m.n_heads:

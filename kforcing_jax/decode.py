@@ -212,7 +212,8 @@ def cache_lengths(exe: model_lib.ExecConfig, spec: DecodeSpec, prompt_len: int) 
   return spec.phase_lengths(prompt_len)
 
 
-def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, seed_key):
+def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, seed_key,
+              noise_BxN=None):
   arch, exe = model.arch, model.exe
   B, P = prompt_BxP.shape
   K = spec.K
@@ -248,7 +249,9 @@ def _generate(model, spec: DecodeSpec, params, prompt_BxP, pads_B, row_seeds_B, 
   # before the loop in one batched call (the same values as drawing each step's), keeping
   # RNG and encoder work off the sequential path; likewise the AR inverse CDF's u.
   u_BxN = None
-  if spec.pflm or spec.sampler == 'inverse_cdf':
+  if noise_BxN is not None:  # the caller's uniforms (e.g. another implementation's draws)
+    u_BxN = noise_BxN[:, :n_tokens].astype(jnp.float32)
+  elif spec.pflm or spec.sampler == 'inverse_cdf':
     u_BxN = noise_for_tokens(seed_key, row_seeds_B, jnp.arange(n_tokens))
   if spec.pflm:
     hints_BxNxD = model.apply({'params': params}, u_BxN, jnp.full((B,), spec.tau, jnp.float32),
@@ -321,9 +324,9 @@ class Engine:
   def _fn(self, spec: DecodeSpec):
     with self._lock:  # one jitted loop per spec, also when threads compile (compile())
       if spec not in self._fns:
-        def run(params, prompt, pads, row_seeds, seed_key):
+        def run(params, prompt, pads, row_seeds, seed_key, noise=None):
           self.traces += 1
-          return _generate(self.model, spec, params, prompt, pads, row_seeds, seed_key)
+          return _generate(self.model, spec, params, prompt, pads, row_seeds, seed_key, noise)
         self._fns[spec] = jax.jit(run)
       return self._fns[spec]
 
@@ -382,14 +385,36 @@ class Engine:
           f'{" or cache_phases" if peak > need else ""}')
     return need
 
-  def generate(self, prompts, spec: DecodeSpec, seed: int = 0, row_seeds=None):
-    """prompts: list of token-id lists (ragged). Returns ([B, max_new] int32 numpy, steps)."""
+  def generate(self, prompts, spec: DecodeSpec, seed: int = 0, row_seeds=None,
+               noise_BxN=None):
+    """prompts: list of token-id lists (ragged). Returns ([B, max_new] int32 numpy, steps).
+    noise_BxN: optional uniforms, token j of row b uses noise_BxN[b, j] (PFLM hints, or the
+    AR inverse-CDF sampler's u) instead of the seeded ones."""
     arr, pads = left_pad(prompts, spec.pad_id, min_len=spec.feed + 1)
     self.check(spec, max(len(p) for p in prompts), len(prompts))
     row_seeds = np.arange(len(prompts)) if row_seeds is None else np.asarray(row_seeds)
+    if noise_BxN is not None:
+      noise_BxN = self.check_noise(spec, noise_BxN, len(prompts))
+    # the noise argument only when given: compile()'s loops take none (same jit cache entry)
+    extra = () if noise_BxN is None else (noise_BxN,)
     out, steps = self._fn(spec)(self.params, jnp.asarray(arr), jnp.asarray(pads),
-                                jnp.asarray(row_seeds, jnp.int32), jax.random.key(seed))
+                                jnp.asarray(row_seeds, jnp.int32), jax.random.key(seed), *extra)
     return np.asarray(out), int(steps)
+
+  def check_noise(self, spec: DecodeSpec, noise_BxN, batch: int):
+    """The caller's uniforms as a [B, n_steps * K] float32 device array, or DecodeError."""
+    if not spec.pflm and spec.sampler != 'inverse_cdf':
+      raise DecodeError("noise is used by a PFLM's hints or by the AR sampler "
+                        "'inverse_cdf'; this AR spec has sampler="
+                        f"{spec.sampler!r} (allowed with noise: inverse_cdf)")
+    u = np.asarray(noise_BxN, np.float64)
+    need = spec.n_steps * spec.K
+    if u.ndim != 2 or u.shape[0] != batch or u.shape[1] < need:
+      raise DecodeError(f'noise has shape {list(u.shape)}; needed [{batch}, >= {need}] (one u '
+                        'per row and generated token, whole steps of K)')
+    if not np.all((u >= 0.0) & (u <= 1.0)):
+      raise DecodeError('noise values must lie in [0, 1]')
+    return jnp.asarray(u[:, :need], jnp.float32)
 
   def compile(self, spec: DecodeSpec, batch: int, prompt_width: int):
     """Compiles the loop for [batch, prompt_width] prompts ahead of the first call, which

@@ -128,20 +128,52 @@ def copy_matching(student_params, teacher_params):
   return out, copied, new
 
 
+def student_arch(run_arch, t_arch, stage: str):
+  """The student's architecture: the run's, with a noise encoder, never emitting what the
+  teacher never emits either, and with a PFLM teacher's noise encoder form (its encoder
+  weights are copied)."""
+  arch = dataclasses.replace(run_arch, pflm=True, never_emit_ids=tuple(sorted(
+      set(run_arch.never_emit_ids) | set(t_arch.never_emit_ids))))
+  if t_arch.pflm:
+    keep = {f: getattr(t_arch, f) for f in ('noise_encoder', 'noise_freq_scale')}
+    changed = {f: v for f, v in keep.items() if getattr(arch, f) != v}
+    if changed:
+      print(f'{stage}: the student keeps its teacher\'s noise encoder: ' +
+            ', '.join(f'model.{f}={v!r}' for f, v in changed.items()))
+    arch = dataclasses.replace(arch, **keep)
+  return arch
+
+
+def check_teacher_tokenizer(stage: str, teacher: str, t_identity: dict, tokenizer) -> None:
+  """The teacher's vocabulary must be the data's; an imported model that names no
+  tokenizer ('none') needs only the same vocabulary size."""
+  mine = tokenizer.identity()
+  if t_identity.get('name') == 'none':
+    if t_identity['vocab_size'] != mine['vocab_size']:
+      raise stages_lib.StageError(
+          f'{stage}: the teacher {teacher} has {t_identity["vocab_size"]} ids, the data\'s '
+          f'tokenizer {mine["name"]} {mine["vocab_size"]}')
+    print(f'{stage}: the teacher {teacher} names no tokenizer; using {mine["name"]} ids as '
+          'its ids (same vocabulary size)')
+  elif t_identity != mine:
+    raise stages_lib.StageError(f'{stage}: the teacher {teacher} was trained with tokenizer '
+                                f'{t_identity}, the config gives {mine}')
+
+
 def spec(ctx, stage: str, names: list[str]) -> trainer.StageSpec:
   """The distill_k<K> stage: a student of window K copied from its (frozen) teacher."""
   cfg, s = ctx.cfg, ctx.cfg.stages[stage]
   k = stages_lib.stage_k(stage)
   teacher_stage = teacher_stage_of(stage, names, s.teacher_stage)
-  teacher_k = stages_lib.stage_k(teacher_stage)
+  t_arch, t_params, t_info, t_shardings = stages_lib.load_teacher(ctx.workdir, teacher_stage,
+                                                                  ctx.mesh)
+  teacher_k = t_info['k']
   if teacher_k > 0 and k != 2 * teacher_k:
     raise stages_lib.StageError(
         f'{stage}: a PFLM teacher of window {teacher_k} ({teacher_stage}) can only teach '
         f'window {2 * teacher_k}, not {k}; allowed: distill_k{2 * teacher_k} after it, or an '
-        'AR teacher (teacher) for any K')
-  t_arch, t_params, t_meta, t_shardings = stages_lib.load_model_stage(
-      ctx.workdir, teacher_stage, ctx.mesh)
-  arch = dataclasses.replace(ctx.arch, pflm=True)
+        'AR teacher for any K')
+  arch = student_arch(ctx.arch, t_arch, stage)
   diffs = {f: (t_arch.backbone_shape()[f], v) for f, v in arch.backbone_shape().items()
            if t_arch.backbone_shape()[f] != v}
   if diffs:
@@ -149,10 +181,7 @@ def spec(ctx, stage: str, names: list[str]) -> trainer.StageSpec:
         f'{stage}: the student backbone differs from its teacher {teacher_stage}: ' +
         ', '.join(f'model.{f}: teacher {a}, student {b}' for f, (a, b) in diffs.items()) +
         '; a stage copies its teacher, so the shapes must match')
-  if t_meta['compat']['tokenizer'] != ctx.tokenizer.identity():
-    raise stages_lib.StageError(
-        f'{stage}: the teacher {teacher_stage} was trained with tokenizer '
-        f'{t_meta["compat"]["tokenizer"]}, the config gives {ctx.tokenizer.identity()}')
+  check_teacher_tokenizer(stage, teacher_stage, t_info['tokenizer'], ctx.tokenizer)
   teacher = model_lib.build(t_arch, ctx.exe)
   student = model_lib.build(arch, ctx.exe)
   targets_fn = make_targets_fn(teacher, teacher_k)

@@ -1,13 +1,16 @@
 """Quality of every model in a run: the `evaluate` stage and its CLI (design.md 5).
 
   python -m kforcing_jax.evaluate --workdir=DIR
+  python -m kforcing_jax.evaluate --config=CONFIG --teacher_export=AR_DIR \
+      [--exports=PFLM_DIR,...] --out=DIR      # exported or imported models
 
 For the AR teacher and every student k, every K <= k, with the frequency penalty off and
 at evaluate.freq_penalty: generative NLL of sampled continuations under each evaluator
 (`exact`: the synthetic source's forward algorithm; `teacher`: the AR teacher), mean
 unigram entropy of the samples, agreement with the AR teacher on shared noise (held-out
 contexts, same u), and NFE per token. Prompts, seeds and lengths are fixed and recorded.
-Writes WORKDIR/evaluate/report.json, report.md and report.png.
+Writes WORKDIR/evaluate/report.json, report.md and report.png (--out with exports; the
+config then names the data the prompts come from, e.g. configs/owt_from_released.py).
 """
 from __future__ import annotations
 
@@ -17,10 +20,12 @@ import time
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kforcing_jax import config_lib
 from kforcing_jax import data as data_lib
 from kforcing_jax import decode
 from kforcing_jax import errors
@@ -111,10 +116,28 @@ def shared_noise_agreement(student: sampler_lib.Sampler, teacher: sampler_lib.Sa
   return [float(cum[..., K - 1][ok].mean()) for K in range(1, k + 1)]
 
 
-def evaluate(workdir: str, cfg, source, mesh) -> dict:
+def run_models(workdir: str, mesh):
+  """(AR teacher Sampler, [(stage, Sampler loader)]) of a run's finished stages."""
+  teacher = sampler_lib.Sampler.from_workdir(workdir, 'teacher', mesh=mesh)
+  return teacher, [(stage, lambda stage=stage: sampler_lib.Sampler.from_workdir(
+      workdir, stage, mesh=mesh)) for stage in stages_lib.finished_model_stages(workdir)]
+
+
+def export_models(teacher_export: str, exports, mesh):
+  """The same for exported / imported models: the AR export first, then each export."""
+  from kforcing_jax import export as export_lib  # pylint: disable=g-import-not-at-top (cycle)
+  teacher = export_lib.load(teacher_export, mesh)
+  if teacher.k:
+    raise stages_lib.StageError(f'--teacher_export={teacher_export} is a PFLM (k={teacher.k}); '
+                                'the evaluators need an AR model')
+  return teacher, [(teacher_export, lambda: teacher)] + [
+      (p, lambda p=p: export_lib.load(p, mesh)) for p in exports]
+
+
+def evaluate(cfg, source, teacher, models) -> dict:
+  """models: [(name, callable returning its Sampler)], loaded one at a time."""
   e = cfg.evaluate
   tok = source.tokenizer
-  teacher = sampler_lib.Sampler.from_workdir(workdir, 'teacher', mesh=mesh)
   external = None
   if e.external_lm:
     from kforcing_jax import external_lm  # pylint: disable=g-import-not-at-top  (torch)
@@ -133,8 +156,11 @@ def evaluate(workdir: str, cfg, source, mesh) -> dict:
   agree_batch = data_lib.BatchIterator(source, 'eval', e.agreement_rows, None, cfg.seed + 1,
                                        False).local_batch(0)
   report_rows = []
-  for stage in stages_lib.finished_model_stages(workdir):
-    sampler = sampler_lib.Sampler.from_workdir(workdir, stage, mesh=mesh)
+  for stage, load in models:
+    sampler = load()
+    if sampler.arch.vocab_size != tok.vocab_size:
+      raise stages_lib.StageError(f'{stage} has {sampler.arch.vocab_size} ids, the data\'s '
+                                  f'tokenizer {tok.name} {tok.vocab_size}')
     k = sampler.k
     agree = shared_noise_agreement(sampler, teacher, agree_batch, e.seed) if k else None
     settings = [(1, 0.0)] if k == 0 else [(K, lam) for K in range(1, k + 1)
@@ -214,7 +240,7 @@ def write_report(report: dict, out_dir: str, workdir: str) -> None:
 def run_stage(ctx) -> dict:
   out_dir = os.path.join(ctx.workdir, 'evaluate')
   t0 = time.time()
-  report = evaluate(ctx.workdir, ctx.cfg, ctx.source, ctx.mesh)
+  report = evaluate(ctx.cfg, ctx.source, *run_models(ctx.workdir, ctx.mesh))
   write_report(report, out_dir, ctx.workdir)
   print(f'evaluate: wrote {out_dir}/report.json, report.md, report.png')
   print(markdown(report))
@@ -228,14 +254,26 @@ def main(argv):
   del argv
   runtime.quiet_library_logs()
   runtime.initialize()
+  f = FLAGS
+  if bool(f.workdir) == bool(f.teacher_export):
+    raise app.UsageError('give --workdir=RUN, or --config, --teacher_export (and --exports, '
+                         '--out) for exported models')
   try:
-    cfg = stages_lib.load_run_config(FLAGS.workdir)
-    source = data_lib.make_source(cfg)
     mesh = sampler_lib.one_device_mesh()
-    report = evaluate(FLAGS.workdir, cfg, source, mesh)
+    if f.workdir:
+      cfg = stages_lib.load_run_config(f.workdir)
+      out_dir, speed_dir = os.path.join(f.workdir, 'evaluate'), f.workdir
+      models = run_models(f.workdir, mesh)
+    else:
+      if _CONFIG.value is None or not f.out:
+        raise app.UsageError('--teacher_export needs --config (the data) and --out')
+      cfg, out_dir, speed_dir = _CONFIG.value, f.out, f.out
+      models = export_models(f.teacher_export, [p for p in f.exports.split(',') if p], mesh)
+    source = data_lib.make_source(cfg)
+    report = evaluate(cfg, source, *models)
   except (errors.UserError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
-  write_report(report, os.path.join(FLAGS.workdir, 'evaluate'), FLAGS.workdir)
+  write_report(report, out_dir, speed_dir)
   print(markdown(report))
 
 
@@ -243,5 +281,9 @@ FLAGS = flags.FLAGS
 
 if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'a kforcing_jax run directory')
-  flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  flags.DEFINE_string('teacher_export', None, 'an exported/imported AR model (the evaluator)')
+  flags.DEFINE_string('exports', '', 'comma-separated exported/imported PFLMs to evaluate')
+  flags.DEFINE_string('out', None, 'report directory (with --teacher_export)')
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file (the data)',
+                                            lock_config=True)
+  app.run(main, flags_parser=config_lib.parse_flags)

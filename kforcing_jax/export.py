@@ -22,7 +22,7 @@ from kforcing_jax import sampler as sampler_lib
 from kforcing_jax import stages as stages_lib
 from kforcing_jax import tokenization
 
-FORMAT = 'kforcing_jax.export/1'  # 'model' (first format) or 'arch' describe the weights
+FORMAT = stages_lib.EXPORT_FORMAT
 
 
 def write(out: str, params, desc: dict) -> dict:
@@ -49,17 +49,7 @@ def export(workdir: str, stage: str, out: str) -> dict:
       'teacher_stage': meta.get('teacher_stage'), 'source_workdir': os.path.abspath(workdir)})
 
 
-def read_description(path: str) -> dict:
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'{path} is not an exported kforcing_jax model')
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    desc = ckptr.restore(path, args=ocp.args.Composite(
-        description=ocp.args.JsonRestore()))['description']
-  if desc.get('format') != FORMAT:
-    raise stages_lib.StageError(f'{path}: unknown export format {desc.get("format")!r} '
-                                f'(this code reads {FORMAT})')
-  return desc
+read_description = stages_lib.read_export_description
 
 
 def load(path: str, mesh=None, *, dtype: str = 'float32', decode_attention: str = 'xla',
@@ -69,13 +59,7 @@ def load(path: str, mesh=None, *, dtype: str = 'float32', decode_attention: str 
   comes from tokenizer_path, else where the export says it was; without its files the
   sampler decodes ids only."""
   path = os.path.abspath(path)
-  desc = read_description(path)
-  arch = stages_lib.arch_from_meta(desc)
-  mesh = mesh or sampler_lib.one_device_mesh()
-  abstract, _ = stages_lib.abstract_params(arch, mesh)
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    params = ckptr.restore(path, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract)))['params']
+  arch, params, desc, _ = stages_lib.load_export(path, mesh or sampler_lib.one_device_mesh())
   tok_path = desc.get('tokenizer_path', '') if tokenizer_path is None else tokenizer_path
   try:
     tok = tokenization.from_identity(desc['tokenizer'], tok_path)

@@ -36,7 +36,12 @@ DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')  # ExecConfig.attention_impl
 DECODE_ATTENTION = ('xla', 'pallas')  # ExecConfig.decode_attention
 CACHE_PRODUCTS = ('auto',) + attn_lib.CACHE_PRODUCTS  # ExecConfig.cache_products
-ARCH_VERSION = 2
+ARCH_VERSION = 3
+# ArchConfig.noise_encoder: 'released' is the released K-Forcing checkpoints' form (its
+# LayerNorm has a bias, its MLP the exact erf GELU); 'scale_only_tanh' is the form that
+# kforcing_jax wrote before architecture version 3 (scale-only LayerNorm, tanh GELU, as
+# in the backbone).
+NOISE_ENCODERS = ('released', 'scale_only_tanh')
 # Fields of the first on-disk format (one ModelConfig for everything) that are execution
 # settings, not architecture: dropped when such a checkpoint is read.
 _V1_EXEC_FIELDS = ('dtype', 'param_dtype', 'dropout', 'attention_impl', 'dot_dtype',
@@ -66,6 +71,7 @@ class ArchConfig:
   never_emit_ids: tuple[int, ...] = ()  # logits forced to NEG_INF
   pflm: bool = False  # adds the noise encoder (push-forward student)
   noise_freq_scale: float = 1.0  # multiplies the noise sinusoid's frequencies (1 = paper)
+  noise_encoder: str = 'released'  # NOISE_ENCODERS (only read when pflm=True)
   version: int = ARCH_VERSION
 
   def __post_init__(self):
@@ -75,10 +81,11 @@ class ArchConfig:
     if self.d_model % self.n_heads or self.head_dim % 2:
       raise ArchitectureError(f'model.d_model={self.d_model} must divide by model.n_heads='
                               f'{self.n_heads} into an even head dim (RoPE)')
+    _choice('model.noise_encoder', self.noise_encoder, NOISE_ENCODERS)
     if self.version != ARCH_VERSION:
       raise ArchitectureError(f'architecture version {self.version} is not known to this '
-                              f'code (it reads version {ARCH_VERSION} and the unversioned '
-                              'first format)')
+                              f'code (it reads versions 2 and {ARCH_VERSION} and the '
+                              'unversioned first format)')
 
   @property
   def head_dim(self) -> int:
@@ -95,12 +102,20 @@ class ArchConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> ArchConfig:
-    """Reads to_dict's output, or the first format's ModelConfig dict (no 'version':
-    its execution fields are dropped); an unknown field is an error naming it."""
+    """Reads to_dict's output, version 2's (no noise_encoder field: its PFLMs have the
+    'scale_only_tanh' encoder), or the first format's ModelConfig dict (no 'version': its
+    execution fields are dropped, its encoder as version 2's); an unknown field is an
+    error naming it."""
     d = dict(d)
     if 'version' not in d:
       for f in _V1_EXEC_FIELDS:
         d.pop(f, None)
+      d['version'] = 2
+    if d['version'] == 2:
+      if 'noise_encoder' in d:
+        raise ArchitectureError('an architecture of version 2 cannot name a noise_encoder '
+                                '(the field came with version 3)')
+      d['noise_encoder'] = 'scale_only_tanh'
       d['version'] = ARCH_VERSION
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
@@ -167,7 +182,8 @@ def configs_from_run(cfg, vocab_size: int, never_emit_ids=(), pflm: bool = False
                     n_heads=m.n_heads, mlp_ratio=m.mlp_ratio,
                     max_seq_len=m.max_seq_len if m.max_seq_len > 0 else cfg.data.seq_len,
                     rope_base=m.rope_base, never_emit_ids=tuple(int(i) for i in never_emit_ids),
-                    pflm=pflm, noise_freq_scale=m.noise_freq_scale)
+                    pflm=pflm, noise_freq_scale=m.noise_freq_scale,
+                    noise_encoder=m.noise_encoder)
   exe = ExecConfig(dtype=m.dtype, param_dtype=m.param_dtype, dot_dtype=m.dot_dtype,
                    attention_impl=m.attention_impl, decode_attention=m.decode_attention,
                    cache_products=m.cache_products, dropout=m.dropout)
@@ -227,12 +243,14 @@ def sinusoid(z_B: jax.Array, dim: int, freq_scale: float = 1.0) -> jax.Array:
 
 class LayerNorm(nn.Module):
   exe: ExecConfig
+  use_bias: bool = False  # the backbone's are scale-only; the released noise encoder's not
 
   @nn.compact
   def __call__(self, x):
-    return nn.LayerNorm(epsilon=1e-5, use_bias=False, dtype=jnp.float32,
+    return nn.LayerNorm(epsilon=1e-5, use_bias=self.use_bias, dtype=jnp.float32,
                         param_dtype=self.exe.params,
-                        scale_init=_init(nn.initializers.ones, ('embed',)))(
+                        scale_init=_init(nn.initializers.ones, ('embed',)),
+                        bias_init=_init(nn.initializers.zeros, ('embed',)))(
                             x.astype(jnp.float32))
 
 
@@ -240,13 +258,14 @@ class Mlp(nn.Module):
   arch: ArchConfig
   exe: ExecConfig
   dtype: Any = None  # overrides the exec dtypes (the noise encoder computes in float32)
+  exact_gelu: bool = False  # erf GELU (the released noise encoder); else tanh (backbone)
 
   @nn.compact
   def __call__(self, x):
     a = self.arch
     h = _dense(self.exe, a.mlp_ratio * a.d_model, ('embed', 'mlp'), ('mlp',), 'fc_in',
                self.dtype)(x)
-    h = nn.gelu(h, approximate=True)
+    h = nn.gelu(h, approximate=not self.exact_gelu)
     return _dense(self.exe, a.d_model, ('mlp', 'embed'), ('embed',), 'fc_out', self.dtype)(h)
 
 
@@ -313,7 +332,8 @@ class Head(nn.Module):
 
 
 class NoiseEncoder(nn.Module):
-  """h = W_c [sinus(u); sinus(tau)] + b_c; h = h + MLP(LayerNorm(h)), all in float32."""
+  """h = W_c [sinus(u); sinus(tau)] + b_c; h = h + MLP(LayerNorm(h)), all in float32;
+  arch.noise_encoder picks the LayerNorm's bias and the MLP's GELU (NOISE_ENCODERS)."""
   arch: ArchConfig
   exe: ExecConfig
 
@@ -328,7 +348,9 @@ class NoiseEncoder(nn.Module):
                  precision=jax.lax.Precision.HIGHEST,
                  kernel_init=_init(nn.initializers.xavier_uniform(), (None, 'embed')),
                  bias_init=_init(nn.initializers.zeros, ('embed',)))(feats)
-    return h + Mlp(a, self.exe, dtype=jnp.float32, name='mlp')(LayerNorm(self.exe, name='ln')(h))
+    released = a.noise_encoder == 'released'
+    return h + Mlp(a, self.exe, dtype=jnp.float32, exact_gelu=released, name='mlp')(
+        LayerNorm(self.exe, use_bias=released, name='ln')(h))
 
 
 class Transformer(nn.Module):

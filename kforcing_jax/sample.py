@@ -1,11 +1,13 @@
 """Sampling from any finished stage, and the `sample` pipeline stage.
 
-  python -m kforcing_jax.sample --workdir=DIR --stage=distill_k4 [--K=4] \
-      [--freq_penalty=0.5] (--prompt=TEXT | --prompts=FILE.jsonl) --num_samples=N \
-      --out=FILE.jsonl
+  python -m kforcing_jax.sample (--workdir=DIR --stage=distill_k4 | --export=DIR) [--K=4] \
+      [--freq_penalty=0.5] (--prompt=TEXT | --prompts=FILE.jsonl) [--prompt_max_tokens=6] \
+      --num_samples=N --out=FILE.jsonl
 
-A prompts file has one {"prefix": "..."} per line. Output: one JSON line per sample with
-the prompt, its token ids, the completion text and ids, and the decoding settings.
+A prompts file has one {"prefix": "..."} per line (the released prompt files' format);
+special tokens written in a prompt ('<|endoftext|>', '[CLS]') are single ids, as the
+released tokenizers give them. Output: one JSON line per sample with the prompt, its token
+ids, the completion text and ids, and the decoding settings.
 """
 from __future__ import annotations
 
@@ -17,10 +19,13 @@ from absl import flags
 import jax
 
 from kforcing_jax import data as data_lib
+from kforcing_jax import decode
 from kforcing_jax import errors
+from kforcing_jax import export as export_lib
 from kforcing_jax import runtime
 from kforcing_jax import sampler as sampler_lib
 from kforcing_jax import stages as stages_lib
+from kforcing_jax import tokenization
 from kforcing_jax import writers
 
 
@@ -39,11 +44,24 @@ def read_prompts(path: str) -> list[str]:
   return out
 
 
+def prompt_ids(tokenizer, prompts: list[str], max_tokens: int = 0) -> list[list[int]]:
+  """Each prompt's ids (tokenization.encode_prompt), cut to the first max_tokens (0: all;
+  the released batch_inference_with_prefix.py keeps 6)."""
+  out = []
+  for text in prompts:
+    ids = tokenization.encode_prompt(tokenizer, text)
+    if not ids:
+      raise decode.DecodeError(f'prompt {text!r} encodes to no tokens')
+    out.append(ids[:max_tokens] if max_tokens > 0 else ids)
+  return out
+
+
 def sample_records(model: sampler_lib.Sampler, prompts: list[str], num_samples: int, *,
-                   max_new_tokens=None, seed=0, **settings) -> list[dict]:
+                   max_new_tokens=None, seed=0, prompt_max_tokens: int = 0,
+                   **settings) -> list[dict]:
   """num_samples samples of each prompt text (row i has row seed i), as JSON records."""
-  tok = model.tokenizer
-  encoded = model.encode_prompts(prompts)
+  tok = model._tok()  # pylint: disable=protected-access
+  encoded = prompt_ids(tok, prompts, prompt_max_tokens)
   rows = [e for e in encoded for _ in range(num_samples)]
   seeds = list(range(len(rows)))
   out = model.generate_ids(rows, max_new_tokens, seed=seed, row_seeds=seeds, **settings)
@@ -103,21 +121,27 @@ def main(argv):
   f = FLAGS
   if bool(f.prompt) == bool(f.prompts):
     raise app.UsageError('give exactly one of --prompt=TEXT or --prompts=FILE.jsonl')
-  try:
-    stages_lib.stage_k(f.stage)
-  except errors.UserError as e:
-    raise SystemExit(f'error: --stage: {e}') from None
+  if bool(f.export) == bool(f.workdir) or bool(f.workdir) != bool(f.stage):
+    raise app.UsageError('give --workdir=RUN with --stage=STAGE, or --export=DIR')
+  if f.stage:
+    try:
+      stages_lib.stage_k(f.stage)
+    except errors.UserError as e:
+      raise SystemExit(f'error: --stage: {e}') from None
   prompts = [f.prompt] if f.prompt else read_prompts(f.prompts)
   if any(not p.strip() for p in prompts):
     raise SystemExit('error: empty prompt: give some text to continue')
   try:
-    sampler = sampler_lib.Sampler.from_workdir(f.workdir, f.stage, dtype=f.dtype)
+    if f.export:
+      sampler = export_lib.load(f.export, dtype=f.dtype, tokenizer_path=f.tokenizer_path)
+    else:
+      sampler = sampler_lib.Sampler.from_workdir(f.workdir, f.stage, dtype=f.dtype)
     settings = dict(K=f.K, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
                     sampler=f.sampler)
     if sampler.k:
       settings['freq_penalty'] = f.freq_penalty
     recs = sample_records(sampler, prompts, f.num_samples, max_new_tokens=f.max_new_tokens,
-                          seed=f.seed, **settings)
+                          seed=f.seed, prompt_max_tokens=f.prompt_max_tokens, **settings)
   except (errors.UserError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
   write_jsonl(f.out, recs)
@@ -131,6 +155,10 @@ FLAGS = flags.FLAGS
 if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'a kforcing_jax run directory')
   flags.DEFINE_string('stage', None, 'teacher | distill_k1 | distill_k2 | distill_k4 | ...')
+  flags.DEFINE_string('export', None, 'an exported or imported model directory')
+  flags.DEFINE_string('tokenizer_path', None, 'tokenizer files for --export (default: where '
+                      'the export says they were)')
+  flags.DEFINE_integer('prompt_max_tokens', 0, 'keep the first N prompt ids (0 = all)')
   flags.DEFINE_integer('K', None, 'tokens per step (PFLM: 1..k; default k)')
   flags.DEFINE_float('freq_penalty', 0.0, 'PFLM frequency penalty lambda (released: 0.5)')
   flags.DEFINE_string('prompt', None, 'one prompt text')
@@ -145,5 +173,5 @@ if __name__ == '__main__':
                       'inverse_cdf (the push-forward map of a shared u)')
   flags.DEFINE_string('dtype', 'float32', 'serving precision: float32 | mixed | bfloat16 | auto')
   flags.DEFINE_string('out', None, 'output JSONL')
-  flags.mark_flags_as_required(['workdir', 'stage', 'out'])
+  flags.mark_flags_as_required(['out'])
   app.run(main)

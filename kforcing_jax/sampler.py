@@ -103,17 +103,30 @@ class Sampler:
   def generate_ids(self, prompts, max_new_tokens: int | None = None, *, K: int | None = None,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    freq_penalty: float = 0.0, seed: int = 0, row_seeds=None,
-                   sampler: str = 'categorical', stop_at_eos: bool = True) -> np.ndarray:
+                   sampler: str = 'categorical', stop_at_eos: bool = True,
+                   noise=None) -> np.ndarray:
     """[B, max_new_tokens] int32 new tokens of each prompt (a list of id lists); after a
     row's EOS (with stop_at_eos and a tokenizer) its remaining tokens are the pad id.
-    max_new_tokens defaults to the model length minus the longest prompt."""
+    max_new_tokens defaults to the model length minus the longest prompt.
+
+    noise: optional uniforms [steps, B, K] in the released sampler's order (token j of row
+    b uses noise[j // K, b, j % K]) instead of the seeded ones: a PFLM's hints, or with
+    sampler='inverse_cdf' an AR model's u (K = 1)."""
     prompts = [[int(t) for t in p] for p in prompts]
     if max_new_tokens is None:
       max_new_tokens = self.engine.max_len - max((len(p) for p in prompts), default=0)
     spec = self.spec(max_new_tokens=max_new_tokens, K=K, temperature=temperature, top_k=top_k,
                      top_p=top_p, freq_penalty=freq_penalty, sampler=sampler,
                      stop_at_eos=stop_at_eos)
-    out, _ = self.engine.generate(prompts, spec, seed=seed, row_seeds=row_seeds)
+    noise_BxN = None
+    if noise is not None:
+      u = np.asarray(noise)
+      if u.ndim != 3 or u.shape[1] != len(prompts) or u.shape[2] != spec.K:
+        raise decode.DecodeError(f'noise has shape {list(u.shape)}; needed [steps, '
+                                 f'{len(prompts)}, K={spec.K}]')
+      noise_BxN = u.transpose(1, 0, 2).reshape(len(prompts), -1)
+    out, _ = self.engine.generate(prompts, spec, seed=seed, row_seeds=row_seeds,
+                                  noise_BxN=noise_BxN)
     return out
 
   def generate(self, texts, max_new_tokens: int | None = None, **kw) -> list[str]:

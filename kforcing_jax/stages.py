@@ -1,5 +1,6 @@
-"""Finished model stages (teacher, distill_k<K>) of a run directory: names, loading, the
-saved run config. Read-only."""
+"""Finished model stages (teacher, distill_k<K>) of a run directory and exported models
+(kforcing_jax.export, kforcing_jax.import_official): names, loading, the saved run config.
+Read-only."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +9,7 @@ import os
 import re
 
 import flax.linen as nn
+import orbax.checkpoint as ocp
 import jax
 import ml_collections
 import numpy as np
@@ -20,6 +22,7 @@ from kforcing_jax import model as model_lib
 from kforcing_jax import sharding as sharding_lib
 
 STAGE_RE = re.compile(r'^distill_k(\d+)$')
+EXPORT_FORMAT = 'kforcing_jax.export/1'  # 'model' (first format) or 'arch' describe the weights
 
 
 class StageError(errors.UserError):
@@ -87,6 +90,49 @@ def load_model_stage(workdir: str, stage: str, mesh):
   abstract, shardings = abstract_params(arch, mesh)
   params, meta = ckpt_lib.restore_params(ckpt_dir, abstract)
   return arch, params, meta, shardings
+
+
+def is_export(ref: str) -> bool:
+  """Whether a teacher/model reference names an export directory (not a stage name)."""
+  return os.sep in ref or os.path.isdir(ref)
+
+
+def read_export_description(path: str) -> dict:
+  path = os.path.abspath(path)
+  if not os.path.isdir(path) or not os.path.isdir(os.path.join(path, 'description')):
+    raise StageError(f'{path} is not an exported kforcing_jax model (made by '
+                     'python -m kforcing_jax.export or kforcing_jax.import_official)')
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    desc = ckptr.restore(path, args=ocp.args.Composite(
+        description=ocp.args.JsonRestore()))['description']
+  if desc.get('format') != EXPORT_FORMAT:
+    raise StageError(f'{path}: unknown export format {desc.get("format")!r} (this code reads '
+                     f'{EXPORT_FORMAT})')
+  return desc
+
+
+def load_export(path: str, mesh):
+  """(ArchConfig, float32 params, description, param shardings) of an export."""
+  path = os.path.abspath(path)
+  desc = read_export_description(path)
+  arch = arch_from_meta(desc)
+  abstract, shardings = abstract_params(arch, mesh)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    params = ckptr.restore(path, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract)))['params']
+  return arch, params, desc, shardings
+
+
+def load_teacher(workdir: str, ref: str, mesh):
+  """A distillation teacher: a finished stage of `workdir` or an export directory.
+  Returns (arch, params, {'k', 'tokenizer', 'name'}, shardings)."""
+  if is_export(ref):
+    arch, params, desc, shardings = load_export(ref, mesh)
+    return arch, params, {'k': int(desc['k']), 'tokenizer': desc['tokenizer'],
+                          'name': os.path.abspath(ref)}, shardings
+  arch, params, meta, shardings = load_model_stage(workdir, ref, mesh)
+  return arch, params, {'k': int(meta['k']), 'tokenizer': meta['compat']['tokenizer'],
+                        'name': ref}, shardings
 
 
 def params_fingerprint(params) -> str:

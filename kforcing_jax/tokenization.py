@@ -26,6 +26,10 @@ class Tokenizer:
   add_bos_eos: bool  # whether encode() wraps text in [CLS] ... [SEP].
   _encode: Callable[[str], list[int]] = dataclasses.field(repr=False, compare=False)
   _decode: Callable[[Sequence[int]], str] = dataclasses.field(repr=False, compare=False)
+  # prompts: special tokens spelled in the text ('<|endoftext|>', '[CLS]') are single ids,
+  # as the released tokenizers give them; corpus text is encoded with _encode (ordinary)
+  _encode_special: Callable[[str], list[int]] | None = dataclasses.field(
+      default=None, repr=False, compare=False)
 
   def encode(self, text: str) -> list[int]:
     return self._encode(text)
@@ -72,7 +76,8 @@ def bert_base_uncased(path: str = '') -> Tokenizer:
       name='bert-base-uncased', vocab_size=size, eos_id=102, pad_id=0,
       never_emit_ids=(103,), fingerprint=fp, add_bos_eos=True,
       _encode=lambda s: tok.encode(s).ids,
-      _decode=lambda ids: tok.decode(ids, skip_special_tokens=True))
+      _decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+      _encode_special=lambda s: tok.encode(s, add_special_tokens=False).ids)
 
 
 def gpt2(path: str = '') -> Tokenizer:
@@ -95,7 +100,8 @@ def gpt2(path: str = '') -> Tokenizer:
       name='gpt2', vocab_size=50258, eos_id=50256, pad_id=reserved,
       never_emit_ids=(reserved,), fingerprint=fp, add_bos_eos=False,
       _encode=lambda s: enc.encode_ordinary(s),
-      _decode=lambda ids: enc.decode([i for i in ids if i < 50257]))
+      _decode=lambda ids: enc.decode([i for i in ids if i < 50257]),
+      _encode_special=lambda s: enc.encode(s, allowed_special='all'))
 
 
 def synthetic(vocab_size: int, fingerprint: str) -> Tokenizer:
@@ -131,18 +137,29 @@ def load(name: str, path: str = '') -> Tokenizer:
                    f'bert-base-uncased, gpt2 (synthetic comes with data.source=synthetic)')
 
 
+BERT_CLS = 101
+
+
 def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
-  """Token ids of a prompt: BERT's closing [SEP] is dropped (the sentence goes on)."""
-  ids = tok.encode(text)
-  if tok.add_bos_eos and ids and ids[-1] == tok.eos_id:
-    ids = ids[:-1]
+  """Token ids of a prompt. Special tokens written in the text are single ids, as the
+  released tokenizers (Hugging Face, add_special_tokens=False) give them:
+  '<|endoftext|>' -> 50256, '[CLS]' -> 101. A BERT prompt starts with one [CLS] (added
+  when the text has none) and gets no closing [SEP] (the sentence goes on)."""
+  if tok._encode_special is None:
+    return tok.encode(text)
+  ids = list(tok._encode_special(text))
+  if tok.add_bos_eos and (not ids or ids[0] != BERT_CLS):
+    ids = [BERT_CLS] + ids
   return ids
 
 
 def from_identity(identity: dict, path: str = '') -> Tokenizer:
   """The tokenizer an export or checkpoint names ({'name', 'vocab_size', 'fingerprint'}):
   the synthetic one rebuilt from its identity, the others loaded from `path` (or by name
-  when it is empty). A different vocabulary is an error naming both."""
+  when it is empty), None for an import that names no tokenizer ('none': ids only). A
+  different vocabulary is an error naming both."""
+  if identity['name'] == 'none':
+    return None
   if identity['name'] == 'synthetic':
     return synthetic(int(identity['vocab_size']), identity['fingerprint'])
   tok = load(identity['name'], path)

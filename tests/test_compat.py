@@ -1,6 +1,7 @@
 """Checkpoints and exports of the first on-disk format (tests/data/format_v1, written by an
 earlier kforcing_jax: one ModelConfig with execution fields, no architecture version) load
 with today's code and decode the tokens that code decoded."""
+import dataclasses
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ def reference():
 def test_first_format_exports_decode_as_before(name, K):
   s = kforcing_jax.load(os.path.join(V1, name))
   assert s.arch.version == model_lib.ARCH_VERSION and s.k == (0 if K == 1 else 2)
+  assert not s.arch.pflm or s.arch.noise_encoder == 'scale_only_tanh'
   greedy = {'temperature': 0.0} if K == 1 else {}
   out = s.generate_ids([[0, 1, 2, 3], [0, 5]], 10, K=K, seed=4, stop_at_eos=False, **greedy)
   np.testing.assert_array_equal(out, reference()[name])
@@ -60,9 +62,18 @@ def test_architecture_round_trip_and_old_format():
   arch = model_lib.ArchConfig(vocab_size=42, d_model=16, n_heads=2, never_emit_ids=(41,),
                               pflm=True)
   assert model_lib.ArchConfig.from_dict(json.loads(json.dumps(arch.to_dict()))) == arch
-  old = {**{k: v for k, v in arch.to_dict().items() if k != 'version'}, 'dtype': 'bfloat16',
+  # the first format and version 2 name no noise encoder: theirs is the scale-only/tanh one
+  old_arch = dataclasses.replace(arch, noise_encoder='scale_only_tanh')
+  v2 = {k: v for k, v in arch.to_dict().items() if k != 'noise_encoder'}
+  v2['version'] = 2
+  assert model_lib.ArchConfig.from_dict(v2) == old_arch
+  old = {**{k: v for k, v in v2.items() if k != 'version'}, 'dtype': 'bfloat16',
          'param_dtype': 'float32', 'dropout': 0.1, 'attention_impl': 'cudnn',
          'dot_dtype': '', 'decode_attention': 'xla'}
-  assert model_lib.ArchConfig.from_dict(old) == arch
+  assert model_lib.ArchConfig.from_dict(old) == old_arch
+  with pytest.raises(model_lib.ArchitectureError, match='version 2 cannot name'):
+    model_lib.ArchConfig.from_dict({**v2, 'noise_encoder': 'released'})
+  with pytest.raises(model_lib.ArchitectureError, match="noise_encoder='gelu'.*released"):
+    dataclasses.replace(arch, noise_encoder='gelu')
   meta = stages.read_summary(os.path.join(V1, 'run', 'distill_k2'))
   assert meta['k'] == 2

@@ -5,10 +5,12 @@ import subprocess
 import sys
 from unittest import mock
 
+import numpy as np
 import pytest
 
 from kforcing_jax import config_lib
 from kforcing_jax import context as context_lib
+from kforcing_jax import import_official
 from kforcing_jax import pipeline
 from tests.conftest import shrink, synthetic_config
 
@@ -49,7 +51,19 @@ def test_every_config_builds_shrinks_and_runs(name, tmp_path):
     else:
       cfg.data.path = os.path.join(testdata, 'lm1b', 'lingvo_lm1b_100.txt')
       cfg.data.eval_fraction = 0.1
-  if name != 'synthetic':
+  if name.endswith('_from_released'):
+    # the released checkpoint's layout at the shrunk shape, imported as the config expects
+    teacher = cfg.stages.distill_k8.teacher_stage
+    assert cfg.pipeline == ('distill_k8',) and teacher.startswith('released/')
+    vocab = 50258 if cfg.data.tokenizer == 'gpt2' else 30522
+    ckpt = str(tmp_path / 'pflm_k4.npz')
+    np.savez(ckpt, **import_official.random_state(vocab, cfg.model.d_model, cfg.model.n_layers,
+                                                  cfg.model.d_model // cfg.model.n_heads, True))
+    cfg.stages.distill_k8.teacher_stage = str(tmp_path / teacher)
+    import_official.import_checkpoint(ckpt, cfg.stages.distill_k8.teacher_stage,
+                                      tokenizer=cfg.data.tokenizer,
+                                      tokenizer_path=cfg.data.tokenizer_path)
+  elif name != 'synthetic':
     cfg.pipeline = ('teacher',)  # the synthetic run covers every distillation stage
   with mock.patch.object(sys, 'argv', ['x']):
     for p in patches:
@@ -61,7 +75,7 @@ def test_every_config_builds_shrinks_and_runs(name, tmp_path):
         p.stop()
   for stage in config_lib.stages(cfg):
     assert os.path.exists(tmp_path / 'run' / stage / 'summary.json'), stage
-  assert out['teacher']['steps'] == 1
+  assert out[cfg.pipeline[0]]['steps'] == 1
 
 
 def test_every_key_is_declared_and_commented_in_base():

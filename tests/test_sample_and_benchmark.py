@@ -154,3 +154,39 @@ def test_sample_cli_errors_are_one_line(run_dir, tmp_path):
     r = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and msg in r.stderr, (extra, r.stderr[-500:])
     assert 'Traceback' not in r.stderr
+
+
+def test_exports_serve_the_sample_cli_evaluate_and_benchmark(run_dir, tmp_path):
+  """An export directory (e.g. an imported released checkpoint) is accepted wherever a
+  run's stage is: the sample CLI, the evaluators and the speed benchmark."""
+  from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
+  dirs = {}
+  for stage in ('teacher', 'distill_k2'):
+    dirs[stage] = str(tmp_path / stage)
+    export.export(str(run_dir), stage, dirs[stage])
+  out = tmp_path / 'o.jsonl'
+  r = subprocess.run([sys.executable, '-m', 'kforcing_jax.sample', f'--export={dirs["distill_k2"]}',
+                      '--prompt=| s1 s2', '--num_samples=2', '--max_new_tokens=6', '--seed=3',
+                      f'--out={out}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  recs = [json.loads(l) for l in out.read_text().splitlines()]
+  direct = sample.sample_records(Sampler.from_workdir(str(run_dir), 'distill_k2'), ['| s1 s2'],
+                                 2, max_new_tokens=6, seed=3, K=None, temperature=1.0,
+                                 top_k=0, top_p=1.0, sampler='categorical', freq_penalty=0.0)
+  assert [x['completion_ids'] for x in recs] == [x['completion_ids'] for x in direct]
+
+  cfg = synthetic_config()
+  from kforcing_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  source = data_lib.make_source(cfg)
+  mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
+  by_export = evaluate.evaluate(cfg, source, *evaluate.export_models(
+      dirs['teacher'], [dirs['distill_k2']], mesh))
+  by_run = evaluate.evaluate(cfg, source, *evaluate.run_models(str(run_dir), mesh))
+  strip = lambda rows: [{k: v for k, v in r.items() if k != 'stage'} for r in rows]
+  assert strip(by_export['rows']) == [r for r in strip(by_run['rows']) if r['model'] != 'k1']
+  with pytest.raises(stages.StageError, match='the evaluators need an AR model'):
+    evaluate.export_models(dirs['distill_k2'], [], mesh)
+
+  result = benchmark.run(cfg, None, False, [2], 2, 3, str(tmp_path / 'b'), dtype='float32',
+                         exports=(dirs['teacher'], dirs['distill_k2']))
+  assert result['config']['k_model'] == 2 and result['rows'][0]['pf_steps'] == 13

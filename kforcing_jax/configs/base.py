@@ -98,6 +98,10 @@ def get_config():
   # larger values give the encoder features that oscillate within (0, 1), which makes
   # narrow CDF intervals much quicker to learn for small models.
   m.noise_freq_scale = 1.0
+  # Noise encoder form of new students: released (LayerNorm with bias, exact erf GELU: the
+  # released checkpoints' encoder) | scale_only_tanh (kforcing_jax's form before
+  # architecture version 3). A student of a PFLM teacher keeps its teacher's form.
+  m.noise_encoder = 'released'
   # Execution (not saved with the weights):
   m.dtype = 'bfloat16'  # compute dtype: bfloat16 | float32. LayerNorm/softmax/logits stay f32.
   m.param_dtype = 'float32'  # parameter dtype: float32 | bfloat16.

@@ -171,3 +171,30 @@ class Cached:
     out = cached_attention(q[:, query_from:], ck, cv, self.mask_BxTxS[:, query_from:],
                            self.products)
     return out, (ck, cv)
+
+
+def _write_rows(cache, new, slot_B, axis: int):
+  """cache with `new` written at each row's own slot along `axis` (1 = the row's axis 0)."""
+  def one(c, n, s):
+    start = [0] * c.ndim
+    start[axis - 1] = s
+    return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), start)
+  return jax.vmap(one)(cache, new, slot_B)
+
+
+@flax.struct.dataclass
+class SlotCached:
+  """Cached attention where every row (a serving slot) writes at its own slot: kv =
+  (keys [B, H, Dh, S], values [B, H, S, Dh]) as Cached with kernel='xla'; slot_B[b] is the
+  cache slot of row b's first input this step, mask_BxTxS what each input sees."""
+  slot_B: Any
+  mask_BxTxS: Any
+  products: str = flax.struct.field(pytree_node=False, default='dot')
+
+  def __call__(self, q, k, v, kv, query_from: int = 0):
+    ck, cv = kv
+    ck = _write_rows(ck, jnp.transpose(k, (0, 2, 3, 1)), self.slot_B, axis=3)
+    cv = _write_rows(cv, jnp.swapaxes(v, 1, 2), self.slot_B, axis=2)
+    out = cached_attention(q[:, query_from:], ck, cv, self.mask_BxTxS[:, query_from:],
+                           self.products)
+    return out, (ck, cv)

@@ -1,0 +1,261 @@
+"""The load benchmark of record: AR vs PFLM servers under an OpenAI-API load generator.
+
+  python -m venv /tmp/bench && /tmp/bench/bin/pip install -r requirements-bench.txt
+  python launch/serve_bench.py --aiperf=/tmp/bench/bin/aiperf --out=DIR
+
+For each model (AR and PFLM K=4 of one random-weight shape, default the CPU benchmark's
+D=256, L=4, H=4, V=8192, max length 256) this starts `python -m kforcing_jax.serve` on
+127.0.0.1 and runs NVIDIA aiperf (streaming completions, ignore_eos, server token counts)
+with a fixed seeded prompt set (synthetic-vocabulary prompts of 2..6 tokens, 250-token
+completions): a concurrency sweep, then Poisson request rates. It also times the offline
+engine's static batch (kforcing_jax.benchmark) at the same shape and precision. Writes
+DIR/serve_bench.json, DIR/serve_bench.md and DIR/serve_bench.png (output tokens/s against
+per-token latency, AR and PFLM).
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from absl import app
+from absl import flags
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = flags.FLAGS
+flags.DEFINE_string('aiperf', 'aiperf', 'the aiperf executable (requirements-bench.txt)')
+flags.DEFINE_string('out', 'serve_bench_out', 'output directory')
+flags.DEFINE_string('concurrency', '1,4,16,32', 'concurrency sweep')
+flags.DEFINE_string('rates', '', 'Poisson request rates (req/s); default: 0.25, 0.5 and 1x '
+                    'the PFLM\'s measured request throughput at concurrency 16')
+flags.DEFINE_integer('requests_per_point', 48, 'requests per point (at least 2x concurrency)')
+flags.DEFINE_integer('output_len', 250, 'completion tokens (ignore_eos)')
+flags.DEFINE_integer('prompt_min', 2, 'shortest prompt (tokens)')
+flags.DEFINE_integer('prompt_max', 6, 'longest prompt (tokens; + output_len <= the max length 256)')
+flags.DEFINE_integer('max_slots', 16, 'server slots')
+flags.DEFINE_integer('K', 4, 'PFLM tokens per step')
+flags.DEFINE_float('slo_ms', 0.0, 'per-token latency SLO for goodput (ms); default: 1.5x '
+                   'the AR server\'s p50 at concurrency 1')
+flags.DEFINE_string('model_flags', '--config.model.d_model=256 --config.model.n_layers=4 '
+                    '--config.model.n_heads=4 --config.model.vocab_size=8192 '
+                    '--config.data.synthetic.n_symbols=8190 --config.data.seq_len=256',
+                    'model fields (the CPU benchmark shape)')
+flags.DEFINE_string('dtype', 'auto', 'serving precision (both models and the offline engine)')
+flags.DEFINE_integer('seed', 0, 'prompt set and aiperf seed')
+flags.DEFINE_string('tokenizer', '', 'a local Hugging Face tokenizer directory for aiperf '
+                    '(it only counts input text here; default: one built from the GPT-2 files '
+                    'in $KFORCING_TESTDATA/tokenizers/gpt2)')
+
+
+def free_port() -> int:
+  s = socket.socket()
+  s.bind(('127.0.0.1', 0))
+  port = s.getsockname()[1]
+  s.close()
+  return port
+
+
+def write_prompts(path: str) -> None:
+  rng = np.random.default_rng(FLAGS.seed)
+  with open(path, 'w', encoding='utf-8') as f:
+    for _ in range(512):
+      n = int(rng.integers(FLAGS.prompt_min, FLAGS.prompt_max + 1))
+      words = ['|'] + [f's{i}' for i in rng.integers(1, 8190, n - 1)]
+      f.write(json.dumps({'text': ' '.join(words), 'output_length': FLAGS.output_len}) + '\n')
+
+
+def hf_tokenizer(out_dir: str) -> str:
+  if FLAGS.tokenizer:
+    return FLAGS.tokenizer
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  src = os.path.join(os.environ.get('KFORCING_TESTDATA', ''), 'tokenizers', 'gpt2')
+  tok = tokenizers.ByteLevelBPETokenizer(os.path.join(src, 'vocab.json'),
+                                         os.path.join(src, 'merges.txt'))
+  d = os.path.join(out_dir, 'hf_tokenizer')
+  os.makedirs(d, exist_ok=True)
+  tok.save(os.path.join(d, 'tokenizer.json'))
+  with open(os.path.join(d, 'tokenizer_config.json'), 'w', encoding='utf-8') as f:
+    json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'model_max_length': 1024}, f)
+  return d
+
+
+class Server:
+  def __init__(self, model: str, log_path: str):
+    self.port = free_port()
+    cmd = [sys.executable, '-m', 'kforcing_jax.serve', '--config=synthetic', '--random_init',
+           f'--model={model}', f'--K={FLAGS.K}', f'--max_slots={FLAGS.max_slots}',
+           f'--port={self.port}', f'--dtype={FLAGS.dtype}', f'--served_name={model}'
+           ] + FLAGS.model_flags.split()
+    self.log = open(log_path, 'w', encoding='utf-8')
+    self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+    self.url = f'http://127.0.0.1:{self.port}'
+    deadline = time.time() + 600
+    while time.time() < deadline:
+      if self.proc.poll() is not None:
+        raise SystemExit(f'the {model} server exited; see {log_path}')
+      try:
+        with urllib.request.urlopen(self.url + '/health', timeout=2) as r:
+          if r.status == 200:
+            return
+      except OSError:
+        time.sleep(1)
+    raise SystemExit(f'the {model} server did not start in 600 s; see {log_path}')
+
+  def close(self):
+    self.proc.terminate()
+    self.proc.wait(timeout=120)
+    self.log.close()
+
+
+def aiperf(url, model, prompts, tok, out_dir, slo_ms, *, concurrency=None, rate=None) -> dict:
+  n = max(FLAGS.requests_per_point, 2 * (concurrency or 0))
+  cmd = [FLAGS.aiperf, 'profile', '--url', url, '--endpoint-type', 'completions', '--model',
+         model, '--streaming', '--input-file', prompts, '--custom-dataset-type', 'single_turn',
+         '--extra-inputs', 'ignore_eos:true', '--use-server-token-count', '--tokenizer', tok,
+         '--random-seed', str(FLAGS.seed), '--request-count', str(n),
+         '--warmup-request-count', '2', '--output-artifact-dir', out_dir, '--ui-type', 'none',
+         # the generator shares this machine's cores with the server: keep it light
+         '--workers-max', '1', '--record-processors', '1', '--export-level', 'summary',
+         '--goodput', f'inter_token_latency:{slo_ms}']
+  if concurrency:
+    cmd += ['--concurrency', str(concurrency)]
+  else:
+    cmd += ['--request-rate', str(rate), '--arrival-pattern', 'poisson']
+  r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+  if r.returncode:
+    raise SystemExit(f'aiperf failed ({" ".join(cmd)}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}')
+  path = next(os.path.join(dp, f) for dp, _, fs in os.walk(out_dir) for f in fs
+              if f.endswith('aiperf.json'))
+  with open(path, encoding='utf-8') as f:
+    m = json.load(f)
+
+  def stat(name, key):
+    v = m.get(name) or {}
+    return v.get(key)
+  failed = stat('error_request_count', 'avg') or 0
+  if failed:
+    raise SystemExit(f'{failed:.0f} of {n} requests failed in {out_dir}: see its logs')
+  return {'concurrency': concurrency, 'rate': rate, 'requests': n,
+          'output_tok_s': stat('output_token_throughput', 'avg'),
+          'request_s': stat('request_throughput', 'avg'),
+          'goodput_req_s': stat('goodput', 'avg'),
+          'ttft_ms_p50': stat('time_to_first_token', 'p50'),
+          'ttft_ms_p99': stat('time_to_first_token', 'p99'),
+          'itl_ms_p50': stat('inter_token_latency', 'p50'),
+          'itl_ms_p99': stat('inter_token_latency', 'p99'),
+          'output_len_avg': stat('output_sequence_length', 'avg')}
+
+
+def offline(out_dir: str) -> dict:
+  """The offline engine's static batch at 16 rows, same shape and precision."""
+  cmd = [sys.executable, '-m', 'kforcing_jax.benchmark', '--config=synthetic', '--random_init',
+         '--batch_sizes=16', f'--K={FLAGS.K}', '--repeats=3', f'--dtype={FLAGS.dtype}',
+         f'--out={out_dir}'] + FLAGS.model_flags.split()
+  subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=3600)
+  with open(os.path.join(out_dir, 'benchmark.json'), encoding='utf-8') as f:
+    row = json.load(f)['rows'][0]
+  return {'ar_categorical_tok_s': row['ar_categorical_tokens_per_s'],
+          'pflm_tok_s': row['pf_tokens_per_s'],
+          'batch': 16}
+
+
+def main(argv):
+  del argv
+  out = os.path.abspath(FLAGS.out)
+  os.makedirs(out, exist_ok=True)
+  prompts = os.path.join(out, 'prompts.jsonl')
+  write_prompts(prompts)
+  tok = hf_tokenizer(out)
+  conc = [int(c) for c in FLAGS.concurrency.split(',') if c]
+  result = {'date': time.strftime('%Y-%m-%d'), 'command': ' '.join(sys.argv),
+            'output_len': FLAGS.output_len, 'prompt_len': [FLAGS.prompt_min, FLAGS.prompt_max],
+            'max_slots': FLAGS.max_slots, 'K': FLAGS.K, 'model_flags': FLAGS.model_flags,
+            'models': {}}
+  slo = FLAGS.slo_ms
+  for model in ('ar', 'pflm'):
+    srv = Server(model, os.path.join(out, f'server_{model}.log'))
+    try:
+      rows = []
+      if not slo:  # calibrate the SLO on the AR server alone at concurrency 1
+        probe = aiperf(srv.url, model, prompts, tok, os.path.join(out, 'slo_probe'), 1e9,
+                       concurrency=1)
+        slo = round(1.5 * probe['itl_ms_p50'], 2)
+      for c in conc:
+        rows.append(aiperf(srv.url, model, prompts, tok, os.path.join(out, f'{model}_c{c}'),
+                           slo, concurrency=c))
+        print(model, rows[-1], flush=True)
+      result['models'][model] = {'concurrency': rows}
+    finally:
+      srv.close()
+  pf16 = next((r for r in result['models']['pflm']['concurrency'] if r['concurrency'] == 16),
+              result['models']['pflm']['concurrency'][-1])
+  rates = ([float(r) for r in FLAGS.rates.split(',') if r] if FLAGS.rates else
+           [round(f * pf16['request_s'], 3) for f in (0.25, 0.5, 1.0)])
+  for model in ('ar', 'pflm'):
+    srv = Server(model, os.path.join(out, f'server_{model}_rates.log'))
+    try:
+      rows = []
+      for rate in rates:
+        rows.append(aiperf(srv.url, model, prompts, tok, os.path.join(out, f'{model}_r{rate}'),
+                           slo, rate=rate))
+        print(model, rows[-1], flush=True)
+      result['models'][model]['poisson'] = rows
+    finally:
+      srv.close()
+  result['slo_itl_ms'] = slo
+  result['offline_batch16'] = offline(os.path.join(out, 'offline'))
+  with open(os.path.join(out, 'serve_bench.json'), 'w', encoding='utf-8') as f:
+    json.dump(result, f, indent=1)
+  md = markdown(result)
+  with open(os.path.join(out, 'serve_bench.md'), 'w', encoding='utf-8') as f:
+    f.write(md)
+  plot(result, os.path.join(out, 'serve_bench.png'))
+  print(md)
+
+
+def markdown(r: dict) -> str:
+  lines = [f'SLO: per-token latency <= {r["slo_itl_ms"]} ms; {r["output_len"]}-token '
+           f'completions, prompts {r["prompt_len"][0]}-{r["prompt_len"][1]} tokens, '
+           f'{r["max_slots"]} slots.', '',
+           '| model | load | output tok/s | TTFT p50 / p99 ms | per-token p50 / p99 ms | '
+           'goodput req/s |', '|---|---|---|---|---|---|']
+  for model, d in r['models'].items():
+    for kind in ('concurrency', 'poisson'):
+      for row in d.get(kind, []):
+        load = f'conc {row["concurrency"]}' if kind == 'concurrency' else f'{row["rate"]} req/s'
+        f = lambda v: '-' if v is None else f'{v:,.1f}'
+        lines.append(f'| {model} | {load} | {f(row["output_tok_s"])} | {f(row["ttft_ms_p50"])} / '
+                     f'{f(row["ttft_ms_p99"])} | {f(row["itl_ms_p50"])} / {f(row["itl_ms_p99"])}'
+                     f' | {f(row["goodput_req_s"])} |')
+  o = r['offline_batch16']
+  lines += ['', f'Offline engine, static batch 16: AR (Gumbel-max) {o["ar_categorical_tok_s"]:,.0f}'
+            f' tok/s, PFLM K={r["K"]} {o["pflm_tok_s"]:,.0f} tok/s.']
+  return '\n'.join(lines) + '\n'
+
+
+def plot(r: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for model, d in r['models'].items():
+    rows = d['concurrency']
+    ax.plot([x['itl_ms_p50'] for x in rows], [x['output_tok_s'] for x in rows], 'o-',
+            label=f'{model} (concurrency sweep)')
+    for x in rows:
+      ax.annotate(str(x['concurrency']), (x['itl_ms_p50'], x['output_tok_s']), fontsize=7)
+  ax.axvline(r['slo_itl_ms'], color='grey', ls='--', lw=0.8, label='SLO')
+  ax.set_xlabel('per-token latency p50 (ms)')
+  ax.set_ylabel('output tokens/s')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -16,6 +16,7 @@ import sys
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 from kforcing_jax import config_lib
@@ -24,6 +25,7 @@ from kforcing_jax import precision
 from kforcing_jax import runtime
 from kforcing_jax import sampler as sampler_lib
 from kforcing_jax import sharding as sharding_lib
+from kforcing_jax import stages as stages_lib
 
 FLAGS = flags.FLAGS
 
@@ -44,6 +46,7 @@ def load_model(f, cfg, mesh):
   if f.model == 'ar':
     arch = dataclasses.replace(arch, pflm=False)
     params = {n: v for n, v in params.items() if n != 'noise_encoder'}
+  params = jax.device_put(params, stages_lib.abstract_params(arch, mesh)[1])
   s = sampler_lib.Sampler(arch, params, k=k, tokenizer=data_lib.make_tokenizer(cfg),
                           exe=precision.exec_config(dtype), max_len=cfg.data.seq_len)
   return s, f'random-{f.model}'

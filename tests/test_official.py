@@ -13,11 +13,10 @@ import pytest
 import kforcing_jax
 from kforcing_jax import attention as attn_lib
 from kforcing_jax import import_official
-from kforcing_jax import layouts
 from kforcing_jax import model as model_lib
 from kforcing_jax import targets as targets_lib
 from tests import conftest
-from tests.helpers import jit_decode_step, jit_encode
+from tests.helpers import jit_decode_step, jit_encode, jit_window
 
 MASK = 103
 TOL = 2e-5
@@ -101,14 +100,15 @@ def test_ar_logits_cached_path(ar, ref):
 
 
 def test_ar_k1_targets(ar, ref):
-  y = targets_lib.ar_teacher_targets(ar.engine.model, ar.params, jnp.asarray(
-      ref['ar.targets_ctx']), jnp.asarray(ref['ar.targets_u']))
+  y = jax.jit(lambda p, c, u: targets_lib.ar_teacher_targets(ar.engine.model, p, c, u))(
+      ar.params, jnp.asarray(ref['ar.targets_ctx']), jnp.asarray(ref['ar.targets_u']))
   np.testing.assert_array_equal(np.asarray(y), ref['ar.targets'])
 
 
 def test_pflm_training_layout(pflm, ref):
-  logits = layouts.apply_window(pflm.engine.model, pflm.params, jnp.asarray(ref['pflm.train_ctx']),
-                                None, jnp.asarray(ref['pflm.train_u']), jnp.asarray(ref['pflm.tau']))
+  logits = jit_window(pflm.engine.model)(pflm.params, jnp.asarray(ref['pflm.train_ctx']), None,
+                                         jnp.asarray(ref['pflm.train_u']),
+                                         jnp.asarray(ref['pflm.tau']))
   close(logits, ref['pflm.train_logits'])
 
 
@@ -146,13 +146,14 @@ def test_pflm_rollout_and_targets(pflm, ref):
   model, params = pflm.engine.model, pflm.params
   ctx, u = jnp.asarray(ref['pflm.roll_ctx']), jnp.asarray(ref['pflm.roll_u'])
   tau = jnp.asarray(ref['pflm.tau'])
-  first = layouts.apply_window(model, params, ctx, None, u[..., :2], tau)
+  window = jit_window(model)
+  first = window(params, ctx, None, u[..., :2], tau)
   close(first, ref['pflm.roll_logits1'])
   np.testing.assert_array_equal(np.argmax(np.asarray(first), -1), ref['pflm.roll_first'])
-  second = layouts.apply_window(model, params, ctx, jnp.asarray(ref['pflm.roll_first']),
-                                u[..., 2:], tau)
+  second = window(params, ctx, jnp.asarray(ref['pflm.roll_first']), u[..., 2:], tau)
   close(second, ref['pflm.roll_logits2'])
-  y = targets_lib.pflm_teacher_targets(model, params, ctx, u, tau)
+  y = jax.jit(lambda p, c, u, t: targets_lib.pflm_teacher_targets(model, p, c, u, t))(
+      params, ctx, u, tau)
   np.testing.assert_array_equal(np.asarray(y), ref['pflm.roll_targets'])
 
 
@@ -176,8 +177,8 @@ def test_first_format_encoder_differs_from_released(exports, ref):
   enc = dict(params['noise_encoder'])
   enc['ln'] = {'LayerNorm_0': {'scale': enc['ln']['LayerNorm_0']['scale']}}
   params['noise_encoder'] = enc
-  logits = layouts.apply_window(old, params, jnp.asarray(ref['pflm.train_ctx']), None,
-                                jnp.asarray(ref['pflm.train_u']), jnp.asarray(ref['pflm.tau']))
+  logits = jit_window(old)(params, jnp.asarray(ref['pflm.train_ctx']), None,
+                           jnp.asarray(ref['pflm.train_u']), jnp.asarray(ref['pflm.tau']))
   keep = np.arange(130) != MASK
   assert np.abs(np.asarray(logits)[..., keep] - ref['pflm.train_logits'][..., keep]).max() > 1e-2
 
@@ -248,6 +249,8 @@ def test_bad_inputs_are_clear(tmp_path, monkeypatch):
     import_official.import_checkpoint(official('ar_tiny_state.npz'), str(tmp_path / 'd'),
                                       mask_id=MASK, rope_base=500000.0)
   monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  import huggingface_hub.constants  # pylint: disable=g-import-not-at-top  (read at import)
+  monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
   with pytest.raises(import_official.ImportError_, match=r'pflm_owt_k4\.ckpt.*--ckpt=/path/to/'
                      r'pflm_owt_k4\.ckpt'):
     import_official.import_checkpoint('hf://zwave/K-Forcing/pflm_owt_k4.ckpt',

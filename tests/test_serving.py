@@ -33,9 +33,14 @@ def models():
   return {'ar': ar, 'pflm': pf}
 
 
+_SAMPLERS = {}
+
+
 def alone(arch, params, k, req, K, eos=-1):
   """The request decoded by itself with the offline engine, cut after its first EOS."""
-  s = sampler_lib.Sampler(arch, params, k=k)
+  if (id(params), k) not in _SAMPLERS:  # one Sampler: its loops compile once per shape
+    _SAMPLERS[id(params), k] = (params, sampler_lib.Sampler(arch, params, k=k))
+  s = _SAMPLERS[id(params), k][1]
   p = req.params
   out = s.generate_ids([req.prompt], req.max_tokens, K=K if k else None,
                        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
@@ -141,6 +146,38 @@ def test_engine_refuses_what_it_cannot_serve(models):
     sched.submit(scheduler_lib.Request([1], 4, engine_lib.SamplingParams(), lambda ev: None))
 
 
+def test_graceful_shutdown_finishes_running_and_queued_requests(models):
+  arch, _, params = models['ar']
+  eng = engine_lib.SlotEngine(arch, params, k=0, K=1, max_slots=2)
+  sched = scheduler_lib.Scheduler(eng).start()
+  queues = []
+  for i in range(4):  # two run, two wait
+    q = queue.Queue()
+    sched.submit(scheduler_lib.Request([1, 2, 3], 12, engine_lib.SamplingParams(seed=i), q.put))
+    queues.append(q)
+  sched.shutdown(drain=True, timeout=120)
+  assert [collect(q)[1] for q in queues] == ['length'] * 4
+  with pytest.raises(scheduler_lib.ShuttingDown, match='admits no new requests'):
+    sched.submit(scheduler_lib.Request([1], 4, engine_lib.SamplingParams(), q.put))
+
+
+def test_cancelled_requests_free_their_place(models):
+  arch, _, params = models['ar']
+  eng = engine_lib.SlotEngine(arch, params, k=0, K=1, max_slots=1)
+  sched = scheduler_lib.Scheduler(eng)
+  q1, q2 = queue.Queue(), queue.Queue()
+  first = scheduler_lib.Request([1, 2], 30, engine_lib.SamplingParams(), q1.put)
+  sched.submit(first)
+  sched.submit(scheduler_lib.Request([1, 2], 5, engine_lib.SamplingParams(), q2.put))
+  first.cancel('timeout')  # e.g. a client that went away while queued
+  sched.start()
+  try:
+    assert collect(q1) == ([], 'timeout')
+    assert collect(q2)[1] == 'length'
+  finally:
+    sched.shutdown()
+
+
 def test_text_stream_keeps_utf8_and_stop_strings_whole():
   gpt2 = tokenization.Tokenizer(
       name='bytes', vocab_size=256, eos_id=0, pad_id=0, never_emit_ids=(), fingerprint='',
@@ -155,14 +192,17 @@ def test_text_stream_keeps_utf8_and_stop_strings_whole():
 
 # ---- the live server ------------------------------------------------------------------------
 class LiveServer:
-  def __init__(self, arch, params, k, K, slots, max_queue=256):
+  def __init__(self, arch, params, k, K, slots, max_queue=256, request_timeout=600.0,
+               start=True):
     self.engine = engine_lib.SlotEngine(arch, params, k=k, K=K, max_slots=slots)
     self.tok = tokenization.synthetic(V, 'test')
     metrics = api.Metrics()
     self.sched = scheduler_lib.Scheduler(self.engine, eos_id=self.tok.eos_id,
-                                         max_queue=max_queue, metrics=metrics).start()
+                                         max_queue=max_queue, metrics=metrics)
+    if start:
+      self.sched.start()
     model = api.Model('tiny', k, K, V, self.engine.max_len, arch.never_emit_ids, self.tok)
-    app = server.make_app(self.sched, model, metrics)
+    app = server.make_app(self.sched, model, metrics, request_timeout=request_timeout)
     sock = socket.socket()
     sock.bind(('127.0.0.1', 0))
     self.port = sock.getsockname()[1]
@@ -248,6 +288,21 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(live, body, status, m
   assert httpx.get(live.url.replace('/v1', '/health'), timeout=60).json()['status'] == 'ok'
 
 
+def test_timeouts_and_full_queues_answer_504_and_429(models):
+  """A scheduler that admits nothing: the first request times out while queued (504) and
+  stays queued, so the next one finds the one-request queue full (429)."""
+  import httpx2 as httpx  # pylint: disable=g-import-not-at-top
+  arch, _, params = models['ar']
+  s = LiveServer(arch, params, 0, 1, slots=1, max_queue=1, request_timeout=0.2, start=False)
+  try:
+    r = httpx.post(s.url + '/completions', json={'prompt': '| s1', 'max_tokens': 8}, timeout=60)
+    assert r.status_code == 504 and 'took longer than' in r.json()['error']['message']
+    r = httpx.post(s.url + '/completions', json={'prompt': '| s1', 'max_tokens': 8}, timeout=60)
+    assert r.status_code == 429 and 'queue is full' in r.json()['error']['message']
+  finally:
+    s.close()
+
+
 def test_load_nothing_lost_nothing_mixed(live, models):
   """200 requests from 32 concurrent clients on 8 slots: each completes with exactly its
   token count and its alone-run tokens."""
@@ -274,3 +329,49 @@ def test_load_nothing_lost_nothing_mixed(live, models):
                                  stop_at_eos=False)[0].tolist()
   metrics = __import__('httpx2').get(live.url.replace('/v1', '/metrics'), timeout=60).text
   assert 'kforcing_time_to_first_token_seconds_count' in metrics
+
+
+def test_serve_cli_serves_and_drains_on_sigterm(tmp_path):
+  """python -m kforcing_jax.serve with random weights: a completion in flight when SIGTERM
+  arrives still completes; then the process exits cleanly."""
+  import os  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import httpx2 as httpx  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sock = socket.socket()
+  sock.bind(('127.0.0.1', 0))
+  port = sock.getsockname()[1]
+  sock.close()
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'kforcing_jax.serve', '--config=synthetic', '--random_init',
+       '--model=pflm', '--K=2', '--max_slots=2', f'--port={port}', '--config.model.d_model=32',
+       '--config.model.n_layers=2', '--config.model.n_heads=2', '--config.data.seq_len=64',
+       '--config.model.dtype=float32', '--dtype=float32'], cwd=root,
+      env={**os.environ, 'PYTHONPATH': root}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+  try:
+    url = f'http://127.0.0.1:{port}'
+    for _ in range(300):
+      try:
+        if httpx.get(url + '/health', timeout=2).status_code == 200:
+          break
+      except httpx.HTTPError:
+        time.sleep(0.5)
+    c = openai.OpenAI(base_url=url + '/v1', api_key='none', max_retries=0)
+    assert c.models.list().data[0].id == 'random-pflm'
+    stream = c.completions.create(model='random-pflm', prompt='| s1 s2', max_tokens=40,
+                                  stream=True, extra_body={'ignore_eos': True})
+    first = next(iter(stream))
+    proc.send_signal(signal.SIGTERM)
+    rest = list(stream)
+    n = sum(len(ch.choices[0].model_extra['token_ids']) for ch in [first] + rest if ch.choices)
+    assert n == 40 and rest[-1].choices[0].finish_reason == 'length'
+    # uvicorn re-raises the SIGTERM after its graceful shutdown (the status a process
+    # manager expects of a terminated server)
+    assert proc.wait(timeout=120) in (0, -signal.SIGTERM)
+    assert 'Traceback' not in proc.stdout.read()
+  finally:
+    if proc.poll() is None:
+      proc.kill()

@@ -255,8 +255,8 @@ def import_checkpoint(ckpt: str, out: str, *, tokenizer: str = '', tokenizer_pat
   _, default_mask, default_len = RELEASED.get(tokenizer, (V, -1, 1024))
   mask_id = default_mask if mask_id < 0 else mask_id
   if mask_id < 0:
-    raise ImportError_(f'--mask_id is needed with --tokenizer=none (the id the model never '
-                       f'emits; the released models use 50257 with gpt2, 103 with '
+    raise ImportError_('--mask_id is needed with --tokenizer=none (the id the model never '
+                       'emits; the released models use 50257 with gpt2, 103 with '
                        'bert-base-uncased)')
   arch = infer_arch(state, mask_id=mask_id, rope_base=rope_base,
                     max_seq_len=default_len if max_seq_len <= 0 else max_seq_len)

@@ -19,13 +19,11 @@ from absl import flags
 import jax
 
 from kforcing_jax import data as data_lib
-from kforcing_jax import decode
 from kforcing_jax import errors
 from kforcing_jax import export as export_lib
 from kforcing_jax import runtime
 from kforcing_jax import sampler as sampler_lib
 from kforcing_jax import stages as stages_lib
-from kforcing_jax import tokenization
 from kforcing_jax import writers
 
 
@@ -44,24 +42,12 @@ def read_prompts(path: str) -> list[str]:
   return out
 
 
-def prompt_ids(tokenizer, prompts: list[str], max_tokens: int = 0) -> list[list[int]]:
-  """Each prompt's ids (tokenization.encode_prompt), cut to the first max_tokens (0: all;
-  the released batch_inference_with_prefix.py keeps 6)."""
-  out = []
-  for text in prompts:
-    ids = tokenization.encode_prompt(tokenizer, text)
-    if not ids:
-      raise decode.DecodeError(f'prompt {text!r} encodes to no tokens')
-    out.append(ids[:max_tokens] if max_tokens > 0 else ids)
-  return out
-
-
 def sample_records(model: sampler_lib.Sampler, prompts: list[str], num_samples: int, *,
                    max_new_tokens=None, seed=0, prompt_max_tokens: int = 0,
                    **settings) -> list[dict]:
   """num_samples samples of each prompt text (row i has row seed i), as JSON records."""
   tok = model._tok()  # pylint: disable=protected-access
-  encoded = prompt_ids(tok, prompts, prompt_max_tokens)
+  encoded = model.encode_prompts(prompts, prompt_max_tokens)
   rows = [e for e in encoded for _ in range(num_samples)]
   seeds = list(range(len(rows)))
   out = model.generate_ids(rows, max_new_tokens, seed=seed, row_seeds=seeds, **settings)

@@ -137,15 +137,8 @@ class Sampler:
     out = self.generate_ids(ids, max_new_tokens, **kw)
     return [tok.decode(cut_at_eos(row, tok.eos_id, keep_eos=False)) for row in out.tolist()]
 
-  def encode_prompts(self, texts) -> list[list[int]]:
-    tok = self._tok()
-    out = []
-    for text in texts:
-      ids = tokenization.encode_prompt(tok, text)
-      if not ids:
-        raise decode.DecodeError(f'prompt {text!r} encodes to no tokens')
-      out.append(ids)
-    return out
+  def encode_prompts(self, texts, max_tokens: int = 0) -> list[list[int]]:
+    return encode_prompts(self._tok(), texts, max_tokens)
 
   def logits(self, tokens_BxT) -> np.ndarray:
     """float32 [B, T, V] next-token logits of the causal forward (one compile per shape)."""
@@ -158,6 +151,18 @@ class Sampler:
     return jax.jit(lambda p, t: model.apply(
         {'params': p}, t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape),
         method=model_lib.Transformer.forward))
+
+
+def encode_prompts(tokenizer, texts, max_tokens: int = 0) -> list[list[int]]:
+  """Each prompt's ids (tokenization.encode_prompt), cut to the first max_tokens (0: all;
+  the released batch_inference_with_prefix.py keeps 6)."""
+  out = []
+  for text in texts:
+    ids = tokenization.encode_prompt(tokenizer, text)
+    if not ids:
+      raise decode.DecodeError(f'prompt {text!r} encodes to no tokens')
+    out.append(ids[:max_tokens] if max_tokens > 0 else ids)
+  return out
 
 
 def cut_at_eos(ids, eos_id: int, keep_eos: bool = True) -> list[int]:

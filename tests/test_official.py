@@ -331,13 +331,14 @@ def test_prompt_files_tokenize_as_released(corpus, tokenizer):
   released tokenizers (special tokens written in the text are single ids)."""
   import json  # pylint: disable=g-import-not-at-top
   from kforcing_jax import sample  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
   from kforcing_jax import tokenization  # pylint: disable=g-import-not-at-top
   tok = tokenization.load(tokenizer, os.path.join(conftest.testdata_dir(), 'tokenizers',
                                                   tokenizer))
   prompts = sample.read_prompts(official(f'prefix_{corpus}_examples.jsonl'))
   with open(official('prefix_ids.json'), encoding='utf-8') as f:
     want = [r['ids'] for r in json.load(f)[corpus]]
-  assert sample.prompt_ids(tok, prompts, 6) == want
+  assert sampler_lib.encode_prompts(tok, prompts, 6) == want  # sample_records' path
   if tokenizer == 'bert-base-uncased':  # a prompt without [CLS] gets exactly one
     assert tokenization.encode_prompt(tok, 'the bank')[:1] == [101]
     assert tokenization.encode_prompt(tok, '[CLS] the bank').count(101) == 1

@@ -41,7 +41,6 @@ class Model:
 class Completion:
   prompts: list[list[int]]
   max_tokens: int
-  params_seed: int
   sampling: engine_lib.SamplingParams
   stop: tuple[str, ...]
   stream: bool
@@ -170,7 +169,7 @@ def parse_completion(body, model: Model) -> Completion:
   _typed(body, 'return_token_ids', bool, True, 'true or false')  # token_ids are always sent
   sampling = engine_lib.SamplingParams(temperature=temperature, top_k=max(top_k, 0),
                                        top_p=top_p, freq_penalty=penalty, seed=seed)
-  return Completion(prompts=prompts, max_tokens=max_tokens, params_seed=seed,
+  return Completion(prompts=prompts, max_tokens=max_tokens,
                     sampling=sampling, stop=tuple(stop), stream=stream,
                     include_usage=include_usage, ignore_eos=ignore_eos)
 

@@ -67,6 +67,18 @@ def distill_stages(c):
   return [c.stages[f'distill_k{k}'] for k in DISTILL_WINDOWS]
 
 
+def from_released(c, tokenizer: str, max_seq_len: int, teacher_export: str):
+  """Distil k=8 from an imported released k=4 export, with the released vocabulary,
+  length and noise encoder (configs/*_from_released.py)."""
+  c.pipeline = ('distill_k8',)
+  c.data.tokenizer = tokenizer
+  c.model.max_seq_len = max_seq_len
+  c.model.noise_freq_scale = 1.0
+  c.model.noise_encoder = 'released'
+  c.stages.distill_k8.teacher_stage = teacher_export
+  return c
+
+
 def set_microbatches(c, n: int):
   """Every training stage accumulates gradients over n sequential microbatches."""
   for s in c.stages.values():

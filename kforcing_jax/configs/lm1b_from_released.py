@@ -18,16 +18,11 @@ Variant, k=1 -> 2 -> 4 from the released AR teacher:
 Teacher paths are export directories (relative to the working directory or absolute);
 data as in configs/lm1b.py.
 """
+from kforcing_jax.configs import base
 from kforcing_jax.configs import lm1b
 
 
 def get_config():
-  c = lm1b.get_config()
-  c.pipeline = ('distill_k8',)
-  c.data.tokenizer = 'bert-base-uncased'
-  c.model.max_seq_len = 128
-  c.model.noise_freq_scale = 1.0
-  c.model.noise_encoder = 'released'
-  c.stages.distill_k8.teacher_stage = 'released/pflm_lm1b_k4'
+  c = base.from_released(lm1b.get_config(), 'bert-base-uncased', 128, 'released/pflm_lm1b_k4')
   c.stages.distill_k8.update({'steps': 20_000, 'batch_size': 256})
   return c

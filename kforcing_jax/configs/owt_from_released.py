@@ -18,16 +18,11 @@ Variant, k=1 -> 2 -> 4 from the released AR teacher:
 Teacher paths are export directories (relative to the working directory or absolute);
 data as in configs/owt.py (offline: data.path and data.tokenizer_path).
 """
+from kforcing_jax.configs import base
 from kforcing_jax.configs import owt
 
 
 def get_config():
-  c = owt.get_config()
-  c.pipeline = ('distill_k8',)
-  c.data.tokenizer = 'gpt2'
-  c.model.max_seq_len = 1024
-  c.model.noise_freq_scale = 1.0
-  c.model.noise_encoder = 'released'
-  c.stages.distill_k8.teacher_stage = 'released/pflm_owt_k4'
+  c = base.from_released(owt.get_config(), 'gpt2', 1024, 'released/pflm_owt_k4')
   c.stages.distill_k8.update({'steps': 50_000, 'batch_size': 128})
   return c

@@ -6,9 +6,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from kforcing_jax import config_lib
+from kforcing_jax.pipeline import config_lib
 from kforcing_jax import errors
-from kforcing_jax import pipeline
+from kforcing_jax.pipeline import run as pipeline
 from kforcing_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',

@@ -3,3 +3,7 @@
 
 class UserError(ValueError):
   """Bad configuration, data, checkpoint or request; the message names the field."""
+
+
+class StageError(UserError):
+  """A stage, run directory or export that does not exist or does not fit the request."""

@@ -19,34 +19,41 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from kforcing_jax import config_lib
 from kforcing_jax import errors
-from kforcing_jax import precision
 from kforcing_jax import runtime
-from kforcing_jax import sampler as sampler_lib
 from kforcing_jax import sharding as sharding_lib
-from kforcing_jax import stages as stages_lib
+from kforcing_jax.data import datasets as data_lib
+from kforcing_jax.decoding import sampler as sampler_lib
+from kforcing_jax.interop import export as export_lib
+from kforcing_jax.models import precision
+from kforcing_jax.models import random_init
+from kforcing_jax.pipeline import config_lib
+from kforcing_jax.pipeline import run_dir
+from kforcing_jax.serving import api
+from kforcing_jax.serving import engine as engine_lib
+from kforcing_jax.serving import scheduler as scheduler_lib
+from kforcing_jax.serving import server
+from kforcing_jax.training import checkpoint as ckpt_lib
 
 FLAGS = flags.FLAGS
 
 
 def load_model(f, cfg, mesh):
   """(Sampler, name) of the served model."""
-  from kforcing_jax import export as export_lib  # pylint: disable=g-import-not-at-top
   dtype = precision.choose(f.dtype)[0]
   if f.export:
     return export_lib.load(f.export, mesh, dtype=dtype), f.export.rstrip('/').split('/')[-1]
   if f.workdir:
-    return (sampler_lib.Sampler.from_workdir(f.workdir, f.stage, dtype=dtype, mesh=mesh),
+    return (run_dir.load_sampler(f.workdir, f.stage, dtype=dtype, mesh=mesh),
             f.stage)
-  from kforcing_jax import benchmark  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  arch, params = benchmark.random_model(cfg)
+  vocab = cfg.model.vocab_size
+  arch, params = random_init.random_model(
+      cfg, vocab if vocab > 0 else data_lib.make_tokenizer(cfg).vocab_size)
   k = f.K if f.model == 'pflm' else 0
   if f.model == 'ar':
     arch = dataclasses.replace(arch, pflm=False)
     params = {n: v for n, v in params.items() if n != 'noise_encoder'}
-  params = jax.device_put(params, stages_lib.abstract_params(arch, mesh)[1])
+  params = jax.device_put(params, ckpt_lib.abstract_params(arch, mesh)[1])
   s = sampler_lib.Sampler(arch, params, k=k, tokenizer=data_lib.make_tokenizer(cfg),
                           exe=precision.exec_config(dtype), max_len=cfg.data.seq_len)
   return s, f'random-{f.model}'
@@ -54,10 +61,6 @@ def load_model(f, cfg, mesh):
 
 def build(f, cfg):
   """(app, scheduler) for the flags."""
-  from kforcing_jax.serving import api  # pylint: disable=g-import-not-at-top
-  from kforcing_jax.serving import engine as engine_lib  # pylint: disable=g-import-not-at-top
-  from kforcing_jax.serving import scheduler as scheduler_lib  # pylint: disable=g-import-not-at-top
-  from kforcing_jax.serving import server  # pylint: disable=g-import-not-at-top
   mesh = sharding_lib.make_mesh({'data': f.mesh_data, 'fsdp': 1, 'tensor': f.mesh_tensor})
   s, name = load_model(f, cfg, mesh)
   K = (f.K or s.k) if s.k else 1
@@ -79,7 +82,6 @@ def build(f, cfg):
 
 def warm(eng) -> None:
   """Compiles the decode step and the smallest prefill bucket before serving."""
-  from kforcing_jax.serving import engine as engine_lib  # pylint: disable=g-import-not-at-top
   state = eng.init_state()
   state = eng.insert(state, eng.prefill([0]), 0, engine_lib.SamplingParams())
   state, toks = eng.generate(state)

@@ -1,6 +1,6 @@
 """Where a decoding step's time goes: AR and PFLM ms/step and, with --trace, the kernels.
 
-  python launch/decode_profile.py --config=kforcing_jax/configs/owt.py --config.model.vocab_size=50258 \
+  python launch/decode_profile.py --config=configs/owt.py --config.model.vocab_size=50258 \
       --batch_sizes=1,256 --K=4 --trace --out=DIR [--attention=dot|reduce] [--label=NAME]
 
 Random weights at the config's model fields, the benchmark's protocol (prompt length 6,
@@ -35,13 +35,15 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from kforcing_jax import benchmark
-from kforcing_jax import config_lib
-from kforcing_jax import decode
-from kforcing_jax import precision
-from kforcing_jax import sampler as sampler_lib
+from kforcing_jax.data import datasets as data_lib
+from kforcing_jax.evaluation import benchmark
+from kforcing_jax.models import random_init
+from kforcing_jax.pipeline import config_lib
+from kforcing_jax.decoding import engine as decode
+from kforcing_jax.models import precision
+from kforcing_jax.decoding import sampler as sampler_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'kforcing_jax/configs/owt.py', 'config file',
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/owt.py', 'config file',
                                           lock_config=True)
 flags.DEFINE_string('batch_sizes', '1', 'comma-separated batch sizes')
 flags.DEFINE_integer('K', 4, 'PFLM tokens per step')
@@ -143,7 +145,8 @@ def main(argv):
   dtype, why = precision.choose(f.dtype)
   print(f'serving precision: {dtype} ({why})')
   benchmark.check_decode_attention(f.decode_attention, jax.default_backend() != 'cpu')
-  arch, params = benchmark.random_model(cfg)
+  arch, params = random_init.random_model(cfg, cfg.model.vocab_size if cfg.model.vocab_size > 0
+                                          else data_lib.make_tokenizer(cfg).vocab_size)
   exe = precision.exec_config(dtype, f.decode_attention, f.attention)
   mcfg = arch
   engine = sampler_lib.Sampler(arch, params, k=f.K, exe=exe, max_len=cfg.data.seq_len).engine

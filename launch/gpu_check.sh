@@ -38,8 +38,8 @@ if [[ -d .whl ]]; then
 else
   export PYTHONPATH=$PWD
 fi
-OWT=(--config=kforcing_jax/configs/owt.py --config.model.vocab_size=50258)
-LM1B=(--config=kforcing_jax/configs/lm1b.py --config.model.vocab_size=30522)
+OWT=(--config=configs/owt.py --config.model.vocab_size=50258)
+LM1B=(--config=configs/lm1b.py --config.model.vocab_size=30522)
 B_ALL=1,16,64,256 B_PROF=64 B_BIG=64,256 B_LM1B=1,64,256,1024
 if [[ -n ${SMOKE:-} ]]; then  # a quick CPU run of this script itself (tiny model, no tests)
   OWT+=(--config.model.d_model=64 --config.model.n_layers=2 --config.model.n_heads=2
@@ -79,11 +79,11 @@ section bench8 150 python3 -m kforcing_jax.benchmark "${OWT[@]}" --random_init \
   --batch_sizes=$B_BIG --K=4 --repeats=3 --cache_phases=8 --out="$STAGE/bench8"
 [[ -n ${SMOKE:-} ]] && { echo "== smoke: done at $(( SECONDS - start )) s"; exit 0; }
 section tests 70 python3 -m pytest -q -x tests/test_decode.py tests/test_model.py
-section train 60 python3 main.py --config=kforcing_jax/configs/synthetic.py --workdir=/tmp/kf_gpu \
+section train 60 python3 main.py --config=configs/synthetic.py --workdir=/tmp/kf_gpu \
   --config.pipeline=teacher,distill_k1 --config.model.dtype=bfloat16 \
   --config.stages.teacher.steps=200 --config.stages.teacher.eval_every=200 --config.stages.teacher.log_every=50 \
   --config.stages.distill_k1.steps=100
-section train_big 75 python3 main.py --config=kforcing_jax/configs/synthetic.py --workdir=/tmp/kf_gpu_big \
+section train_big 75 python3 main.py --config=configs/synthetic.py --workdir=/tmp/kf_gpu_big \
   --config.pipeline=teacher --config.model.dtype=bfloat16 --config.model.d_model=768 \
   --config.model.n_layers=12 --config.model.n_heads=12 --config.data.seq_len=1024 \
   --config.stages.teacher.batch_size=32 --config.stages.teacher.steps=60 --config.stages.teacher.log_every=20 \

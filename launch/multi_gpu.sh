@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # All GPUs of one host in one process (JAX drives every local GPU; the mesh spans them).
-#   launch/multi_gpu.sh --config=kforcing_jax/configs/owt.py --workdir=/data/kf_owt [--gpus=0,1,2,3]
+#   launch/multi_gpu.sh --config=configs/owt.py --workdir=/data/kf_owt [--gpus=0,1,2,3]
 #       [--fsdp=N] [--tensor=N] [--dry_run] [-- overrides]
-# Without --fsdp/--tensor the config's own mesh is used (e.g. kforcing_jax/configs/owt_8xh100.py);
+# Without --fsdp/--tensor the config's own mesh is used (e.g. configs/owt_8xh100.py);
 # with either, the mesh becomes data=-1 (the rest of the GPUs) x fsdp x tensor.
 set -euo pipefail
 CONFIG= WORKDIR= GPUS= FSDP= TENSOR= DRY=0 EXTRA=()

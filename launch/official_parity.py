@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import kforcing_jax
-from kforcing_jax import import_official
-from kforcing_jax import layouts
-from kforcing_jax import model as model_lib
+from kforcing_jax.interop import released as import_official
+from kforcing_jax.models import layouts
+from kforcing_jax.models import arch as arch_lib
 from kforcing_jax import runtime
-from kforcing_jax import sampler as sampler_lib
+from kforcing_jax.decoding import sampler as sampler_lib
 
 MASK = 103
 FLAGS = flags.FLAGS
@@ -87,7 +87,7 @@ def parity(testdata: str) -> dict:
   ar = kforcing_jax.load(os.path.join(tmp, 'ar_tiny'))
   pf = kforcing_jax.load(os.path.join(tmp, 'pflm_tiny_k4'))
   return {'ar_logits_max_diff': max_diff(ar.logits(ref['ar.tokens']), ref['ar.logits_hp']),
-          'pflm': {form: pflm_rows(as_form(pf, form), ref) for form in model_lib.NOISE_ENCODERS}}
+          'pflm': {form: pflm_rows(as_form(pf, form), ref) for form in arch_lib.NOISE_ENCODERS}}
 
 
 def main(argv):

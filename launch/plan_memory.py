@@ -1,6 +1,6 @@
 """Plans a config's per-device memory on any machine, before launching it.
 
-  python launch/plan_memory.py --config=kforcing_jax/configs/owt_8xh100.py --devices=8 \
+  python launch/plan_memory.py --config=configs/owt_8xh100.py --devices=8 \
       [--fused_attention] [--compile]
 
 Fakes --devices CPU devices, prints the estimate (kforcing_jax.memory) of the teacher step
@@ -24,14 +24,15 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from kforcing_jax import config_lib
+from kforcing_jax.pipeline import config_lib
 from kforcing_jax import errors
-from kforcing_jax import memory
-from kforcing_jax import model as model_lib
-from kforcing_jax import optim
+from kforcing_jax.training import memory
+from kforcing_jax.models import arch as arch_lib
+from kforcing_jax.models import transformer as model_lib
+from kforcing_jax.training import optim
 from kforcing_jax import sharding as sharding_lib
-from kforcing_jax import teacher
-from kforcing_jax import trainer
+from kforcing_jax.training import teacher
+from kforcing_jax.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file', lock_config=True)
 flags.DEFINE_integer('devices', 0, 'fake this many CPU devices (planning a mesh on a CPU)')
@@ -53,7 +54,7 @@ def main(argv):
   try:
     config_lib.validate(cfg)
     vocab = cfg.model.vocab_size if cfg.model.vocab_size > 0 else FLAGS.vocab_size
-    arch, exe = model_lib.configs_from_run(cfg, vocab)
+    arch, exe = arch_lib.configs_from_run(cfg, vocab)
     mesh = sharding_lib.make_mesh(cfg.mesh)
     sharding_lib.check_batch(t.batch_size, mesh, 'stages.teacher.batch_size', t.microbatches,
                              'stages.teacher.microbatches')

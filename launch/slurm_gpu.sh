@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Submit kforcing_jax to a SLURM GPU cluster: one process per GPU, JAX's SLURM detection.
-#   launch/slurm_gpu.sh --nodes=2 --gpus_per_node=8 --config=kforcing_jax/configs/owt.py \
+#   launch/slurm_gpu.sh --nodes=2 --gpus_per_node=8 --config=configs/owt.py \
 #       --workdir=/shared/kf_owt [--partition=gpu] [--time=24:00:00] [--dry_run] [-- overrides]
 # Writes the batch script to stdout with --dry_run; otherwise pipes it to sbatch.
 set -euo pipefail

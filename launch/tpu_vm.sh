@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run kforcing_jax on every worker of a Cloud TPU VM (pod slice).
 #   launch/tpu_vm.sh --name=kf-v4-8 --zone=us-central2-b --accelerator=v4-8 \
-#       --config=kforcing_jax/configs/owt.py --workdir=gs://BUCKET/kf_owt [--version=tpu-ubuntu2204-base] \
+#       --config=configs/owt.py --workdir=gs://BUCKET/kf_owt [--version=tpu-ubuntu2204-base] \
 #       [--create] [--dry_run] [-- --config.stages.teacher.steps=1000 ...]
 # Creates the TPU VM when --create is given (else reuses it), copies this checkout to every
 # worker, installs requirements with jax[tpu], and starts main.py on all workers at once;

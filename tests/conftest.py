@@ -30,7 +30,7 @@ def testdata():
 def distilled_run(tmp_path_factory):
   """(workdir, config) of teacher -> distill_k1 -> distill_k2 (3 steps each) and the sample
   stage: one pipeline run shared by the distillation, sampling, benchmark and export tests."""
-  from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from kforcing_jax.pipeline import run as pipeline  # pylint: disable=g-import-not-at-top
   d = tmp_path_factory.mktemp('distilled')
   cfg = synthetic_config(steps=3, pipeline=('teacher', 'distill_k1', 'distill_k2', 'sample'))
   pipeline.run(cfg, str(d))

@@ -5,15 +5,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kforcing_jax import layouts
-from kforcing_jax import model as model_lib
+from kforcing_jax.models import layouts
+from kforcing_jax.models import arch as arch_lib
+from kforcing_jax.models import transformer as model_lib
 
 
 def tiny_model(pflm=False, vocab=53, d=32, layers=2, heads=4, never_emit=(), seed=0,
                max_len=64, noise=0.3, exe=None):
   """(ArchConfig, model, params): float32 unless `exe` says otherwise, every parameter
   (the zero-initialised head too) perturbed."""
-  arch = model_lib.ArchConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads,
+  arch = arch_lib.ArchConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads,
                               pflm=pflm, max_seq_len=max_len, never_emit_ids=tuple(never_emit))
   model = model_lib.build(arch, exe)
 

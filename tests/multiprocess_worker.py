@@ -18,7 +18,7 @@ from kforcing_jax import runtime  # noqa: E402
 runtime.initialize()
 assert jax.process_count() == nproc and jax.device_count() == 4 * nproc
 
-from kforcing_jax import pipeline  # noqa: E402
+from kforcing_jax.pipeline import run as pipeline  # noqa: E402
 from tests.conftest import two_process_config  # noqa: E402
 
 cfg = two_process_config()

@@ -8,10 +8,10 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from kforcing_jax import config_lib
-from kforcing_jax import context as context_lib
-from kforcing_jax import import_official
-from kforcing_jax import pipeline
+from kforcing_jax.pipeline import config_lib
+from kforcing_jax.pipeline import context as context_lib
+from kforcing_jax.interop import released as import_official
+from kforcing_jax.pipeline import run as pipeline
 from tests.conftest import shrink, synthetic_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,7 +101,7 @@ def run_main(*args, cwd=ROOT, script='main.py'):
 
 
 def test_unknown_config_key_is_named(tmp_path):
-  r = run_main('--config=kforcing_jax/configs/synthetic.py', f'--workdir={tmp_path}',
+  r = run_main('--config=configs/synthetic.py', f'--workdir={tmp_path}',
                '--config.model.d_modle=64')
   assert r.returncode != 0
   assert '--config.model.d_modle' in r.stderr and 'Did you mean "d_model"' in r.stderr

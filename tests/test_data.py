@@ -4,7 +4,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from kforcing_jax import data as data_lib
+from kforcing_jax.data import datasets as data_lib
 from tests.conftest import shrink, synthetic_config
 
 

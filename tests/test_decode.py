@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kforcing_jax import decode
-from kforcing_jax import model as model_lib
-from kforcing_jax import precision as precision_lib
+from kforcing_jax.decoding import engine as decode
+from kforcing_jax.models import transformer as model_lib
+from kforcing_jax.models import precision as precision_lib
 from tests.helpers import causal_logits, jit_window, tiny_model
 
 

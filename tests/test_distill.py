@@ -9,16 +9,16 @@ import jax
 import numpy as np
 import pytest
 
-from kforcing_jax import checkpoint as ckpt_lib
-from kforcing_jax import context as context_lib
-from kforcing_jax import data as data_lib
-from kforcing_jax import distill
-from kforcing_jax import model as model_lib
-from kforcing_jax import optim
-from kforcing_jax import pipeline
+from kforcing_jax.training import checkpoint as ckpt_lib
+from kforcing_jax.pipeline import context as context_lib
+from kforcing_jax.data import datasets as data_lib
+from kforcing_jax.training import distill
+from kforcing_jax.models import transformer as model_lib
+from kforcing_jax.training import optim
+from kforcing_jax.pipeline import run as pipeline
 from kforcing_jax import sharding as sharding_lib
-from kforcing_jax import stages
-from kforcing_jax import trainer
+from kforcing_jax.pipeline import run_dir as run_dir_lib
+from kforcing_jax.training import trainer
 from tests.conftest import synthetic_config
 
 
@@ -40,15 +40,15 @@ def test_stage_outputs_and_frozen_teacher(run_dir):
   # the teacher's checkpoint directory holds only its own steps (never re-saved)
   assert sorted(os.listdir(d / 'teacher' / 'checkpoints')) == ['3']
   mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
-  t_cfg, t_params, _, _ = stages.load_model_stage(str(d), 'teacher', mesh)
-  s_cfg, s_params, meta, _ = stages.load_model_stage(str(d), 'distill_k1', mesh)
+  t_cfg, t_params, _, _ = run_dir_lib.load_model_stage(str(d), 'teacher', mesh)
+  s_cfg, s_params, meta, _ = run_dir_lib.load_model_stage(str(d), 'distill_k1', mesh)
   assert not t_cfg.pflm and s_cfg.pflm and meta['teacher_stage'] == 'teacher'
   assert 'noise_encoder' in s_params and 'noise_encoder' not in t_params
-  assert meta['compat']['teacher_fingerprint'] == stages.params_fingerprint(t_params)
+  assert meta['compat']['teacher_fingerprint'] == ckpt_lib.params_fingerprint(t_params)
 
 
 def student_setup(d, cfg, mesh):
-  t_cfg, t_params, _, t_shardings = stages.load_model_stage(str(d), 'teacher', mesh)
+  t_cfg, t_params, _, t_shardings = run_dir_lib.load_model_stage(str(d), 'teacher', mesh)
   s_cfg = dataclasses.replace(t_cfg, pflm=True)
   student = model_lib.build(s_cfg)
   tx = optim.make_optimizer(cfg.stages.distill_k2.opt, 10)
@@ -84,7 +84,7 @@ def test_donated_distill_steps_leave_the_teacher_intact(run_dir):
   d, cfg = run_dir
   mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
   s_cfg, student, tx, targets_fn, t_params, t_shardings, batch = student_setup(d, cfg, mesh)
-  before = stages.params_fingerprint(t_params)
+  before = ckpt_lib.params_fingerprint(t_params)
   state, _, shardings = trainer.create_state(model_lib.init_fn(student, cfg.data.seq_len), tx,
                                              mesh, jax.random.key(0), False)
   params, copied, _ = distill.copy_matching(state.params, t_params)
@@ -98,8 +98,8 @@ def test_donated_distill_steps_leave_the_teacher_intact(run_dir):
       state, _ = step(state, batch, jax.random.key(3), t_params)
   assert all(x.is_deleted() for x in jax.tree.leaves(old.params))  # donation did happen
   assert not any(x.is_deleted() for x in jax.tree.leaves(t_params))
-  assert stages.params_fingerprint(t_params) == before
-  assert stages.params_fingerprint(state.params) != before
+  assert ckpt_lib.params_fingerprint(t_params) == before
+  assert ckpt_lib.params_fingerprint(state.params) != before
 
 
 def test_copy_matching_copies_backbone_and_keeps_encoder():
@@ -114,15 +114,15 @@ def test_copy_matching_copies_backbone_and_keeps_encoder():
 
 def test_teacher_stage_resolution():
   names = ['teacher', 'distill_k1', 'distill_k2', 'distill_k4']
-  assert distill.teacher_stage_of('distill_k1', names) == 'teacher'
-  assert distill.teacher_stage_of('distill_k4', names) == 'distill_k2'
-  assert distill.teacher_stage_of('distill_k4', ['teacher', 'distill_k4']) == 'teacher'
-  assert distill.teacher_stage_of('distill_k2', ['distill_k2']) == 'distill_k1'
+  assert run_dir_lib.teacher_stage_of('distill_k1', names) == 'teacher'
+  assert run_dir_lib.teacher_stage_of('distill_k4', names) == 'distill_k2'
+  assert run_dir_lib.teacher_stage_of('distill_k4', ['teacher', 'distill_k4']) == 'teacher'
+  assert run_dir_lib.teacher_stage_of('distill_k2', ['distill_k2']) == 'distill_k1'
 
 
 def test_missing_teacher_stage(tmp_path):
   cfg = synthetic_config(pipeline=('distill_k2',))
-  with pytest.raises(stages.StageError, match="'distill_k1' has no finished checkpoint"):
+  with pytest.raises(run_dir_lib.StageError, match="'distill_k1' has no finished checkpoint"):
     pipeline.run(cfg, str(tmp_path))
 
 
@@ -130,7 +130,7 @@ def test_window_must_double_the_pflm_teacher(run_dir, tmp_path):
   d, _ = run_dir
   cfg = synthetic_config(steps=3, pipeline=('distill_k4',))
   cfg.stages.distill_k4.teacher_stage = 'distill_k1'
-  with pytest.raises(stages.StageError, match='can only teach window 2, not 4'):
+  with pytest.raises(run_dir_lib.StageError, match='can only teach window 2, not 4'):
     pipeline.run(cfg, str(d))
 
 
@@ -138,7 +138,7 @@ def test_student_shape_must_match_teacher(run_dir):
   d, _ = run_dir
   cfg = synthetic_config(steps=3, pipeline=('distill_k4',))
   cfg.model.n_layers = 3
-  with pytest.raises(stages.StageError, match='model.n_layers: teacher 2, student 3'):
+  with pytest.raises(run_dir_lib.StageError, match='model.n_layers: teacher 2, student 3'):
     pipeline.run(cfg, str(d))
 
 
@@ -192,7 +192,7 @@ def test_wider_windows_learn_their_rollout_targets(learning_run, stage):
   it agrees with those targets on held-out contexts far more often than before."""
   d, cfg = learning_run
   ctx = context_lib.build(cfg, str(d))
-  spec = distill.spec(ctx, stage, list(cfg.pipeline))
+  spec = distill.spec(ctx, stage, run_dir_lib.stage_k(stage), run_dir_lib.teacher_stage_of(stage, list(cfg.pipeline)))
   t_params = spec.frozen[0]
   steps = 60
   tx = optim.make_optimizer(cfg.stages[stage].opt, steps)

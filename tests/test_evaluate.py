@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kforcing_jax.pipeline import run_dir
 from kforcing_jax import Sampler
-from kforcing_jax import data as data_lib
-from kforcing_jax import evaluate
-from kforcing_jax import pipeline
+from kforcing_jax.data import datasets as data_lib
+from kforcing_jax.evaluation import evaluate
+from kforcing_jax.pipeline import run as pipeline
 from tests.conftest import synthetic_config
 from tests.helpers import causal_logits, tiny_model
 
@@ -85,8 +86,8 @@ def test_planted_bad_student_is_caught(trained):
   likelihood, such repetition has a *lower* exact NLL than real samples, so NLL alone
   cannot flag it -- the report reads NLL next to entropy for this reason.)"""
   d, cfg = trained
-  teacher = Sampler.from_workdir(str(d), 'teacher')
-  student = Sampler.from_workdir(str(d), 'distill_k1')
+  teacher = run_dir.load_sampler(str(d), 'teacher')
+  student = run_dir.load_sampler(str(d), 'distill_k1')
   s_params = student.params
   bad = dict(s_params)
   leaves, tree = jax.tree.flatten(s_params['noise_encoder'])

@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-from kforcing_jax import external_lm  # noqa: E402
-from kforcing_jax import pipeline  # noqa: E402
+from kforcing_jax.evaluation import external_lm  # noqa: E402
+from kforcing_jax.pipeline import run as pipeline  # noqa: E402
 from tests import conftest  # noqa: E402
 from tests.conftest import synthetic_config  # noqa: E402
 

@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kforcing_jax import attention
-from kforcing_jax import decode
-from kforcing_jax import flash_decode
-from kforcing_jax import model as model_lib
+from kforcing_jax.models import attention
+from kforcing_jax.decoding import engine as decode
+from kforcing_jax.models import flash_decode
+from kforcing_jax.models import arch as arch_lib
+from kforcing_jax.models import transformer as model_lib
 from tests.helpers import tiny_model
 
 
@@ -75,10 +76,10 @@ def test_cache_length_and_splits():
                   if blocks % x == 0 and rows_x_heads * x >= flash_decode.PROGRAMS]
       assert d == (reaching[0] if reaching else blocks), (rows_x_heads, cache_len, d)
   cfg = tiny_model(pflm=True, heads=2)[0]
-  cache = model_lib.init_cache(cfg, model_lib.ExecConfig(decode_attention='pallas'), 2, 256)
+  cache = model_lib.init_cache(cfg, arch_lib.ExecConfig(decode_attention='pallas'), 2, 256)
   assert cache['k'][0].shape == cache['v'][0].shape == (2, cfg.n_heads, 256, cfg.head_dim)
   with pytest.raises(ValueError, match="decode_attention='flash' is not allowed; allowed: xla, pallas"):
-    model_lib.ExecConfig(decode_attention='flash')
+    arch_lib.ExecConfig(decode_attention='flash')
   with pytest.raises(ValueError, match='not a multiple of'):
     flash_decode.attention(jnp.ones((1, 1, 1, 16)), jnp.ones((1, 1, 1, 16)),
                            jnp.ones((1, 1, 1, 16)), jnp.zeros((1, 1, 100, 16)),
@@ -90,7 +91,7 @@ def test_engine_tokens_equal_whole_cache_engine(pflm_mode):
   # head_dim 16: Triton's smallest dot on a GPU
   cfg, _, params = tiny_model(pflm=True, never_emit=(52,), seed=7, noise=0.5, heads=2)
   xla = decode.Engine(cfg, params, k=4)
-  pallas = decode.Engine(cfg, params, model_lib.ExecConfig(decode_attention='pallas'), k=4)
+  pallas = decode.Engine(cfg, params, arch_lib.ExecConfig(decode_attention='pallas'), k=4)
   prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12]]  # ragged: left padding of 0, 5, 6
   kw = dict(K=4, pflm=True, freq_penalty=0.5) if pflm_mode else dict(K=1, temperature=1.0)
   spec = decode.DecodeSpec(max_new_tokens=16, **kw)

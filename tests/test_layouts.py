@@ -3,9 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kforcing_jax import attention as attn_lib
-from kforcing_jax import layouts
-from kforcing_jax import model as model_lib
+from kforcing_jax.models import attention as attn_lib
+from kforcing_jax.models import layouts
+from kforcing_jax.models import transformer as model_lib
 from tests.helpers import jit_decode_step, jit_encode, jit_window, tiny_model
 
 

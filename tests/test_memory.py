@@ -9,14 +9,15 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kforcing_jax import distill
-from kforcing_jax import memory
-from kforcing_jax import model as model_lib
-from kforcing_jax import optim
+from kforcing_jax.training import distill
+from kforcing_jax.training import memory
+from kforcing_jax.models import arch as arch_lib
+from kforcing_jax.models import transformer as model_lib
+from kforcing_jax.training import optim
 from kforcing_jax import sharding as sharding_lib
-from kforcing_jax import stages
-from kforcing_jax import teacher
-from kforcing_jax import trainer
+from kforcing_jax.training import checkpoint as ckpt_lib
+from kforcing_jax.training import teacher
+from kforcing_jax.training import trainer
 from kforcing_jax.configs import base as base_config
 from kforcing_jax.configs import owt_8xh100, owt_v4_8
 
@@ -33,7 +34,7 @@ def optimized_compiles():
 
 
 def teacher_case(cfg, batch: int, microbatches: int):
-  arch, exe = model_lib.configs_from_run(cfg, GPT2_VOCAB)
+  arch, exe = arch_lib.configs_from_run(cfg, GPT2_VOCAB)
   mesh = sharding_lib.make_mesh(cfg.mesh)
   model = model_lib.build(arch, exe)
   tx = optim.make_optimizer(cfg.stages.teacher.opt, 100)
@@ -66,16 +67,16 @@ def test_distill_estimate_matches_xla(d=256, layers=4, seq=256, vocab=8192, k=2)
   """The window layout of the distill step, the AR teacher's targets included. (At larger
   shapes XLA:CPU's buffer assignment of this step varies up to 2x between processes
   compiling the same program, so only this shape is held to 25%.)"""
-  arch = model_lib.ArchConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=d // 64,
+  arch = arch_lib.ArchConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=d // 64,
                               max_seq_len=seq)
-  exe = model_lib.ExecConfig(dtype='bfloat16')
+  exe = arch_lib.ExecConfig(dtype='bfloat16')
   s_arch = dataclasses.replace(arch, pflm=True)
   mesh = sharding_lib.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 1})
   student, teacher_model = model_lib.build(s_arch, exe), model_lib.build(arch, exe)
   tx = optim.make_optimizer(base_config.distill_stage().opt, 100)
   abstract, shardings, _ = trainer.abstract_state(model_lib.init_fn(student, seq), tx, mesh,
                                                   False)
-  t_abs, t_shard = stages.abstract_params(arch, mesh, exe)
+  t_abs, t_shard = ckpt_lib.abstract_params(arch, mesh, exe)
   step = distill.make_distill_step(
       student, distill.make_targets_fn(teacher_model, 0), tx, k, (1.0, 1.0), (), 0.0, 2)
   bs = sharding_lib.batch_sharding(mesh)
@@ -93,17 +94,17 @@ def test_distill_estimate_matches_xla(d=256, layers=4, seq=256, vocab=8192, k=2)
 
 
 def test_kv_cache_bytes_split_over_the_mesh():
-  arch = model_lib.ArchConfig(vocab_size=100, d_model=64, n_layers=3, n_heads=4)
+  arch = arch_lib.ArchConfig(vocab_size=100, d_model=64, n_layers=3, n_heads=4)
   mesh = sharding_lib.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
   # [L, B, S, H, Dh] x (k, v) x 2 bytes, over 8 devices
-  assert memory.kv_cache_bytes(arch, model_lib.ExecConfig(dtype='bfloat16'), 16, 128,
+  assert memory.kv_cache_bytes(arch, arch_lib.ExecConfig(dtype='bfloat16'), 16, 128,
                                mesh) == 3 * 16 * 128 * 64 * 2 * 2 // 8
 
 
 def test_cli_prints_every_stage(tmp_path):
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, 'launch', 'plan_memory.py'),
-       '--config=kforcing_jax/configs/owt_8xh100.py', '--devices=8'], cwd=ROOT,
+       '--config=configs/owt_8xh100.py', '--devices=8'], cwd=ROOT,
       capture_output=True, text=True, check=True, timeout=300,
       env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin'}).stdout
   assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 2}" in out and '162.2M parameters' in out
@@ -113,6 +114,6 @@ def test_cli_prints_every_stage(tmp_path):
 
 def test_microbatches_must_divide_the_batch():
   mesh = sharding_lib.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 1})
-  with pytest.raises(sharding_lib.MeshConfigError, match='stages.teacher.microbatches=3'):
-    sharding_lib.check_batch(8, mesh, 'stages.teacher.batch_size', 3,
-                             'stages.teacher.microbatches')
+  with pytest.raises(sharding_lib.MeshConfigError, match='run_dir.teacher.microbatches=3'):
+    sharding_lib.check_batch(8, mesh, 'run_dir.teacher.batch_size', 3,
+                             'run_dir.teacher.microbatches')

@@ -5,14 +5,15 @@ import numpy as np
 
 import pytest
 
-from kforcing_jax import attention as attn_lib
-from kforcing_jax import model as model_lib
+from kforcing_jax.models import attention as attn_lib
+from kforcing_jax.models import arch as arch_lib
+from kforcing_jax.models import transformer as model_lib
 from tests.helpers import causal_logits, jit_decode_step, tiny_model
 
 
 def test_paper_parameter_counts():
   for vocab, expected in ((50258, 162.2e6), (30522, 131.9e6)):
-    model = model_lib.build(model_lib.ArchConfig(vocab_size=vocab))
+    model = model_lib.build(arch_lib.ArchConfig(vocab_size=vocab))
     shapes = jax.eval_shape(model_lib.init_fn(model), jax.random.key(0))
     n = model_lib.count_params(nn.unbox(shapes))
     assert abs(n - expected) < 0.05e6, (vocab, n)
@@ -40,7 +41,7 @@ def test_causality_by_gradients():
 def test_cached_steps_equal_full_forward(products):
   """Two tokens per step (so 'reduce', the CPU multiply-reduce, and 'dot', the GPU's batched
   dots, both run) over an explicit cache == one causal forward."""
-  exe = model_lib.ExecConfig(cache_products=products)
+  exe = arch_lib.ExecConfig(cache_products=products)
   arch, model, params = tiny_model(exe=exe)
   B, T, S, F = 2, 10, 16, 2
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (B, T)))
@@ -83,8 +84,8 @@ def test_bf16_compute_gives_float32_logits():
   """Under bf16 compute the head multiplies bf16 operands into a float32 result: logits of
   magnitude up to 10-40 stay within 1e-3 of the float32 product of the same operands, where a
   bf16-rounded result is off by up to 0.06, and the model's logits are not bf16 numbers."""
-  arch = model_lib.ArchConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2)
-  exe = model_lib.ExecConfig(dtype='bfloat16').resolved()
+  arch = arch_lib.ArchConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2)
+  exe = arch_lib.ExecConfig(dtype='bfloat16').resolved()
   head = model_lib.Head(arch, exe)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
@@ -122,7 +123,7 @@ def test_bf16_dot_operands_with_float32_results():
   and returns float32; attention stays float32; the logits stay within bf16 rounding of the
   float32 model's."""
   cfg, model, params = tiny_model(noise=0.5)
-  mixed_model = model_lib.build(cfg, model_lib.ExecConfig(dot_dtype='bfloat16',
+  mixed_model = model_lib.build(cfg, arch_lib.ExecConfig(dot_dtype='bfloat16',
                                                           param_dtype='bfloat16'))
   mixed_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (2, 9)))

@@ -10,9 +10,9 @@ import sys
 import jax
 import numpy as np
 
-from kforcing_jax import pipeline
+from kforcing_jax.pipeline import run as pipeline
 from kforcing_jax import sharding as sharding_lib
-from kforcing_jax import stages
+from kforcing_jax.pipeline import run_dir
 from tests.conftest import two_process_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,8 +51,8 @@ def test_two_processes_match_one(tmp_path):
   # the two-process checkpoint restores here on a different mesh (tensor=2)
   mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 2})
   for stage in ('teacher', 'distill_k1'):
-    _, multi, _, _ = stages.load_model_stage(str(tmp_path / 'multi'), stage, mesh)
-    _, single, _, _ = stages.load_model_stage(str(tmp_path / 'single'), stage, mesh)
+    _, multi, _, _ = run_dir.load_model_stage(str(tmp_path / 'multi'), stage, mesh)
+    _, single, _, _ = run_dir.load_model_stage(str(tmp_path / 'single'), stage, mesh)
     assert len(multi['head']['kernel'].sharding.device_set) == 2
     for a, b in zip(jax.tree.leaves(multi), jax.tree.leaves(single)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import kforcing_jax
-from kforcing_jax import attention as attn_lib
-from kforcing_jax import import_official
-from kforcing_jax import model as model_lib
-from kforcing_jax import targets as targets_lib
+from kforcing_jax.models import attention as attn_lib
+from kforcing_jax.interop import released as import_official
+from kforcing_jax.models import transformer as model_lib
+from kforcing_jax.training import targets as targets_lib
 from tests import conftest
 from tests.helpers import jit_decode_step, jit_encode, jit_window
 
@@ -285,17 +285,17 @@ def fixture_run_config(pipeline, steps=2):
 def test_distill_from_released_ar_teacher(tmp_path, exports):
   """AR (released) -> k1 -> k2 -> k4 from the config: the first stage's teacher is an
   imported export, the student never emits the teacher's mask id either."""
-  from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from kforcing_jax.pipeline import run as pipeline  # pylint: disable=g-import-not-at-top
   cfg = fixture_run_config(('distill_k1', 'distill_k2', 'distill_k4'))
   cfg.stages.distill_k1.teacher_stage = exports['ar_tiny']
   out = pipeline.run(cfg, str(tmp_path))
   assert out['distill_k1']['teacher_stage'] == exports['ar_tiny']
   assert out['distill_k2']['teacher_stage'] == 'distill_k1'
   assert out['distill_k4']['teacher_stage'] == 'distill_k2'
-  k4 = kforcing_jax.Sampler.from_workdir(str(tmp_path), 'distill_k4')
+  k4 = kforcing_jax.load_stage(str(tmp_path), 'distill_k4')
   assert k4.arch.never_emit_ids == (MASK, 129) and k4.arch.noise_encoder == 'released'
   ar = kforcing_jax.load(exports['ar_tiny'])
-  k1 = kforcing_jax.Sampler.from_workdir(str(tmp_path), 'distill_k1')
+  k1 = kforcing_jax.load_stage(str(tmp_path), 'distill_k1')
   emb = "['embed']['embedding']"
   # the student started from the released weights (2 steps move them a little)
   flat = lambda p: {jax.tree_util.keystr(k): np.asarray(v) for k, v in
@@ -304,23 +304,23 @@ def test_distill_from_released_ar_teacher(tmp_path, exports):
 
 
 def test_distill_k8_from_released_k4(tmp_path, exports):
-  from kforcing_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from kforcing_jax.pipeline import run as pipeline  # pylint: disable=g-import-not-at-top
   cfg = fixture_run_config(('distill_k8',))
   cfg.stages.distill_k8.teacher_stage = exports['pflm_tiny_k4']
   out = pipeline.run(cfg, str(tmp_path))
   assert out['distill_k8']['k'] == 8
-  k8 = kforcing_jax.Sampler.from_workdir(str(tmp_path), 'distill_k8')
+  k8 = kforcing_jax.load_stage(str(tmp_path), 'distill_k8')
   assert k8.k == 8 and k8.arch.noise_encoder == 'released'
   for K in (1, 4, 8):
     ids = k8.generate_ids([[0, 5, 7], [0, 9]], 16, K=K, seed=1)
     assert ids.shape == (2, 16) and not np.isin(ids, [MASK, 129]).any()
-  from kforcing_jax import decode  # pylint: disable=g-import-not-at-top
+  from kforcing_jax.decoding import engine as decode  # pylint: disable=g-import-not-at-top
   with pytest.raises(decode.DecodeError, match="K=9 is larger than the model's window k=8"):
     k8.generate_ids([[0, 5]], 16, K=9)
   # a k=8 student cannot come from the released k=4 except as distill_k8
   bad = fixture_run_config(('distill_k4',))
   bad.stages.distill_k4.teacher_stage = exports['pflm_tiny_k4']
-  from kforcing_jax import stages  # pylint: disable=g-import-not-at-top
+  from kforcing_jax.pipeline import run_dir as stages  # pylint: disable=g-import-not-at-top
   with pytest.raises(stages.StageError, match='can only teach window 8, not 4'):
     pipeline.run(bad, str(tmp_path / 'bad'))
 
@@ -330,9 +330,9 @@ def test_prompt_files_tokenize_as_released(corpus, tokenizer):
   """The released prompt files through the sample CLI's prompt path give the ids of the
   released tokenizers (special tokens written in the text are single ids)."""
   import json  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import sample  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-  from kforcing_jax import tokenization  # pylint: disable=g-import-not-at-top
+  from kforcing_jax.pipeline import sample  # pylint: disable=g-import-not-at-top
+  from kforcing_jax.decoding import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from kforcing_jax.data import tokenization  # pylint: disable=g-import-not-at-top
   tok = tokenization.load(tokenizer, os.path.join(conftest.testdata_dir(), 'tokenizers',
                                                   tokenizer))
   prompts = sample.read_prompts(official(f'prefix_{corpus}_examples.jsonl'))

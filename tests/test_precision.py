@@ -1,7 +1,7 @@
 """The serving precision `auto` follows the hardware, and says why."""
 import pytest
 
-from kforcing_jax import precision
+from kforcing_jax.models import precision
 from kforcing_jax import runtime
 
 AVX2_EPYC = frozenset({'sse4_2', 'avx', 'avx2', 'fma', 'bmi2'})

@@ -11,12 +11,13 @@ import pytest
 import kforcing_jax
 from kforcing_jax import Sampler
 from kforcing_jax import benchmark
-from kforcing_jax import decode
+from kforcing_jax.evaluation import benchmark as benchmark_lib
+from kforcing_jax.decoding import engine as decode
 from kforcing_jax import errors
-from kforcing_jax import export
-from kforcing_jax import sample
+from kforcing_jax.interop import export
+from kforcing_jax.pipeline import sample
 from kforcing_jax import sharding as sharding_lib
-from kforcing_jax import stages
+from kforcing_jax.pipeline import run_dir as run_dir_lib
 from tests.conftest import synthetic_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,14 +54,14 @@ def test_sample_cli(run_dir, tmp_path):
 
 
 def test_sample_errors(run_dir):
-  k1 = Sampler.from_workdir(str(run_dir), 'distill_k1')
+  k1 = run_dir_lib.load_sampler(str(run_dir), 'distill_k1')
   with pytest.raises(decode.DecodeError, match="K=2 is larger than the model's window k=1"):
     sample.sample_records(k1, ['| s1'], 1, K=2)
-  with pytest.raises(stages.StageError, match="'distill_k4' has no finished checkpoint"):
-    Sampler.from_workdir(str(run_dir), 'distill_k4')
-  with pytest.raises(stages.StageError, match='not a model stage'):
-    Sampler.from_workdir(str(run_dir), 'student')
-  teacher = Sampler.from_workdir(str(run_dir), 'teacher')
+  with pytest.raises(run_dir_lib.StageError, match="'distill_k4' has no finished checkpoint"):
+    run_dir_lib.load_sampler(str(run_dir), 'distill_k4')
+  with pytest.raises(run_dir_lib.StageError, match='not a model stage'):
+    run_dir_lib.load_sampler(str(run_dir), 'student')
+  teacher = run_dir_lib.load_sampler(str(run_dir), 'teacher')
   with pytest.raises(decode.DecodeError, match='encodes to no tokens'):
     sample.sample_records(teacher, [''], 1)
   with pytest.raises(decode.DecodeError, match='exceeds'):
@@ -101,9 +102,9 @@ def test_benchmark_speedups_from_fixed_timings(monkeypatch, tmp_path):
   order = ('ar_categorical', 'ar_inverse_cdf', 'ar_greedy', 'pf')
   fixed = {'ar_categorical': (2.5, 18), 'ar_inverse_cdf': (2.0, 18), 'ar_greedy': (1.5, 18),
            'pf': (0.5, 5)}
-  monkeypatch.setattr(benchmark, 'time_decode',
+  monkeypatch.setattr(benchmark_lib, 'time_decode',
                       lambda jobs, b, r, v: [fixed[n] for n in order])
-  monkeypatch.setattr(benchmark, 'precompile', lambda jobs: None)
+  monkeypatch.setattr(benchmark_lib, 'precompile', lambda jobs: None)
   cfg = synthetic_config()
   cfg.model.vocab_size = 64
   cfg.data.seq_len = 24
@@ -117,7 +118,7 @@ def test_benchmark_on_trained_stages(run_dir, tmp_path):
   cfg = synthetic_config()
   result = benchmark.run(cfg, str(run_dir), False, [2], 2, 3, str(tmp_path), dtype='float32')
   assert result['config']['k_model'] == 2 and result['rows'][0]['pf_steps'] == 13
-  with pytest.raises(stages.StageError, match='no finished distill_k<k> stage with k >= 4'):
+  with pytest.raises(run_dir_lib.StageError, match='no finished distill_k<k> stage with k >= 4'):
     benchmark.run(cfg, str(run_dir), False, [2], 4, 3, str(tmp_path))
 
 
@@ -128,7 +129,7 @@ def test_export_round_trip_decodes_identically(run_dir, tmp_path):
     loaded = kforcing_jax.load(str(out))
     assert isinstance(loaded, Sampler) and loaded.k == (0 if stage == 'teacher' else 2)
     assert loaded.tokenizer.name == 'synthetic'
-    direct = Sampler.from_workdir(str(run_dir), stage)
+    direct = run_dir_lib.load_sampler(str(run_dir), stage)
     prompts = [[0, 1, 2], [0, 5]]
     a = direct.generate_ids(prompts, 10, K=K, seed=4)
     np.testing.assert_array_equal(a, loaded.generate_ids(prompts, 10, K=K, seed=4))
@@ -138,7 +139,7 @@ def test_export_round_trip_decodes_identically(run_dir, tmp_path):
     sharded = kforcing_jax.load(str(out), mesh=many)
     assert len(sharded.params['head']['kernel'].sharding.device_set) == 2
     np.testing.assert_array_equal(a, sharded.generate_ids(prompts, 10, K=K, seed=4))
-  with pytest.raises(stages.StageError, match='already exists'):
+  with pytest.raises(run_dir_lib.StageError, match='already exists'):
     export.export(str(run_dir), 'teacher', str(tmp_path / 'teacher'))
 
 
@@ -159,7 +160,7 @@ def test_sample_cli_errors_are_one_line(run_dir, tmp_path):
 def test_exports_serve_the_sample_cli_evaluate_and_benchmark(run_dir, tmp_path):
   """An export directory (e.g. an imported released checkpoint) is accepted wherever a
   run's stage is: the sample CLI, the evaluators and the speed benchmark."""
-  from kforcing_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from kforcing_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   dirs = {}
   for stage in ('teacher', 'distill_k2'):
     dirs[stage] = str(tmp_path / stage)
@@ -170,21 +171,21 @@ def test_exports_serve_the_sample_cli_evaluate_and_benchmark(run_dir, tmp_path):
                       f'--out={out}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   recs = [json.loads(l) for l in out.read_text().splitlines()]
-  direct = sample.sample_records(Sampler.from_workdir(str(run_dir), 'distill_k2'), ['| s1 s2'],
+  direct = sample.sample_records(run_dir_lib.load_sampler(str(run_dir), 'distill_k2'), ['| s1 s2'],
                                  2, max_new_tokens=6, seed=3, K=None, temperature=1.0,
                                  top_k=0, top_p=1.0, sampler='categorical', freq_penalty=0.0)
   assert [x['completion_ids'] for x in recs] == [x['completion_ids'] for x in direct]
 
   cfg = synthetic_config()
-  from kforcing_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from kforcing_jax.data import datasets as data_lib  # pylint: disable=g-import-not-at-top
   source = data_lib.make_source(cfg)
   mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
   by_export = evaluate.evaluate(cfg, source, *evaluate.export_models(
       dirs['teacher'], [dirs['distill_k2']], mesh))
-  by_run = evaluate.evaluate(cfg, source, *evaluate.run_models(str(run_dir), mesh))
+  by_run = evaluate.evaluate(cfg, source, *run_dir_lib.stage_samplers(str(run_dir), mesh))
   strip = lambda rows: [{k: v for k, v in r.items() if k != 'stage'} for r in rows]
   assert strip(by_export['rows']) == [r for r in strip(by_run['rows']) if r['model'] != 'k1']
-  with pytest.raises(stages.StageError, match='the evaluators need an AR model'):
+  with pytest.raises(run_dir_lib.StageError, match='the evaluators need an AR model'):
     evaluate.export_models(dirs['distill_k2'], [], mesh)
 
   result = benchmark.run(cfg, None, False, [2], 2, 3, str(tmp_path / 'b'), dtype='float32',

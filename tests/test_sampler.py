@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import kforcing_jax
-from kforcing_jax import decode
-from kforcing_jax import model as model_lib
-from kforcing_jax import tokenization
+from kforcing_jax.decoding import engine as decode
+from kforcing_jax.models import arch as arch_lib
+from kforcing_jax.data import tokenization
 from tests.helpers import causal_logits, tiny_model
 
 
@@ -83,7 +83,7 @@ def test_sampler_without_tokenizer_decodes_ids_only():
 
 
 def test_serving_precision_keeps_the_noise_encoder_float32(pflm_sampler):
-  exe = model_lib.ExecConfig(dtype='float32', param_dtype='bfloat16', dot_dtype='bfloat16')
+  exe = arch_lib.ExecConfig(dtype='float32', param_dtype='bfloat16', dot_dtype='bfloat16')
   s = kforcing_jax.Sampler(pflm_sampler.arch, pflm_sampler.params, k=4, exe=exe)
   assert s.params['head']['kernel'].dtype == np.dtype('bfloat16')
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(s.params['noise_encoder']))

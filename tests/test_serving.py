@@ -13,10 +13,10 @@ import openai
 import pytest
 import uvicorn
 
-from kforcing_jax import sampler as sampler_lib
+from kforcing_jax.decoding import sampler as sampler_lib
 from kforcing_jax import sharding as sharding_lib
-from kforcing_jax import stages
-from kforcing_jax import tokenization
+from kforcing_jax.training import checkpoint as ckpt_lib
+from kforcing_jax.data import tokenization
 from kforcing_jax.serving import api
 from kforcing_jax.serving import engine as engine_lib
 from kforcing_jax.serving import scheduler as scheduler_lib
@@ -123,7 +123,7 @@ def test_sharded_engine_gives_the_same_tokens(models):
   slots along the data axis: the tokens of one device."""
   arch, _, params = tiny_model(pflm=True, vocab=54, max_len=64, seed=2)  # V splits in 2
   mesh = sharding_lib.make_mesh({'data': 4, 'fsdp': 1, 'tensor': 2})
-  _, shardings = stages.abstract_params(arch, mesh)
+  _, shardings = ckpt_lib.abstract_params(arch, mesh)
   sharded = jax.device_put(params, shardings)
   one = serve_staggered(engine_lib.SlotEngine(arch, params, k=4, K=4, max_slots=4),
                         requests(np.random.default_rng(2), 6, True), -1)
@@ -134,7 +134,7 @@ def test_sharded_engine_gives_the_same_tokens(models):
 
 def test_engine_refuses_what_it_cannot_serve(models):
   arch, _, params = models['pflm']
-  from kforcing_jax import decode  # pylint: disable=g-import-not-at-top
+  from kforcing_jax.decoding import engine as decode  # pylint: disable=g-import-not-at-top
   with pytest.raises(decode.DecodeError, match='K=8: allowed 1..4'):
     engine_lib.SlotEngine(arch, params, k=4, K=8, max_slots=2)
   eng = engine_lib.SlotEngine(arch, params, k=4, K=4, max_slots=2)

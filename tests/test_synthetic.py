@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kforcing_jax import synthetic
+from kforcing_jax.data import synthetic
 
 
 def tiny_source():

@@ -4,16 +4,17 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from kforcing_jax import model as model_lib
-from kforcing_jax import targets
+from kforcing_jax.models import transformer as model_lib
+from kforcing_jax.models import sampling
+from kforcing_jax.training import targets
 from tests.helpers import causal_logits, tiny_model
 from tests.test_layouts import inference_step
 
 
 def test_inverse_cdf_samples_follow_the_softmax():
   logits = jnp.asarray([1.0, -0.5, 2.0, 0.1, -3.0, 0.7, 1.5, -1.0])
-  u = targets.uniform_noise(jax.random.key(0), (200_000,))
-  y = jax.jit(targets.inverse_cdf)(jnp.broadcast_to(logits, (200_000, 8)), u)
+  u = sampling.uniform_noise(jax.random.key(0), (200_000,))
+  y = jax.jit(sampling.inverse_cdf)(jnp.broadcast_to(logits, (200_000, 8)), u)
   counts = np.bincount(np.asarray(y), minlength=8)
   expected = np.asarray(jax.nn.softmax(logits), np.float64) * 200_000
   _, p = stats.chisquare(counts, expected * counts.sum() / expected.sum())
@@ -22,15 +23,15 @@ def test_inverse_cdf_samples_follow_the_softmax():
 
 def test_temperature_and_blocked_ids():
   logits = jnp.asarray([[0.0, 1.0, model_lib.NEG_INF, 2.0]])
-  u = targets.uniform_noise(jax.random.key(1), (50_000,))
-  y = np.asarray(targets.inverse_cdf(jnp.broadcast_to(logits, (50_000, 4)), u, 0.5))
+  u = sampling.uniform_noise(jax.random.key(1), (50_000,))
+  y = np.asarray(sampling.inverse_cdf(jnp.broadcast_to(logits, (50_000, 4)), u, 0.5))
   assert not np.any(y == 2)
   p = np.asarray(jax.nn.softmax(logits[0] / 0.5), np.float64)
   np.testing.assert_allclose(np.bincount(y, minlength=4) / 50_000, p, atol=0.01)
   # u at the extremes of (0, 1) stays on emittable tokens
-  ext = targets.inverse_cdf(logits, jnp.asarray([0.5 / 2**24]))
+  ext = sampling.inverse_cdf(logits, jnp.asarray([0.5 / 2**24]))
   assert int(ext[0]) == 0
-  ext = targets.inverse_cdf(logits, jnp.asarray([1 - 0.5 / 2**24]))
+  ext = sampling.inverse_cdf(logits, jnp.asarray([1 - 0.5 / 2**24]))
   assert int(ext[0]) == 3
 
 
@@ -48,7 +49,7 @@ def test_gpt2_sized_peaked_distribution_lands_in_the_right_interval():
   lo = np.take_along_axis(np.concatenate([np.zeros((4, 1)), cdf[:, :-1]], 1), idx, 1)
   hi = np.take_along_axis(cdf, idx, 1)
   u = ((lo + hi) / 2).astype(np.float32)
-  y = np.asarray(jax.jit(targets.inverse_cdf)(jnp.asarray(logits)[:, None, :].repeat(256, 1),
+  y = np.asarray(jax.jit(sampling.inverse_cdf)(jnp.asarray(logits)[:, None, :].repeat(256, 1),
                                                 jnp.asarray(u)))
   # every target lies in the interval that contains its (float32) u
   u64 = u.astype(np.float64)
@@ -65,7 +66,7 @@ def test_cdf_error_bound():
   V = 50258
   rng = np.random.default_rng(1)
   p = jax.nn.softmax(jnp.asarray(rng.normal(size=(8, V)) * 3, jnp.float32))
-  hi, lo = jax.jit(targets.cumsum_ff)(p)
+  hi, lo = jax.jit(sampling.cumsum_ff)(p)
   exact = np.cumsum(np.asarray(p, np.float64), -1)
   err = np.abs(np.asarray(hi, np.float64) + np.asarray(lo, np.float64) - exact).max()
   naive = np.abs(np.cumsum(np.asarray(p), -1, dtype=np.float32) - exact).max()
@@ -77,13 +78,13 @@ def test_ar_teacher_k_targets_are_sequential_sampling():
   _, model, params = tiny_model()
   rng = np.random.default_rng(2)
   ctx = jnp.asarray(rng.integers(0, 50, (1, 6)))
-  u = targets.uniform_noise(jax.random.key(3), (1, 6, 3))
+  u = sampling.uniform_noise(jax.random.key(3), (1, 6, 3))
   y = jax.jit(lambda p, c, uu: targets.ar_teacher_targets(model, p, c, uu))(params, ctx, u)
   t = 4
   seq = list(np.asarray(ctx[0, :t + 1]))
   for i in range(3):
     logits = causal_logits(model, params, jnp.asarray([seq]))
-    seq.append(int(targets.inverse_cdf(logits[0, -1], u[0, t, i])))
+    seq.append(int(sampling.inverse_cdf(logits[0, -1], u[0, t, i])))
   assert list(np.asarray(y[0, t])) == seq[t + 1:]
 
 
@@ -92,7 +93,7 @@ def test_pflm_teacher_targets_equal_two_inference_steps():
   rng = np.random.default_rng(5)
   ctx = jnp.asarray(rng.integers(0, 50, (1, 7)))
   for k in (2, 4):
-    u = targets.uniform_noise(jax.random.key(k), (1, 7, k))
+    u = sampling.uniform_noise(jax.random.key(k), (1, 7, k))
     y = jax.jit(lambda p, c, uu: targets.pflm_teacher_targets(model, p, c, uu))(params, ctx, u)
     h = k // 2
     for t in (6,):

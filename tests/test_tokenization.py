@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from kforcing_jax import tokenization
+from kforcing_jax.data import tokenization
 
 
 def test_bert_ids_of_known_string(testdata):

@@ -7,15 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kforcing_jax import checkpoint as ckpt_lib
-from kforcing_jax import data as data_lib
-from kforcing_jax import model as model_lib
-from kforcing_jax import optim
-from kforcing_jax import pipeline
+from kforcing_jax.training import checkpoint as ckpt_lib
+from kforcing_jax.data import datasets as data_lib
+from kforcing_jax.models import arch as arch_lib
+from kforcing_jax.models import transformer as model_lib
+from kforcing_jax.training import optim
+from kforcing_jax.pipeline import run as pipeline
 from kforcing_jax import sharding as sharding_lib
-from kforcing_jax import stages
-from kforcing_jax import teacher
-from kforcing_jax import trainer
+from kforcing_jax.pipeline import run_dir
+from kforcing_jax.training import teacher
+from kforcing_jax.training import trainer
 from tests.conftest import synthetic_config
 
 
@@ -27,7 +28,7 @@ def run_steps(cfg, mesh_shape, n_steps, microbatches=1):
   t.opt.eps = 1e-3
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_shape
   source = data_lib.make_source(cfg)
-  arch, exe = model_lib.configs_from_run(cfg, source.tokenizer.vocab_size,
+  arch, exe = arch_lib.configs_from_run(cfg, source.tokenizer.vocab_size,
                                          source.tokenizer.never_emit_ids)
   mesh = sharding_lib.make_mesh(cfg.mesh)
   model = model_lib.build(arch, exe)
@@ -81,7 +82,7 @@ def read_metrics(stage_dir):
 
 def final_params(workdir, stage):
   mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
-  return jax.device_get(stages.load_model_stage(workdir, stage, mesh)[1])
+  return jax.device_get(run_dir.load_model_stage(workdir, stage, mesh)[1])
 
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path):

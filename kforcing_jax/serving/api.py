@@ -8,7 +8,7 @@ import secrets
 import prometheus_client
 
 from kforcing_jax import errors
-from kforcing_jax import tokenization
+from kforcing_jax.data import tokenization
 from kforcing_jax.serving import engine as engine_lib
 
 SEED_RANGE = (-2 ** 31, 2 ** 31)

@@ -28,10 +28,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-from kforcing_jax import attention as attn_lib
-from kforcing_jax import decode
-from kforcing_jax import model as model_lib
-from kforcing_jax import targets as targets_lib
+from kforcing_jax.models import attention as attn_lib
+from kforcing_jax.decoding import engine as decode
+from kforcing_jax.models import arch as arch_lib
+from kforcing_jax.models import transformer as model_lib
+from kforcing_jax.models import sampling
 
 MIN_BUCKET = 16
 
@@ -92,7 +93,7 @@ def row_filter(logits_BxV, top_k_B, top_p_B, use_top_k: bool, use_top_p: bool):
 class SlotEngine:
   """Serves one model (AR, or a PFLM of window k decoding K <= k tokens per step)."""
 
-  def __init__(self, arch: model_lib.ArchConfig, params, exe: model_lib.ExecConfig | None = None,
+  def __init__(self, arch: arch_lib.ArchConfig, params, exe: arch_lib.ExecConfig | None = None,
                *, k: int, K: int, max_slots: int, max_len: int | None = None, mesh=None,
                steps_per_call: int = 1):
     self.pflm = k > 0
@@ -114,7 +115,7 @@ class SlotEngine:
     self.feed = K if self.pflm else 1
     self.queries = 2 * K if self.pflm else 1
     self.max_len = max_len or arch.max_seq_len
-    self.cache_len = decode._align(self.max_len + self.feed + 1 + 2 * K)  # pylint: disable=protected-access
+    self.cache_len = decode.align(self.max_len + self.feed + 1 + 2 * K)
     self.max_slots = max_slots
     self.steps_per_call = steps_per_call
     self.mesh = mesh
@@ -260,7 +261,7 @@ class SlotEngine:
     counts = st.counts_BxV
     if self.pflm:
       idx_BxK = st.step_B[:, None] * K + jnp.arange(K)
-      u = jax.vmap(lambda key, js: jax.vmap(lambda j: targets_lib.uniform_noise(
+      u = jax.vmap(lambda key, js: jax.vmap(lambda j: sampling.uniform_noise(
           jax.random.fold_in(key, j), ()))(js))(keys, idx_BxK)
       hints = apply(u, jnp.ones((B,), jnp.float32), method=model_lib.Transformer.encode_noise)
       logits, cache = apply(st.last_BxF, st.cache, attend, rope_cs, hints_BxHxD=hints,
@@ -268,7 +269,7 @@ class SlotEngine:
       rows = jnp.arange(B)
       out = []
       for i in range(K):
-        yi = decode.first_argmax(logits[:, i] - st.penalty_B[:, None] *
+        yi = sampling.first_argmax(logits[:, i] - st.penalty_B[:, None] *
                                  counts.astype(jnp.float32))
         counts = counts.at[rows, yi].add(1)
         out.append(yi)
@@ -282,7 +283,7 @@ class SlotEngine:
                             st.top_p_B, use_top_k, use_top_p)
       step_keys = jax.vmap(jax.random.fold_in)(keys, st.step_B)
       drawn = jax.vmap(jax.random.categorical)(step_keys, tempered).astype(jnp.int32)
-      new = jnp.where(greedy, decode.first_argmax(l), drawn)[:, None]
+      new = jnp.where(greedy, sampling.first_argmax(l), drawn)[:, None]
     # a slot past its request's end keeps stepping (its output unread) without overflowing
     return st.replace(cache=cache, slot_B=jnp.minimum(st.slot_B + K, S - Q), last_BxF=new,
                       step_B=st.step_B + 1, counts_BxV=counts), new

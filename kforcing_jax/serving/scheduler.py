@@ -55,6 +55,11 @@ class Request:
     """Frees the request's slot before the next step (thread-safe)."""
     self._cancelled = reason
 
+  @property
+  def cancelled(self) -> str | None:
+    """Why the request was cancelled, or None."""
+    return self._cancelled
+
 
 class Scheduler:
   """Runs `engine` for submitted requests in a background thread."""
@@ -132,8 +137,8 @@ class Scheduler:
         req = self._queue.popleft() if self._queue else None
       if req is None:
         return
-      if req._cancelled:  # pylint: disable=protected-access
-        self._events.append((req, Event([], req._cancelled)))  # pylint: disable=protected-access
+      if req.cancelled:
+        self._events.append((req, Event([], req.cancelled)))
         continue
       prefix = self.engine.prefill(req.prompt)
       self._state = self.engine.insert(self._state, prefix, slot, req.params)
@@ -163,8 +168,8 @@ class Scheduler:
           if self._stop:
             break
         for slot, req in enumerate(self._slots):
-          if req is not None and req._cancelled:  # pylint: disable=protected-access
-            self._finish(slot, req._cancelled)  # pylint: disable=protected-access
+          if req is not None and req.cancelled:
+            self._finish(slot, req.cancelled)
         self._admit()
         active = [r for r in self._slots if r is not None]
         dispatched = None

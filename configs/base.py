@@ -1,0 +1,203 @@
+"""Base configuration: every field kforcing_jax reads, each one commented.
+
+Not launched directly; the other files here override it. Example launch:
+  python main.py --config=configs/synthetic.py --workdir=/tmp/kf
+Any field can be overridden on the command line: --config.stages.teacher.steps=100
+"""
+import ml_collections
+
+DISTILL_WINDOWS = (1, 2, 4, 8)  # a stages.distill_k<K> section exists for each
+
+
+def optimizer(learning_rate: float = 3e-4, warmup_steps: int = 500):
+  """AdamW with warm-up, a decay schedule and gradient clipping (one per stage)."""
+  o = ml_collections.ConfigDict()
+  o.learning_rate = learning_rate  # peak learning rate.
+  o.warmup_steps = warmup_steps  # linear warm-up from 0.
+  o.schedule = 'cosine'  # after warm-up: cosine | linear | constant.
+  o.min_lr_ratio = 0.1  # final lr = min_lr_ratio * peak (cosine, linear).
+  o.weight_decay = 0.1  # AdamW decay on matrices (not LayerNorm, biases).
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.grad_clip = 1.0  # clip by global norm; 0 disables.
+  o.ema_decay = 0.0  # EMA of parameters used for eval, later stages and export; 0 = off.
+  return o
+
+
+def training_stage(steps: int, batch_size: int, opt: ml_collections.ConfigDict):
+  """What every training stage (teacher, distill_k<K>) has of its own."""
+  s = ml_collections.ConfigDict()
+  s.steps = steps  # optimizer steps.
+  s.batch_size = batch_size  # global batch (rows); must divide by mesh data*fsdp.
+  # Sequential microbatches per step (gradient accumulation in a lax.scan): the same
+  # update as the whole batch, with 1/microbatches of its activation memory.
+  # batch_size must divide by mesh data*fsdp*microbatches.
+  s.microbatches = 1
+  s.log_every = 50  # steps between progress lines / train metrics.
+  s.checkpoint_every = 1000  # steps between checkpoints (and at the end).
+  s.keep_checkpoints = 2  # checkpoints kept.
+  s.eval_batches = 8  # held-out batches of data.eval_batch_size per evaluation.
+  s.opt = opt
+  return s
+
+
+def teacher_stage():
+  s = training_stage(steps=10000, batch_size=64, opt=optimizer(3e-4, 500))
+  s.eval_every = 1000  # steps between validation NLL runs (and at the end).
+  return s
+
+
+def distill_stage():
+  """A distill_k<K> stage (design.md section 3): a push-forward student of window K."""
+  s = training_stage(steps=2000, batch_size=64, opt=optimizer(3e-4, 200))
+  s.eval_batches = 4  # held-out batches for the stage's agreement summary.
+  # The stage's teacher: '' = the model stage before it in `pipeline` (or distill_k<K/2>
+  # / teacher when it is the first stage listed).
+  s.teacher_stage = ''
+  # Temperature conditioning: tau per sequence uniform in [tau_min, tau_max]; the teacher
+  # is tempered by tau and the student sees it. 1,1 = the paper's setting.
+  s.tau_min = 1.0
+  s.tau_max = 1.0
+  return s
+
+
+def distill_stages(c):
+  """The config's stages.distill_k<K> sections, to override them together."""
+  return [c.stages[f'distill_k{k}'] for k in DISTILL_WINDOWS]
+
+
+def from_released(c, tokenizer: str, max_seq_len: int, teacher_export: str):
+  """Distil k=8 from an imported released k=4 export, with the released vocabulary,
+  length and noise encoder (configs/*_from_released.py)."""
+  c.pipeline = ('distill_k8',)
+  c.data.tokenizer = tokenizer
+  c.model.max_seq_len = max_seq_len
+  c.model.noise_freq_scale = 1.0
+  c.model.noise_encoder = 'released'
+  c.stages.distill_k8.teacher_stage = teacher_export
+  return c
+
+
+def set_microbatches(c, n: int):
+  """Every training stage accumulates gradients over n sequential microbatches."""
+  for s in c.stages.values():
+    s.microbatches = n
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  # The stages run in order by main.py; each writes WORKDIR/<stage>/ and is skipped when
+  # its summary.json exists. Known: teacher, distill_k<K> (K a power of two with a
+  # stages.distill_k<K> section), sample, evaluate. On the command line a comma-separated
+  # string also works: --config.pipeline=teacher,distill_k1
+  c.pipeline = ('teacher',)
+  c.seed = 0  # model init, dropout, distillation noise.
+
+  # The model: architecture (saved with the weights) and the run's execution settings.
+  c.model = m = ml_collections.ConfigDict()
+  m.d_model = 768  # residual width D.
+  m.n_layers = 12  # number of pre-LN blocks L.
+  m.n_heads = 12  # attention heads; head_dim = d_model / n_heads.
+  m.mlp_ratio = 4  # MLP hidden width = mlp_ratio * d_model.
+  # Vocabulary incl. the reserved never-emitted id. -1: take it from the data source's
+  # tokenizer (the usual case); a positive value must then equal it.
+  m.vocab_size = -1
+  m.max_seq_len = -1  # longest sequence the model accepts; -1: data.seq_len.
+  m.rope_base = 10000.0  # RoPE base (rotate-half / NeoX style, whole head dim).
+  # Push-forward students: the noise sinusoid's frequencies are
+  # noise_freq_scale * 10000^(-j/(D/2)). 1.0 is the paper's encoder (released checkpoints);
+  # larger values give the encoder features that oscillate within (0, 1), which makes
+  # narrow CDF intervals much quicker to learn for small models.
+  m.noise_freq_scale = 1.0
+  # Noise encoder form of new students: released (LayerNorm with bias, exact erf GELU: the
+  # released checkpoints' encoder) | scale_only_tanh (kforcing_jax's form before
+  # architecture version 3). A student of a PFLM teacher keeps its teacher's form.
+  m.noise_encoder = 'released'
+  # Execution (not saved with the weights):
+  m.dtype = 'bfloat16'  # compute dtype: bfloat16 | float32. LayerNorm/softmax/logits stay f32.
+  m.param_dtype = 'float32'  # parameter dtype: float32 | bfloat16.
+  # Operand dtype of the weight products: '' (= dtype) | bfloat16 | float32. 'bfloat16'
+  # with dtype 'float32' multiplies in bf16 with float32 results and keeps everything else
+  # (activations, KV cache, softmax) in float32: fast on CPUs with bf16 dot instructions.
+  m.dot_dtype = ''
+  m.dropout = 0.0  # dropout after attention and MLP outputs during training.
+  # Causal full-sequence attention: auto (cuDNN on GPU with bfloat16, XLA otherwise) |
+  # xla | cudnn.
+  m.attention_impl = 'auto'
+  # Cached attention while decoding: xla (masked, over the whole cache) | pallas (a
+  # flash-decoding kernel over the filled slots only; GPU).
+  m.decode_attention = 'xla'
+  # Products of the xla cached attention: auto (multiply-reduce for steps of 2..16
+  # queries on CPU, dots elsewhere) | dot | reduce.
+  m.cache_products = 'auto'
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = 'synthetic'  # synthetic | lm1b | openwebtext | text
+  d.seq_len = 128  # tokens per training row.
+  d.eval_batch_size = 64  # global batch for validation and held-out agreement.
+  # Tokenizer: '' = the source's default (lm1b: bert-base-uncased, openwebtext: gpt2,
+  # synthetic: synthetic). Others: bert-base-uncased | gpt2.
+  d.tokenizer = ''
+  d.tokenizer_path = ''  # local directory with the tokenizer files (offline); '' = by name.
+  # Row layout: pad = one sentence/record per row, padded with a loss mask (lm1b);
+  # concat = documents joined with EOS and cut into seq_len blocks (openwebtext);
+  # '' = the source's default.
+  d.packing = ''
+  d.path = ''  # openwebtext / text: files, a directory or a glob of local files.
+  d.eval_path = ''  # text: separate held-out files; '' = split off eval_fraction.
+  d.eval_fraction = 0.01  # openwebtext / text: seeded held-out share of documents/rows.
+  d.tfds_data_dir = ''  # lm1b: tensorflow-datasets data_dir ('' = TFDS default).
+  # openwebtext / text: directory of the tokenized corpus (memory-mapped arrays written
+  # once by process 0, read by every host); '' = tokenize in memory on every run.
+  d.cache_dir = ''
+  d.shuffle = True  # seeded reshuffle every epoch (indexable sources).
+  d.max_examples = -1  # use only the first N records of a file source (-1: all).
+  # synthetic: the seeded hidden Markov source of design.md section 7.
+  d.synthetic = s = ml_collections.ConfigDict()
+  s.seed = 1234  # the source itself (transition/emission tables).
+  s.n_states = 32  # hidden states (plus one sentence-end state).
+  s.n_symbols = 128  # emitted symbols; vocab = n_symbols + EOS + reserved id.
+  s.branching = 2  # successor states per state (sparse transitions).
+  s.symbols_per_state = 6  # each state's Zipf emission support.
+  s.zipf_exponent = 1.5  # emission weights ~ 1 / rank^exponent.
+  s.mean_sentence_len = 24  # expected tokens between EOS ids.
+  # probability mass spread over EOS and all symbols in every state, so that any sample
+  # that starts with EOS has a finite exact likelihood (generative NLL under the source).
+  s.emission_floor = 0.001
+
+  # Training stages, each with its own steps, batch, cadences and optimizer (`opt`).
+  c.stages = st = ml_collections.ConfigDict()
+  st.teacher = teacher_stage()  # the AR teacher
+  for k in DISTILL_WINDOWS:  # progressive self-forcing distillation (design.md 3)
+    st[f'distill_k{k}'] = distill_stage()
+
+  # The `sample` stage: samples of every finished model stage from held-out prompts.
+  c.sample = sp = ml_collections.ConfigDict()
+  sp.num_prompts = 8  # held-out rows whose first tokens are the prompts.
+  sp.prompt_len = 6  # prompt tokens taken from each row.
+  sp.num_samples = 2  # samples per prompt.
+  sp.max_new_tokens = 64
+  sp.freq_penalty = 0.0  # PFLM frequency penalty lambda (released default 0.5).
+
+  # The `evaluate` stage (design.md section 5); fixed so two runs give the same numbers.
+  c.evaluate = ev = ml_collections.ConfigDict()
+  ev.num_prompts = 32  # held-out rows whose first prompt_len tokens are the prompts.
+  ev.prompt_len = 6
+  ev.num_samples = 2  # samples per prompt.
+  ev.max_new_tokens = 58  # capped at the model length minus the prompt.
+  ev.freq_penalty = 0.5  # the second lambda evaluated for students (0 is always run).
+  ev.seed = 2024  # decoding / agreement noise.
+  ev.agreement_rows = 32  # held-out rows whose every position is a shared-noise context.
+  # External evaluator LM (optional extra: requirements-external.txt): a Hugging Face name
+  # ('gpt2-large', the field's convention) or a local save_pretrained directory; samples
+  # are decoded to text and re-tokenized for it. '' = none.
+  ev.external_lm = ''
+  ev.external_batch_size = 8  # rows per external LM forward.
+
+  # Device mesh: product of the three must equal the device count; one -1 fills.
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1
+  ms.fsdp = 1
+  ms.tensor = 1
+  return c

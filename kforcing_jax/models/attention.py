@@ -1,0 +1,200 @@
+"""Attention strategies: how one layer's queries meet its keys in each layout.
+
+The model computes q, k, v (RoPE applied) and hands them to a strategy chosen once by the
+caller (`Transformer.forward`, `window_forward`, `decode_step`) from the execution config,
+never by sniffing the backend inside the model:
+
+  Causal    plain causal attention over the inputs (teacher training, AR scoring);
+  Masked    an explicit [B, Q, S] mask (the dense reference of the window layout);
+  Window    the window layout's structured attention (distillation, rollout targets);
+  Cached    decoding over an explicit KV cache: masked attention over the whole cache
+            (`kernel='xla'`), or the flash-decoding kernel over the filled slots only
+            (`kernel='pallas'`, kforcing_jax.flash_decode).
+
+Each strategy is a pytree (it can cross a jit boundary) called as `attend(q, k, v, kv, query_from) -> (out, new_kv)`; q, k, v are
+[B, T, heads, head_dim]; kv is the layer's cache (Cached only); query_from > 0 (Cached
+only) means the first inputs are fed only for their keys/values.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kforcing_jax.models import flash_decode
+
+NEG_INF = -1e9
+CACHE_PRODUCTS = ('dot', 'reduce')  # resolved values of ExecConfig.cache_products
+
+
+def window_attention(q, k, v, window: tuple[int, int, int]):
+  """Attention of the window layout without materialising its [Q, Q] mask.
+
+  Sequence order [ctx (N) | w (N*A, window-major) | h (N*H, window-major)]. Context
+  queries are causal over the context; each window's W = A + H queries attend to
+  ctx_s (s <= t) and causally to their own window [w(t,1..A), h(t,1..H)] -- exactly the
+  mask of kforcing_jax.layouts.window_mask, at O(N^2 + N*W*(N + W)) cost instead of
+  O((N(1+W))^2).
+  """
+  n, a, h = window
+  B, _, nh, d = q.shape
+  w = a + h
+
+  def split(x):
+    ctx = x[:, :n]
+    parts = [x[:, n:n + n * a].reshape(B, n, a, nh, d)] if a else []
+    parts.append(x[:, n + n * a:].reshape(B, n, h, nh, d))
+    return ctx, jnp.concatenate(parts, axis=2)  # [B, N, ...], [B, N, W, nh, d]
+
+  q_c, q_w = split(q)
+  k_c, k_w = split(k)
+  v_c, v_w = split(v)
+  out_c = jax.nn.dot_product_attention(q_c, k_c, v_c, is_causal=True, implementation='xla')
+  scale = 1.0 / np.sqrt(d)
+  s_ctx = jnp.einsum('btwhd,bshd->btwhs', q_w, k_c,
+                     preferred_element_type=jnp.float32) * scale  # [B, N, W, nh, N]
+  s_win = jnp.einsum('btwhd,btvhd->btwhv', q_w, k_w,
+                     preferred_element_type=jnp.float32) * scale  # [B, N, W, nh, W]
+  t_idx = np.arange(n)
+  ctx_ok = (t_idx[None, :] <= t_idx[:, None])[None, :, None, None, :]  # s <= t
+  win_ok = np.tril(np.ones((w, w), bool))[None, None, :, None, :]  # v <= w
+  s_ctx = jnp.where(ctx_ok, s_ctx, NEG_INF)
+  s_win = jnp.where(win_ok, s_win, NEG_INF)
+  m = jnp.maximum(s_ctx.max(-1, keepdims=True), s_win.max(-1, keepdims=True))
+  p_ctx, p_win = jnp.exp(s_ctx - m), jnp.exp(s_win - m)
+  denom = p_ctx.sum(-1, keepdims=True) + p_win.sum(-1, keepdims=True)
+  out_w = (jnp.einsum('btwhs,bshd->btwhd', (p_ctx / denom).astype(v.dtype), v_c) +
+           jnp.einsum('btwhv,btvhd->btwhd', (p_win / denom).astype(v.dtype), v_w))
+  parts = [out_c]
+  if a:
+    parts.append(out_w[:, :, :a].reshape(B, n * a, nh, d))
+  parts.append(out_w[:, :, a:].reshape(B, n * h, nh, d))
+  return jnp.concatenate(parts, axis=1)
+
+
+def cached_attention(q_BxTxHxD, kt_BxHxDxS, v_BxHxSxD, mask_BxTxS, products: str = 'dot'):
+  """Decode-time attention over the cache: keys stored [B, heads, head_dim, S], values
+  [B, heads, S, head_dim].
+
+  Both products are batched over (B, heads) and read the cache in its stored layout; the
+  [B, heads, T, head_dim] result is transposed afterwards. On CPU (XNNPACK/YNNPACK dots)
+  this is much faster than a seq-major [B, S, heads, head_dim] cache, whose per-step
+  transposed copies dominate the step there. products='reduce' computes the products of a
+  step with a few queries (1 < T <= 16: a PFLM step's 2K) as broadcast-multiply-reduce
+  loops that read the cache once -- faster than XLA:CPU's small batched dots; one query
+  (AR) or many (a prefill) stay dots either way."""
+  d = q_BxTxHxD.shape[-1]
+  q = q_BxTxHxD.astype(kt_BxHxDxS.dtype)
+  elementwise = products == 'reduce' and 1 < q.shape[1] <= 16
+  if elementwise:
+    s = jnp.sum(jnp.swapaxes(q, 1, 2)[..., None].astype(jnp.float32) * kt_BxHxDxS[:, :, None],
+                axis=-2) / np.sqrt(d)
+  else:
+    s = jnp.einsum('bthd,bhds->bhts', q, kt_BxHxDxS,
+                   preferred_element_type=jnp.float32) / np.sqrt(d)
+  s = jnp.where(mask_BxTxS[:, None], s, NEG_INF)
+  p = jax.nn.softmax(s, axis=-1)
+  if elementwise:
+    out = jnp.sum(p[..., None] * v_BxHxSxD[:, :, None].astype(jnp.float32), axis=-2).astype(
+        v_BxHxSxD.dtype)
+  else:
+    out = jnp.einsum('bhts,bhsd->bhtd', p.astype(v_BxHxSxD.dtype), v_BxHxSxD)
+  return jnp.swapaxes(out, 1, 2).astype(q_BxTxHxD.dtype)
+
+
+def _no_cache(name, kv, query_from):
+  if kv is not None or query_from:
+    raise ValueError(f'{name} attention takes no cache and no query_from')
+
+
+@flax.struct.dataclass
+class Causal:
+  impl: str = flax.struct.field(pytree_node=False, default='xla')  # xla | cudnn
+
+  def __call__(self, q, k, v, kv=None, query_from: int = 0):
+    _no_cache('causal', kv, query_from)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl), None
+
+
+@flax.struct.dataclass
+class Masked:
+  mask_BxQxS: Any  # bool: query may attend key
+
+  def __call__(self, q, k, v, kv=None, query_from: int = 0):
+    _no_cache('masked', kv, query_from)
+    return jax.nn.dot_product_attention(q, k, v, mask=self.mask_BxQxS[:, None],
+                                        implementation='xla'), None
+
+
+@flax.struct.dataclass
+class Window:
+  # (N context tokens, A window tokens, H hints per window)
+  window: tuple[int, int, int] = flax.struct.field(pytree_node=False)
+
+  def __call__(self, q, k, v, kv=None, query_from: int = 0):
+    _no_cache('window', kv, query_from)
+    return window_attention(q, k, v, self.window), None
+
+
+@flax.struct.dataclass
+class Cached:
+  """Writes the step's keys/values into the layer's cache at `slot` and attends over it.
+
+  kernel='xla': kv = (keys [B, H, Dh, S], values [B, H, S, Dh]); `mask_BxTxS` says which
+  slots each input sees. kernel='pallas': both [B, H, S, Dh]; row b reads slots
+  start_B[b]:slot plus the step's own (the mask is not used)."""
+  slot: Any  # [] int32: cache slot of the step's first input
+  mask_BxTxS: Any = None
+  start_B: Any = None  # [B] int32: each row's first valid slot (its left padding)
+  kernel: str = flax.struct.field(pytree_node=False, default='xla')
+  products: str = flax.struct.field(pytree_node=False, default='dot')
+
+  def __call__(self, q, k, v, kv, query_from: int = 0):
+    ck, cv = kv
+    if self.kernel == 'pallas':
+      ck = jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k, 1, 2).astype(ck.dtype),
+                                        (0, 0, self.slot, 0))
+      cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2).astype(cv.dtype),
+                                        (0, 0, self.slot, 0))
+      # the kernel reads the updated cache (not its new slots): reading the old one would
+      # make XLA copy the cache to keep it alive past the in-place update
+      out = flash_decode.attention(q[:, query_from:], k, v, ck, cv, self.slot, self.start_B,
+                                   query_from)
+      return out, (ck, cv)
+    ck = jax.lax.dynamic_update_slice(ck, jnp.transpose(k, (0, 2, 3, 1)).astype(ck.dtype),
+                                      (0, 0, 0, self.slot))
+    cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2).astype(cv.dtype),
+                                      (0, 0, self.slot, 0))
+    out = cached_attention(q[:, query_from:], ck, cv, self.mask_BxTxS[:, query_from:],
+                           self.products)
+    return out, (ck, cv)
+
+
+def _write_rows(cache, new, slot_B, axis: int):
+  """cache with `new` written at each row's own slot along `axis` (1 = the row's axis 0)."""
+  def one(c, n, s):
+    start = [0] * c.ndim
+    start[axis - 1] = s
+    return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), start)
+  return jax.vmap(one)(cache, new, slot_B)
+
+
+@flax.struct.dataclass
+class SlotCached:
+  """Cached attention where every row (a serving slot) writes at its own slot: kv =
+  (keys [B, H, Dh, S], values [B, H, S, Dh]) as Cached with kernel='xla'; slot_B[b] is the
+  cache slot of row b's first input this step, mask_BxTxS what each input sees."""
+  slot_B: Any
+  mask_BxTxS: Any
+  products: str = flax.struct.field(pytree_node=False, default='dot')
+
+  def __call__(self, q, k, v, kv, query_from: int = 0):
+    ck, cv = kv
+    ck = _write_rows(ck, jnp.transpose(k, (0, 2, 3, 1)), self.slot_B, axis=3)
+    cv = _write_rows(cv, jnp.swapaxes(v, 1, 2), self.slot_B, axis=2)
+    out = cached_attention(q[:, query_from:], ck, cv, self.mask_BxTxS[:, query_from:],
+                           self.products)
+    return out, (ck, cv)

@@ -1,0 +1,165 @@
+"""Config validation: every enumerated or ranged field is checked up front so a bad
+value is reported by name with its allowed values, not deep inside JAX."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from absl import flags
+
+from kforcing_jax.data import datasets as data_lib
+from kforcing_jax import errors
+from kforcing_jax.models import arch as arch_lib
+from kforcing_jax.training import optim
+from kforcing_jax.interop import export as export_lib
+from kforcing_jax import pipeline as pipeline_pkg
+from kforcing_jax.pipeline import run_dir
+
+FIXED_STAGES = ('teacher', 'sample', 'evaluate')
+
+CONFIG_DIR = pipeline_pkg.CONFIG_DIR
+
+
+class ConfigError(errors.UserError):
+  pass
+
+
+def _choice(field: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ConfigError(f'{field}={value!r} is not allowed; allowed: '
+                      f'{", ".join(repr(a) if a == "" else str(a) for a in allowed)}')
+
+
+def _positive(field: str, value) -> None:
+  if value <= 0:
+    raise ConfigError(f'{field} must be > 0, got {value}')
+
+
+def stages(cfg) -> list[str]:
+  """`pipeline` as a validated list of stage names (a tuple, or comma-separated strings)."""
+  raw = cfg.pipeline if isinstance(cfg.pipeline, (tuple, list)) else (cfg.pipeline,)
+  names = [s.strip() for item in raw for s in str(item).split(',') if s.strip()]
+  known = sorted(k for k in cfg.stages.keys() if k != 'teacher')
+  if not names:
+    raise ConfigError('pipeline is empty; allowed stages: teacher, ' + ', '.join(known) +
+                      ', sample, evaluate')
+  for s in names:
+    if s in FIXED_STAGES:
+      continue
+    m = run_dir.STAGE_RE.match(s)
+    k = int(m.group(1)) if m else 0
+    if not m or k < 1 or k & (k - 1):
+      raise ConfigError(f'pipeline stage {s!r} is not known; allowed: teacher, distill_k<K> '
+                        'with K a power of two (distill_k1, distill_k2, distill_k4, ...), '
+                        'sample, evaluate')
+    if s not in cfg.stages:
+      raise ConfigError(f'pipeline stage {s!r} has no stages.{s} section in the config '
+                        f'(sections: {", ".join(known)}); add one, e.g. '
+                        f'c.stages.{s} = base.distill_stage()')
+  if len(set(names)) != len(names):
+    raise ConfigError(f'pipeline={names} lists a stage twice')
+  return names
+
+
+def _validate_stage(name: str, s) -> None:
+  for f in ('steps', 'batch_size', 'microbatches', 'log_every', 'checkpoint_every',
+            'keep_checkpoints', 'eval_batches'):
+    _positive(f'stages.{name}.{f}', s[f])
+  if 'eval_every' in s:
+    _positive(f'stages.{name}.eval_every', s.eval_every)
+  o = s.opt
+  _choice(f'stages.{name}.opt.schedule', o.schedule, optim.SCHEDULES)
+  _positive(f'stages.{name}.opt.learning_rate', o.learning_rate)
+  if o.warmup_steps < 0 or o.grad_clip < 0:
+    raise ConfigError(f'stages.{name}.opt.warmup_steps / grad_clip must be >= 0')
+  if not 0.0 <= o.ema_decay < 1.0:
+    raise ConfigError(f'stages.{name}.opt.ema_decay must be in [0, 1), got {o.ema_decay}')
+  if 'tau_min' in s:
+    if not 0 < s.tau_min <= s.tau_max:
+      raise ConfigError(f'stages.{name}.tau_min/tau_max must satisfy 0 < tau_min <= '
+                        f'tau_max, got {s.tau_min}, {s.tau_max}')
+    if s.teacher_stage and not export_lib.is_export(s.teacher_stage):
+      try:
+        run_dir.stage_k(s.teacher_stage)
+      except errors.UserError as e:
+        raise ConfigError(f'stages.{name}.teacher_stage: {e}, or an export directory '
+                          '(a path)') from None
+
+
+def validate(cfg) -> None:
+  stages(cfg)
+  m, d = cfg.model, cfg.data
+  _choice('model.dtype', m.dtype, tuple(arch_lib.DTYPES))
+  _choice('model.param_dtype', m.param_dtype, tuple(arch_lib.DTYPES))
+  _choice('model.dot_dtype', m.dot_dtype, ('',) + tuple(arch_lib.DTYPES))
+  _choice('model.attention_impl', m.attention_impl, arch_lib.ATTENTION_IMPLS)
+  _choice('model.decode_attention', m.decode_attention, arch_lib.DECODE_ATTENTION)
+  _choice('model.cache_products', m.cache_products, arch_lib.CACHE_PRODUCTS)
+  _choice('model.noise_encoder', m.noise_encoder, arch_lib.NOISE_ENCODERS)
+  for f in ('d_model', 'n_layers', 'n_heads', 'mlp_ratio'):
+    _positive(f'model.{f}', m[f])
+  if m.d_model % m.n_heads:
+    raise ConfigError(f'model.d_model={m.d_model} must divide by model.n_heads={m.n_heads}')
+  if (m.d_model // m.n_heads) % 2:
+    raise ConfigError('model.d_model / model.n_heads (the head dim) must be even for RoPE')
+  if m.vocab_size != -1 and m.vocab_size < 2:
+    raise ConfigError(f'model.vocab_size must be -1 (from the tokenizer) or >= 2, got '
+                      f'{m.vocab_size}')
+  if not 0.0 <= m.dropout < 1.0:
+    raise ConfigError(f'model.dropout must be in [0, 1), got {m.dropout}')
+  _choice('data.source', d.source, data_lib.SOURCES)
+  if d.packing:
+    _choice('data.packing', d.packing, data_lib.PACKINGS)
+  if d.tokenizer:
+    _choice('data.tokenizer', d.tokenizer, ('bert-base-uncased', 'gpt2', 'synthetic'))
+  for f in ('seq_len', 'eval_batch_size'):
+    _positive(f'data.{f}', d[f])
+  for name, section in cfg.stages.items():
+    _validate_stage(name, section)
+
+
+def load_config_file(path: str):
+  """get_config() of a config file; a bare name (e.g. 'synthetic') is looked up among the
+  package's configs."""
+  path = path.split(':')[0]
+  if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, path + '.py')):
+    path = os.path.join(CONFIG_DIR, path + '.py')
+  if not os.path.exists(path):
+    raise ConfigError(f'--config={path!r} does not exist; the package configs are '
+                      f'{", ".join(known_configs())} (in {CONFIG_DIR}); give one by name (--config=NAME) or its path (--config=configs/NAME.py)')
+  spec = importlib.util.spec_from_file_location('kforcing_user_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def parse_flags(argv):
+  """absl's flag parsing for the command-line entry points (app.run's flags_parser):
+  --config=NAME also names a shipped config (configs/NAME.py) from any
+  directory, and a bad --config override is reported in one line, not a traceback."""
+  argv = [resolve_config_arg(a) for a in argv]
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, TypeError, ValueError, OSError, flags.Error) as e:
+    text = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").strip('\'" ').split())
+    name = text.split()[0].strip("'") if text else ''
+    bad = [a.split('=')[0] for a in argv[1:]
+           if a.startswith('--config.') and name and name in a.split('=')[0]]
+    raise SystemExit(f'error: bad command line{" (" + bad[0] + ")" if bad else ""}: '
+                     f'{text}') from None
+
+
+def resolve_config_arg(arg: str) -> str:
+  """'--config=NAME[:args]' -> the package config file NAME.py when NAME is no file here."""
+  if not arg.startswith('--config='):
+    return arg
+  path, sep, rest = arg[len('--config='):].partition(':')
+  candidate = os.path.join(CONFIG_DIR, path + '.py')
+  if not os.path.exists(path) and os.path.exists(candidate):
+    return f'--config={candidate}{sep}{rest}'
+  return arg
+
+
+def known_configs() -> list[str]:
+  return sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
+                if f.endswith('.py') and not f.startswith('_'))

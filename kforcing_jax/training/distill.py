@@ -1,0 +1,232 @@
+"""Progressive self-forcing distillation stages `distill_k<K>` (design.md section 3).
+
+Each stage trains a push-forward student of window K against a frozen teacher: the AR
+teacher (inverse-CDF targets) or a PFLM of window K/2 (argmax + rollout targets). The
+teacher's parameters are a separate, non-donated argument of the jitted step and never
+differentiated or re-saved; the student starts from a copy of the teacher's weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kforcing_jax.data import datasets as data_lib
+from kforcing_jax.models import layouts
+from kforcing_jax.models import transformer as model_lib
+from kforcing_jax import sharding as sharding_lib
+from kforcing_jax import errors
+from kforcing_jax.training import checkpoint as ckpt_lib
+from kforcing_jax.models import sampling
+from kforcing_jax.training import targets as targets_lib
+from kforcing_jax.training import trainer
+
+
+def make_targets_fn(teacher_model, teacher_k: int):
+  if teacher_k == 0:
+    return lambda params, ctx, u, tau: targets_lib.ar_teacher_targets(
+        teacher_model, params, ctx, u, tau)
+  return lambda params, ctx, u, tau: targets_lib.pflm_teacher_targets(
+      teacher_model, params, ctx, u, tau)
+
+
+def sample_noise(rng, batch: int, n: int, k: int, tau_min: float, tau_max: float):
+  r_u, r_tau = jax.random.split(rng)
+  u = sampling.uniform_noise(r_u, (batch, n, k))
+  tau = jax.random.uniform(r_tau, (batch,), minval=tau_min, maxval=tau_max)
+  return u, tau
+
+
+def window_weights(mask_BxN, y_BxNxK, never_emit_ids) -> jax.Array:
+  """1 where the window's context token is real and the target is emittable."""
+  w = jnp.broadcast_to(mask_BxN[:, :, None], y_BxNxK.shape)
+  for i in never_emit_ids:
+    w = w & (y_BxNxK != i)
+  return w.astype(jnp.float32)
+
+
+def agreement_stats(pred_BxNxK, y_BxNxK, w_BxNxK):
+  """Sums for per-position accuracy and the all-k exact-match rate."""
+  hit = (pred_BxNxK == y_BxNxK).astype(jnp.float32)
+  win_valid = jnp.min(w_BxNxK, axis=-1)
+  return {'hits_k': jnp.sum(hit * w_BxNxK, axis=(0, 1)), 'count_k': jnp.sum(w_BxNxK, axis=(0, 1)),
+          'all_hits': jnp.sum(jnp.min(hit, axis=-1) * win_valid), 'all_count': jnp.sum(win_valid)}
+
+
+def make_distill_step(student, targets_fn, tx, k: int, tau_range, never_emit, ema_decay,
+                      microbatches: int = 1):
+  def distill_step(state: trainer.TrainState, batch, rng, teacher_params):
+    ctx = batch['tokens']
+    B, n = ctx.shape
+    # noise for the whole batch first, so microbatching leaves every row's draw unchanged
+    u, tau = sample_noise(rng, B, n, k, *tau_range)
+
+    def grad_fn(params, mb, j):
+      del j
+      y = jax.lax.stop_gradient(targets_fn(teacher_params, mb['tokens'], mb['u'], mb['tau']))
+      w = window_weights(mb['mask'], y, never_emit)
+
+      def loss_fn(p):
+        logits = layouts.apply_window(student, p, mb['tokens'], None, mb['u'], mb['tau'])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum(ce * w), logits
+
+      (total, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      return grads, {'total': total, **agreement_stats(jnp.argmax(logits, -1), y, w)}
+
+    inputs = {'tokens': ctx, 'mask': batch['mask'], 'u': u, 'tau': tau}
+    grad_sums, sums = trainer.sum_over_microbatches(grad_fn, state.params, inputs,
+                                                    microbatches)
+    new_state, metrics = trainer.finish_update(state, tx, ema_decay, grad_sums, sums['total'],
+                                               jnp.sum(sums['count_k']))
+    metrics['acc_all'] = sums['all_hits'] / jnp.maximum(sums['all_count'], 1.0)
+    for i in range(k):
+      metrics[f'acc_{i + 1}'] = sums['hits_k'][i] / jnp.maximum(sums['count_k'][i], 1.0)
+    return new_state, metrics
+  return distill_step
+
+
+def make_agreement_step(student, targets_fn, k: int, never_emit):
+  def agreement_step(params, teacher_params, batch, rng, tau_B):
+    ctx, mask = batch['tokens'], batch['mask']
+    B, n = ctx.shape
+    u = sampling.uniform_noise(rng, (B, n, k))
+    y = targets_fn(teacher_params, ctx, u, tau_B)
+    pred = jnp.argmax(layouts.apply_window(student, params, ctx, None, u, tau_B), -1)
+    return agreement_stats(pred, y, window_weights(mask, y, never_emit))
+  return agreement_step
+
+
+def copy_matching(student_params, teacher_params):
+  """Teacher values wherever path and shape match; returns (params, copied, new)."""
+  flat_t = {jax.tree_util.keystr(p): v for p, v in
+            jax.tree_util.tree_flatten_with_path(teacher_params)[0]}
+  copied, new = [], []
+
+  def pick(path, s):
+    key = jax.tree_util.keystr(path)
+    t = flat_t.get(key)
+    if t is not None and t.shape == s.shape:
+      copied.append(key)
+      # a fresh buffer: the student's state is donated, the teacher's must survive
+      return jnp.copy(jax.device_put(t.astype(s.dtype), s.sharding))
+    new.append(key)
+    return s
+  out = jax.tree_util.tree_map_with_path(pick, student_params)
+  return out, copied, new
+
+
+def student_arch(run_arch, t_arch, stage: str):
+  """The student's architecture: the run's, with a noise encoder, never emitting what the
+  teacher never emits either, and with a PFLM teacher's noise encoder form (its encoder
+  weights are copied)."""
+  arch = dataclasses.replace(run_arch, pflm=True, never_emit_ids=tuple(sorted(
+      set(run_arch.never_emit_ids) | set(t_arch.never_emit_ids))))
+  if t_arch.pflm:
+    keep = {f: getattr(t_arch, f) for f in ('noise_encoder', 'noise_freq_scale')}
+    changed = {f: v for f, v in keep.items() if getattr(arch, f) != v}
+    if changed:
+      print(f'{stage}: the student keeps its teacher\'s noise encoder: ' +
+            ', '.join(f'model.{f}={v!r}' for f, v in changed.items()))
+    arch = dataclasses.replace(arch, **keep)
+  return arch
+
+
+def check_teacher_tokenizer(stage: str, teacher: str, t_identity: dict, tokenizer) -> None:
+  """The teacher's vocabulary must be the data's; an imported model that names no
+  tokenizer ('none') needs only the same vocabulary size."""
+  mine = tokenizer.identity()
+  if t_identity.get('name') == 'none':
+    if t_identity['vocab_size'] != mine['vocab_size']:
+      raise errors.StageError(
+          f'{stage}: the teacher {teacher} has {t_identity["vocab_size"]} ids, the data\'s '
+          f'tokenizer {mine["name"]} {mine["vocab_size"]}')
+    print(f'{stage}: the teacher {teacher} names no tokenizer; using {mine["name"]} ids as '
+          'its ids (same vocabulary size)')
+  elif t_identity != mine:
+    raise errors.StageError(f'{stage}: the teacher {teacher} was trained with tokenizer '
+                                f'{t_identity}, the config gives {mine}')
+
+
+def spec(ctx, stage: str, k: int, teacher_stage: str) -> trainer.StageSpec:
+  """The distill_k<K> stage `stage`: a student of window k copied from its (frozen) teacher
+  (a finished stage of the run or an export, loaded by ctx.load_teacher)."""
+  cfg, s = ctx.cfg, ctx.cfg.stages[stage]
+  t_arch, t_params, t_info, t_shardings = ctx.load_teacher(teacher_stage)
+  teacher_k = t_info['k']
+  if teacher_k > 0 and k != 2 * teacher_k:
+    raise errors.StageError(
+        f'{stage}: a PFLM teacher of window {teacher_k} ({teacher_stage}) can only teach '
+        f'window {2 * teacher_k}, not {k}; allowed: distill_k{2 * teacher_k} after it, or an '
+        'AR teacher for any K')
+  arch = student_arch(ctx.arch, t_arch, stage)
+  diffs = {f: (t_arch.backbone_shape()[f], v) for f, v in arch.backbone_shape().items()
+           if t_arch.backbone_shape()[f] != v}
+  if diffs:
+    raise errors.StageError(
+        f'{stage}: the student backbone differs from its teacher {teacher_stage}: ' +
+        ', '.join(f'model.{f}: teacher {a}, student {b}' for f, (a, b) in diffs.items()) +
+        '; a stage copies its teacher, so the shapes must match')
+  check_teacher_tokenizer(stage, teacher_stage, t_info['tokenizer'], ctx.tokenizer)
+  teacher = model_lib.build(t_arch, ctx.exe)
+  student = model_lib.build(arch, ctx.exe)
+  targets_fn = make_targets_fn(teacher, teacher_k)
+  never_emit = tuple(arch.never_emit_ids)
+
+  def start_params(fresh):
+    params, copied, new = copy_matching(fresh, t_params)
+    print(f'{stage}: teacher {teacher_stage}; copied {len(copied)} tensors, new '
+          f'{len(new)}: {", ".join(new) if len(new) < 12 else len(new)}')
+    return params
+
+  agreement_fn = jax.jit(make_agreement_step(student, targets_fn, k, never_emit))
+
+  def evaluate(params):
+    agree = measure_agreement(ctx, agreement_fn, params, t_params, s.eval_batches)
+    if jax.process_index() == 0:
+      print(f'{stage}: held-out agreement with {teacher_stage} targets: all-{k} '
+            f'{agree["agreement_all"]:.4f}, per position '
+            f'{[round(a, 4) for a in agree["agreement_per_position"]]}', flush=True)
+    return agree
+
+  compat = ctx.compat(k=k, teacher_stage=teacher_stage,
+                      teacher_fingerprint=ckpt_lib.params_fingerprint(t_params))
+  return trainer.StageSpec(
+      name=stage, arch=arch, settings=s,
+      init_params=model_lib.init_fn(student, cfg.data.seq_len),
+      make_step=lambda tx: make_distill_step(student, targets_fn, tx, k,
+                                             (s.tau_min, s.tau_max), never_emit,
+                                             s.opt.ema_decay, s.microbatches),
+      compat=compat, evaluate=evaluate,
+      seeds=(cfg.seed + 17 * k, cfg.seed + k, cfg.seed + 1000 * k),
+      tokens_per_step=s.batch_size * cfg.data.seq_len * k, window=k,
+      frozen=(t_params,), frozen_shardings=(t_shardings,), start_params=start_params,
+      progress_keys=('loss', 'acc_all'), meta={'k': k, 'teacher_stage': teacher_stage},
+      summary={'k': k, 'teacher_stage': teacher_stage})
+
+
+def run_stage(ctx, stage: str, k: int, teacher_stage: str) -> dict:
+  return trainer.run(ctx, spec(ctx, stage, k, teacher_stage))
+
+
+def measure_agreement(ctx, fn, params, t_params, num_batches: int, seed: int = 12345) -> dict:
+  """Agreement with fresh teacher targets on held-out contexts (tau = 1); fn: the jitted
+  make_agreement_step."""
+  cfg = ctx.cfg
+  batch_s = sharding_lib.batch_sharding(ctx.mesh)
+  eval_it = data_lib.BatchIterator(ctx.source, 'eval', cfg.data.eval_batch_size, batch_s,
+                                   cfg.seed, cfg.data.shuffle)
+  tot = None
+  tau = jax.device_put(jnp.ones((cfg.data.eval_batch_size,), jnp.float32), batch_s)
+  with sharding_lib.mesh_context(ctx.mesh):
+    for b in range(num_batches):
+      out = jax.device_get(fn(params, t_params, next(eval_it),
+                              jax.random.fold_in(jax.random.key(seed), b), tau))
+      tot = out if tot is None else jax.tree.map(np.add, tot, out)
+  per = (np.asarray(tot['hits_k']) / np.maximum(np.asarray(tot['count_k']), 1)).tolist()
+  return {'agreement_per_position': per,
+          'agreement_all': float(tot['all_hits'] / max(float(tot['all_count']), 1.0)),
+          'eval_windows': float(tot['all_count'])}

@@ -25,6 +25,7 @@ from kforcing_jax import errors
 from kforcing_jax.data import datasets as data_lib
 from kforcing_jax.decoding import engine as decode
 from kforcing_jax.decoding import sampler as sampler_lib
+from kforcing_jax.evaluation import external_lm
 from kforcing_jax.models import layouts
 from kforcing_jax.models import sampling
 from kforcing_jax.models import transformer as model_lib
@@ -116,7 +117,6 @@ def evaluate(cfg, source, teacher, models) -> dict:
   tok = source.tokenizer
   external = None
   if e.external_lm:
-    from kforcing_jax.evaluation import external_lm  # pylint: disable=g-import-not-at-top  (torch)
     external = external_lm.ExternalLM(e.external_lm, e.external_batch_size)
   evaluators = Evaluators(source, teacher, external)
   eval_it = data_lib.BatchIterator(source, 'eval', e.num_prompts, None, cfg.seed, False)

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import sys
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
 from kforcing_jax import errors
-from kforcing_jax import runtime
 from kforcing_jax.data import datasets as data_lib
 from kforcing_jax.decoding import sampler as sampler_lib
 from kforcing_jax.evaluation import benchmark as benchmark_lib
@@ -32,9 +30,10 @@ from kforcing_jax.models import random_init as random_init_lib
 from kforcing_jax.pipeline import run_dir
 
 
-def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeats: int,
-        out_dir: str, cache_phases: int = 1, dtype: str = 'auto',
-        decode_attention: str = 'xla', exports: tuple[str, str] | None = None) -> dict:
+def run_benchmark(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int,
+                  repeats: int, out_dir: str, cache_phases: int = 1, dtype: str = 'auto',
+                  decode_attention: str = 'xla',
+                  exports: tuple[str, str] | None = None) -> dict:
   """exports: (AR export, PFLM export) directories (e.g. imported released checkpoints)
   instead of a run's stages or random weights."""
   on_accel = jax.default_backend() != 'cpu'
@@ -71,51 +70,65 @@ def run(cfg, workdir: str | None, random_init: bool, batch_sizes, K: int, repeat
               'exports': list(exports) if exports else None})
 
 
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-  del argv
-  runtime.quiet_library_logs()
-  f = FLAGS
-  exports = (f.ar_export, f.pflm_export) if f.ar_export or f.pflm_export else None
-  if exports and not all(exports):
-    raise app.UsageError('give both --ar_export and --pflm_export')
-  if sum(map(bool, (f.random_init, f.workdir, exports))) != 1:
-    raise app.UsageError('give one of --workdir=RUN (trained stages), --random_init, or '
-                         '--ar_export=DIR --pflm_export=DIR')
-  sizes = [int(b) for b in f.batch_sizes.split(',') if b.strip()]
-  if not sizes or min(sizes) < 1:
-    raise app.UsageError(f'--batch_sizes={f.batch_sizes!r}: give positive integers, e.g. 1,16')
-  if f.repeats < 3:
-    raise app.UsageError('--repeats must be >= 3 (the protocol takes a median of >= 3 runs)')
-  try:
-    result = run(_CONFIG.value, f.workdir, f.random_init, sizes, f.K, f.repeats, f.out,
-                 f.cache_phases, f.dtype, f.decode_attention, exports)
-  except (errors.UserError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from None
-  print(markdown(result))
-  print(f'wrote {f.out}/benchmark.json, benchmark.md, benchmark.png', file=sys.stderr)
-
-
-if __name__ == '__main__':
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'run directory with teacher and distill stages')
-  flags.DEFINE_bool('random_init', False, 'random weights; model fields used as given')
-  flags.DEFINE_string('ar_export', None, 'an exported/imported AR model')
-  flags.DEFINE_string('pflm_export', None, 'an exported/imported PFLM')
-  flags.DEFINE_string('batch_sizes', '1,16', 'comma-separated batch sizes')
-  flags.DEFINE_integer('K', 4, 'PFLM tokens per step')
-  flags.DEFINE_integer('repeats', 5, 'timed runs per point (median), AR and PFLM alternating')
-  flags.DEFINE_string('out', 'bench_out', 'output directory')
+def define_flags(fv: flags.FlagValues) -> None:
+  config_flags.DEFINE_config_file('config', None, 'config file', flag_values=fv,
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'run directory with teacher and distill stages',
+                      flag_values=fv)
+  flags.DEFINE_bool('random_init', False, 'random weights; model fields used as given',
+                    flag_values=fv)
+  flags.DEFINE_string('ar_export', None, 'an exported/imported AR model', flag_values=fv)
+  flags.DEFINE_string('pflm_export', None, 'an exported/imported PFLM', flag_values=fv)
+  flags.DEFINE_string('batch_sizes', '1,16', 'comma-separated batch sizes', flag_values=fv)
+  flags.DEFINE_integer('K', 4, 'PFLM tokens per step', flag_values=fv)
+  flags.DEFINE_integer('repeats', 5, 'timed runs per point (median), AR and PFLM alternating',
+                       flag_values=fv)
+  flags.DEFINE_string('out', 'bench_out', 'output directory', flag_values=fv)
   flags.DEFINE_integer('cache_phases', 1, '> 1: decode in phases over a growing cache whose '
-                       'attention reads only the filled prefix (AR and PFLM alike)')
+                       'attention reads only the filled prefix (AR and PFLM alike)',
+                       flag_values=fv)
   flags.DEFINE_string('dtype', 'auto', 'serving precision: auto (bfloat16 on accelerators; '
                       'on CPU mixed with native bf16 dot instructions, else float32) | '
                       'bfloat16 | mixed (bf16 weight products, float32 activations and KV '
-                      'cache) | float32')
+                      'cache) | float32', flag_values=fv)
   flags.DEFINE_string('decode_attention', 'xla', 'cached attention (AR and PFLM alike): xla '
                       '(masked, over the whole cache) | pallas (GPU: a flash-decoding kernel '
-                      'over the filled slots only)')
-  flags.mark_flags_as_required(['config'])
-  app.run(main, flags_parser=config_lib.parse_flags)
+                      'over the filled slots only)', flag_values=fv)
+  flags.mark_flags_as_required(['config'], flag_values=fv)
+
+
+def run(f) -> dict:
+  """The benchmark as the flags say; writes --out and returns the result."""
+  exports = (f.ar_export, f.pflm_export) if f.ar_export or f.pflm_export else None
+  if exports and not all(exports):
+    raise SystemExit('error: give both --ar_export and --pflm_export')
+  if sum(map(bool, (f.random_init, f.workdir, exports))) != 1:
+    raise SystemExit('error: give one of --workdir=RUN (trained stages), --random_init, or '
+                     '--ar_export=DIR --pflm_export=DIR')
+  try:
+    sizes = [int(b) for b in f.batch_sizes.split(',') if b.strip()]
+  except ValueError:
+    sizes = []
+  if not sizes or min(sizes) < 1:
+    raise SystemExit(f'error: --batch_sizes={f.batch_sizes!r}: give positive integers, '
+                     'e.g. 1,16')
+  if f.repeats < 3:
+    raise SystemExit('error: --repeats must be >= 3 (the protocol takes a median of >= 3 '
+                     'runs)')
+  result = run_benchmark(f.config, f.workdir, f.random_init, sizes, f.K, f.repeats, f.out,
+               f.cache_phases, f.dtype, f.decode_attention, exports)
+  print(markdown(result))
+  print(f'wrote {f.out}/benchmark.json, benchmark.md, benchmark.png', file=sys.stderr)
+  return result
+
+
+def main(argv: list[str] | None = None) -> None:
+  f = config_lib.cli_flags(define_flags, argv)
+  try:
+    run(f)
+  except (errors.UserError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
+
+
+if __name__ == '__main__':
+  main()

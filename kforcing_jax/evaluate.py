@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -34,41 +33,46 @@ def export_models(teacher_export: str, exports, mesh):
       (p, lambda p=p: export_lib.load(p, mesh)) for p in exports]
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('workdir', None, 'a kforcing_jax run directory', flag_values=fv)
+  flags.DEFINE_string('teacher_export', None, 'an exported/imported AR model (the evaluator)',
+                      flag_values=fv)
+  flags.DEFINE_string('exports', '', 'comma-separated exported/imported PFLMs to evaluate',
+                      flag_values=fv)
+  flags.DEFINE_string('out', None, 'report directory (with --teacher_export)', flag_values=fv)
+  config_flags.DEFINE_config_file('config', None, 'config file (the data)', flag_values=fv,
+                                  lock_config=True)
 
-def main(argv):
-  del argv
-  runtime.quiet_library_logs()
-  runtime.initialize()
-  f = FLAGS
+
+def run(f) -> dict:
+  """Evaluates as the flags say and writes the report files; the report."""
   if bool(f.workdir) == bool(f.teacher_export):
-    raise app.UsageError('give --workdir=RUN, or --config, --teacher_export (and --exports, '
-                         '--out) for exported models')
-  try:
-    mesh = sampler_lib.one_device_mesh()
-    if f.workdir:
-      cfg = run_dir.load_run_config(f.workdir)
-      out_dir, speed_dir = os.path.join(f.workdir, 'evaluate'), f.workdir
-      models = run_dir.stage_samplers(f.workdir, mesh)
-    else:
-      if _CONFIG.value is None or not f.out:
-        raise app.UsageError('--teacher_export needs --config (the data) and --out')
-      cfg, out_dir, speed_dir = _CONFIG.value, f.out, f.out
-      models = export_models(f.teacher_export, [p for p in f.exports.split(',') if p], mesh)
-    source = data_lib.make_source(cfg)
-    report = evaluate(cfg, source, *models)
-  except (errors.UserError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from None
+    raise SystemExit('error: give --workdir=RUN, or --config, --teacher_export (and '
+                     '--exports, --out) for exported models')
+  if f.teacher_export and (f.config is None or not f.out):
+    raise SystemExit('error: --teacher_export needs --config (the data) and --out')
+  runtime.initialize()
+  mesh = sampler_lib.one_device_mesh()
+  if f.workdir:
+    cfg = run_dir.load_run_config(f.workdir)
+    out_dir, speed_dir = os.path.join(f.workdir, 'evaluate'), f.workdir
+    models = run_dir.stage_samplers(f.workdir, mesh)
+  else:
+    cfg, out_dir, speed_dir = f.config, f.out, f.out
+    models = export_models(f.teacher_export, [p for p in f.exports.split(',') if p], mesh)
+  report = evaluate(cfg, data_lib.make_source(cfg), *models)
   write_report(report, out_dir, speed_dir)
   print(markdown(report))
+  return report
 
 
-FLAGS = flags.FLAGS
+def main(argv: list[str] | None = None) -> None:
+  f = config_lib.cli_flags(define_flags, argv)
+  try:
+    run(f)
+  except (errors.UserError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
+
 
 if __name__ == '__main__':
-  flags.DEFINE_string('workdir', None, 'a kforcing_jax run directory')
-  flags.DEFINE_string('teacher_export', None, 'an exported/imported AR model (the evaluator)')
-  flags.DEFINE_string('exports', '', 'comma-separated exported/imported PFLMs to evaluate')
-  flags.DEFINE_string('out', None, 'report directory (with --teacher_export)')
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file (the data)',
-                                            lock_config=True)
-  app.run(main, flags_parser=config_lib.parse_flags)
+  main()

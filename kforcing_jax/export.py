@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 
-from absl import app
 from absl import flags
 
 from kforcing_jax import errors
-from kforcing_jax import runtime
 from kforcing_jax.decoding import sampler as sampler_lib
 from kforcing_jax.interop import export as export_lib
+from kforcing_jax.pipeline import config_lib
 from kforcing_jax.pipeline import run_dir
 
 
@@ -27,21 +26,26 @@ def export(workdir: str, stage: str, out: str) -> dict:
       'teacher_stage': meta.get('teacher_stage'), 'source_workdir': os.path.abspath(workdir)})
 
 
-def main(argv):
-  del argv
-  runtime.quiet_library_logs()
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('workdir', None, 'a kforcing_jax run directory', flag_values=fv)
+  flags.DEFINE_string('stage', None, 'teacher | distill_k<K>', flag_values=fv)
+  flags.DEFINE_string('out', None, 'output directory (must not exist)', flag_values=fv)
+  flags.mark_flags_as_required(['workdir', 'stage', 'out'], flag_values=fv)
+
+
+def run(f) -> dict:
+  desc = export(f.workdir, f.stage, f.out)
+  print(f'exported {desc["stage"]} (k={desc["k"]}, {desc["tokenizer"]["name"]}) to {f.out}')
+  return desc
+
+
+def main(argv: list[str] | None = None) -> None:
+  f = config_lib.cli_flags(define_flags, argv)
   try:
-    desc = export(FLAGS.workdir, FLAGS.stage, FLAGS.out)
+    run(f)
   except (errors.UserError, FileNotFoundError) as e:
     raise SystemExit(f'error: {e}') from None
-  print(f'exported {desc["stage"]} (k={desc["k"]}, {desc["tokenizer"]["name"]}) to {FLAGS.out}')
 
-
-FLAGS = flags.FLAGS
 
 if __name__ == '__main__':
-  flags.DEFINE_string('workdir', None, 'a kforcing_jax run directory')
-  flags.DEFINE_string('stage', None, 'teacher | distill_k<K>')
-  flags.DEFINE_string('out', None, 'output directory (must not exist)')
-  flags.mark_flags_as_required(['workdir', 'stage', 'out'])
-  app.run(main)
+  main()

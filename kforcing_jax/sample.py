@@ -13,25 +13,55 @@ from __future__ import annotations
 
 import json
 
-from absl import app
 from absl import flags
 
 from kforcing_jax import errors
 from kforcing_jax import runtime
 from kforcing_jax.interop import export as export_lib
+from kforcing_jax.pipeline import config_lib
 from kforcing_jax.pipeline import run_dir
 from kforcing_jax.pipeline.sample import read_prompts, sample_records, write_jsonl
 
 
-def main(argv):
-  del argv
-  runtime.quiet_library_logs()
-  runtime.initialize()
-  f = FLAGS
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('workdir', None, 'a kforcing_jax run directory', flag_values=fv)
+  flags.DEFINE_string('stage', None, 'teacher | distill_k1 | distill_k2 | distill_k4 | ...',
+                      flag_values=fv)
+  flags.DEFINE_string('export', None, 'an exported or imported model directory',
+                      flag_values=fv)
+  flags.DEFINE_string('tokenizer_path', None, 'tokenizer files for --export (default: where '
+                      'the export says they were)', flag_values=fv)
+  flags.DEFINE_integer('prompt_max_tokens', 0, 'keep the first N prompt ids (0 = all)',
+                       flag_values=fv)
+  flags.DEFINE_integer('K', None, 'tokens per step (PFLM: 1..k; default k)', flag_values=fv)
+  flags.DEFINE_float('freq_penalty', 0.0, 'PFLM frequency penalty lambda (released: 0.5)',
+                     flag_values=fv)
+  flags.DEFINE_string('prompt', None, 'one prompt text', flag_values=fv)
+  flags.DEFINE_string('prompts', None, 'JSONL file with one {"prefix": ...} per line',
+                      flag_values=fv)
+  flags.DEFINE_integer('num_samples', 1, 'samples per prompt', flag_values=fv)
+  flags.DEFINE_integer('max_new_tokens', None, 'default: up to the model length',
+                       flag_values=fv)
+  flags.DEFINE_integer('seed', 0, 'noise seed', flag_values=fv)
+  flags.DEFINE_float('temperature', 1.0, 'AR sampling temperature (0 = greedy)',
+                     flag_values=fv)
+  flags.DEFINE_integer('top_k', 0, 'AR top-k (0 = off)', flag_values=fv)
+  flags.DEFINE_float('top_p', 1.0, 'AR top-p (1 = off), after the temperature',
+                     flag_values=fv)
+  flags.DEFINE_string('sampler', 'categorical', 'AR sampler: categorical (Gumbel-max) | '
+                      'inverse_cdf (the push-forward map of a shared u)', flag_values=fv)
+  flags.DEFINE_string('dtype', 'float32', 'serving precision: float32 | mixed | bfloat16 | '
+                      'auto', flag_values=fv)
+  flags.DEFINE_string('out', None, 'output JSONL', flag_values=fv)
+  flags.mark_flags_as_required(['out'], flag_values=fv)
+
+
+def run(f) -> list[dict]:
+  """Samples as the flags say, writes --out; the records."""
   if bool(f.prompt) == bool(f.prompts):
-    raise app.UsageError('give exactly one of --prompt=TEXT or --prompts=FILE.jsonl')
+    raise SystemExit('error: give exactly one of --prompt=TEXT or --prompts=FILE.jsonl')
   if bool(f.export) == bool(f.workdir) or bool(f.workdir) != bool(f.stage):
-    raise app.UsageError('give --workdir=RUN with --stage=STAGE, or --export=DIR')
+    raise SystemExit('error: give --workdir=RUN with --stage=STAGE, or --export=DIR')
   if f.stage:
     try:
       run_dir.stage_k(f.stage)
@@ -40,47 +70,31 @@ def main(argv):
   prompts = [f.prompt] if f.prompt else read_prompts(f.prompts)
   if any(not p.strip() for p in prompts):
     raise SystemExit('error: empty prompt: give some text to continue')
-  try:
-    if f.export:
-      sampler = export_lib.load(f.export, dtype=f.dtype, tokenizer_path=f.tokenizer_path)
-    else:
-      sampler = run_dir.load_sampler(f.workdir, f.stage, dtype=f.dtype)
-    settings = dict(K=f.K, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
-                    sampler=f.sampler)
-    if sampler.k:
-      settings['freq_penalty'] = f.freq_penalty
-    recs = sample_records(sampler, prompts, f.num_samples, max_new_tokens=f.max_new_tokens,
-                          seed=f.seed, prompt_max_tokens=f.prompt_max_tokens, **settings)
-  except (errors.UserError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from None
+  runtime.initialize()
+  if f.export:
+    sampler = export_lib.load(f.export, dtype=f.dtype, tokenizer_path=f.tokenizer_path)
+  else:
+    sampler = run_dir.load_sampler(f.workdir, f.stage, dtype=f.dtype)
+  settings = dict(K=f.K, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+                  sampler=f.sampler)
+  if sampler.k:
+    settings['freq_penalty'] = f.freq_penalty
+  recs = sample_records(sampler, prompts, f.num_samples, max_new_tokens=f.max_new_tokens,
+                        seed=f.seed, prompt_max_tokens=f.prompt_max_tokens, **settings)
   write_jsonl(f.out, recs)
   for r in recs[:3]:
     print(json.dumps({'prompt': r['prompt'], 'completion': r['completion']}))
   print(f'wrote {len(recs)} samples to {f.out}')
+  return recs
 
 
-FLAGS = flags.FLAGS
+def main(argv: list[str] | None = None) -> None:
+  f = config_lib.cli_flags(define_flags, argv)
+  try:
+    run(f)
+  except (errors.UserError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
+
 
 if __name__ == '__main__':
-  flags.DEFINE_string('workdir', None, 'a kforcing_jax run directory')
-  flags.DEFINE_string('stage', None, 'teacher | distill_k1 | distill_k2 | distill_k4 | ...')
-  flags.DEFINE_string('export', None, 'an exported or imported model directory')
-  flags.DEFINE_string('tokenizer_path', None, 'tokenizer files for --export (default: where '
-                      'the export says they were)')
-  flags.DEFINE_integer('prompt_max_tokens', 0, 'keep the first N prompt ids (0 = all)')
-  flags.DEFINE_integer('K', None, 'tokens per step (PFLM: 1..k; default k)')
-  flags.DEFINE_float('freq_penalty', 0.0, 'PFLM frequency penalty lambda (released: 0.5)')
-  flags.DEFINE_string('prompt', None, 'one prompt text')
-  flags.DEFINE_string('prompts', None, 'JSONL file with one {"prefix": ...} per line')
-  flags.DEFINE_integer('num_samples', 1, 'samples per prompt')
-  flags.DEFINE_integer('max_new_tokens', None, 'default: up to the model length')
-  flags.DEFINE_integer('seed', 0, 'noise seed')
-  flags.DEFINE_float('temperature', 1.0, 'AR sampling temperature (0 = greedy)')
-  flags.DEFINE_integer('top_k', 0, 'AR top-k (0 = off)')
-  flags.DEFINE_float('top_p', 1.0, 'AR top-p (1 = off), after the temperature')
-  flags.DEFINE_string('sampler', 'categorical', 'AR sampler: categorical (Gumbel-max) | '
-                      'inverse_cdf (the push-forward map of a shared u)')
-  flags.DEFINE_string('dtype', 'float32', 'serving precision: float32 | mixed | bfloat16 | auto')
-  flags.DEFINE_string('out', None, 'output JSONL')
-  flags.mark_flags_as_required(['out'])
-  app.run(main)
+  main()

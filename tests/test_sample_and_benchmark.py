@@ -74,7 +74,7 @@ def test_benchmark_outputs(tmp_path):
   cfg = synthetic_config()
   cfg.model.vocab_size = 64
   cfg.data.seq_len = 24
-  result = benchmark.run(cfg, None, True, [2], 4, 3, str(tmp_path), dtype='float32')
+  result = benchmark.run_benchmark(cfg, None, True, [2], 4, 3, str(tmp_path), dtype='float32')
   with open(tmp_path / 'benchmark.json', encoding='utf-8') as f:
     saved = json.load(f)
   assert saved['rows'] == json.loads(json.dumps(result['rows']))
@@ -88,12 +88,12 @@ def test_benchmark_outputs(tmp_path):
   assert (tmp_path / 'benchmark.png').stat().st_size > 1000
   assert saved['config']['dtype'] == 'float32'
   with pytest.raises(errors.UserError, match="--dtype='fp8': allowed: auto, bfloat16"):
-    benchmark.run(cfg, None, True, [1], 4, 3, str(tmp_path), dtype='fp8')
+    benchmark.run_benchmark(cfg, None, True, [1], 4, 3, str(tmp_path), dtype='fp8')
   with pytest.raises(decode.DecodeError, match="--decode_attention='flash': allowed: xla, pallas"):
-    benchmark.run(cfg, None, True, [1], 4, 3, str(tmp_path), decode_attention='flash')
+    benchmark.run_benchmark(cfg, None, True, [1], 4, 3, str(tmp_path), decode_attention='flash')
   if jax.default_backend() == 'cpu':
     with pytest.raises(decode.DecodeError, match='--decode_attention=pallas needs a GPU'):
-      benchmark.run(cfg, None, True, [1], 4, 3, str(tmp_path), decode_attention='pallas')
+      benchmark.run_benchmark(cfg, None, True, [1], 4, 3, str(tmp_path), decode_attention='pallas')
 
 
 def test_benchmark_speedups_from_fixed_timings(monkeypatch, tmp_path):
@@ -108,7 +108,7 @@ def test_benchmark_speedups_from_fixed_timings(monkeypatch, tmp_path):
   cfg = synthetic_config()
   cfg.model.vocab_size = 64
   cfg.data.seq_len = 24
-  row = benchmark.run(cfg, None, True, [4], 4, 3, str(tmp_path), dtype='float32')['rows'][0]
+  row = benchmark.run_benchmark(cfg, None, True, [4], 4, 3, str(tmp_path), dtype='float32')['rows'][0]
   assert row['ar_sampler'] == 'inverse_cdf' and row['ar_tokens_per_s'] == 4 * 18 / 2.0
   assert row['pf_tokens_per_s'] == 4 * 18 / 0.5
   assert row['speedup'] == 4.0 and row['speedup_vs_greedy'] == 3.0
@@ -116,10 +116,10 @@ def test_benchmark_speedups_from_fixed_timings(monkeypatch, tmp_path):
 
 def test_benchmark_on_trained_stages(run_dir, tmp_path):
   cfg = synthetic_config()
-  result = benchmark.run(cfg, str(run_dir), False, [2], 2, 3, str(tmp_path), dtype='float32')
+  result = benchmark.run_benchmark(cfg, str(run_dir), False, [2], 2, 3, str(tmp_path), dtype='float32')
   assert result['config']['k_model'] == 2 and result['rows'][0]['pf_steps'] == 13
   with pytest.raises(run_dir_lib.StageError, match='no finished distill_k<k> stage with k >= 4'):
-    benchmark.run(cfg, str(run_dir), False, [2], 4, 3, str(tmp_path))
+    benchmark.run_benchmark(cfg, str(run_dir), False, [2], 4, 3, str(tmp_path))
 
 
 def test_export_round_trip_decodes_identically(run_dir, tmp_path):
@@ -188,6 +188,6 @@ def test_exports_serve_the_sample_cli_evaluate_and_benchmark(run_dir, tmp_path):
   with pytest.raises(run_dir_lib.StageError, match='the evaluators need an AR model'):
     evaluate.export_models(dirs['distill_k2'], [], mesh)
 
-  result = benchmark.run(cfg, None, False, [2], 2, 3, str(tmp_path / 'b'), dtype='float32',
+  result = benchmark.run_benchmark(cfg, None, False, [2], 2, 3, str(tmp_path / 'b'), dtype='float32',
                          exports=(dirs['teacher'], dirs['distill_k2']))
   assert result['config']['k_model'] == 2 and result['rows'][0]['pf_steps'] == 13

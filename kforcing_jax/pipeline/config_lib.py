@@ -1,11 +1,16 @@
-"""Config validation: every enumerated or ranged field is checked up front so a bad
-value is reported by name with its allowed values, not deep inside JAX."""
+"""Config validation (every enumerated or ranged field is checked up front so a bad value
+is reported by name with its allowed values, not deep inside JAX), config files, and the
+command-line parser of the entry points (cli_flags)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import importlib.util
 import os
+import re
+import sys
 
 from absl import flags
+from absl import logging as absl_logging
 
 from kforcing_jax.data import datasets as data_lib
 from kforcing_jax import errors
@@ -125,32 +130,103 @@ def load_config_file(path: str):
   if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, path + '.py')):
     path = os.path.join(CONFIG_DIR, path + '.py')
   if not os.path.exists(path):
-    raise ConfigError(f'--config={path!r} does not exist; the package configs are '
-                      f'{", ".join(known_configs())} (in {CONFIG_DIR}); give one by name (--config=NAME) or its path (--config=configs/NAME.py)')
+    raise ConfigError(unknown_config_message(path))
   spec = importlib.util.spec_from_file_location('kforcing_user_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
 
 
+def cli_flags(define: Callable[[flags.FlagValues], None],
+              argv: Sequence[str] | None = None) -> flags.FlagValues:
+  """The command-line parser of every entry point: a fresh FlagValues on which `define`
+  declares the flags, parsed from argv (default sys.argv; argv[0] is the program).
+
+  --config=NAME names a shipped config (configs/NAME.py) from any directory. A config file
+  that does not exist, an unknown or bad flag, a missing required flag or a stray argument
+  ends the program with one line (SystemExit); --help prints the module's usage and its
+  flags. Library INFO logs are hidden unless -v / --verbosity asks for them. A fresh
+  FlagValues per call lets tests run several entry points in one process."""
+  argv = list(sys.argv if argv is None else argv)
+  argv = argv[:1] + resolve_config_args(argv[1:])
+  fv = flags.FlagValues()
+  flags.DEFINE_integer('verbosity', -1, 'logging verbosity: -1 warnings, 0 library INFO '
+                       'lines too, 1 and more debug lines', short_name='v', flag_values=fv)
+  program_argv = sys.argv
+  # ml_collections reads a config flag's --config.<field> overrides from sys.argv, when the
+  # flag is defined and when it is parsed
+  sys.argv = argv
+  try:
+    define(fv)
+    if 'config' in fv:
+      check_config_args(argv[1:])
+    if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
+      doc = (sys.modules[define.__module__].__doc__ or '').strip()
+      print(f'{doc}\n\nflags:\n{fv.get_help(include_special_flags=False)}')
+      raise SystemExit(0)
+    try:
+      rest = fv(argv)
+    except (AttributeError, KeyError, TypeError, ValueError, OSError, flags.Error) as e:
+      raise SystemExit(_one_line_flag_error(e, argv)) from None
+  finally:
+    sys.argv = program_argv
+  if len(rest) > 1:
+    raise SystemExit(f'error: unexpected arguments: {" ".join(rest[1:])}')
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # libraries that read absl's flags see their defaults
+  absl_logging.set_verbosity(fv.verbosity)
+  return fv
+
+
 def parse_flags(argv):
-  """absl's flag parsing for the command-line entry points (app.run's flags_parser):
-  --config=NAME also names a shipped config (configs/NAME.py) from any
-  directory, and a bad --config override is reported in one line, not a traceback."""
-  argv = [resolve_config_arg(a) for a in argv]
+  """absl's flag parsing over the global FLAGS (app.run's flags_parser) for scripts that
+  define their flags there (launch/): --config resolved and errors in one line as in
+  cli_flags."""
+  argv = argv[:1] + resolve_config_args(argv[1:])
+  if 'config' in flags.FLAGS:
+    check_config_args(argv[1:])
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError, TypeError, ValueError, OSError, flags.Error) as e:
-    text = ' '.join(str(e).replace('\\n', ' ').replace("\\'", "'").strip('\'" ').split())
-    name = text.split()[0].strip("'") if text else ''
-    bad = [a.split('=')[0] for a in argv[1:]
-           if a.startswith('--config.') and name and name in a.split('=')[0]]
-    raise SystemExit(f'error: bad command line{" (" + bad[0] + ")" if bad else ""}: '
-                     f'{text}') from None
+    raise SystemExit(_one_line_flag_error(e, argv)) from None
+
+
+def _one_line_flag_error(e: Exception, argv: Sequence[str]) -> str:
+  text = str(e)
+  missing = re.findall(r'Flag --(\w+) must have a value other than None', text)
+  if missing:  # absl's required-flag validators
+    return f'error: give {", ".join("--" + m for m in missing)} (see --help)'
+  if not isinstance(e, flags.Error):  # ml_collections' override errors: a quoted repr
+    text = text.replace('\\n', ' ').replace("\\'", "'").strip('\'" ')
+  text = ' '.join(text.split())
+  name = text.split()[0].strip("'") if text else ''
+  bad = [a.split('=')[0] for a in argv[1:]
+         if a.startswith('--config.') and name and name in a.split('=')[0]]
+  return f'error: bad command line{" (" + bad[0] + ")" if bad else ""}: {text}'
+
+
+def resolve_config_args(args: Sequence[str]) -> list[str]:
+  """'--config NAME[:args]' / '--config=NAME[:args]' -> '--config=<the shipped file
+  NAME.py>' when NAME is no file here."""
+  out, args = [], list(args)
+  while args:
+    arg = args.pop(0)
+    if arg == '--config' and args:
+      arg = '--config=' + args.pop(0)
+    out.append(resolve_config_arg(arg))
+  return out
+
+
+def check_config_args(args: Sequence[str]) -> None:
+  """A --config file that exists nowhere: one line (SystemExit) naming the shipped configs."""
+  for arg in args:
+    path = arg[len('--config='):].partition(':')[0]
+    if arg.startswith('--config=') and not os.path.exists(path):
+      raise SystemExit(f'error: {unknown_config_message(path)}')
 
 
 def resolve_config_arg(arg: str) -> str:
-  """'--config=NAME[:args]' -> the package config file NAME.py when NAME is no file here."""
+  """'--config=NAME[:args]' -> the shipped config file NAME.py when NAME is no file here."""
   if not arg.startswith('--config='):
     return arg
   path, sep, rest = arg[len('--config='):].partition(':')
@@ -158,6 +234,12 @@ def resolve_config_arg(arg: str) -> str:
   if not os.path.exists(path) and os.path.exists(candidate):
     return f'--config={candidate}{sep}{rest}'
   return arg
+
+
+def unknown_config_message(path: str) -> str:
+  return (f'--config={path!r} does not exist; the shipped configs are '
+          f'{", ".join(known_configs())} (in {CONFIG_DIR}): give one by name '
+          '(--config=NAME) or a config file\'s path (--config=configs/NAME.py)')
 
 
 def known_configs() -> list[str]:

@@ -22,9 +22,14 @@ class MetricWriter:
   """write_scalars(step, {name: value}) to TensorBoard (clu) and metrics.jsonl.
 
   resume_step: a run resumed from this step's checkpoint; records of later steps (written
-  before the interruption, and about to be written again) are dropped from metrics.jsonl."""
+  before the interruption, and about to be written again) are dropped from metrics.jsonl.
+  use_tensorboard: None = unless the environment sets KFORCING_TENSORBOARD=0 (clu imports
+  TensorFlow, ~10-20 s at start-up)."""
 
-  def __init__(self, logdir: str, use_tensorboard: bool = True, resume_step: int | None = None):
+  def __init__(self, logdir: str, use_tensorboard: bool | None = None,
+               resume_step: int | None = None):
+    if use_tensorboard is None:
+      use_tensorboard = os.environ.get('KFORCING_TENSORBOARD', '1') != '0'
     self.logdir = logdir
     self._clu = None
     self._jsonl = None

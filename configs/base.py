@@ -49,7 +49,7 @@ def teacher_stage():
 
 
 def distill_stage():
-  """A distill_k<K> stage (design.md section 3): a push-forward student of window K."""
+  """A distill_k<K> stage (docs/design.md section 3): a push-forward student of window K."""
   s = training_stage(steps=2000, batch_size=64, opt=optimizer(3e-4, 200))
   s.eval_batches = 4  # held-out batches for the stage's agreement summary.
   # The stage's teacher: '' = the model stage before it in `pipeline` (or distill_k<K/2>
@@ -153,7 +153,7 @@ def get_config():
   d.cache_dir = ''
   d.shuffle = True  # seeded reshuffle every epoch (indexable sources).
   d.max_examples = -1  # use only the first N records of a file source (-1: all).
-  # synthetic: the seeded hidden Markov source of design.md section 7.
+  # synthetic: the seeded hidden Markov source of docs/design.md section 7.
   d.synthetic = s = ml_collections.ConfigDict()
   s.seed = 1234  # the source itself (transition/emission tables).
   s.n_states = 32  # hidden states (plus one sentence-end state).
@@ -169,7 +169,7 @@ def get_config():
   # Training stages, each with its own steps, batch, cadences and optimizer (`opt`).
   c.stages = st = ml_collections.ConfigDict()
   st.teacher = teacher_stage()  # the AR teacher
-  for k in DISTILL_WINDOWS:  # progressive self-forcing distillation (design.md 3)
+  for k in DISTILL_WINDOWS:  # progressive self-forcing distillation (docs/design.md section 3)
     st[f'distill_k{k}'] = distill_stage()
 
   # The `sample` stage: samples of every finished model stage from held-out prompts.
@@ -180,7 +180,7 @@ def get_config():
   sp.max_new_tokens = 64
   sp.freq_penalty = 0.0  # PFLM frequency penalty lambda (released default 0.5).
 
-  # The `evaluate` stage (design.md section 5); fixed so two runs give the same numbers.
+  # The `evaluate` stage (docs/design.md section 5); fixed so two runs give the same numbers.
   c.evaluate = ev = ml_collections.ConfigDict()
   ev.num_prompts = 32  # held-out rows whose first prompt_len tokens are the prompts.
   ev.prompt_len = 6

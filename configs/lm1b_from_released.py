@@ -5,13 +5,13 @@ logits are float32 whatever model.dtype.
 
   python -m kforcing_jax.import_official --ckpt=hf://zwave/K-Forcing/pflm_lm1b_k4.ckpt \
       --out=released/pflm_lm1b_k4
-  python main.py --config=lm1b_from_released --workdir=/tmp/kf_lm1b_k8
+  python main.py --config=configs/lm1b_from_released.py --workdir=/tmp/kf_lm1b_k8
 
 Variant, k=1 -> 2 -> 4 from the released AR teacher:
 
   python -m kforcing_jax.import_official --ckpt=hf://zwave/K-Forcing/ar_best_lm1b.ckpt \
       --out=released/ar_lm1b
-  python main.py --config=lm1b_from_released --workdir=/tmp/kf_lm1b_k4 \
+  python main.py --config=configs/lm1b_from_released.py --workdir=/tmp/kf_lm1b_k4 \
       --config.pipeline=distill_k1,distill_k2,distill_k4 \
       --config.stages.distill_k1.teacher_stage=released/ar_lm1b
 

@@ -5,13 +5,13 @@ seq 1024; logits are float32 whatever model.dtype.
 
   python -m kforcing_jax.import_official --ckpt=hf://zwave/K-Forcing/pflm_owt_k4.ckpt \
       --out=released/pflm_owt_k4
-  python main.py --config=owt_from_released --workdir=/tmp/kf_owt_k8
+  python main.py --config=configs/owt_from_released.py --workdir=/tmp/kf_owt_k8
 
 Variant, k=1 -> 2 -> 4 from the released AR teacher:
 
   python -m kforcing_jax.import_official --ckpt=hf://zwave/K-Forcing/ar_openwebtxt.ckpt \
       --out=released/ar_owt
-  python main.py --config=owt_from_released --workdir=/tmp/kf_owt_k4 \
+  python main.py --config=configs/owt_from_released.py --workdir=/tmp/kf_owt_k4 \
       --config.pipeline=distill_k1,distill_k2,distill_k4 \
       --config.stages.distill_k1.teacher_stage=released/ar_owt
 

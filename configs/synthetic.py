@@ -1,6 +1,6 @@
 """Default main job: the built-in synthetic source, no download, 2 CPU cores.
 
-  python main.py --config=synthetic --workdir=/tmp/kf
+  python main.py --config=configs/synthetic.py --workdir=/tmp/kf
 
 Trains the AR teacher, then distils it progressively into push-forward students with
 windows k = 1, 2, 4, and evaluates every model (about 15 minutes on 2 CPU cores).

@@ -1,4 +1,4 @@
-"""Batch-serving speed: AR vs PFLM tokens/s across batch sizes (design.md section 6).
+"""Batch-serving speed: AR vs PFLM tokens/s across batch sizes (docs/design.md section 6).
 
   python -m kforcing_jax.benchmark --config=configs/synthetic.py --random_init \
       --batch_sizes=1,16 --K=4 --out=DIR

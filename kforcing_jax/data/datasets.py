@@ -10,7 +10,7 @@ Sources:
   text         local text / JSONL files with any supported tokenizer, padded or packed.
 Packing: `pad` = one sentence/record per row, [CLS] ... [SEP] for BERT (EOS appended for
 GPT-2), truncated or padded to seq_len with a loss mask; `concat` = one stream cut into
-blocks, no padding. TensorFlow is imported only by the lm1b source (design.md section 8).
+blocks, no padding. TensorFlow is imported only by the lm1b source (docs/design.md section 8).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ transitions). State S
 is the sentence end: it emits EOS (id 0) and restarts the chain from the initial
 distribution, so sentences are separated by EOS. Every row starts in the end state, i.e.
 with EOS, so the first token carries no information. Id n_symbols + 1 is reserved and
-never emitted (design.md section 2.1).
+never emitted (docs/design.md section 2.1).
 """
 from __future__ import annotations
 

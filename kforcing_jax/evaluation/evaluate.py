@@ -1,4 +1,4 @@
-"""Quality of every model in a run: the `evaluate` stage and its CLI (design.md 5).
+"""Quality of every model in a run: the `evaluate` stage and its CLI (docs/design.md section 5).
 
   python -m kforcing_jax.evaluate --workdir=DIR
   python -m kforcing_jax.evaluate --config=CONFIG --teacher_export=AR_DIR \

@@ -1,4 +1,4 @@
-"""An external pretrained LM as a generative-perplexity evaluator (design.md section 5).
+"""An external pretrained LM as a generative-perplexity evaluator (docs/design.md section 5).
 
 The field's convention is GPT-2 Large: samples are decoded to text with the run's own
 tokenizer, re-tokenized with the evaluator's, and scored by the evaluator's NLL of the

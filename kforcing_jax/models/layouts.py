@@ -1,4 +1,4 @@
-"""The attention layouts of one push-forward model (design.md section 2.3).
+"""The attention layouts of one push-forward model (docs/design.md section 2.3).
 
 Window layout, for N context tokens, A real window tokens and H hints per window:
   sequence = [ctx_0..ctx_{N-1} | w(0,1..A) .. w(N-1,1..A) | h(0,1..H) .. h(N-1,1..H)]

@@ -2,7 +2,10 @@
 stages in a run directory.
 
   python main.py --config=configs/owt.py --workdir=/tmp/owt [--config.stages.teacher.steps=..]
-  python main.py --config=synthetic --workdir=/tmp/kf      (a shipped config by name)
+  python main.py --config=configs/synthetic.py --workdir=/tmp/kf
+
+--config takes a config file's path or the name of a shipped config (--config=owt), from
+any directory.
 """
 from __future__ import annotations
 

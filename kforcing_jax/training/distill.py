@@ -1,4 +1,4 @@
-"""Progressive self-forcing distillation stages `distill_k<K>` (design.md section 3).
+"""Progressive self-forcing distillation stages `distill_k<K>` (docs/design.md section 3).
 
 Each stage trains a push-forward student of window K against a frozen teacher: the AR
 teacher (inverse-CDF targets) or a PFLM of window K/2 (argmax + rollout targets). The

@@ -1,4 +1,4 @@
-"""Distillation targets (design.md section 3): the AR teacher's k tokens by sequential
+"""Distillation targets (docs/design.md section 3): the AR teacher's k tokens by sequential
 inverse-CDF sampling (kforcing_jax.models.sampling.inverse_cdf), or a PFLM teacher's 2h
 tokens by argmax of its training and rollout layouts."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Metric writing: clu's TensorBoard writer when importable, always a JSONL file, and
-a progress line. Only process 0 writes (design.md section 8: accelerator images may lack
+a progress line. Only process 0 writes (docs/design.md section 8: accelerator images may lack
 clu/TensorFlow, so the JSONL path must work alone)."""
 from __future__ import annotations
 

@@ -1,12 +1,34 @@
-"""Test set-up: 8 virtual CPU devices (sharding tests), tiny configs, the testdata path."""
+"""Test set-up: 8 virtual CPU devices (sharding tests), a compilation cache shared by the
+session and its subprocesses, tiny configs, the testdata path."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# Metrics go to metrics.jsonl only: clu's TensorBoard writer imports TensorFlow (~10-20 s
+# per process); test_train checks the TensorBoard path once.
+os.environ.setdefault('KFORCING_TENSORBOARD', '0')
+# Fresh jit closures (a new Sampler, Engine, pipeline run or subprocess) compile identical
+# programs again and again; JAX's persistent cache (CPU included) serves the repeats. A
+# cache directory given in the environment is kept (and reused across runs); otherwise
+# the session makes one and removes it at exit. Subprocesses inherit the variables.
+if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+  _session_cache = tempfile.mkdtemp(prefix='kforcing_jax_test_cache_')
+  atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _session_cache
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from kforcing_jax.configs import synthetic  # noqa: E402
+from kforcing_jax.pipeline import run as pipeline  # noqa: E402
+
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 # Most tests compile many small programs once each: XLA's optimisation passes cost more
 # than they save there (flax's lm1b tests do the same). Tests that time or compare
 # compiled buffer sizes turn them back on (test_memory).
@@ -30,7 +52,6 @@ def testdata():
 def distilled_run(tmp_path_factory):
   """(workdir, config) of teacher -> distill_k1 -> distill_k2 (3 steps each) and the sample
   stage: one pipeline run shared by the distillation, sampling, benchmark and export tests."""
-  from kforcing_jax.pipeline import run as pipeline  # pylint: disable=g-import-not-at-top
   d = tmp_path_factory.mktemp('distilled')
   cfg = synthetic_config(steps=3, pipeline=('teacher', 'distill_k1', 'distill_k2', 'sample'))
   pipeline.run(cfg, str(d))
@@ -69,7 +90,6 @@ def shrink(cfg, steps: int = 2):
 
 
 def synthetic_config(steps: int = 2, pipeline=('teacher',)):
-  from kforcing_jax.configs import synthetic  # pylint: disable=g-import-not-at-top
   cfg = shrink(synthetic.get_config(), steps)
   cfg.pipeline = (pipeline,) if isinstance(pipeline, str) else tuple(pipeline)
   cfg.data.synthetic.n_states = 8

@@ -56,12 +56,13 @@ def trained(tmp_path_factory):
   cfg.evaluate.num_prompts = 4
   cfg.evaluate.max_new_tokens = 12
   cfg.evaluate.agreement_rows = 8
+  cfg.evaluate.seed = 7  # not the default: the report must record the config's
   pipeline.run(cfg, str(d))
   return d, cfg
 
 
 def test_report_files_are_complete(trained):
-  d, _ = trained
+  d, cfg = trained
   with open(d / 'evaluate' / 'report.json', encoding='utf-8') as f:
     report = json.load(f)
   assert report['source_entropy_rate'] > 1.5
@@ -73,7 +74,12 @@ def test_report_files_are_complete(trained):
     assert r['nfe_per_token'] == 1.0 and r['entropy'] > 0
   assert report['rows'][0]['agreement_all'] is None
   assert 0 <= report['rows'][1]['agreement_all'] <= 1
-  assert report['protocol']['seed'] == 2024
+  # the protocol is the config's, recorded (prompts, samples, lengths, seeds)
+  p, e = report['protocol'], cfg.evaluate
+  assert (p['num_prompts'], p['prompt_len'], p['num_samples'], p['max_new_tokens']) == (
+      e.num_prompts, e.prompt_len, e.num_samples, e.max_new_tokens)
+  assert (p['seed'], p['data_seed'], p['agreement_rows']) == (e.seed, cfg.seed,
+                                                              e.agreement_rows)
   md = (d / 'evaluate' / 'report.md').read_text()
   assert '| k1 | 1 |' in md and 'gen NLL (exact)' in md
   assert (d / 'evaluate' / 'report.png').stat().st_size > 1000

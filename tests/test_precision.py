@@ -1,4 +1,7 @@
 """The serving precision `auto` follows the hardware, and says why."""
+import os
+import platform
+
 import pytest
 
 from kforcing_jax.models import precision
@@ -22,7 +25,17 @@ def test_auto_on_cpu_needs_native_bf16_dots():
     precision.choose('fp16')
 
 
+@pytest.mark.skipif(not os.path.exists('/proc/cpuinfo'), reason='no /proc/cpuinfo')
 def test_this_machine_is_read():
-  native, why = runtime.native_bf16_dot()
-  assert native == any(f in runtime.cpu_features() for f in runtime.BF16_DOT_FLAGS), why
-  assert runtime.cpu_model()
+  """The feature flags and model name come from this machine's /proc/cpuinfo (every x86-64
+  CPU has fpu and sse2 and names its model; every 64-bit Arm one has fp), and `auto`
+  decides from them."""
+  features = runtime.cpu_features()
+  if platform.machine() in ('x86_64', 'AMD64'):
+    assert {'fpu', 'sse2'} <= features
+    assert runtime.cpu_model() not in ('', 'unknown CPU', platform.processor())
+  elif platform.machine() in ('aarch64', 'arm64'):
+    assert 'fp' in features
+  native, _ = runtime.native_bf16_dot()
+  assert precision.choose('auto', 'cpu') == precision.choose('auto', 'cpu', features)
+  assert precision.choose('auto', 'cpu')[0] == ('mixed' if native else 'float32')

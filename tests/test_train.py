@@ -17,6 +17,7 @@ from kforcing_jax import sharding as sharding_lib
 from kforcing_jax.pipeline import run_dir
 from kforcing_jax.training import teacher
 from kforcing_jax.training import trainer
+from kforcing_jax.training import writers
 from tests.conftest import synthetic_config
 
 
@@ -175,3 +176,21 @@ def test_shift_targets_masks_padding():
   targets, w = teacher.shift_targets(tokens, mask)
   np.testing.assert_array_equal(targets, [[6, 7, 0, 0, 0]])
   np.testing.assert_array_equal(w, [[1, 1, 0, 0, 0]])
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(tmp_path, monkeypatch):
+  """metrics.jsonl always; TensorBoard summaries through clu unless KFORCING_TENSORBOARD=0
+  (the tests' setting, conftest.py)."""
+  pytest.importorskip('clu.metric_writers')
+  monkeypatch.delenv('KFORCING_TENSORBOARD', raising=False)
+  for name, env in (('on', None), ('off', '0')):
+    if env is not None:
+      monkeypatch.setenv('KFORCING_TENSORBOARD', env)
+    w = writers.MetricWriter(str(tmp_path / name / 'logs'))
+    w.write_scalars(3, {'train/loss': np.float32(1.5)})
+    w.close()
+    assert read_metrics(tmp_path / name) == [{'step': 3, 'train/loss': 1.5}]
+  on = tmp_path / 'on' / 'logs'
+  events = [f for f in os.listdir(on) if f.startswith('events.out.tfevents')]
+  assert len(events) == 1 and os.path.getsize(on / events[0]) > 0
+  assert os.listdir(tmp_path / 'off' / 'logs') == ['metrics.jsonl']

@@ -98,13 +98,33 @@ def get_config():
   c.model = m = ml_collections.ConfigDict()
   m.d_model = 768  # residual width D.
   m.n_layers = 12  # number of pre-LN blocks L.
-  m.n_heads = 12  # attention heads; head_dim = d_model / n_heads.
-  m.mlp_ratio = 4  # MLP hidden width = mlp_ratio * d_model.
+  m.n_heads = 12  # attention (query) heads.
+  m.mlp_ratio = 4  # MLP hidden width = mlp_ratio * d_model (unless mlp_dim is set).
+  # Llama-family architecture (the defaults are the paper's backbone). A student distilled
+  # from a teacher takes these from the teacher (e.g. an imported Llama or Qwen model).
+  m.n_kv_heads = 0  # key/value heads of grouped-query attention; 0: n_heads.
+  m.head_dim = 0  # per-head width; 0: d_model / n_heads.
+  m.mlp_dim = 0  # MLP hidden width; 0: mlp_ratio * d_model.
+  # One activation per MLP input projection, their outputs multiplied: ('gelu_tanh',) the
+  # paper's MLP; ('silu', 'linear') SwiGLU (gate, up). Allowed: gelu_tanh, gelu, silu,
+  # relu, linear.
+  m.mlp_activations = ('gelu_tanh',)
+  m.mlp_bias = True  # biases of the MLP projections.
+  m.norm = 'layernorm'  # layernorm (scale-only) | rmsnorm; both computed in float32.
+  m.norm_eps = 1e-5
+  m.qkv_bias = False  # q/k/v projection biases (Qwen2).
+  m.out_bias = False  # attention output projection bias.
+  m.qk_norm = False  # per-head RMSNorm of q and k before RoPE (Qwen3).
+  m.tie_embeddings = False  # the output head multiplies by the embedding table.
+  m.head_bias = True  # the output head's bias.
+  # RoPE scaling as transformers computes it: () | ('linear', factor) | ('llama3', factor,
+  # low_freq_factor, high_freq_factor, original_max_position_embeddings).
+  m.rope_scaling = ()
   # Vocabulary incl. the reserved never-emitted id. -1: take it from the data source's
   # tokenizer (the usual case); a positive value must then equal it.
   m.vocab_size = -1
   m.max_seq_len = -1  # longest sequence the model accepts; -1: data.seq_len.
-  m.rope_base = 10000.0  # RoPE base (rotate-half / NeoX style, whole head dim).
+  m.rope_base = 10000.0  # RoPE base, theta (rotate-half / NeoX style, whole head dim).
   # Push-forward students: the noise sinusoid's frequencies are
   # noise_freq_scale * 10000^(-j/(D/2)). 1.0 is the paper's encoder (released checkpoints);
   # larger values give the encoder features that oscillate within (0, 1), which makes

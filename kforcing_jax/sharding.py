@@ -13,13 +13,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ('data', 'fsdp', 'tensor')
 # logical axis -> mesh axes. Batch is split over data and fsdp; parameters are sharded
-# over fsdp along their embedding dim and over tensor along heads / MLP / vocab.
+# over fsdp along their embedding dim and over tensor along heads / KV heads / MLP / vocab.
 RULES = (
     ('batch', ('data', 'fsdp')),
     ('length', None),
     ('embed', 'fsdp'),
     ('vocab', 'tensor'),
     ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),  # grouped-query attention's key/value heads
     ('mlp', 'tensor'),
     ('kv', None),
 )

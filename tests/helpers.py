@@ -10,12 +10,35 @@ from kforcing_jax.models import arch as arch_lib
 from kforcing_jax.models import transformer as model_lib
 
 
+# Architecture families the model tests run over (ArchConfig fields beyond the shape):
+#   gpt_like    the paper's backbone (scale-only LayerNorm, fused qkv, tanh-GELU MLP, head
+#               with bias);
+#   llama_gqa   Llama: RMSNorm, SwiGLU of explicit width, no biases, grouped-query
+#               attention (2 KV heads), tied embeddings, llama3 RoPE scaling (whose
+#               wavelength bands all occur at head dim 8);
+#   qwen3_like  Qwen: q/k norms, q/k/v and output biases, head dim 16 != d / heads,
+#               grouped-query attention, linear RoPE scaling;
+#   mha_biased  fused qkv with q/k/v biases, head dim 16, erf-GELU MLP without biases.
+FAMILIES = {
+    'gpt_like': {},
+    'llama_gqa': dict(norm='rmsnorm', mlp_activations=('silu', 'linear'), mlp_dim=48,
+                      mlp_bias=False, n_kv_heads=2, tie_embeddings=True, head_bias=False,
+                      rope_scaling=('llama3', 8.0, 1.0, 4.0, 64)),
+    'qwen3_like': dict(norm='rmsnorm', norm_eps=1e-6, mlp_activations=('silu', 'linear'),
+                       mlp_bias=False, n_kv_heads=2, head_dim=16, qkv_bias=True,
+                       out_bias=True, qk_norm=True, head_bias=False,
+                       rope_scaling=('linear', 2.0)),
+    'mha_biased': dict(head_dim=16, qkv_bias=True, mlp_activations=('gelu',), mlp_bias=False),
+}
+
+
 def tiny_model(pflm=False, vocab=53, d=32, layers=2, heads=4, never_emit=(), seed=0,
-               max_len=64, noise=0.3, exe=None):
-  """(ArchConfig, model, params): float32 unless `exe` says otherwise, every parameter
-  (the zero-initialised head too) perturbed."""
+               max_len=64, noise=0.3, exe=None, family='gpt_like'):
+  """(ArchConfig, model, params) of a FAMILIES architecture: float32 unless `exe` says
+  otherwise, every parameter (the zero-initialised head too) perturbed."""
   arch = arch_lib.ArchConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads,
-                              pflm=pflm, max_seq_len=max_len, never_emit_ids=tuple(never_emit))
+                             pflm=pflm, max_seq_len=max_len, never_emit_ids=tuple(never_emit),
+                             **FAMILIES[family])
   model = model_lib.build(arch, exe)
 
   @jax.jit

@@ -1,4 +1,4 @@
-"""The three layouts of one model agree (design.md 2.3), in float32."""
+"""The three layouts of one model agree (docs/design.md section 2.3), in float32."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import pytest
 from kforcing_jax.models import attention as attn_lib
 from kforcing_jax.models import layouts
 from kforcing_jax.models import transformer as model_lib
-from tests.helpers import jit_decode_step, jit_encode, jit_window, tiny_model
+from tests.helpers import FAMILIES, jit_decode_step, jit_encode, jit_window, tiny_model
 
 
 def test_window_mask_pattern():
@@ -20,9 +20,11 @@ def test_window_mask_pattern():
   assert not m[h(1, 1), h(0, 1)] and not m[ctx(2), h(0, 1)] and not m[w(2), h(2, 1)]
 
 
-@pytest.mark.parametrize('a,h', [(0, 1), (0, 4), (2, 2), (3, 0)])
-def test_structured_attention_equals_dense_mask(a, h):
-  _, model, params = tiny_model(pflm=True)
+@pytest.mark.parametrize('a,h,family', [(0, 1, 'gpt_like'), (0, 4, 'gpt_like'),
+                                        (2, 2, 'gpt_like'), (3, 0, 'gpt_like')] +
+                         [(2, 2, f) for f in FAMILIES if f != 'gpt_like'])
+def test_structured_attention_equals_dense_mask(a, h, family):
+  _, model, params = tiny_model(pflm=True, family=family)
   rng = np.random.default_rng(a * 10 + h)
   ctx = jnp.asarray(rng.integers(0, 50, (2, 9)))
   win = jnp.asarray(rng.integers(0, 50, (2, 9, a))) if a else None
@@ -46,7 +48,7 @@ def inference_step(model, cfg, params, ctx_1xT, u_1xK, prefill_to):
                            products=model.exe.cache_products)
 
   def rope(start, q):
-    return model_lib.rope_cos_sin((start + jnp.arange(q))[None], cfg.head_dim, cfg.rope_base)
+    return model_lib.arch_rope_cos_sin(cfg, (start + jnp.arange(q))[None])
 
   if prefill_to:
     _, cache = step(params, ctx_1xT[:, :prefill_to], cache, attend(0, prefill_to),
@@ -58,9 +60,10 @@ def inference_step(model, cfg, params, ctx_1xT, u_1xK, prefill_to):
   return logits[0]
 
 
-@pytest.mark.parametrize('k', [1, 2, 4])
-def test_training_layout_equals_inference_layout(k):
-  cfg, model, params = tiny_model(pflm=True)
+@pytest.mark.parametrize('k,family', [(1, 'gpt_like'), (2, 'gpt_like'), (4, 'gpt_like')] +
+                         [(2, f) for f in FAMILIES if f != 'gpt_like'])
+def test_training_layout_equals_inference_layout(k, family):
+  cfg, model, params = tiny_model(pflm=True, family=family)
   rng = np.random.default_rng(k)
   N = 10
   ctx = jnp.asarray(rng.integers(0, 50, (1, N)))
@@ -72,9 +75,10 @@ def test_training_layout_equals_inference_layout(k):
       np.testing.assert_allclose(train_logits[0, t], inf, atol=3e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('k', [2, 4])
-def test_rollout_layout_equals_two_sequential_inference_steps(k):
-  cfg, model, params = tiny_model(pflm=True)
+@pytest.mark.parametrize('k,family', [(2, 'gpt_like'), (4, 'gpt_like'), (2, 'llama_gqa'),
+                                      (2, 'qwen3_like')])
+def test_rollout_layout_equals_two_sequential_inference_steps(k, family):
+  cfg, model, params = tiny_model(pflm=True, family=family)
   h = k // 2
   rng = np.random.default_rng(10 + k)
   N = 8

@@ -8,7 +8,7 @@ import pytest
 from kforcing_jax.models import attention as attn_lib
 from kforcing_jax.models import arch as arch_lib
 from kforcing_jax.models import transformer as model_lib
-from tests.helpers import causal_logits, jit_decode_step, tiny_model
+from tests.helpers import FAMILIES, causal_logits, jit_decode_step, tiny_model
 
 
 def test_paper_parameter_counts():
@@ -37,12 +37,13 @@ def test_causality_by_gradients():
     assert all(used[v] for v in before)
 
 
+@pytest.mark.parametrize('family', list(FAMILIES))
 @pytest.mark.parametrize('products', ['dot', 'reduce'])
-def test_cached_steps_equal_full_forward(products):
+def test_cached_steps_equal_full_forward(products, family):
   """Two tokens per step (so 'reduce', the CPU multiply-reduce, and 'dot', the GPU's batched
   dots, both run) over an explicit cache == one causal forward."""
   exe = arch_lib.ExecConfig(cache_products=products)
-  arch, model, params = tiny_model(exe=exe)
+  arch, model, params = tiny_model(exe=exe, family=family)
   B, T, S, F = 2, 10, 16, 2
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (B, T)))
   full = causal_logits(model, params, tokens)
@@ -53,8 +54,7 @@ def test_cached_steps_equal_full_forward(products):
     mask = jnp.broadcast_to(jnp.arange(S)[None, None, :] <= slots[None, :, None], (B, F, S))
     attend = attn_lib.Cached(jnp.int32(t), mask, jnp.zeros((B,), jnp.int32),
                              products=model.exe.cache_products)
-    rope_cs = model_lib.rope_cos_sin(jnp.broadcast_to(slots, (B, F)), arch.head_dim,
-                                     arch.rope_base)
+    rope_cs = model_lib.arch_rope_cos_sin(arch, jnp.broadcast_to(slots, (B, F)))
     logits, cache = jit_decode_step(model)(params, tokens[:, t:t + F], cache, attend, rope_cs)
     steps.append(logits)
   np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=2e-5, rtol=1e-5)
@@ -118,19 +118,22 @@ def _dots_in(jaxpr):
   return found
 
 
-def test_bf16_dot_operands_with_float32_results():
+@pytest.mark.parametrize('family,dots_per_layer', [('gpt_like', 4), ('llama_gqa', 6)])
+def test_bf16_dot_operands_with_float32_results(family, dots_per_layer):
   """dot_dtype='bfloat16' with dtype='float32': every weight product takes bf16 operands
-  and returns float32; attention stays float32; the logits stay within bf16 rounding of the
-  float32 model's."""
-  cfg, model, params = tiny_model(noise=0.5)
+  and returns float32 (the tied head's product with the embedding table too); attention
+  stays float32; the logits stay within bf16 rounding of the float32 model's."""
+  cfg, model, params = tiny_model(noise=0.5, family=family)
   mixed_model = model_lib.build(cfg, arch_lib.ExecConfig(dot_dtype='bfloat16',
                                                           param_dtype='bfloat16'))
   mixed_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (2, 9)))
   dots = _dots_in(jax.make_jaxpr(
       lambda p: causal_logits(mixed_model, p, tokens))(mixed_params).jaxpr)
-  # per layer: qkv, output, fc_in, fc_out in bf16 -> f32; plus the head
-  assert dots.count((('bfloat16', 'bfloat16'), 'float32')) == 4 * cfg.n_layers + 1, dots
+  # per layer: qkv (or q and kv), output, fc_in (or gate and up), fc_out in bf16 -> f32;
+  # plus the head
+  assert dots.count((('bfloat16', 'bfloat16'), 'float32')) == (
+      dots_per_layer * cfg.n_layers + 1), dots
   assert all(d == (('float32', 'float32'), 'float32') for d in dots
              if d != (('bfloat16', 'bfloat16'), 'float32')), dots
   ref = causal_logits(model, params, tokens)

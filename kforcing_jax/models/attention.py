@@ -11,9 +11,12 @@ never by sniffing the backend inside the model:
             (`kernel='xla'`), or the flash-decoding kernel over the filled slots only
             (`kernel='pallas'`, kforcing_jax.flash_decode).
 
-Each strategy is a pytree (it can cross a jit boundary) called as `attend(q, k, v, kv, query_from) -> (out, new_kv)`; q, k, v are
-[B, T, heads, head_dim]; kv is the layer's cache (Cached only); query_from > 0 (Cached
-only) means the first inputs are fed only for their keys/values.
+Each strategy is a pytree (it can cross a jit boundary) called as
+`attend(q, k, v, kv, query_from) -> (out, new_kv)`; q is [B, T, heads, head_dim], k and v
+[B, T, kv_heads, head_dim] (grouped-query attention: query head h reads KV head h // G,
+G = heads / kv_heads, transformers' repeat_kv order; the KV heads are never repeated);
+kv is the layer's cache (Cached only); query_from > 0 (Cached only) means the first
+inputs are fed only for their keys/values.
 """
 from __future__ import annotations
 
@@ -30,6 +33,12 @@ NEG_INF = -1e9
 CACHE_PRODUCTS = ('dot', 'reduce')  # resolved values of ExecConfig.cache_products
 
 
+def group_queries(q_BxTxHxD, n_kv_heads: int):
+  """[B, T, heads, D] -> [B, T, kv_heads, G, D]: query head h = kv * G + g."""
+  B, T, H, D = q_BxTxHxD.shape
+  return q_BxTxHxD.reshape(B, T, n_kv_heads, H // n_kv_heads, D)
+
+
 def window_attention(q, k, v, window: tuple[int, int, int]):
   """Attention of the window layout without materialising its [Q, Q] mask.
 
@@ -41,33 +50,36 @@ def window_attention(q, k, v, window: tuple[int, int, int]):
   """
   n, a, h = window
   B, _, nh, d = q.shape
+  nkv = k.shape[2]
   w = a + h
 
   def split(x):
     ctx = x[:, :n]
-    parts = [x[:, n:n + n * a].reshape(B, n, a, nh, d)] if a else []
-    parts.append(x[:, n + n * a:].reshape(B, n, h, nh, d))
-    return ctx, jnp.concatenate(parts, axis=2)  # [B, N, ...], [B, N, W, nh, d]
+    parts = [x[:, n:n + n * a].reshape(B, n, a, *x.shape[2:])] if a else []
+    parts.append(x[:, n + n * a:].reshape(B, n, h, *x.shape[2:]))
+    return ctx, jnp.concatenate(parts, axis=2)  # [B, N, ...], [B, N, W, heads, d]
 
   q_c, q_w = split(q)
   k_c, k_w = split(k)
   v_c, v_w = split(v)
   out_c = jax.nn.dot_product_attention(q_c, k_c, v_c, is_causal=True, implementation='xla')
+  q_w = q_w.reshape(B, n, w, nkv, nh // nkv, d)  # query head = kv head * G + g
   scale = 1.0 / np.sqrt(d)
-  s_ctx = jnp.einsum('btwhd,bshd->btwhs', q_w, k_c,
-                     preferred_element_type=jnp.float32) * scale  # [B, N, W, nh, N]
-  s_win = jnp.einsum('btwhd,btvhd->btwhv', q_w, k_w,
-                     preferred_element_type=jnp.float32) * scale  # [B, N, W, nh, W]
+  s_ctx = jnp.einsum('btwkgd,bskd->btwkgs', q_w, k_c,
+                     preferred_element_type=jnp.float32) * scale  # [B, N, W, nkv, G, N]
+  s_win = jnp.einsum('btwkgd,btvkd->btwkgv', q_w, k_w,
+                     preferred_element_type=jnp.float32) * scale  # [B, N, W, nkv, G, W]
   t_idx = np.arange(n)
-  ctx_ok = (t_idx[None, :] <= t_idx[:, None])[None, :, None, None, :]  # s <= t
-  win_ok = np.tril(np.ones((w, w), bool))[None, None, :, None, :]  # v <= w
+  ctx_ok = (t_idx[None, :] <= t_idx[:, None])[None, :, None, None, None, :]  # s <= t
+  win_ok = np.tril(np.ones((w, w), bool))[None, None, :, None, None, :]  # v <= w
   s_ctx = jnp.where(ctx_ok, s_ctx, NEG_INF)
   s_win = jnp.where(win_ok, s_win, NEG_INF)
   m = jnp.maximum(s_ctx.max(-1, keepdims=True), s_win.max(-1, keepdims=True))
   p_ctx, p_win = jnp.exp(s_ctx - m), jnp.exp(s_win - m)
   denom = p_ctx.sum(-1, keepdims=True) + p_win.sum(-1, keepdims=True)
-  out_w = (jnp.einsum('btwhs,bshd->btwhd', (p_ctx / denom).astype(v.dtype), v_c) +
-           jnp.einsum('btwhv,btvhd->btwhd', (p_win / denom).astype(v.dtype), v_w))
+  out_w = (jnp.einsum('btwkgs,bskd->btwkgd', (p_ctx / denom).astype(v.dtype), v_c) +
+           jnp.einsum('btwkgv,btvkd->btwkgd', (p_win / denom).astype(v.dtype), v_w))
+  out_w = out_w.reshape(B, n, w, nh, d)
   parts = [out_c]
   if a:
     parts.append(out_w[:, :, :a].reshape(B, n * a, nh, d))
@@ -75,34 +87,36 @@ def window_attention(q, k, v, window: tuple[int, int, int]):
   return jnp.concatenate(parts, axis=1)
 
 
-def cached_attention(q_BxTxHxD, kt_BxHxDxS, v_BxHxSxD, mask_BxTxS, products: str = 'dot'):
-  """Decode-time attention over the cache: keys stored [B, heads, head_dim, S], values
-  [B, heads, S, head_dim].
+def cached_attention(q_BxTxHxD, kt_BxKxDxS, v_BxKxSxD, mask_BxTxS, products: str = 'dot'):
+  """Decode-time attention over the cache: keys stored [B, kv_heads, head_dim, S], values
+  [B, kv_heads, S, head_dim]; the queries [B, T, heads, head_dim] grouped by KV head.
 
-  Both products are batched over (B, heads) and read the cache in its stored layout; the
-  [B, heads, T, head_dim] result is transposed afterwards. On CPU (XNNPACK/YNNPACK dots)
-  this is much faster than a seq-major [B, S, heads, head_dim] cache, whose per-step
+  Both products are batched over (B, kv_heads), with a KV head's G query heads and T
+  inputs as the rows of one product, and read the cache in its stored layout; the
+  [B, kv_heads, G, T, head_dim] result is transposed afterwards. On CPU (XNNPACK/YNNPACK
+  dots) this is much faster than a seq-major [B, S, heads, head_dim] cache, whose per-step
   transposed copies dominate the step there. products='reduce' computes the products of a
   step with a few queries (1 < T <= 16: a PFLM step's 2K) as broadcast-multiply-reduce
   loops that read the cache once -- faster than XLA:CPU's small batched dots; one query
   (AR) or many (a prefill) stay dots either way."""
-  d = q_BxTxHxD.shape[-1]
-  q = q_BxTxHxD.astype(kt_BxHxDxS.dtype)
-  elementwise = products == 'reduce' and 1 < q.shape[1] <= 16
+  B, T, H, d = q_BxTxHxD.shape
+  q = group_queries(q_BxTxHxD.astype(kt_BxKxDxS.dtype), kt_BxKxDxS.shape[1])
+  elementwise = products == 'reduce' and 1 < T <= 16
   if elementwise:
-    s = jnp.sum(jnp.swapaxes(q, 1, 2)[..., None].astype(jnp.float32) * kt_BxHxDxS[:, :, None],
+    q_BxKxGxTxD = jnp.transpose(q, (0, 2, 3, 1, 4))
+    s = jnp.sum(q_BxKxGxTxD[..., None].astype(jnp.float32) * kt_BxKxDxS[:, :, None, None],
                 axis=-2) / np.sqrt(d)
   else:
-    s = jnp.einsum('bthd,bhds->bhts', q, kt_BxHxDxS,
+    s = jnp.einsum('btkgd,bkds->bkgts', q, kt_BxKxDxS,
                    preferred_element_type=jnp.float32) / np.sqrt(d)
-  s = jnp.where(mask_BxTxS[:, None], s, NEG_INF)
+  s = jnp.where(mask_BxTxS[:, None, None], s, NEG_INF)
   p = jax.nn.softmax(s, axis=-1)
   if elementwise:
-    out = jnp.sum(p[..., None] * v_BxHxSxD[:, :, None].astype(jnp.float32), axis=-2).astype(
-        v_BxHxSxD.dtype)
+    out = jnp.sum(p[..., None] * v_BxKxSxD[:, :, None, None].astype(jnp.float32),
+                  axis=-2).astype(v_BxKxSxD.dtype)
   else:
-    out = jnp.einsum('bhts,bhsd->bhtd', p.astype(v_BxHxSxD.dtype), v_BxHxSxD)
-  return jnp.swapaxes(out, 1, 2).astype(q_BxTxHxD.dtype)
+    out = jnp.einsum('bkgts,bksd->bkgtd', p.astype(v_BxKxSxD.dtype), v_BxKxSxD)
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, H, d).astype(q_BxTxHxD.dtype)
 
 
 def _no_cache(name, kv, query_from):
@@ -143,8 +157,8 @@ class Window:
 class Cached:
   """Writes the step's keys/values into the layer's cache at `slot` and attends over it.
 
-  kernel='xla': kv = (keys [B, H, Dh, S], values [B, H, S, Dh]); `mask_BxTxS` says which
-  slots each input sees. kernel='pallas': both [B, H, S, Dh]; row b reads slots
+  kernel='xla': kv = (keys [B, Hkv, Dh, S], values [B, Hkv, S, Dh]); `mask_BxTxS` says
+  which slots each input sees. kernel='pallas': both [B, Hkv, S, Dh]; row b reads slots
   start_B[b]:slot plus the step's own (the mask is not used)."""
   slot: Any  # [] int32: cache slot of the step's first input
   mask_BxTxS: Any = None
@@ -185,8 +199,8 @@ def _write_rows(cache, new, slot_B, axis: int):
 @flax.struct.dataclass
 class SlotCached:
   """Cached attention where every row (a serving slot) writes at its own slot: kv =
-  (keys [B, H, Dh, S], values [B, H, S, Dh]) as Cached with kernel='xla'; slot_B[b] is the
-  cache slot of row b's first input this step, mask_BxTxS what each input sees."""
+  (keys [B, Hkv, Dh, S], values [B, Hkv, S, Dh]) as Cached with kernel='xla'; slot_B[b] is
+  the cache slot of row b's first input this step, mask_BxTxS what each input sees."""
   slot_B: Any
   mask_BxTxS: Any
   products: str = flax.struct.field(pytree_node=False, default='dot')

@@ -18,7 +18,10 @@ def random_model(cfg, vocab_size: int):
   arch = dataclasses.replace(arch, max_seq_len=cfg.data.seq_len)
   params = jax.jit(lambda r: flax.linen.unbox(
       model_lib.init_fn(model_lib.build(arch))(r)))(jax.random.key(0))
-  # the head is zero-initialised; random values make argmax/sampling realistic
-  head = params['head']['kernel']
-  params['head']['kernel'] = 0.02 * jax.random.normal(jax.random.key(1), head.shape, head.dtype)
+  # the head is zero-initialised; random values make argmax/sampling realistic (a tied
+  # head is the random embedding table already)
+  if not arch.tie_embeddings:
+    head = params['head']['kernel']
+    params['head']['kernel'] = 0.02 * jax.random.normal(jax.random.key(1), head.shape,
+                                                        head.dtype)
   return arch, params

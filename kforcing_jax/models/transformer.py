@@ -1,10 +1,13 @@
 """The Transformer backbone shared by the AR teacher and the push-forward student.
 
-design.md 2.1: untied token embedding, pre-LN blocks with bias-free fused QKV / output
-projections, RoPE (rotate-half) on q and k, a tanh-GELU MLP with biases, scale-only
-LayerNorm in float32, and a zero-initialised output head with bias whose logits are
-computed with a float32 result whatever the compute dtype. With `pflm=True` a noise
-encoder (design.md 2.2) turns (u, tau) into hint embeddings.
+docs/design.md section 2.1 (ArchConfig's defaults): untied token embedding, pre-LN blocks with
+bias-free fused QKV / output projections, RoPE (rotate-half) on q and k, a tanh-GELU MLP
+with biases, scale-only LayerNorm in float32, and a zero-initialised output head with bias
+whose logits are computed with a float32 result whatever the compute dtype. ArchConfig's
+version-4 fields make the same modules Llama-family models: RMSNorm, gated MLPs (SwiGLU),
+grouped-query attention, q/k/v/output biases, Qwen3's q/k norms, tied embeddings, scaled
+RoPE. With `pflm=True` a noise encoder (docs/design.md section 2.2) turns (u, tau) into
+hint embeddings.
 
 The model is described by kforcing_jax.models.arch's ArchConfig (what the weights mean)
 and ExecConfig (how a run computes with them).
@@ -16,6 +19,8 @@ resolved ExecConfig. Parameters carry logical axis names (kforcing_jax.sharding)
 from __future__ import annotations
 
 import functools
+import math
+import operator
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kforcing_jax.models import attention as attn_lib
-from kforcing_jax.models.arch import ArchConfig, ExecConfig
+from kforcing_jax.models.arch import ACTIVATIONS, ArchConfig, ExecConfig
 
 NEG_INF = attn_lib.NEG_INF
 
@@ -38,22 +43,49 @@ def _init(init_fn, axes):
   return nn.with_logical_partitioning(init_fn, axes)
 
 
-def _dense(exe: ExecConfig, features: int, kernel_axes, bias_axes, name=None, dtype=None):
+def _dense(exe: ExecConfig, features: int, kernel_axes, bias_axes, name=None, dtype=None,
+           use_bias: bool = True):
   """Dense with `exe`'s operand dtype and compute-dtype results (dtype overrides both)."""
   operand, result = (dtype, dtype) if dtype else (exe.operand, exe.compute)
   extra = {}
   if operand != result:  # e.g. bf16 operands with float32 results
     extra['dot_general'] = functools.partial(jax.lax.dot_general, preferred_element_type=result)
-  return nn.Dense(features, dtype=operand, param_dtype=exe.params, name=name,
+  return nn.Dense(features, dtype=operand, param_dtype=exe.params, name=name, use_bias=use_bias,
                   kernel_init=_init(nn.initializers.xavier_uniform(), kernel_axes),
                   bias_init=_init(nn.initializers.zeros, bias_axes), **extra)
 
 
-def rope_cos_sin(positions_BxT: jax.Array, head_dim: int, base: float):
-  """Rotate-half RoPE's (cos, sin), each [B, T, head_dim / 2] float32, for every layer."""
+def rope_inv_freq(head_dim: int, base: float, scaling: tuple = ()) -> np.ndarray:
+  """RoPE's inverse frequencies [head_dim / 2] float32, with ArchConfig.rope_scaling applied
+  in float32 as transformers computes them (its linear and llama3 rope types)."""
   inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-  angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  if not scaling:
+    return inv_freq
+  kind, factor = scaling[0], scaling[1]
+  if kind == 'linear':
+    return (inv_freq / factor).astype(np.float32)
+  low, high, original = scaling[2:]
+  wavelen = 2 * math.pi / inv_freq
+  # long wavelengths (beyond original / low) are slowed down by `factor`, short ones
+  # (below original / high) kept, the ones between interpolated smoothly
+  scaled = np.where(wavelen > original / low, inv_freq / factor, inv_freq)
+  smooth = (original / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  between = ~(wavelen < original / high) & ~(wavelen > original / low)
+  return np.where(between, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions_BxT: jax.Array, head_dim: int, base: float, scaling: tuple = ()):
+  """Rotate-half RoPE's (cos, sin), each [B, T, head_dim / 2] float32, for every layer."""
+  angles_BxTxF = (positions_BxT.astype(jnp.float32)[..., None] *
+                  rope_inv_freq(head_dim, base, scaling))
   return jnp.cos(angles_BxTxF), jnp.sin(angles_BxTxF)
+
+
+def arch_rope_cos_sin(arch: ArchConfig, positions_BxT: jax.Array):
+  """rope_cos_sin with the model's head dim, base and scaling: the rope_cs argument of
+  Transformer.decode_step."""
+  return rope_cos_sin(positions_BxT, arch.head_dim, arch.rope_base, arch.rope_scaling)
 
 
 def rope(x_BxTxHxD: jax.Array, cos_sin) -> jax.Array:
@@ -81,54 +113,111 @@ def sinusoid(z_B: jax.Array, dim: int, freq_scale: float = 1.0) -> jax.Array:
 
 
 class LayerNorm(nn.Module):
+  """Float32 LayerNorm: scale-only (the backbone's) or with a bias (the released noise
+  encoder's). Its parameters live under <name>/LayerNorm_0/ (the checkpoints' path)."""
   exe: ExecConfig
-  use_bias: bool = False  # the backbone's are scale-only; the released noise encoder's not
+  eps: float = 1e-5
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x):
-    return nn.LayerNorm(epsilon=1e-5, use_bias=self.use_bias, dtype=jnp.float32,
+    return nn.LayerNorm(epsilon=self.eps, use_bias=self.use_bias, dtype=jnp.float32,
                         param_dtype=self.exe.params,
                         scale_init=_init(nn.initializers.ones, ('embed',)),
                         bias_init=_init(nn.initializers.zeros, ('embed',)))(
                             x.astype(jnp.float32))
 
 
-class Mlp(nn.Module):
-  arch: ArchConfig
+class RMSNorm(nn.Module):
+  """x / sqrt(mean(x^2) + eps) * scale over the last axis, in float32 (<name>/scale)."""
   exe: ExecConfig
-  dtype: Any = None  # overrides the exec dtypes (the noise encoder computes in float32)
-  exact_gelu: bool = False  # erf GELU (the released noise encoder); else tanh (backbone)
+  eps: float = 1e-5
+  axis_name: str = 'embed'  # logical axis of the scale ('kv' for the per-head q/k norms)
 
   @nn.compact
   def __call__(self, x):
-    a = self.arch
-    h = _dense(self.exe, a.mlp_ratio * a.d_model, ('embed', 'mlp'), ('mlp',), 'fc_in',
-               self.dtype)(x)
-    h = nn.gelu(h, approximate=not self.exact_gelu)
-    return _dense(self.exe, a.d_model, ('mlp', 'embed'), ('embed',), 'fc_out', self.dtype)(h)
+    scale = self.param('scale', _init(nn.initializers.ones, (self.axis_name,)),
+                       (x.shape[-1],), self.exe.params)
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return x * scale.astype(jnp.float32)
+
+
+NORMS = {'layernorm': LayerNorm, 'rmsnorm': RMSNorm}  # ArchConfig.norm
+
+
+def make_norm(arch: ArchConfig, exe: ExecConfig, **kw) -> nn.Module:
+  return NORMS[arch.norm](exe, arch.norm_eps, **kw)
+
+
+class Mlp(nn.Module):
+  """fc_out(prod_i act_i(fc_in_i(x))): one input projection per activation (named fc_in
+  when there is one), e.g. ('gelu_tanh',) for the paper's MLP, ('silu', 'linear') for
+  SwiGLU's gate and up projections."""
+  exe: ExecConfig
+  width: int
+  activations: tuple[str, ...]
+  use_bias: bool = True
+  dtype: Any = None  # overrides the exec dtypes (the noise encoder computes in float32)
+
+  @nn.compact
+  def __call__(self, x):
+    acts = self.activations
+    names = ['fc_in'] if len(acts) == 1 else [f'fc_in_{i}' for i in range(len(acts))]
+    h = functools.reduce(operator.mul, [
+        ACTIVATIONS[act](_dense(self.exe, self.width, ('embed', 'mlp'), ('mlp',), name,
+                                self.dtype, self.use_bias)(x))
+        for act, name in zip(acts, names)])
+    return _dense(self.exe, x.shape[-1], ('mlp', 'embed'), ('embed',), 'fc_out', self.dtype,
+                  self.use_bias)(h)
 
 
 class Attention(nn.Module):
+  """Grouped-query attention: n_heads query heads, n_kv_heads key/value heads (query head
+  h reads KV head h // (n_heads / n_kv_heads)). One fused qkv projection when the head
+  counts are equal, else q and kv projections; RoPE after the optional q/k norms."""
   arch: ArchConfig
   exe: ExecConfig
+
+  def _project(self, x, name: str, shape: tuple[int, ...], axes: tuple, bias: bool):
+    """x [B, T, D] through <name>_kernel [D, *shape] (+ <name>_bias [*shape])."""
+    exe = self.exe
+    kernel = self.param(f'{name}_kernel', _init(nn.initializers.variance_scaling(
+        1.0, 'fan_avg', 'uniform', in_axis=0, out_axis=tuple(range(1, len(shape) + 1))),
+        ('embed',) + axes), (x.shape[-1],) + shape, exe.params)
+    dims = 'chk'[-len(shape):]
+    y = jnp.einsum(f'btd,d{dims}->bt{dims}', x.astype(exe.operand), kernel.astype(exe.operand),
+                   preferred_element_type=exe.compute)
+    if bias:
+      y = y + self.param(f'{name}_bias', _init(nn.initializers.zeros, axes), shape,
+                         exe.params).astype(y.dtype)
+    return y
 
   @nn.compact
   def __call__(self, x, rope_cs, attend, kv=None, query_from: int = 0):
     """rope_cs: the inputs' RoPE (cos, sin); attend: a kforcing_jax.attention strategy;
     kv: this layer's cache (Cached strategies). Returns (out, new kv or None)."""
     a, exe = self.arch, self.exe
-    w_qkv = self.param('qkv_kernel', _init(nn.initializers.variance_scaling(
-        1.0, 'fan_avg', 'uniform', in_axis=0, out_axis=(1, 2, 3)),
-        ('embed', None, 'heads', 'kv')), (a.d_model, 3, a.n_heads, a.head_dim), exe.params)
-    qkv = jnp.einsum('btd,dchk->btchk', x.astype(exe.operand), w_qkv.astype(exe.operand),
-                     preferred_element_type=exe.compute)
-    q, k, v = rope(qkv[:, :, 0], rope_cs), rope(qkv[:, :, 1], rope_cs), qkv[:, :, 2]
-    out, new_kv = attend(q, k, v, kv, query_from)
+    H, Hkv, hd = a.n_heads, a.n_kv_heads, a.head_dim
+    if Hkv == H:
+      qkv = self._project(x, 'qkv', (3, H, hd), (None, 'heads', 'kv'), a.qkv_bias)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      q = self._project(x, 'q', (H, hd), ('heads', 'kv'), a.qkv_bias)
+      kv_new = self._project(x, 'kv', (2, Hkv, hd), (None, 'kv_heads', 'kv'), a.qkv_bias)
+      k, v = kv_new[:, :, 0], kv_new[:, :, 1]
+    if a.qk_norm:
+      q = RMSNorm(exe, a.norm_eps, 'kv', name='q_norm')(q).astype(exe.compute)
+      k = RMSNorm(exe, a.norm_eps, 'kv', name='k_norm')(k).astype(exe.compute)
+    out, new_kv = attend(rope(q, rope_cs), rope(k, rope_cs), v, kv, query_from)
     w_out = self.param('out_kernel', _init(nn.initializers.variance_scaling(
         1.0, 'fan_avg', 'uniform', in_axis=(0, 1), out_axis=2),
-        ('heads', 'kv', 'embed')), (a.n_heads, a.head_dim, a.d_model), exe.params)
+        ('heads', 'kv', 'embed')), (H, hd, a.d_model), exe.params)
     out = jnp.einsum('bthk,hkd->btd', out.astype(exe.operand), w_out.astype(exe.operand),
                      preferred_element_type=exe.compute)
+    if a.out_bias:
+      out = out + self.param('out_bias', _init(nn.initializers.zeros, ('embed',)),
+                             (a.d_model,), exe.params).astype(out.dtype)
     return out, new_kv
 
 
@@ -142,37 +231,46 @@ class Block(nn.Module):
     a step whose earlier inputs are needed only as keys/values."""
     a, exe = self.arch, self.exe
     h, new_kv = Attention(a, exe, name='attn')(
-        LayerNorm(exe, name='ln1')(x).astype(exe.compute), rope_cs, attend, kv, query_from)
+        make_norm(a, exe, name='ln1')(x).astype(exe.compute), rope_cs, attend, kv, query_from)
     h = nn.Dropout(exe.dropout)(h, deterministic=not train)
     x = x[:, query_from:] + h.astype(x.dtype)
-    h = Mlp(a, exe, name='mlp')(LayerNorm(exe, name='ln2')(x).astype(exe.compute))
+    h = Mlp(exe, a.mlp_dim, a.mlp_activations, a.mlp_bias, name='mlp')(
+        make_norm(a, exe, name='ln2')(x).astype(exe.compute))
     h = nn.Dropout(exe.dropout)(h, deterministic=not train)
     x = x + h.astype(x.dtype)
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed')), new_kv
 
 
 class Head(nn.Module):
-  """LayerNorm'd features -> logits [.., V]: operands in the exec operand dtype, a float32
+  """Normalised features -> logits [.., V]: operands in the exec operand dtype, a float32
   result and a float32 bias whatever the compute dtype (the inverse-CDF targets, the loss
-  and the evaluators read these logits)."""
+  and the evaluators read these logits). With tie_embeddings the kernel is the embedding
+  table [V, D] the caller passes."""
   arch: ArchConfig
   exe: ExecConfig
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, embedding_VxD=None):
     a, exe = self.arch, self.exe
-    kernel = self.param('kernel', _init(nn.initializers.zeros, ('embed', 'vocab')),
-                        (a.d_model, a.vocab_size), exe.params)
-    bias = self.param('bias', _init(nn.initializers.zeros, ('vocab',)), (a.vocab_size,),
-                      exe.params)
-    logits = jnp.einsum('btd,dv->btv', x.astype(exe.operand), kernel.astype(exe.operand),
-                        preferred_element_type=jnp.float32)
-    return logits + bias.astype(jnp.float32)
+    if a.tie_embeddings:
+      logits = jnp.einsum('btd,vd->btv', x.astype(exe.operand), embedding_VxD.astype(exe.operand),
+                          preferred_element_type=jnp.float32)
+    else:
+      kernel = self.param('kernel', _init(nn.initializers.zeros, ('embed', 'vocab')),
+                          (a.d_model, a.vocab_size), exe.params)
+      logits = jnp.einsum('btd,dv->btv', x.astype(exe.operand), kernel.astype(exe.operand),
+                          preferred_element_type=jnp.float32)
+    if a.head_bias:
+      logits = logits + self.param('bias', _init(nn.initializers.zeros, ('vocab',)),
+                                   (a.vocab_size,), exe.params).astype(jnp.float32)
+    return logits
 
 
 class NoiseEncoder(nn.Module):
   """h = W_c [sinus(u); sinus(tau)] + b_c; h = h + MLP(LayerNorm(h)), all in float32;
-  arch.noise_encoder picks the LayerNorm's bias and the MLP's GELU (NOISE_ENCODERS)."""
+  arch.noise_encoder picks the LayerNorm's bias and the MLP's GELU (NOISE_ENCODERS). The
+  MLP (width mlp_ratio * d_model, with biases) and LayerNorm (eps 1e-5) are the encoder's
+  own whatever the backbone's."""
   arch: ArchConfig
   exe: ExecConfig
 
@@ -188,8 +286,10 @@ class NoiseEncoder(nn.Module):
                  kernel_init=_init(nn.initializers.xavier_uniform(), (None, 'embed')),
                  bias_init=_init(nn.initializers.zeros, ('embed',)))(feats)
     released = a.noise_encoder == 'released'
-    return h + Mlp(a, self.exe, dtype=jnp.float32, exact_gelu=released, name='mlp')(
-        LayerNorm(self.exe, use_bias=released, name='ln')(h))
+    # the encoder's own MLP form whatever the backbone's
+    mlp = Mlp(self.exe, a.mlp_ratio * a.d_model, ('gelu',) if released else ('gelu_tanh',),
+              dtype=jnp.float32, name='mlp')
+    return h + mlp(LayerNorm(self.exe, use_bias=released, name='ln')(h))
 
 
 class Transformer(nn.Module):
@@ -205,7 +305,7 @@ class Transformer(nn.Module):
                           embedding_init=_init(nn.initializers.normal(0.02), ('vocab', 'embed')))
     for layer in range(a.n_layers):
       setattr(self, f'block_{layer}', Block(a, exe))
-    self.ln_f = LayerNorm(exe)
+    self.ln_f = make_norm(a, exe)
     self.head = Head(a, exe)
     if a.pflm:
       self.noise_encoder = NoiseEncoder(a, exe)
@@ -240,7 +340,7 @@ class Transformer(nn.Module):
                   hints_BxHxD=None, logits_from: int = 0):
     """One decoding step: [tokens | hint embeddings] written into `cache` (init_cache's
     {'k': L x .., 'v': L x ..}) by the Cached strategy `attend`; rope_cs: the inputs' RoPE
-    (cos, sin) [B, T + H, head_dim / 2]. Returns (logits [B, T + H - logits_from, V], new
+    (cos, sin) [B, T + H, head_dim / 2] (arch_rope_cos_sin). Returns (logits [B, T + H - logits_from, V], new
     cache); the last block skips the inputs before logits_from (they only write K/V)."""
     x = self.embed(tokens_BxT)
     if hints_BxHxD is not None:
@@ -262,7 +362,7 @@ class Transformer(nn.Module):
 
   # ---- internals ---------------------------------------------------------------------------
   def _rope(self, positions_BxT):
-    return rope_cos_sin(positions_BxT, self.arch.head_dim, self.arch.rope_base)
+    return arch_rope_cos_sin(self.arch, positions_BxT)
 
   def _backbone(self, x, rope_cs, attend, *, cache=None, last_from: int = 0,
                 train: bool = False):
@@ -276,7 +376,7 @@ class Transformer(nn.Module):
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
-    logits = self.head(self.ln_f(x))
+    logits = self.head(self.ln_f(x), self.embed.embedding if a.tie_embeddings else None)
     if a.never_emit_ids:
       blocked = np.zeros((a.vocab_size,), bool)
       blocked[list(a.never_emit_ids)] = True
@@ -293,12 +393,12 @@ def init_fn(model: Transformer, seq_len: int = 8):
 
 
 def init_cache(arch: ArchConfig, exe: ExecConfig, batch: int, length: int) -> dict:
-  """{'k': n_layers x [B, n_heads, head_dim, length], 'v': n_layers x [B, n_heads, length,
-  head_dim]} in the compute dtype (layouts chosen for the decode-time products, see
-  attention.cached_attention); with decode_attention='pallas' keys are [B, n_heads,
+  """{'k': n_layers x [B, n_kv_heads, head_dim, length], 'v': n_layers x [B, n_kv_heads,
+  length, head_dim]} in the compute dtype (layouts chosen for the decode-time products, see
+  attention.cached_attention); with decode_attention='pallas' keys are [B, n_kv_heads,
   length, head_dim] too (the kernel's)."""
-  v_shape = (batch, arch.n_heads, length, arch.head_dim)
-  k_shape = v_shape if exe.decode_attention == 'pallas' else (batch, arch.n_heads,
+  v_shape = (batch, arch.n_kv_heads, length, arch.head_dim)
+  k_shape = v_shape if exe.decode_attention == 'pallas' else (batch, arch.n_kv_heads,
                                                               arch.head_dim, length)
   return {'k': tuple(jnp.zeros(k_shape, exe.compute) for _ in range(arch.n_layers)),
           'v': tuple(jnp.zeros(v_shape, exe.compute) for _ in range(arch.n_layers))}
@@ -314,7 +414,9 @@ def grow_cache(cache: dict, length: int) -> dict:
 
 
 def cache_bytes(arch: ArchConfig, exe: ExecConfig, batch: int, length: int) -> int:
-  return 2 * arch.n_layers * batch * length * arch.d_model * jnp.dtype(exe.compute).itemsize
+  """Bytes of init_cache(arch, exe, batch, length)."""
+  return (2 * arch.n_layers * batch * length * arch.n_kv_heads * arch.head_dim *
+          jnp.dtype(exe.compute).itemsize)
 
 
 def count_params(params) -> int:

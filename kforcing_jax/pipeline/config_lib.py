@@ -103,10 +103,11 @@ def validate(cfg) -> None:
   _choice('model.noise_encoder', m.noise_encoder, arch_lib.NOISE_ENCODERS)
   for f in ('d_model', 'n_layers', 'n_heads', 'mlp_ratio'):
     _positive(f'model.{f}', m[f])
-  if m.d_model % m.n_heads:
-    raise ConfigError(f'model.d_model={m.d_model} must divide by model.n_heads={m.n_heads}')
-  if (m.d_model // m.n_heads) % 2:
-    raise ConfigError('model.d_model / model.n_heads (the head dim) must be even for RoPE')
+  if not m.head_dim and m.d_model % m.n_heads:
+    raise ConfigError(f'model.d_model={m.d_model} must divide by model.n_heads={m.n_heads} '
+                      '(or set model.head_dim)')
+  if (m.head_dim or m.d_model // m.n_heads) % 2:
+    raise ConfigError('model.head_dim (default d_model / n_heads) must be even for RoPE')
   if m.vocab_size != -1 and m.vocab_size < 2:
     raise ConfigError(f'model.vocab_size must be -1 (from the tokenizer) or >= 2, got '
                       f'{m.vocab_size}')

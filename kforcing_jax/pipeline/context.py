@@ -35,7 +35,7 @@ class StageContext:
 
   def compat(self, **extra) -> dict:
     """The fields that must agree between a checkpoint and the config that resumes it."""
-    out = {'model.' + k: v for k, v in self.arch.backbone_shape().items()}
+    out = {'model.' + k: v for k, v in self.arch.backbone().items()}
     out.update({'tokenizer': self.tokenizer.identity(), 'data.source': self.cfg.data.source,
                 'data.seq_len': self.cfg.data.seq_len})
     out.update(extra)

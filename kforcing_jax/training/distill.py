@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from kforcing_jax.data import datasets as data_lib
+from kforcing_jax.models import arch as arch_lib
 from kforcing_jax.models import layouts
 from kforcing_jax.models import transformer as model_lib
 from kforcing_jax import sharding as sharding_lib
@@ -23,6 +24,10 @@ from kforcing_jax.training import checkpoint as ckpt_lib
 from kforcing_jax.models import sampling
 from kforcing_jax.training import targets as targets_lib
 from kforcing_jax.training import trainer
+
+
+# Architecture fields a student takes from its teacher whatever the run's config says.
+STUDENT_COPIES = arch_lib.V4_FIELDS + ('rope_base',)
 
 
 def make_targets_fn(teacher_model, teacher_k: int):
@@ -121,18 +126,18 @@ def copy_matching(student_params, teacher_params):
 
 def student_arch(run_arch, t_arch, stage: str):
   """The student's architecture: the run's, with a noise encoder, never emitting what the
-  teacher never emits either, and with a PFLM teacher's noise encoder form (its encoder
-  weights are copied)."""
+  teacher never emits either, with the teacher's Llama-family form (norms, MLP, attention
+  heads and biases, embeddings tying, RoPE: e.g. an imported Llama teacher) and a PFLM
+  teacher's noise encoder form (the student starts from a copy of the teacher's weights)."""
   arch = dataclasses.replace(run_arch, pflm=True, never_emit_ids=tuple(sorted(
       set(run_arch.never_emit_ids) | set(t_arch.never_emit_ids))))
-  if t_arch.pflm:
-    keep = {f: getattr(t_arch, f) for f in ('noise_encoder', 'noise_freq_scale')}
-    changed = {f: v for f, v in keep.items() if getattr(arch, f) != v}
-    if changed:
-      print(f'{stage}: the student keeps its teacher\'s noise encoder: ' +
-            ', '.join(f'model.{f}={v!r}' for f, v in changed.items()))
-    arch = dataclasses.replace(arch, **keep)
-  return arch
+  copied = STUDENT_COPIES + (('noise_encoder', 'noise_freq_scale') if t_arch.pflm else ())
+  keep = {f: getattr(t_arch, f) for f in copied}
+  changed = {f: v for f, v in keep.items() if getattr(arch, f) != v}
+  if changed:
+    print(f'{stage}: the student keeps its teacher\'s ' +
+          ', '.join(f'model.{f}={v!r}' for f, v in changed.items()))
+  return dataclasses.replace(arch, **keep)
 
 
 def check_teacher_tokenizer(stage: str, teacher: str, t_identity: dict, tokenizer) -> None:
@@ -163,13 +168,13 @@ def spec(ctx, stage: str, k: int, teacher_stage: str) -> trainer.StageSpec:
         f'window {2 * teacher_k}, not {k}; allowed: distill_k{2 * teacher_k} after it, or an '
         'AR teacher for any K')
   arch = student_arch(ctx.arch, t_arch, stage)
-  diffs = {f: (t_arch.backbone_shape()[f], v) for f, v in arch.backbone_shape().items()
-           if t_arch.backbone_shape()[f] != v}
+  t_backbone = t_arch.backbone()
+  diffs = {f: (t_backbone[f], v) for f, v in arch.backbone().items() if t_backbone[f] != v}
   if diffs:
     raise errors.StageError(
         f'{stage}: the student backbone differs from its teacher {teacher_stage}: ' +
         ', '.join(f'model.{f}: teacher {a}, student {b}' for f, (a, b) in diffs.items()) +
-        '; a stage copies its teacher, so the shapes must match')
+        '; a stage copies its teacher, so its backbone must match')
   check_teacher_tokenizer(stage, teacher_stage, t_info['tokenizer'], ctx.tokenizer)
   teacher = model_lib.build(t_arch, ctx.exe)
   student = model_lib.build(arch, ctx.exe)

@@ -86,9 +86,9 @@ class Server:
   def __init__(self, model: str, log_path: str):
     self.port = free_port()
     cmd = [sys.executable, '-m', 'kforcing_jax.serve', '--config=synthetic', '--random_init',
-           f'--model={model}', f'--K={FLAGS.K}', f'--max_slots={FLAGS.max_slots}',
-           f'--port={self.port}', f'--dtype={FLAGS.dtype}', f'--served_name={model}'
-           ] + FLAGS.model_flags.split()
+           f'--model={model}', f'--max_slots={FLAGS.max_slots}', f'--port={self.port}',
+           f'--dtype={FLAGS.dtype}', f'--served_name={model}'
+           ] + ([f'--K={FLAGS.K}'] if model == 'pflm' else []) + FLAGS.model_flags.split()
     self.log = open(log_path, 'w', encoding='utf-8')
     self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
     self.url = f'http://127.0.0.1:{self.port}'

@@ -1,26 +1,36 @@
 """The slot engine, scheduler and OpenAI-compatible server: a request's tokens equal its
-alone-run tokens (Sampler.generate_ids) whatever else is served; a live server driven by
-the official openai client; a bounded load test."""
+alone-run tokens (Sampler.generate_ids) whatever else is served; no request can take the
+server down (bad fields get a 400, a failing admission fails its request alone, a failing
+step stops the process); a live server (serve.build's wiring) driven by the official
+openai client; a bounded load test."""
 import asyncio
+import os
 import queue
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
+import httpx2 as httpx  # the openai client's HTTP library
 import jax
 import numpy as np
 import openai
+from prometheus_client import parser
 import pytest
-import uvicorn
 
-from kforcing_jax.decoding import sampler as sampler_lib
+from kforcing_jax import errors
+from kforcing_jax import serve
 from kforcing_jax import sharding as sharding_lib
-from kforcing_jax.training import checkpoint as ckpt_lib
 from kforcing_jax.data import tokenization
+from kforcing_jax.decoding import engine as decode
+from kforcing_jax.decoding import sampler as sampler_lib
+from kforcing_jax.pipeline import config_lib
 from kforcing_jax.serving import api
 from kforcing_jax.serving import engine as engine_lib
 from kforcing_jax.serving import scheduler as scheduler_lib
-from kforcing_jax.serving import server
+from kforcing_jax.training import checkpoint as ckpt_lib
 from tests.helpers import tiny_model
 
 V = 53
@@ -134,7 +144,6 @@ def test_sharded_engine_gives_the_same_tokens(models):
 
 def test_engine_refuses_what_it_cannot_serve(models):
   arch, _, params = models['pflm']
-  from kforcing_jax.decoding import engine as decode  # pylint: disable=g-import-not-at-top
   with pytest.raises(decode.DecodeError, match='K=8: allowed 1..4'):
     engine_lib.SlotEngine(arch, params, k=4, K=8, max_slots=2)
   eng = engine_lib.SlotEngine(arch, params, k=4, K=4, max_slots=2)
@@ -161,21 +170,89 @@ def test_graceful_shutdown_finishes_running_and_queued_requests(models):
     sched.submit(scheduler_lib.Request([1], 4, engine_lib.SamplingParams(), q.put))
 
 
-def test_cancelled_requests_free_their_place(models):
+def test_a_cancelled_waiting_request_leaves_the_queue_at_once(models):
+  """Its final event arrives at once (not when a slot frees) and its queue place is free
+  for the next request."""
   arch, _, params = models['ar']
   eng = engine_lib.SlotEngine(arch, params, k=0, K=1, max_slots=1)
-  sched = scheduler_lib.Scheduler(eng)
+  sched = scheduler_lib.Scheduler(eng, max_queue=1)  # not started yet: nothing is admitted
   q1, q2 = queue.Queue(), queue.Queue()
   first = scheduler_lib.Request([1, 2], 30, engine_lib.SamplingParams(), q1.put)
   sched.submit(first)
-  sched.submit(scheduler_lib.Request([1, 2], 5, engine_lib.SamplingParams(), q2.put))
   first.cancel('timeout')  # e.g. a client that went away while queued
+  assert q1.get_nowait() == scheduler_lib.Event([], 'timeout') and sched.waiting == 0
+  sched.submit(scheduler_lib.Request([1, 2], 5, engine_lib.SamplingParams(), q2.put))
   sched.start()
   try:
-    assert collect(q1) == ([], 'timeout')
-    assert collect(q2)[1] == 'length'
+    assert collect(q2)[1] == 'length' and q1.empty()
   finally:
     sched.shutdown()
+
+
+def final_event(q):
+  toks = []
+  while True:
+    ev = q.get(timeout=120)
+    toks += ev.token_ids
+    if ev.finish_reason:
+      return toks, ev
+
+
+def test_a_request_whose_admission_fails_fails_alone(models):
+  """A prefill that raises (a compile or out-of-memory error of its length bucket) ends its
+  request with 'error'; the requests before and after it get their alone tokens and the
+  scheduler keeps running."""
+  arch, _, params = models['ar']
+  eng = engine_lib.SlotEngine(arch, params, k=0, K=1, max_slots=2)
+  real = eng.prefill
+
+  def prefill(prompt):
+    if prompt == [9, 9, 9]:
+      raise RuntimeError('RESOURCE_EXHAUSTED: out of memory')
+    return real(prompt)
+  eng.prefill = prefill
+  reqs = requests(np.random.default_rng(4), 4, False)
+  bad = scheduler_lib.Request([9, 9, 9], 4, engine_lib.SamplingParams(), None)
+  sched = scheduler_lib.Scheduler(eng).start()
+  try:
+    queues = []
+    for r in reqs[:2] + [bad] + reqs[2:]:
+      queues.append(queue.Queue())
+      r.emit = queues[-1].put
+      sched.submit(r)
+    got = [final_event(q) for q in queues]
+  finally:
+    sched.shutdown()
+  toks, ev = got.pop(2)
+  assert toks == [] and ev.finish_reason == 'error' and 'out of memory' in str(ev.error)
+  for r, (toks, ev) in zip(reqs, got):
+    assert toks == alone(arch, params, 0, r, 1) and ev.finish_reason == 'length'
+  assert sched.error is None
+
+
+def test_a_failing_step_ends_every_request_and_stops_the_scheduler(models):
+  arch, _, params = models['ar']
+  eng = engine_lib.SlotEngine(arch, params, k=0, K=1, max_slots=1)
+  real, calls = eng.generate, []
+
+  def generate(state, **kw):
+    calls.append(1)
+    if len(calls) == 3:
+      raise RuntimeError('device lost')
+    return real(state, **kw)
+  eng.generate = generate
+  fatal = []
+  sched = scheduler_lib.Scheduler(eng, on_fatal=fatal.append)
+  queues = [queue.Queue(), queue.Queue()]  # one runs, one waits
+  for q in queues:
+    sched.submit(scheduler_lib.Request([1, 2], 30, engine_lib.SamplingParams(), q.put))
+  sched.start()
+  running, waiting = (final_event(q) for q in queues)
+  assert running[1].finish_reason == waiting[1].finish_reason == 'error'
+  assert len(running[0]) <= 2 and waiting[0] == []
+  assert fatal == [sched.error] and str(sched.error) == 'device lost' and not sched.accepting
+  with pytest.raises(scheduler_lib.ShuttingDown):
+    sched.submit(scheduler_lib.Request([1], 4, engine_lib.SamplingParams(), queues[0].put))
 
 
 def test_text_stream_keeps_utf8_and_stop_strings_whole():
@@ -183,37 +260,63 @@ def test_text_stream_keeps_utf8_and_stop_strings_whole():
       name='bytes', vocab_size=256, eos_id=0, pad_id=0, never_emit_ids=(), fingerprint='',
       add_bos_eos=False, _encode=lambda s: list(s.encode()),
       _decode=lambda ids: bytes(ids).decode('utf-8', errors='replace'))
-  s = api.TextStream(gpt2, eos_id=0, stop=('END',))
+  s = api.TextStream(gpt2, stop=('END',))
   ids = list('aé€'.encode()) + list(b'xEN')
   deltas = [s.add([t]) for t in ids]
-  assert ''.join(deltas) == 'aé€x' and '\ufffd' not in ''.join(deltas)
-  assert s.add(list(b'D more')) == '' and s.stopped  # 'EN' was held back, then matched
+  text = ''.join(d for d, _ in deltas)
+  assert text == 'aé€x' and '\ufffd' not in text
+  assert [i for _, new in deltas for i in new] == ids
+  # 'EN' was held back, then matched; the ids end at the 'D' that completes the stop string
+  assert s.add(list(b'D more')) == ('', [ord('D')]) and s.stopped
+  s = api.TextStream(gpt2)
+  assert s.add(list(b'ab') + [0], final=True, stop_token=True) == ('ab', [97, 98, 0])
 
 
 # ---- the live server ------------------------------------------------------------------------
+TOK = tokenization.synthetic(V, 'test')
+
+
+def free_port() -> int:
+  sock = socket.socket()
+  sock.bind(('127.0.0.1', 0))
+  port = sock.getsockname()[1]
+  sock.close()
+  return port
+
+
+def sampler(models, kind):
+  arch, _, params = models[kind]
+  return sampler_lib.Sampler(arch, params, k=4 if kind == 'pflm' else 0, tokenizer=TOK)
+
+
+def serve_flags(*flags):
+  return config_lib.cli_flags(serve.define_flags, ['serve', *flags])
+
+
 class LiveServer:
-  def __init__(self, arch, params, k, K, slots, max_queue=256, request_timeout=600.0,
-               start=True):
-    self.engine = engine_lib.SlotEngine(arch, params, k=k, K=K, max_slots=slots)
-    self.tok = tokenization.synthetic(V, 'test')
-    metrics = api.Metrics()
-    self.sched = scheduler_lib.Scheduler(self.engine, eos_id=self.tok.eos_id,
-                                         max_queue=max_queue, metrics=metrics)
-    if start:
-      self.sched.start()
-    model = api.Model('tiny', k, K, V, self.engine.max_len, arch.never_emit_ids, self.tok)
-    app = server.make_app(self.sched, model, metrics, request_timeout=request_timeout)
-    sock = socket.socket()
-    sock.bind(('127.0.0.1', 0))
-    self.port = sock.getsockname()[1]
-    sock.close()
-    self.server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=self.port,
-                                                log_level='warning'))
+  """serve.build's app for a Sampler, run by serve.uvicorn_server in a thread."""
+
+  def __init__(self, s, *flags):
+    port = free_port()
+    self.flags = serve_flags(f'--port={port}', *flags)
+    self.app = serve.build(self.flags, (s, 'tiny'))
+    self.sched = self.app.state.scheduler
+    self.engine = self.sched.engine
+    self.server = serve.uvicorn_server(self.app, self.flags)
     self.thread = threading.Thread(target=self.server.run, daemon=True)
     self.thread.start()
     while not self.server.started:
+      assert self.thread.is_alive(), 'the server did not start'
       time.sleep(0.02)
-    self.url = f'http://127.0.0.1:{self.port}/v1'
+    self.root = f'http://127.0.0.1:{port}'
+    self.url = self.root + '/v1'
+    self.client = openai.OpenAI(base_url=self.url, api_key='none', max_retries=0)
+
+  def post(self, path, body=None, **kw):
+    return httpx.post(self.url + path, json=body, timeout=60, **kw)
+
+  def get(self, path):
+    return httpx.get(self.root + path, timeout=60)
 
   def close(self):
     self.server.should_exit = True
@@ -222,22 +325,28 @@ class LiveServer:
 
 @pytest.fixture(scope='module')
 def live(models):
-  arch, _, params = models['pflm']
-  s = LiveServer(arch, params, 4, 4, slots=8)
+  s = LiveServer(sampler(models, 'pflm'), '--K=4', '--max_slots=8')
+  yield s
+  s.close()
+
+
+@pytest.fixture(scope='module')
+def live_ar(models):
+  s = LiveServer(sampler(models, 'ar'), '--max_slots=4')
   yield s
   s.close()
 
 
 def test_openai_client_completions(live, models):
   arch, _, params = models['pflm']
-  c = openai.OpenAI(base_url=live.url, api_key='none', max_retries=0)
+  c = live.client
   assert [m.id for m in c.models.list().data] == ['tiny']
   r = c.completions.create(model='tiny', prompt='| s3 s4', max_tokens=10, seed=7,
                            frequency_penalty=0.5, extra_body={'ignore_eos': True})
   ids = r.choices[0].model_extra['token_ids']
   want = sampler_lib.Sampler(arch, params, k=4).generate_ids(
       [[0, 3, 4]], 10, K=4, freq_penalty=0.5, seed=7, stop_at_eos=False)[0].tolist()
-  assert ids == want and r.choices[0].text == live.tok.decode(want)
+  assert ids == want and r.choices[0].text == TOK.decode(want)
   assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (3, 10)
   assert r.choices[0].finish_reason == 'length'
   again = c.completions.create(model='tiny', prompt=[0, 3, 4], max_tokens=10, seed=7,
@@ -252,54 +361,193 @@ def test_openai_client_completions(live, models):
   assert sum((ch.choices[0].model_extra['token_ids'] for ch in steps), []) == ids
   assert ''.join(ch.choices[0].text for ch in steps) == r.choices[0].text
   assert steps[-1].choices[0].finish_reason == 'length' and chunks[-1].usage.completion_tokens == 10
-  stop_at = live.tok.decode(want[4:6])
+  stop_at = TOK.decode(want[4:6])
+  full = TOK.decode(want)
+  # the ids end at the token that completes the stop string
+  cut = next(n for n in range(1, 11) if stop_at in TOK.decode(want[:n]))
   for stream in (False, True):
     stop = c.completions.create(model='tiny', prompt='| s3 s4', max_tokens=10, seed=7,
                                 frequency_penalty=0.5, stop=[stop_at], stream=stream,
                                 extra_body={'ignore_eos': True})
-    parts = list(stop) if stream else [stop]
-    text = ''.join(p.choices[0].text for p in parts)
-    full = live.tok.decode(want)
-    assert text == full[:full.find(stop_at)] and parts[-1].choices[0].finish_reason == 'stop'
+    parts = [p for p in stop if p.choices] if stream else [stop]
+    assert ''.join(p.choices[0].text for p in parts) == full[:full.find(stop_at)]
+    assert sum((p.choices[0].model_extra['token_ids'] for p in parts), []) == want[:cut]
+    assert parts[-1].choices[0].finish_reason == 'stop'
 
 
-@pytest.mark.parametrize('body,status,match', [
-    ({'max_tokens': 0}, 400, 'max_tokens=0: must be >= 1'),
-    ({'max_tokens': 80}, 400, "exceeds the model's maximum length"),
-    ({'temperature': 0.7}, 400, 'temperature is an AR setting'),
-    ({'K': 8}, 400, "K=8 is larger than the model's window k=4"),
-    ({'K': 2}, 400, 'this server decodes K=4'),
-    ({'stream': 'yes'}, 400, 'stream: expected true or false'),
-    ({'n': 2}, 400, 'n=2 is not supported'),
-    ({'prompt': [0, 99]}, 400, 'outside the vocabulary'),
-    ({'prompt': '| hello'}, 400, 'not a token'),
-    ({'model': 'gpt-4'}, 404, "model 'gpt-4' is not served here"),
+@pytest.mark.parametrize('body,status,param,match', [
+    ({'max_tokens': 0}, 400, 'max_tokens', 'max_tokens: Input should be greater than or equal '
+     'to 1'),
+    ({'max_tokens': 80}, 400, 'max_tokens', "exceeds the model's maximum length 64"),
+    ({'temperature': 0.7}, 400, 'temperature', 'temperature is an AR setting'),
+    ({'K': 8}, 400, 'K', "K=8 is larger than the model's window k=4"),
+    ({'K': 2}, 400, 'K', 'this server decodes K=4'),
+    ({'stream': 'yes'}, 400, 'stream', "stream: Input should be a valid boolean, got 'yes'"),
+    ({'n': 0}, 400, 'n', 'n: Input should be greater than or equal to 1'),
+    ({'seed': 2 ** 31}, 400, 'seed', 'seed: Input should be less than or equal to 2147483647'),
+    ({'seed': 2 ** 31 - 1, 'n': 2}, 400, 'seed', 'seed + n - 1 must be at most 2147483647'),
+    ({'top_k': 4294967296}, 400, 'top_k', 'top_k: Input should be less than or equal to'),
+    ({'logprobs': 0}, 400, 'logprobs', 'logprobs=0 is not supported'),
+    ({'echo': True}, 400, 'echo', 'echo=true is not supported'),
+    ({'min_tokens': 3}, 400, 'min_tokens', 'min_tokens=3 is not supported'),
+    ({'stream_options': {'include_usage': True}}, 400, 'stream_options',
+     'only allowed with stream=true'),
+    ({'prompt': [0, 99]}, 400, 'prompt', 'outside the vocabulary'),
+    ({'prompt': [0, 2 ** 40]}, 400, 'prompt', 'prompt: expected a string, a non-empty list'),
+    ({'prompt': '| hello'}, 400, 'prompt', 'not a token'),
+    ({'stop_token_ids': [99]}, 400, 'stop_token_ids', 'token ids [99] are outside'),
+    ({'foo': 1, 'guided_json': {}}, 400, 'foo', "unknown fields 'foo', 'guided_json'"),
+    ({'model': 'gpt-4'}, 404, 'model', "model 'gpt-4' is not served here"),
 ])
-def test_bad_requests_get_4xx_and_the_server_keeps_serving(live, body, status, match):
-  import httpx2 as httpx  # pylint: disable=g-import-not-at-top  (the openai client's HTTP)
-  r = httpx.post(live.url + '/completions', json={'prompt': '| s1', 'max_tokens': 4, **body},
-                 timeout=60)
-  assert r.status_code == status and match in r.json()['error']['message'], r.text
-  bad_json = httpx.post(live.url + '/completions', content=b'{"prompt": ', timeout=60)
-  assert bad_json.status_code == 400 and 'not valid JSON' in bad_json.text
-  ok = openai.OpenAI(base_url=live.url, api_key='none').completions.create(
-      model='tiny', prompt='| s1', max_tokens=4, extra_body={'ignore_eos': True})
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(live, body, status, param, match):
+  r = live.post('/completions', {'prompt': '| s1', 'max_tokens': 4, **body})
+  err = r.json()['error']
+  assert r.status_code == status == err['code'] and match in err['message'], r.text
+  assert err['param'] == param and err['type'] in ('invalid_request_error', 'not_found_error')
+  ok = live.client.completions.create(model='tiny', prompt='| s1', max_tokens=4,
+                                      extra_body={'ignore_eos': True})
   assert ok.usage.completion_tokens == 4
-  assert httpx.get(live.url.replace('/v1', '/health'), timeout=60).json()['status'] == 'ok'
+  assert live.get('/health').json()['status'] == 'ok'
 
 
-def test_timeouts_and_full_queues_answer_504_and_429(models):
-  """A scheduler that admits nothing: the first request times out while queued (504) and
-  stays queued, so the next one finds the one-request queue full (429)."""
-  import httpx2 as httpx  # pylint: disable=g-import-not-at-top
-  arch, _, params = models['ar']
-  s = LiveServer(arch, params, 0, 1, slots=1, max_queue=1, request_timeout=0.2, start=False)
+def test_every_error_is_in_the_openai_shape(live):
+  shape = lambda r: set(r.json()['error']) == {'message', 'type', 'param', 'code'}
+  r = live.post('/nothing', {})
+  assert r.status_code == 404 and shape(r) and 'no route POST /v1/nothing' in r.text
+  r = live.get('/v1/completions')
+  assert r.status_code == 405 and shape(r)
+  for content, match in ((b'{"prompt": ', 'not valid JSON'),
+                         (b'[1, 2]', 'must be a JSON object'),
+                         (b'{"prompt": "| s1", "top_p": NaN}', 'top_p: Input should be a '
+                          'finite number')):
+    r = httpx.post(live.url + '/completions', content=content,
+                   headers={'content-type': 'application/json'}, timeout=60)
+    assert r.status_code == 400 and shape(r) and match in r.json()['error']['message'], r.text
+
+
+def test_the_top_k_overflow_request_gets_400_and_the_server_keeps_serving(live_ar):
+  """The request that used to kill the scheduler thread, and top_k past the vocabulary."""
+  r = live_ar.post('/completions', {'model': 'tiny', 'prompt': [3, 5, 7], 'top_k': 4294967296})
+  assert r.status_code == 400 and r.json()['error']['param'] == 'top_k'
+  r = live_ar.post('/completions', {'prompt': [3, 5, 7], 'top_k': V + 1})
+  assert r.status_code == 400 and f'allowed 0..{V}' in r.json()['error']['message']
+  r = live_ar.post('/completions', {'prompt': [3, 5, 7], 'top_k': V, 'max_tokens': 3,
+                                    'ignore_eos': True})
+  assert r.status_code == 200 and len(r.json()['choices'][0]['token_ids']) == 3
+  assert live_ar.get('/health').json()['status'] == 'ok' and live_ar.sched.error is None
+
+
+def test_n_choices_use_seeds_s_plus_i_and_stream_by_index(live_ar, models):
+  s = sampler(models, 'ar')
+  prompts = [[0, 3, 4], [0, 7]]
+  want = {i * 3 + j: s.generate_ids([p], 6, temperature=1.0, seed=5 + j,
+                                    stop_at_eos=False)[0].tolist()
+          for i, p in enumerate(prompts) for j in range(3)}
+  body = dict(model='tiny', prompt=prompts, max_tokens=6, n=3, seed=5, temperature=1.0,
+              extra_body={'ignore_eos': True})
+  r = live_ar.client.completions.create(**body)
+  assert [ch.index for ch in r.choices] == list(range(6))
+  assert {ch.index: ch.model_extra['token_ids'] for ch in r.choices} == want
+  assert r.usage.prompt_tokens == 5 and r.usage.completion_tokens == 36
+  got = {i: [] for i in want}
+  for chunk in live_ar.client.completions.create(stream=True, **body):
+    for ch in chunk.choices:
+      got[ch.index] += ch.model_extra['token_ids']
+  assert got == want
+
+
+def test_stop_token_ids_end_a_choice_at_that_token(live_ar, models):
+  want = sampler(models, 'ar').generate_ids([[0, 3, 4]], 12, temperature=0.0,
+                                            stop_at_eos=False)[0].tolist()
+  stop = want[4]
+  cut = want.index(stop) + 1
+  r = live_ar.client.completions.create(model='tiny', prompt=[0, 3, 4], max_tokens=12,
+                                        temperature=0, extra_body={'ignore_eos': True,
+                                                                   'stop_token_ids': [stop]})
+  ch = r.choices[0]
+  assert ch.model_extra['token_ids'] == want[:cut] and ch.finish_reason == 'stop'
+  assert ch.text == TOK.decode(want[:cut - 1])
+
+
+def test_tokenize_and_detokenize(live_ar):
+  for path in ('/tokenize', '/v1/tokenize'):
+    r = httpx.post(live_ar.root + path, json={'model': 'tiny', 'prompt': '| s3 s4'}, timeout=60)
+    assert r.json() == {'count': 3, 'max_model_len': 64, 'tokens': [0, 3, 4]}
+  assert live_ar.post('/detokenize', {'tokens': [0, 3, 4]}).json() == {'prompt': '| s3 s4'}
+  assert live_ar.post('/detokenize', {'tokens': [0, V]}).status_code == 400
+  r = live_ar.post('/tokenize', {'messages': [{'role': 'user', 'content': 'hi'}]})
+  assert r.status_code == 400 and 'has no chat template' in r.json()['error']['message']
+  r = live_ar.post('/chat/completions', {'messages': [{'role': 'user', 'content': 'hi'}]})
+  assert r.status_code == 400 and r.json()['error']['param'] == 'messages'
+
+
+def test_a_failed_admission_answers_500_for_that_request_alone(live_ar, monkeypatch):
+  real = live_ar.engine.prefill
+
+  def prefill(prompt):
+    if prompt == [9, 9, 9]:
+      raise RuntimeError('RESOURCE_EXHAUSTED: out of memory')
+    return real(prompt)
+  monkeypatch.setattr(live_ar.engine, 'prefill', prefill)
+  r = live_ar.post('/completions', {'prompt': [9, 9, 9], 'max_tokens': 3})
+  assert r.status_code == 500 and 'RuntimeError: RESOURCE_EXHAUSTED' in r.json()['error']['message']
+  r = live_ar.post('/completions', {'prompt': [9, 9], 'max_tokens': 3, 'ignore_eos': True})
+  assert r.status_code == 200 and live_ar.get('/health').json()['status'] == 'ok'
+
+
+def test_metrics_count_queue_time_latency_and_prompt_tokens(live_ar):
+  def read():
+    text = live_ar.get('/metrics').text
+    return {s.name: s.value for fam in parser.text_string_to_metric_families(text)
+            for s in fam.samples}
+  before = read()
+  live_ar.post('/completions', {'prompt': [0, 3, 4, 5], 'max_tokens': 3, 'n': 2})
+  after = read()
+  delta = lambda name: after[name] - before.get(name, 0)
+  assert delta('kforcing_prompt_tokens_total') == 8  # each choice's prompt was admitted
+  assert delta('kforcing_request_queue_time_seconds_count') == 2
+  assert delta('kforcing_e2e_request_latency_seconds_count') == 2
+  assert 'kforcing_time_to_first_token_seconds_count' in after
+
+
+def test_timed_out_requests_free_their_queue_place_and_a_full_queue_answers_429(models):
+  """One slot, a one-request queue, 0.3 s timeouts, and an admission that blocks: a request
+  that times out while queued (504) leaves the queue at once, so the next one is queued
+  too (504), while one sent behind a live waiting request finds the queue full (429)."""
+  s = LiveServer(sampler(models, 'ar'), '--max_slots=1', '--max_queue=1',
+                 '--request_timeout=0.3')
+  entered, release = threading.Event(), threading.Event()
+  real = s.engine.prefill
+
+  def blocked(prompt):
+    entered.set()
+    release.wait(60)
+    return real(prompt)
+  s.engine.prefill = blocked
+  body = {'prompt': '| s1', 'max_tokens': 8}
   try:
-    r = httpx.post(s.url + '/completions', json={'prompt': '| s1', 'max_tokens': 8}, timeout=60)
-    assert r.status_code == 504 and 'took longer than' in r.json()['error']['message']
-    r = httpx.post(s.url + '/completions', json={'prompt': '| s1', 'max_tokens': 8}, timeout=60)
+    first = []
+    threading.Thread(target=lambda: first.append(s.post('/completions', body))).start()
+    assert entered.wait(60)  # the first request is being admitted; the queue is empty
+    for _ in range(2):
+      r = s.post('/completions', body)
+      assert r.status_code == 504 and 'took longer than' in r.json()['error']['message']
+      assert s.sched.waiting == 0
+    third = []
+    threading.Thread(target=lambda: third.append(s.post('/completions', body))).start()
+    while s.sched.waiting == 0:
+      time.sleep(0.01)
+    r = s.post('/completions', body)
     assert r.status_code == 429 and 'queue is full' in r.json()['error']['message']
+    while not (first and third):
+      time.sleep(0.01)
+    assert first[0].status_code == third[0].status_code == 504
+    release.set()
+    s.sched.shutdown(drain=False, timeout=10)
+    assert s.get('/health').status_code == 503 and s.get('/health').json()['status'] == 'draining'
+    assert s.post('/completions', body).status_code == 503
   finally:
+    release.set()
     s.close()
 
 
@@ -327,23 +575,54 @@ def test_load_nothing_lost_nothing_mixed(live, models):
     assert count == n == len(ids)
     assert ids == s.generate_ids([prompt], n, K=4, freq_penalty=lam, seed=seed,
                                  stop_at_eos=False)[0].tolist()
-  metrics = __import__('httpx2').get(live.url.replace('/v1', '/metrics'), timeout=60).text
-  assert 'kforcing_time_to_first_token_seconds_count' in metrics
 
 
-def test_serve_cli_serves_and_drains_on_sigterm(tmp_path):
+def test_serve_refuses_K_for_an_AR_model(models):
+  with pytest.raises(SystemExit, match='--K=2 is a PFLM setting'):
+    serve.main(['serve', '--config=synthetic', '--random_init', '--model=ar', '--K=2'])
+  with pytest.raises(SystemExit, match='give one of --export=DIR'):
+    serve.main(['serve', '--port=1'])
+  with pytest.raises(errors.UserError, match='--K=2: tiny is an autoregressive model'):
+    serve.build(serve_flags('--K=2'), (sampler(models, 'ar'), 'tiny'))
+
+
+def test_a_failing_step_stops_the_server_with_exit_status_1(models, monkeypatch):
+  """serve.main: the request in flight gets a 500, the HTTP server stops, and main ends
+  with SystemExit naming the failure (status 1, for a supervisor to restart it)."""
+  monkeypatch.setattr(serve, 'load_model', lambda f, mesh: (sampler(models, 'ar'), 'tiny'))
+
+  def generate(self, state, **kw):
+    raise RuntimeError('device lost')
+  monkeypatch.setattr(engine_lib.SlotEngine, 'generate', generate)
+  port, ended = free_port(), []
+
+  def target():
+    try:
+      serve.main(['serve', '--export=unused', f'--port={port}', '--nowarmup'])
+    except SystemExit as e:
+      ended.append(e)
+  thread = threading.Thread(target=target, daemon=True)
+  thread.start()
+  url = f'http://127.0.0.1:{port}'
+  while True:
+    try:
+      if httpx.get(url + '/health', timeout=5).status_code == 200:
+        break
+    except httpx.HTTPError:
+      assert thread.is_alive(), ended
+      time.sleep(0.05)
+  r = httpx.post(url + '/v1/completions', json={'prompt': '| s1', 'max_tokens': 4}, timeout=60)
+  assert r.status_code == 500 and 'RuntimeError: device lost' in r.json()['error']['message']
+  thread.join(timeout=60)
+  assert not thread.is_alive() and len(ended) == 1
+  assert 'the decoding step failed (RuntimeError: device lost)' in str(ended[0].code)
+
+
+def test_serve_cli_serves_and_drains_on_sigterm():
   """python -m kforcing_jax.serve with random weights: a completion in flight when SIGTERM
   arrives still completes; then the process exits cleanly."""
-  import os  # pylint: disable=g-import-not-at-top
-  import signal  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  import httpx2 as httpx  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  sock = socket.socket()
-  sock.bind(('127.0.0.1', 0))
-  port = sock.getsockname()[1]
-  sock.close()
+  port = free_port()
   proc = subprocess.Popen(
       [sys.executable, '-m', 'kforcing_jax.serve', '--config=synthetic', '--random_init',
        '--model=pflm', '--K=2', '--max_slots=2', f'--port={port}', '--config.model.d_model=32',
@@ -358,6 +637,7 @@ def test_serve_cli_serves_and_drains_on_sigterm(tmp_path):
         if httpx.get(url + '/health', timeout=2).status_code == 200:
           break
       except httpx.HTTPError:
+        assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.5)
     c = openai.OpenAI(base_url=url + '/v1', api_key='none', max_retries=0)
     assert c.models.list().data[0].id == 'random-pflm'

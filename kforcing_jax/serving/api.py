@@ -1,17 +1,22 @@
-"""The OpenAI completions protocol around the scheduler: request parsing with errors that
-name the field, incremental detokenization, stop strings, and Prometheus metrics."""
+"""The OpenAI completions protocol around the scheduler: validated request bodies checked
+against the served model (errors name the field), a request's engine requests (one per
+prompt and choice), chat prompts through the model's template, incremental detokenization
+with stop strings, and Prometheus metrics."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import secrets
+from typing import Callable
 
 import prometheus_client
 
 from kforcing_jax import errors
 from kforcing_jax.data import tokenization
 from kforcing_jax.serving import engine as engine_lib
+from kforcing_jax.serving import protocol
 
-SEED_RANGE = (-2 ** 31, 2 ** 31)
+SEED_RANGE = (protocol.INT32_MIN, protocol.INT32_MAX + 1)
 
 
 class BadRequest(errors.UserError):
@@ -20,9 +25,7 @@ class BadRequest(errors.UserError):
     self.param, self.status = param, status
 
   def body(self) -> dict:
-    kind = 'invalid_request_error' if self.status < 500 else 'server_error'
-    return {'error': {'message': str(self), 'type': kind, 'param': self.param,
-                      'code': self.status}}
+    return protocol.error_body(str(self), status=self.status, param=self.param)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,98 +36,128 @@ class Model:
   K: int
   vocab_size: int
   max_len: int
-  never_emit: tuple[int, ...]
   tokenizer: tokenization.Tokenizer | None
+  eos_id: int = -1
+  eos_ids: tuple[int, ...] = ()  # further ids that end a text (the model config's EOS list)
+  chat_template: str | None = None  # jinja, as the model ships it
+  # chat messages -> prompt ids: the rendered template, its special tokens as single ids
+  encode_chat: Callable[[list[dict]], list[int]] | None = None
+  end_of_turn_ids: tuple[int, ...] = ()  # chat answers end there as at EOS
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """One engine request of an API request: choice `index` (prompt i, sample j: i * n + j)."""
+  index: int
+  prompt: list[int]
+  max_tokens: int
+  sampling: engine_lib.SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
-  prompts: list[list[int]]
-  max_tokens: int
-  sampling: engine_lib.SamplingParams
+  choices: list[Choice]
+  prompt_tokens: int  # each prompt counted once, whatever n
   stop: tuple[str, ...]
+  stop_ids: frozenset[int]  # besides EOS: stop_token_ids, a chat's end of turn
   stream: bool
   include_usage: bool
   ignore_eos: bool
 
 
-def _typed(body: dict, name: str, kinds, default, what: str):
-  v = body.get(name)
-  if v is None:
-    return default
-  kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-  if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
-    raise BadRequest(name, f'{name}: expected {what}, got {v!r}')
-  return v
+def _same(value, neutral) -> bool:
+  """value == neutral, with 0 == 0.0 but 0 != False and [] == {} == None == ''."""
+  if isinstance(neutral, bool) or isinstance(value, bool):
+    return value is neutral
+  if isinstance(neutral, (int, float)):
+    return isinstance(value, (int, float)) and value == neutral
+  return not value if neutral is None else value == neutral
 
 
-def _prompts(body: dict, model: Model) -> list[list[int]]:
-  p = body.get('prompt')
-  if p is None:
-    raise BadRequest('prompt', 'prompt: required (a string, a list of token ids, or a list '
-                     'of either)')
-  is_ids = lambda x: isinstance(x, list) and x and all(
-      isinstance(t, int) and not isinstance(t, bool) for t in x)
-  if isinstance(p, str) or is_ids(p):
-    p = [p]
-  if not isinstance(p, list) or not p or not all(isinstance(x, str) or is_ids(x) for x in p):
-    raise BadRequest('prompt', 'prompt: expected a string, a non-empty list of token ids, or '
-                     'a list of either')
-  out = []
-  for x in p:
-    if isinstance(x, str):
-      if model.tokenizer is None:
-        raise BadRequest('prompt', 'prompt: this model has no tokenizer; send token ids')
-      if not x:
-        raise BadRequest('prompt', 'prompt: empty string; give some text to continue')
-      try:
-        ids = tokenization.encode_prompt(model.tokenizer, x)
-      except ValueError as e:
-        raise BadRequest('prompt', f'prompt: {e}') from None
-      if not ids:
-        raise BadRequest('prompt', f'prompt {x!r} encodes to no tokens')
-    else:
-      ids = list(x)
-      bad = [t for t in ids if not 0 <= t < model.vocab_size]
-      if bad:
-        raise BadRequest('prompt', f'prompt: token ids {bad[:5]} are outside the vocabulary '
-                         f'0..{model.vocab_size - 1}')
-    out.append(ids)
-  return out
-
-
-def parse_completion(body, model: Model) -> Completion:
-  """A /v1/completions body -> Completion, or BadRequest naming the field."""
-  if not isinstance(body, dict):
-    raise BadRequest(None, 'the request body must be a JSON object')
-  name = body.get('model')
+def check_model_name(name: str | None, model: Model) -> None:
   if name is not None and name != model.name:
     raise BadRequest('model', f'model {name!r} is not served here; available: {model.name}',
                      status=404)
+
+
+def _check_neutral(req: protocol.SamplingFields) -> None:
+  for field, neutral in protocol.NEUTRAL.items():
+    value = getattr(req, field, None)
+    if value is not None and not _same(value, neutral):
+      allowed = json.dumps(neutral) + ' or ' if neutral not in (None, False, 0) else ''
+      raise BadRequest(field, f'{field}={json.dumps(value)} is not supported by this server '
+                       f'(allowed: {allowed}leave it out)')
+
+
+def check_ids(ids: list[int], model: Model, field: str) -> list[int]:
+  bad = [t for t in ids if not 0 <= t < model.vocab_size]
+  if bad:
+    raise BadRequest(field, f'{field}: token ids {bad[:5]} are outside the vocabulary '
+                     f'0..{model.vocab_size - 1}')
+  return list(ids)
+
+
+def encode_text(model: Model, text: str, field: str = 'prompt') -> list[int]:
+  """A prompt's ids; special tokens written in the text are single ids."""
+  if model.tokenizer is None:
+    raise BadRequest(field, f'{field}: this model has no tokenizer; send token ids')
+  if not text:
+    raise BadRequest(field, f'{field}: empty string; give some text to continue')
+  try:
+    ids = tokenization.encode_prompt(model.tokenizer, text)
+  except ValueError as e:
+    raise BadRequest(field, f'{field}: {e}') from None
+  if not ids:
+    raise BadRequest(field, f'{field}: {text!r} encodes to no tokens')
+  return ids
+
+
+def _prompts(prompt, model: Model) -> list[list[int]]:
+  if isinstance(prompt, str) or isinstance(prompt[0], int):
+    prompt = [prompt]
+  return [encode_text(model, p) if isinstance(p, str) else check_ids(p, model, 'prompt')
+          for p in prompt]
+
+
+def chat_messages(messages: list[protocol.ChatMessage]) -> list[dict]:
+  """The messages as a chat template takes them (text parts joined)."""
+  out = []
+  for m in messages:
+    d = m.model_dump(exclude_none=True)
+    if isinstance(m.content, list):
+      d['content'] = ''.join(part.text for part in m.content)
+    out.append(d)
+  return out
+
+
+def chat_prompt(messages: list[protocol.ChatMessage], model: Model) -> list[int]:
+  if model.chat_template is None or model.encode_chat is None:
+    raise BadRequest('messages', f'model {model.name!r} has no chat template (its export '
+                     'carries none), so it takes no chat messages: use /v1/completions with '
+                     'a prompt')
+  try:
+    ids = model.encode_chat(chat_messages(messages))
+  except errors.UserError as e:
+    raise BadRequest('messages', f'messages: {e}') from None
+  if not ids:
+    raise BadRequest('messages', 'messages: the chat template renders them as no tokens')
+  return check_ids(ids, model, 'messages')
+
+
+def _sampling(req: protocol.SamplingFields, model: Model) -> tuple[engine_lib.SamplingParams, int]:
+  """(the settings of choice 0, its seed) after every model-dependent check."""
+  _check_neutral(req)
   pflm = model.k > 0
-  prompts = _prompts(body, model)
-  max_tokens = _typed(body, 'max_tokens', int, 16, 'an integer >= 1')
-  if max_tokens < 1:
-    raise BadRequest('max_tokens', f'max_tokens={max_tokens}: must be >= 1')
-  for ids in prompts:
-    if len(ids) + max_tokens > model.max_len:
-      raise BadRequest('prompt', f'prompt of {len(ids)} tokens + max_tokens={max_tokens} '
-                       f'exceeds the model\'s maximum length {model.max_len}')
-  temperature = float(_typed(body, 'temperature', (int, float), 1.0, 'a number in [0, 2]'))
-  top_p = float(_typed(body, 'top_p', (int, float), 1.0, 'a number in (0, 1]'))
-  top_k = _typed(body, 'top_k', int, 0, 'an integer >= 0 (0 or -1 = off)')
-  penalty = float(_typed(body, 'frequency_penalty', (int, float), 0.0, 'a number in [-2, 2]'))
-  if not 0.0 <= temperature <= 2.0:
-    raise BadRequest('temperature', f'temperature={temperature}: allowed 0..2')
-  if not 0.0 < top_p <= 1.0:
-    raise BadRequest('top_p', f'top_p={top_p}: allowed 0 < top_p <= 1')
-  if top_k < -1:
-    raise BadRequest('top_k', f'top_k={top_k}: allowed >= 0 (0 or -1 = off)')
-  if not -2.0 <= penalty <= 2.0:
-    raise BadRequest('frequency_penalty', f'frequency_penalty={penalty}: allowed -2..2')
+  temperature = 1.0 if req.temperature is None else float(req.temperature)
+  top_p = 1.0 if req.top_p is None else float(req.top_p)
+  top_k = max(req.top_k or 0, 0)
+  penalty = float(req.frequency_penalty or 0.0)
+  if top_k > model.vocab_size:
+    raise BadRequest('top_k', f'top_k={top_k}: allowed 0..{model.vocab_size} (the '
+                     'vocabulary; 0 or -1 = off)')
   if pflm:
     for field, value, off in (('temperature', temperature, 1.0), ('top_p', top_p, 1.0),
-                              ('top_k', max(top_k, 0), 0)):
+                              ('top_k', top_k, 0)):
       if value != off:
         raise BadRequest(field, f'{field}={value}: a push-forward model samples through its '
                          f'noise, K tokens per pass; {field} is an AR setting (allowed here: '
@@ -132,75 +165,98 @@ def parse_completion(body, model: Model) -> Completion:
   elif penalty:
     raise BadRequest('frequency_penalty', f'frequency_penalty={penalty}: an AR model takes '
                      'temperature, top_p and top_k (allowed here: 0)')
-  K = _typed(body, 'K', int, model.K, 'an integer')
-  if K != model.K:
-    if pflm and K > model.k:
-      raise BadRequest('K', f'K={K} is larger than the model\'s window k={model.k}')
-    raise BadRequest('K', f'K={K}: this server decodes K={model.K} tokens per step (set at '
+  if req.K is not None and req.K != model.K:
+    if pflm and req.K > model.k:
+      raise BadRequest('K', f'K={req.K} is larger than the model\'s window k={model.k}')
+    raise BadRequest('K', f'K={req.K}: this server decodes K={model.K} tokens per step (set at '
                      'start with --K)')
-  for field, ok, what in (('n', lambda v: v == 1, '1'), ('best_of', lambda v: v == 1, '1'),
-                          ('echo', lambda v: v is False, 'false'),
-                          ('logprobs', lambda v: v in (0, False), 'null'),
-                          ('presence_penalty', lambda v: v == 0, '0'),
-                          ('suffix', lambda v: v == '', 'null'),
-                          ('logit_bias', lambda v: v == {}, 'null')):
-    if body.get(field) is not None and not ok(body[field]):
-      raise BadRequest(field, f'{field}={body[field]!r} is not supported; allowed: {what}')
-  stop = body.get('stop')
-  stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-  if not isinstance(stop, list) or len(stop) > 4 or not all(
-      isinstance(s, str) and s for s in stop):
-    raise BadRequest('stop', 'stop: expected a non-empty string or a list of up to 4')
-  stream = _typed(body, 'stream', bool, False, 'true or false')
-  opts = body.get('stream_options')
-  include_usage = False
-  if opts is not None:
-    if not stream:
-      raise BadRequest('stream_options', 'stream_options: only allowed with stream=true')
-    if not isinstance(opts, dict):
-      raise BadRequest('stream_options', 'stream_options: expected an object')
-    include_usage = _typed(opts, 'include_usage', bool, False, 'true or false')
-  seed = _typed(body, 'seed', int, None, 'an integer')
+  if req.stream_options is not None and not req.stream:
+    raise BadRequest('stream_options', 'stream_options: only allowed with stream=true')
+  seed = req.seed
   if seed is None:
-    seed = secrets.randbelow(2 ** 31)
-  if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
-    raise BadRequest('seed', f'seed={seed}: allowed {SEED_RANGE[0]}..{SEED_RANGE[1] - 1}')
-  ignore_eos = _typed(body, 'ignore_eos', bool, False, 'true or false')
-  _typed(body, 'return_token_ids', bool, True, 'true or false')  # token_ids are always sent
-  sampling = engine_lib.SamplingParams(temperature=temperature, top_k=max(top_k, 0),
-                                       top_p=top_p, freq_penalty=penalty, seed=seed)
-  return Completion(prompts=prompts, max_tokens=max_tokens,
-                    sampling=sampling, stop=tuple(stop), stream=stream,
-                    include_usage=include_usage, ignore_eos=ignore_eos)
+    seed = secrets.randbelow(SEED_RANGE[1] - req.n)
+  elif seed + req.n > SEED_RANGE[1]:
+    raise BadRequest('seed', f'seed={seed} with n={req.n}: choice i uses seed + i, so seed + n '
+                     f'- 1 must be at most {SEED_RANGE[1] - 1}')
+  return engine_lib.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                   freq_penalty=penalty, seed=seed), seed
+
+
+def _completion(req: protocol.SamplingFields, prompts: list[list[int]], max_tokens: int | None,
+                model: Model, end_of_turn=(), chat: bool = False) -> Completion:
+  sampling, seed = _sampling(req, model)
+  choices = []
+  for i, ids in enumerate(prompts):
+    n_out = model.max_len - len(ids) if max_tokens is None else max_tokens
+    if len(ids) + max(n_out, 1) > model.max_len:
+      raise BadRequest('max_tokens' if max_tokens else 'messages' if chat else 'prompt',
+                       f'prompt of {len(ids)} tokens + max_tokens={n_out} exceeds the model\'s '
+                       f'maximum length {model.max_len}')
+    for j in range(req.n):
+      choices.append(Choice(i * req.n + j, ids, n_out,
+                            dataclasses.replace(sampling, seed=seed + j)))
+  stop = req.stop or ()
+  stop_ids = set(check_ids(req.stop_token_ids or [], model, 'stop_token_ids'))
+  if not req.ignore_eos:  # an end of turn is the chat's EOS
+    stop_ids.update(model.eos_ids + tuple(end_of_turn))
+  return Completion(choices=choices, prompt_tokens=sum(map(len, prompts)),
+                    stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                    stop_ids=frozenset(stop_ids), stream=req.stream,
+                    include_usage=bool(req.stream_options and
+                                       req.stream_options.include_usage),
+                    ignore_eos=req.ignore_eos)
+
+
+def parse_completion(req: protocol.CompletionRequest, model: Model) -> Completion:
+  """A validated /v1/completions body -> Completion, or BadRequest naming the field."""
+  check_model_name(req.model, model)
+  return _completion(req, _prompts(req.prompt, model), req.max_tokens or 16, model)
+
+
+def parse_chat(req: protocol.ChatCompletionRequest, model: Model) -> Completion:
+  """A validated /v1/chat/completions body -> Completion (one prompt: the rendered
+  messages; the answer also ends at the template's end-of-turn token)."""
+  check_model_name(req.model, model)
+  prompt = chat_prompt(req.messages, model)
+  return _completion(req, [prompt], req.max_completion_tokens or req.max_tokens, model,
+                     end_of_turn=model.end_of_turn_ids, chat=True)
 
 
 class TextStream:
   """Token ids -> text deltas that never split a UTF-8 character (a replacement character
   at the end means the bytes are incomplete: wait for the next token) and never emit a
-  stop string, nor the start of one that the next tokens may complete."""
+  stop string, nor the start of one that the next tokens may complete. The token ids end
+  where the text ends: at the token that completes a stop string."""
 
-  def __init__(self, tokenizer, eos_id: int, stop=()):
-    self.tok, self.eos_id, self.stop = tokenizer, eos_id, tuple(stop)
+  def __init__(self, tokenizer, stop=()):
+    self.tok, self.stop = tokenizer, tuple(stop)
     self.ids: list[int] = []
     self.text = ''  # decoded so far (stable)
     self.sent = 0  # characters of self.text already emitted
     self.stopped = False
 
-  def _decode(self, ids):
-    return self.tok.decode([t for t in ids if t != self.eos_id]) if self.tok else ''
+  def _decode(self, ids) -> str:
+    return self.tok.decode(ids) if self.tok else ''
 
-  def add(self, ids, final: bool = False) -> str:
-    """The next delta after `ids`; with final, everything left (minus a stop string)."""
+  def add(self, ids, *, final: bool = False, stop_token: bool = False) -> tuple[str, list[int]]:
+    """(text delta, token ids delta) after `ids`; with final, everything left (minus a stop
+    string); stop_token: the last id ended the request (an EOS, kept out of the text)."""
     if self.stopped:
-      return ''
+      return '', []
+    before = len(self.ids)
     self.ids.extend(ids)
-    text = self._decode(self.ids)
+    text = self._decode(self.ids[:-1] if stop_token else self.ids)
     if final or not text.endswith('\ufffd'):
       self.text = text
-    for s in self.stop:
-      i = self.text.find(s, max(0, self.sent - len(s)))
-      if i >= 0:
-        self.text, self.stopped = self.text[:i], True
+    found = [(i, s) for s in self.stop
+             if (i := self.text.find(s, max(0, self.sent - len(s)))) >= 0]
+    if found:
+      i, s = min(found)
+      self.text, self.stopped = self.text[:i], True
+      start = max(0, self.sent - len(s))
+      n = next((n for n in range(before + 1, len(self.ids) + 1)
+                if s in self._decode(self.ids[:n])[start:]), len(self.ids))
+      del self.ids[n:]
     end = len(self.text)
     if not final and not self.stopped:  # hold back what could begin a stop string
       for s in self.stop:
@@ -210,7 +266,7 @@ class TextStream:
             break
     delta = self.text[self.sent:end]
     self.sent = max(self.sent, end)
-    return delta
+    return delta, self.ids[before:]
 
 
 class Metrics:
@@ -224,18 +280,25 @@ class Metrics:
                                            'requests queued for a slot', registry=r)
     self.tokens = prometheus_client.Counter('kforcing_generated_tokens',
                                             'tokens generated', registry=r)
+    self.prompt_tokens = prometheus_client.Counter('kforcing_prompt_tokens',
+                                                   'prompt tokens of admitted requests',
+                                                   registry=r)
     self.requests = prometheus_client.Counter('kforcing_requests', 'finished requests',
                                               ['status'], registry=r)
     buckets = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
-    self.step_seconds = prometheus_client.Histogram(
-        'kforcing_step_seconds', 'one engine step (all slots advance by K)', buckets=buckets,
-        registry=r)
-    self.ttft_seconds = prometheus_client.Histogram(
-        'kforcing_time_to_first_token_seconds', 'arrival to first tokens', buckets=buckets,
-        registry=r)
-    self.tpot_seconds = prometheus_client.Histogram(
-        'kforcing_time_per_output_token_seconds', 'per-token latency after the first token',
-        buckets=buckets, registry=r)
+    long = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+    histogram = lambda name, doc, b=buckets: prometheus_client.Histogram(name, doc, buckets=b,
+                                                                        registry=r)
+    self.step_seconds = histogram('kforcing_step_seconds',
+                                  'one engine step (all slots advance by K)')
+    self.ttft_seconds = histogram('kforcing_time_to_first_token_seconds',
+                                  'arrival to first tokens')
+    self.tpot_seconds = histogram('kforcing_time_per_output_token_seconds',
+                                  'per-token latency after the first token')
+    self.queue_seconds = histogram('kforcing_request_queue_time_seconds',
+                                   'arrival to admission into a slot', long)
+    self.e2e_seconds = histogram('kforcing_e2e_request_latency_seconds',
+                                 'arrival to the last token (or the end of the request)', long)
 
   def render(self) -> bytes:
     return prometheus_client.generate_latest(self.registry)

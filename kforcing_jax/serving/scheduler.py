@@ -1,9 +1,17 @@
 """The serving loop: a background thread that admits queued requests into free slots
 between engine steps, advances all slots, and streams each request's tokens to it.
 
-A request ends at its EOS (unless ignore_eos), at max_tokens, when its consumer finishes
-it (a stop string, a client disconnect, a timeout: `Request.cancel`), or at shutdown.
-The waiting queue is bounded: `submit` raises QueueFull (HTTP 429) when it is full.
+A request ends at a stop token (the model's EOS unless ignore_eos, and the request's own
+stop_ids: a chat template's end of turn, stop_token_ids), at max_tokens, when its consumer
+finishes it (a stop string, a client disconnect, a timeout: `Request.cancel`), or at
+shutdown. The waiting queue is bounded: `submit` raises QueueFull (HTTP 429) when it is
+full; a cancelled waiting request leaves it at once.
+
+Failures: a request whose admission fails (its prefill or insert raises: a bad setting the
+protocol did not catch, a compile or out-of-memory error of its length bucket) ends alone
+with finish reason 'error' and the exception. A failing engine step is fatal: every
+request ends with 'error', the scheduler stops admitting, and `on_fatal` is called (the
+server then exits so that a supervisor restarts it).
 """
 from __future__ import annotations
 
@@ -32,7 +40,10 @@ class ShuttingDown(errors.UserError):
 class Event:
   """What a request receives after each engine step that gave it tokens, and at its end."""
   token_ids: list[int]
-  finish_reason: str | None = None  # 'stop' (EOS) | 'length' | 'cancelled' | 'shutdown'
+  # 'stop' (a stop token, the last of token_ids) | 'length' | 'shutdown' | 'error' | the
+  # reason given to Request.cancel
+  finish_reason: str | None = None
+  error: BaseException | None = None  # with 'error'
 
 
 _ids = itertools.count()
@@ -45,15 +56,22 @@ class Request:
   params: engine_lib.SamplingParams
   emit: Callable[[Event], None]  # called through the scheduler's deliver
   ignore_eos: bool = False
+  stop_ids: frozenset[int] = frozenset()  # tokens that end it besides the model's EOS
   id: int = dataclasses.field(default_factory=lambda: next(_ids))
   arrived: float = dataclasses.field(default_factory=time.perf_counter)
+  admitted_at: float | None = None
   first_token_at: float | None = None
   generated: int = 0
   _cancelled: str | None = None
+  _scheduler: Scheduler | None = dataclasses.field(default=None, repr=False)
 
   def cancel(self, reason: str = 'cancelled') -> None:
-    """Frees the request's slot before the next step (thread-safe)."""
-    self._cancelled = reason
+    """Ends the request (thread-safe): a waiting one leaves the queue now, a running one
+    frees its slot before the next step."""
+    if self._cancelled is None:
+      self._cancelled = reason
+      if self._scheduler is not None:
+        self._scheduler.withdraw(self)
 
   @property
   def cancelled(self) -> str | None:
@@ -61,17 +79,29 @@ class Request:
     return self._cancelled
 
 
+Deliver = Callable[[list[tuple[Request, Event]]], None]
+
+
+def emit_each(items: list[tuple[Request, Event]]) -> None:
+  for req, ev in items:
+    req.emit(ev)
+
+
 class Scheduler:
   """Runs `engine` for submitted requests in a background thread."""
 
   def __init__(self, engine: engine_lib.SlotEngine, *, eos_id: int = -1, max_queue: int = 256,
-               metrics=None, deliver: Callable[[list[tuple[Request, Event]]], None] | None = None):
-    """deliver: called once per engine step with every (request, event) of the step
-    (default: each request's emit); a server hands them to its event loop in one call."""
+               metrics=None, deliver: Deliver = emit_each,
+               on_fatal: Callable[[BaseException], None] | None = None):
+    """deliver: called with every (request, event) of one engine step at once (a server
+    hands them to its event loop in one call); on_fatal: called on the scheduler's thread
+    after a failing engine step has ended every request."""
     self.engine = engine
     self.eos_id = eos_id
     self.max_queue = max_queue
     self.metrics = metrics
+    self.deliver = deliver
+    self.on_fatal = on_fatal
     self._queue: collections.deque[Request] = collections.deque()
     self._slots: list[Request | None] = [None] * engine.max_slots
     self._cv = threading.Condition()
@@ -79,7 +109,6 @@ class Scheduler:
     self._accepting = True
     self._thread = threading.Thread(target=self._run, name='kforcing-scheduler', daemon=True)
     self._state = engine.init_state()
-    self.deliver = deliver or (lambda items: [r.emit(ev) for r, ev in items])
     self._events: list[tuple[Request, Event]] = []
     self.error: BaseException | None = None
 
@@ -95,9 +124,25 @@ class Scheduler:
         raise ShuttingDown('the server is shutting down and admits no new requests')
       if len(self._queue) >= self.max_queue:
         raise QueueFull(f'the waiting queue is full ({self.max_queue} requests); retry later')
+      req._scheduler = self  # pylint: disable=protected-access
       self._queue.append(req)
       self._cv.notify()
+    if self.metrics is not None:
+      self.metrics.prompt_tokens.inc(len(req.prompt))
     self._gauges()
+
+  def withdraw(self, req: Request) -> None:
+    """A cancelled request: out of the queue now if it waits there (its final event is
+    delivered from this thread); a running one is finished by the serving thread."""
+    with self._cv:
+      try:
+        self._queue.remove(req)
+      except ValueError:  # running, finished, or never queued
+        self._cv.notify()
+        return
+    self._gauges()
+    self._count(req.cancelled)
+    self.deliver([(req, Event([], req.cancelled))])
 
   @property
   def running(self) -> int:
@@ -106,6 +151,11 @@ class Scheduler:
   @property
   def waiting(self) -> int:
     return len(self._queue)
+
+  @property
+  def accepting(self) -> bool:
+    """False while draining, after shutdown and after a fatal error."""
+    return self._accepting
 
   def shutdown(self, drain: bool = True, timeout: float = 60.0) -> None:
     """Stops admitting; with drain, lets queued and running requests finish (up to
@@ -129,25 +179,46 @@ class Scheduler:
       self.metrics.running.set(self.running)
       self.metrics.waiting.set(self.waiting)
 
+  def _count(self, reason: str) -> None:
+    if self.metrics is not None:
+      self.metrics.requests.labels(status=reason).inc()
+
+  def _next_waiting(self) -> Request | None:
+    with self._cv:
+      return self._queue.popleft() if self._queue else None
+
   def _admit(self) -> None:
-    for slot, occupant in enumerate(self._slots):
-      if occupant is not None:
-        continue
-      with self._cv:
-        req = self._queue.popleft() if self._queue else None
+    """Fills free slots from the queue; a request whose prefill or insert fails ends
+    alone (the state is only replaced by a successful insert)."""
+    free = [i for i, r in enumerate(self._slots) if r is None]
+    while free:
+      req = self._next_waiting()
       if req is None:
         return
-      if req.cancelled:
-        self._events.append((req, Event([], req.cancelled)))
+      if req.cancelled:  # cancelled after it left the queue: withdraw did not end it
+        self._end(req, Event([], req.cancelled))
         continue
-      prefix = self.engine.prefill(req.prompt)
-      self._state = self.engine.insert(self._state, prefix, slot, req.params)
-      self._slots[slot] = req
+      try:
+        prefix = self.engine.prefill(req.prompt)
+        self._state = self.engine.insert(self._state, prefix, free[0], req.params)
+      except Exception as e:  # pylint: disable=broad-except
+        self._end(req, Event([], 'error', e))
+        continue
+      req.admitted_at = time.perf_counter()
+      if self.metrics is not None:
+        self.metrics.queue_seconds.observe(req.admitted_at - req.arrived)
+      self._slots[free.pop(0)] = req
 
-  def _finish(self, slot: int, reason: str, tokens=()) -> None:
+  def _end(self, req: Request, ev: Event) -> None:
+    self._events.append((req, ev))
+    self._count(ev.finish_reason)
+    if self.metrics is not None:
+      self.metrics.e2e_seconds.observe(time.perf_counter() - req.arrived)
+
+  def _finish(self, slot: int, reason: str, tokens=(), error=None) -> None:
     req = self._slots[slot]
     self._slots[slot] = None
-    self._events.append((req, Event(list(tokens), reason)))
+    self._end(req, Event(list(tokens), reason, error))
 
   def _flush(self) -> None:
     if self._events:
@@ -187,20 +258,33 @@ class Scheduler:
         if req is not None:
           self._finish(slot, 'shutdown')
       with self._cv:
-        while self._queue:
-          self._events.append((self._queue.popleft(), Event([], 'shutdown')))
+        left = list(self._queue)
+        self._queue.clear()
+      for req in left:
+        self._end(req, Event([], 'shutdown'))
       self._flush()
-    except BaseException as e:  # surfaced to every waiting client and to /health
-      self.error = e
-      for slot, req in enumerate(self._slots):
-        if req is not None:
-          self._finish(slot, 'error')
-      with self._cv:
-        self._accepting = False
-        while self._queue:
-          self._events.append((self._queue.popleft(), Event([], 'error')))
+    except BaseException as e:  # pylint: disable=broad-except
+      self._fail(e)
+
+  def _fail(self, e: BaseException) -> None:
+    """A failed engine step: the slot state is lost, so every request ends and the
+    scheduler stops; on_fatal lets the process exit."""
+    self.error = e
+    with self._cv:
+      self._accepting = False
+      left = list(self._queue)
+      self._queue.clear()
+    for slot, req in enumerate(self._slots):
+      if req is not None:
+        self._finish(slot, 'error', error=e)
+    for req in left:
+      self._end(req, Event([], 'error', e))
+    try:
       self._flush()
-      raise
+    finally:
+      self._gauges()
+      if self.on_fatal is not None:
+        self.on_fatal(e)
 
   def _deliver(self, toks, occupants, t0: float) -> None:
     toks = np.asarray(toks)  # [n, slots, K]: waits for that step only
@@ -211,16 +295,13 @@ class Scheduler:
       if req is None or self._slots[slot] is not req:  # finished or replaced since
         continue
       out, reason = [], None
-      for step in range(toks.shape[0]):
-        for t in toks[step, slot].tolist():
-          out.append(t)
-          req.generated += 1
-          if t == self.eos_id and not req.ignore_eos:
-            reason = 'stop'
-          elif req.generated >= req.max_tokens:
-            reason = 'length'
-          if reason:
-            break
+      for t in toks[:, slot].reshape(-1).tolist():
+        out.append(t)
+        req.generated += 1
+        if t in req.stop_ids or (t == self.eos_id and not req.ignore_eos):
+          reason = 'stop'
+        elif req.generated >= req.max_tokens:
+          reason = 'length'
         if reason:
           break
       if req.first_token_at is None and out:

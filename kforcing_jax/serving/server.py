@@ -1,8 +1,16 @@
 """An OpenAI-compatible HTTP server (FastAPI) over the scheduler.
 
-POST /v1/completions (text or token-id prompts, streaming as server-sent events with one
-chunk per engine step), GET /v1/models, GET /health, GET /metrics (Prometheus). Bad
-requests get a 4xx whose message names the field; a full queue gets a 429.
+POST /v1/completions (text or token-id prompts, n choices, streaming as server-sent events
+with one chunk per engine step and choice), POST /v1/chat/completions (for a model with a
+chat template), POST /v1/tokenize and /v1/detokenize (also at /tokenize, /detokenize as
+vLLM), GET /v1/models, GET /health (503 while draining or after a fatal error), GET
+/metrics (Prometheus). Every error is in the OpenAI shape {"error": {"message", "type",
+"param", "code"}}: a bad request gets a 400 naming the field, an unknown model or route a
+404, a full queue a 429, a timeout a 504, a request that failed alone a 500.
+
+A failing engine step ends every request and stops the HTTP server too (the process exits
+non-zero so that a supervisor restarts it; see kforcing_jax.serve): the launcher puts its
+uvicorn.Server in `app.state.server`.
 """
 from __future__ import annotations
 
@@ -14,9 +22,12 @@ import uuid
 
 import fastapi
 from fastapi import responses
+from starlette import exceptions as starlette_exceptions
 
 from kforcing_jax import errors
 from kforcing_jax.serving import api
+from kforcing_jax.serving import engine as engine_lib
+from kforcing_jax.serving import protocol
 from kforcing_jax.serving import scheduler as scheduler_lib
 
 
@@ -24,32 +35,67 @@ def _error(e: api.BadRequest) -> responses.JSONResponse:
   return responses.JSONResponse(e.body(), status_code=e.status)
 
 
-def make_app(sched: scheduler_lib.Scheduler, model: api.Model, metrics: api.Metrics, *,
-             request_timeout: float = 600.0, drain_timeout: float = 60.0) -> fastapi.FastAPI:
-  eos = model.tokenizer.eos_id if model.tokenizer is not None else -1
+class LoopDelivery:
+  """The scheduler's deliver: hands one step's events to the server's event loop in one
+  call (one wake-up per engine step, whatever the number of requests)."""
+
+  def __init__(self):
+    self.loop: asyncio.AbstractEventLoop | None = None
+
+  def __call__(self, items) -> None:
+    self.loop.call_soon_threadsafe(scheduler_lib.emit_each, items)
+
+
+def make_app(engine: engine_lib.SlotEngine, model: api.Model, *, max_queue: int = 256,
+             metrics: api.Metrics | None = None, request_timeout: float = 600.0,
+             drain_timeout: float = 60.0) -> fastapi.FastAPI:
+  """The app; its scheduler (app.state.scheduler) runs from startup to shutdown."""
+  metrics = metrics or api.Metrics()
+  delivery = LoopDelivery()
+
+  def fatal(_: BaseException) -> None:  # on the scheduler's thread
+    def stop():
+      server = getattr(app.state, 'server', None)
+      if server is not None:
+        server.should_exit = True
+    delivery.loop.call_soon_threadsafe(stop)
+
+  sched = scheduler_lib.Scheduler(engine, eos_id=model.eos_id, max_queue=max_queue,
+                                  metrics=metrics, deliver=delivery, on_fatal=fatal)
 
   @contextlib.asynccontextmanager
   async def lifespan(_):
-    loop = asyncio.get_running_loop()
-
-    def run_events(items):
-      for req, ev in items:
-        req.emit(ev)
-    # one wake-up of the event loop per engine step, whatever the number of requests
-    sched.deliver = lambda items: loop.call_soon_threadsafe(run_events, items)
+    delivery.loop = asyncio.get_running_loop()
+    sched.start()
     yield
     await asyncio.to_thread(sched.shutdown, True, drain_timeout)
 
   app = fastapi.FastAPI(title='kforcing_jax', lifespan=lifespan)
+  app.state.scheduler, app.state.metrics, app.state.model = sched, metrics, model
 
   @app.exception_handler(fastapi.exceptions.RequestValidationError)
   async def _validation(_, exc):
-    return _error(api.BadRequest(None, f'bad request: {exc}'))
+    message, param = protocol.describe(exc.errors())
+    return _error(api.BadRequest(param, message))
+
+  @app.exception_handler(starlette_exceptions.HTTPException)
+  async def _http(request, exc):
+    message = (f'no route {request.method} {request.url.path}' if exc.status_code in (404, 405)
+               else str(exc.detail))
+    return responses.JSONResponse(protocol.error_body(message, status=exc.status_code),
+                                  status_code=exc.status_code)
+
+  @app.exception_handler(api.BadRequest)
+  async def _bad(_, exc):
+    return _error(exc)
 
   @app.get('/health')
   async def health():
     if sched.error is not None:
       return responses.JSONResponse({'status': 'error', 'error': repr(sched.error)}, 503)
+    if not sched.accepting:
+      return responses.JSONResponse({'status': 'draining', 'running': sched.running,
+                                     'waiting': sched.waiting}, 503)
     return {'status': 'ok', 'running': sched.running, 'waiting': sched.waiting}
 
   @app.get('/metrics')
@@ -60,128 +106,173 @@ def make_app(sched: scheduler_lib.Scheduler, model: api.Model, metrics: api.Metr
   async def models():
     return {'object': 'list', 'data': [{
         'id': model.name, 'object': 'model', 'created': 0, 'owned_by': 'kforcing_jax',
-        'max_model_len': model.max_len, 'k': model.k, 'K': model.K}]}
+        'max_model_len': model.max_len, 'k': model.k, 'K': model.K,
+        'chat': model.chat_template is not None}]}
 
-  def submit(ids, c: api.Completion, queue) -> scheduler_lib.Request:
-    req = scheduler_lib.Request(prompt=ids, max_tokens=c.max_tokens, params=c.sampling,
-                                ignore_eos=c.ignore_eos, emit=queue.put_nowait)
+  def submit(c: api.Completion, q: asyncio.Queue) -> list[scheduler_lib.Request]:
+    reqs = []
     try:
-      sched.submit(req)
-    except scheduler_lib.QueueFull as e:
-      raise api.BadRequest(None, str(e), status=429) from None
-    except scheduler_lib.ShuttingDown as e:
-      raise api.BadRequest(None, str(e), status=503) from None
-    except errors.UserError as e:
-      raise api.BadRequest('prompt', str(e)) from None
-    return req
+      for ch in c.choices:
+        req = scheduler_lib.Request(prompt=ch.prompt, max_tokens=ch.max_tokens,
+                                    params=ch.sampling, ignore_eos=c.ignore_eos,
+                                    stop_ids=c.stop_ids,
+                                    emit=lambda ev, i=ch.index: q.put_nowait((i, ev)))
+        sched.submit(req)
+        reqs.append(req)
+    except (scheduler_lib.QueueFull, scheduler_lib.ShuttingDown, errors.UserError) as e:
+      for r in reqs:
+        r.cancel()
+      status = (429 if isinstance(e, scheduler_lib.QueueFull) else
+                503 if isinstance(e, scheduler_lib.ShuttingDown) else 400)
+      raise api.BadRequest(None if status != 400 else 'prompt', str(e), status) from None
+    return reqs
 
-  async def events(req, queue, stream: api.TextStream, deadline: float):
-    """(delta text, token ids, finish reason or None) per engine step of one request."""
-    while True:
-      left = deadline - time.monotonic()
-      if left <= 0:
-        req.cancel('timeout')
-        raise api.BadRequest(None, f'the request took longer than {request_timeout:.0f} s',
-                             status=504)
-      try:
-        ev = await asyncio.wait_for(queue.get(), timeout=left)
-      except asyncio.TimeoutError:
-        continue
-      reason = ev.finish_reason
-      if reason in ('shutdown', 'error'):
-        raise api.BadRequest(None, f'the server stopped this request ({reason})', status=503)
-      delta = stream.add(ev.token_ids, final=reason is not None)
-      if stream.stopped and reason is None:
-        req.cancel('stop')
-        reason = 'stop'
-      elif stream.stopped:
-        reason = 'stop'
-      yield delta, ev.token_ids, reason
-      if reason is not None:
-        metrics.requests.labels(status=reason).inc()
-        return
+  def failure(ev: scheduler_lib.Event) -> api.BadRequest:
+    if ev.finish_reason == 'shutdown':
+      return api.BadRequest(None, 'the server stopped this request (shutdown)', 503)
+    if isinstance(ev.error, errors.UserError):
+      return api.BadRequest(None, str(ev.error))
+    return api.BadRequest(None, f'the server failed on this request: '
+                          f'{type(ev.error).__name__}: {ev.error}', 500)
 
-  def chunk(cid, created, index, text, ids, reason):
-    return {'id': cid, 'object': 'text_completion', 'created': created, 'model': model.name,
-            'choices': [{'index': index, 'text': text, 'logprobs': None,
-                         'finish_reason': reason, 'token_ids': ids}]}
-
-  @app.post('/v1/completions')
-  async def completions(request: fastapi.Request):
+  async def results(c: api.Completion, reqs, q: asyncio.Queue, deadline: float):
+    """(choice index, text delta, token ids, finish reason or None) per engine step and
+    choice, until every choice has finished; the requests end with it in any case."""
+    streams = {ch.index: api.TextStream(model.tokenizer, c.stop) for ch in c.choices}
+    by_index = {ch.index: r for ch, r in zip(c.choices, reqs)}
+    running = set(streams)
     try:
-      try:
-        body = json.loads(await request.body())
-      except (ValueError, UnicodeDecodeError) as e:
-        raise api.BadRequest(None, f'the body is not valid JSON: {e}') from None
-      c = api.parse_completion(body, model)
-      if c.stream and len(c.prompts) > 1:
-        raise api.BadRequest('prompt', 'prompt: streaming takes one prompt per request')
-      queues = [asyncio.Queue() for _ in c.prompts]
-      reqs = []
-      try:
-        for ids, q in zip(c.prompts, queues):
-          reqs.append(submit(ids, c, q))
-      except api.BadRequest:
-        for r in reqs:
-          r.cancel()
-        raise
-    except api.BadRequest as e:
-      return _error(e)
-    cid, created = f'cmpl-{uuid.uuid4().hex}', int(time.time())
-    deadline = time.monotonic() + request_timeout
-    # with ignore_eos an EOS is an ordinary token of the text; else only the last one
-    streams = [api.TextStream(model.tokenizer, -1 if c.ignore_eos else eos, c.stop)
-               for _ in c.prompts]
+      while running:
+        left = deadline - time.monotonic()
+        if left <= 0:
+          for r in reqs:
+            r.cancel('timeout')
+          raise api.BadRequest(None, f'the request took longer than {request_timeout:.0f} s',
+                               status=504)
+        try:
+          i, ev = await asyncio.wait_for(q.get(), timeout=left)
+        except asyncio.TimeoutError:
+          continue
+        if i not in running:  # ended by a stop string before the scheduler saw it
+          continue
+        reason = ev.finish_reason
+        if reason in ('shutdown', 'error'):
+          raise failure(ev)
+        stream = streams[i]
+        delta, ids = stream.add(ev.token_ids, final=reason is not None,
+                                stop_token=reason == 'stop' and bool(ev.token_ids))
+        if stream.stopped:
+          by_index[i].cancel('stop')
+          reason = 'stop'
+        yield i, delta, ids, reason
+        if reason is not None:
+          running.discard(i)
+    finally:  # also on a client disconnect: the slots are freed before the next step
+      for r in reqs:
+        r.cancel()
 
-    def usage(n_out):
-      n_in = sum(len(p) for p in c.prompts)
-      return {'prompt_tokens': n_in, 'completion_tokens': n_out, 'total_tokens': n_in + n_out}
+  def usage(c: api.Completion, n_out: int) -> dict:
+    return {'prompt_tokens': c.prompt_tokens, 'completion_tokens': n_out,
+            'total_tokens': c.prompt_tokens + n_out}
+
+  async def respond(request: fastapi.Request, c: api.Completion, chat: bool):
+    q = asyncio.Queue()
+    reqs = submit(c, q)
+    cid = f'{"chatcmpl" if chat else "cmpl"}-{uuid.uuid4().hex}'
+    created = int(time.time())
+    head = {'id': cid, 'object': 'chat.completion.chunk' if chat else 'text_completion',
+            'created': created, 'model': model.name}
+    events = results(c, reqs, q, time.monotonic() + request_timeout)
+
+    def choice(i, text, ids, reason, first=False):
+      if not chat:
+        return {'index': i, 'text': text, 'logprobs': None, 'finish_reason': reason,
+                'token_ids': ids}
+      delta = {'role': 'assistant', 'content': text} if first else (
+          {'content': text} if text else {})
+      return {'index': i, 'delta': delta, 'logprobs': None, 'finish_reason': reason,
+              'token_ids': ids}
 
     if c.stream:
       async def sse():
-        n_out = 0
+        n_out, started = 0, set()
         try:
-          async for delta, ids, reason in events(reqs[0], queues[0], streams[0], deadline):
+          async for i, text, ids, reason in events:
             n_out += len(ids)
-            yield f'data: {json.dumps(chunk(cid, created, 0, delta, ids, reason))}\n\n'
+            chunk = {**head, 'choices': [choice(i, text, ids, reason, i not in started)]}
+            started.add(i)
+            yield f'data: {json.dumps(chunk)}\n\n'
           if c.include_usage:
-            yield ('data: ' + json.dumps({'id': cid, 'object': 'text_completion',
-                                           'created': created, 'model': model.name,
-                                           'choices': [], 'usage': usage(n_out)}) + '\n\n')
+            yield f'data: {json.dumps({**head, "choices": [], "usage": usage(c, n_out)})}\n\n'
         except api.BadRequest as e:
           yield f'data: {json.dumps(e.body())}\n\n'
-        finally:  # also on a client disconnect: the slot is freed before the next step
-          reqs[0].cancel()
+        finally:
+          await events.aclose()
         yield 'data: [DONE]\n\n'
       return responses.StreamingResponse(sse(), media_type='text/event-stream')
 
-    async def one(i):
-      text, ids, reason = [], [], None
-      async for delta, new, reason in events(reqs[i], queues[i], streams[i], deadline):
-        text.append(delta)
-        ids.extend(new)
-      return {'index': i, 'text': ''.join(text), 'logprobs': None, 'finish_reason': reason,
-              'token_ids': ids}
+    async def collect():
+      text = {ch.index: [] for ch in c.choices}
+      ids = {ch.index: [] for ch in c.choices}
+      reasons = {}
+      async for i, delta, new, reason in events:
+        text[i].append(delta)
+        ids[i].extend(new)
+        reasons[i] = reason
+      return text, ids, reasons
 
     async def watch_disconnect():
       while not await request.is_disconnected():
         await asyncio.sleep(0.25)
 
+    work = asyncio.ensure_future(collect())
+    watcher = asyncio.ensure_future(watch_disconnect())
     try:
-      work = asyncio.ensure_future(asyncio.gather(*(one(i) for i in range(len(reqs)))))
-      watcher = asyncio.ensure_future(watch_disconnect())
       done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-      if work not in done:  # the client went away: free its slots
-        work.cancel()
-        return responses.Response(status_code=499)
-      watcher.cancel()
-      choices = work.result()
-    except api.BadRequest as e:
-      return _error(e)
     finally:
-      for r in reqs:
-        r.cancel()
-    return {'id': cid, 'object': 'text_completion', 'created': created, 'model': model.name,
-            'choices': choices, 'usage': usage(sum(len(ch['token_ids']) for ch in choices))}
+      watcher.cancel()
+      if not work.done():  # the client went away: free its slots
+        work.cancel()
+        for r in reqs:
+          r.cancel()
+    if work not in done:
+      return responses.Response(status_code=499)
+    text, ids, reasons = work.result()  # raises the request's BadRequest
+    choices = []
+    for i in sorted(text):
+      out = ''.join(text[i])
+      if chat:
+        choices.append({'index': i, 'message': {'role': 'assistant', 'content': out},
+                        'logprobs': None, 'finish_reason': reasons[i], 'token_ids': ids[i]})
+      else:
+        choices.append(choice(i, out, ids[i], reasons[i]))
+    return {**head, 'object': 'chat.completion' if chat else 'text_completion',
+            'choices': choices, 'usage': usage(c, sum(map(len, ids.values())))}
+
+  @app.post('/v1/completions')
+  async def completions(body: protocol.CompletionRequest, request: fastapi.Request):
+    return await respond(request, api.parse_completion(body, model), chat=False)
+
+  @app.post('/v1/chat/completions')
+  async def chat_completions(body: protocol.ChatCompletionRequest, request: fastapi.Request):
+    return await respond(request, api.parse_chat(body, model), chat=True)
+
+  @app.post('/v1/tokenize')
+  @app.post('/tokenize')
+  async def tokenize(body: protocol.TokenizeRequest):
+    api.check_model_name(body.model, model)
+    if (body.prompt is None) == (body.messages is None):
+      raise api.BadRequest('prompt', 'give a prompt or chat messages (one of the two)')
+    ids = (api.encode_text(model, body.prompt) if body.prompt is not None else
+           api.chat_prompt(body.messages, model))
+    return {'count': len(ids), 'max_model_len': model.max_len, 'tokens': ids}
+
+  @app.post('/v1/detokenize')
+  @app.post('/detokenize')
+  async def detokenize(body: protocol.DetokenizeRequest):
+    api.check_model_name(body.model, model)
+    if model.tokenizer is None:
+      raise api.BadRequest(None, 'this model has no tokenizer')
+    return {'prompt': model.tokenizer.decode(api.check_ids(body.tokens, model, 'tokens'))}
 
   return app

@@ -425,6 +425,19 @@ def test_every_error_is_in_the_openai_shape(live):
     assert r.status_code == 400 and shape(r) and match in r.json()['error']['message'], r.text
 
 
+def test_the_openapi_schema_describes_the_request_bodies_and_their_errors(live):
+  schema = live.get('/openapi.json').json()
+  post = schema['paths']['/v1/completions']['post']
+  assert post['requestBody']['content']['application/json']['schema']['$ref'].endswith(
+      '/CompletionRequest')
+  assert sorted(post['responses']) == ['200', '400', '404', '429', '500', '503', '504']
+  body = schema['components']['schemas']['CompletionRequest']
+  assert body['additionalProperties'] is False
+  assert {'type': 'integer', 'maximum': 2 ** 31 - 1, 'minimum': -1} in body['properties'][
+      'top_k']['anyOf']
+  assert '/v1/chat/completions' in schema['paths'] and '/v1/tokenize' in schema['paths']
+
+
 def test_the_top_k_overflow_request_gets_400_and_the_server_keeps_serving(live_ar):
   """The request that used to kill the scheduler thread, and top_k past the vocabulary."""
   r = live_ar.post('/completions', {'model': 'tiny', 'prompt': [3, 5, 7], 'top_k': 4294967296})

@@ -152,6 +152,25 @@ class DetokenizeRequest(_Body):
   tokens: list[TokenId]
 
 
+class ErrorInfo(pydantic.BaseModel):
+  message: str
+  type: str
+  param: str | None
+  code: int
+
+
+class ErrorResponse(pydantic.BaseModel):
+  """Every error the server answers (the OpenAI error shape)."""
+  error: ErrorInfo
+
+
+ERROR_RESPONSES = {code: {'model': ErrorResponse, 'description': what} for code, what in (
+    (400, 'a bad request (the message and param name the field)'),
+    (404, 'the model is not served here'), (429, 'the waiting queue is full'),
+    (500, 'the request failed'), (503, 'the server is shutting down'),
+    (504, 'the request timed out'))}
+
+
 _FIELD_NAMES = frozenset(name for cls in (StreamOptions, CompletionRequest, TextPart, ChatMessage,
                                          ChatCompletionRequest, TokenizeRequest,
                                          DetokenizeRequest) for name in cls.model_fields)

@@ -22,6 +22,7 @@ import uuid
 
 import fastapi
 from fastapi import responses
+import fastapi.openapi.utils
 from starlette import exceptions as starlette_exceptions
 
 from kforcing_jax import errors
@@ -249,16 +250,16 @@ def make_app(engine: engine_lib.SlotEngine, model: api.Model, *, max_queue: int 
     return {**head, 'object': 'chat.completion' if chat else 'text_completion',
             'choices': choices, 'usage': usage(c, sum(map(len, ids.values())))}
 
-  @app.post('/v1/completions')
+  @app.post('/v1/completions', responses=protocol.ERROR_RESPONSES)
   async def completions(body: protocol.CompletionRequest, request: fastapi.Request):
     return await respond(request, api.parse_completion(body, model), chat=False)
 
-  @app.post('/v1/chat/completions')
+  @app.post('/v1/chat/completions', responses=protocol.ERROR_RESPONSES)
   async def chat_completions(body: protocol.ChatCompletionRequest, request: fastapi.Request):
     return await respond(request, api.parse_chat(body, model), chat=True)
 
-  @app.post('/v1/tokenize')
-  @app.post('/tokenize')
+  @app.post('/v1/tokenize', responses=protocol.ERROR_RESPONSES)
+  @app.post('/tokenize', responses=protocol.ERROR_RESPONSES)
   async def tokenize(body: protocol.TokenizeRequest):
     api.check_model_name(body.model, model)
     if (body.prompt is None) == (body.messages is None):
@@ -267,12 +268,26 @@ def make_app(engine: engine_lib.SlotEngine, model: api.Model, *, max_queue: int 
            api.chat_prompt(body.messages, model))
     return {'count': len(ids), 'max_model_len': model.max_len, 'tokens': ids}
 
-  @app.post('/v1/detokenize')
-  @app.post('/detokenize')
+  @app.post('/v1/detokenize', responses=protocol.ERROR_RESPONSES)
+  @app.post('/detokenize', responses=protocol.ERROR_RESPONSES)
   async def detokenize(body: protocol.DetokenizeRequest):
     api.check_model_name(body.model, model)
     if model.tokenizer is None:
       raise api.BadRequest(None, 'this model has no tokenizer')
     return {'prompt': model.tokenizer.decode(api.check_ids(body.tokens, model, 'tokens'))}
 
+  def openapi() -> dict:
+    """FastAPI's schema, without the 422 it documents by default (validation errors are
+    400s in the OpenAI shape here)."""
+    if app.openapi_schema is None:
+      schema = fastapi.openapi.utils.get_openapi(title=app.title, version=app.version,
+                                                 routes=app.routes)
+      for path in schema['paths'].values():
+        for op in path.values():
+          op.get('responses', {}).pop('422', None)
+      for name in ('HTTPValidationError', 'ValidationError'):
+        schema.get('components', {}).get('schemas', {}).pop(name, None)
+      app.openapi_schema = schema
+    return app.openapi_schema
+  app.openapi = openapi
   return app

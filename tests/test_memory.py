@@ -93,12 +93,34 @@ def test_distill_estimate_matches_xla(d=256, layers=4, seq=256, vocab=8192, k=2)
   assert est.train_total + teacher_params == pytest.approx(measured['total'], rel=0.25)
 
 
-def test_kv_cache_bytes_split_over_the_mesh():
-  arch = arch_lib.ArchConfig(vocab_size=100, d_model=64, n_layers=3, n_heads=4)
+def test_kv_cache_bytes_are_the_cache_arrays_split_over_the_mesh():
+  """The decoding cache's bytes: init_cache's arrays (grouped-query: n_kv_heads heads of
+  head_dim), split over the 8 devices."""
+  arch = arch_lib.ArchConfig(vocab_size=100, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2,
+                             head_dim=24)
+  exe = arch_lib.ExecConfig(dtype='bfloat16')
   mesh = sharding_lib.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
-  # [L, B, S, H, Dh] x (k, v) x 2 bytes, over 8 devices
-  assert memory.kv_cache_bytes(arch, arch_lib.ExecConfig(dtype='bfloat16'), 16, 128,
-                               mesh) == 3 * 16 * 128 * 64 * 2 * 2 // 8
+  cache = jax.eval_shape(lambda: model_lib.init_cache(arch, exe, 16, 128))
+  nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+  assert nbytes == 3 * 2 * 16 * 128 * 2 * 24 * 2  # L x (k, v) x B x S x kv heads x hd x bf16
+  assert memory.kv_cache_bytes(arch, exe, 16, 128, mesh) == nbytes // 8
+
+
+def test_llama_family_teacher_estimate_matches_xla():
+  """Grouped-query attention, an explicit SwiGLU width, RMSNorm and tied embeddings: the
+  estimate follows n_kv_heads, head_dim and mlp_dim (at 4 layers, one device)."""
+  arch = arch_lib.ArchConfig(vocab_size=512, d_model=512, n_layers=4, n_heads=8, n_kv_heads=2,
+                             head_dim=96, mlp_dim=1536, mlp_activations=('silu', 'linear'),
+                             mlp_bias=False, norm='rmsnorm', tie_embeddings=True,
+                             head_bias=False, max_seq_len=256)
+  exe = arch_lib.ExecConfig(dtype='bfloat16')
+  mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
+  model = model_lib.build(arch, exe)
+  tx = optim.make_optimizer(base_config.get_config().stages.teacher.opt, 100)
+  abstract, shardings, _ = trainer.abstract_state(model_lib.init_fn(model, 256), tx, mesh,
+                                                  False)
+  est = memory.estimate(arch, exe, abstract, mesh, 4, 256)
+  check(est, teacher.compile_teacher_step(model, tx, abstract, shardings, mesh, 4, 256), 0.1)
 
 
 def test_cli_prints_every_stage(tmp_path):
@@ -114,6 +136,6 @@ def test_cli_prints_every_stage(tmp_path):
 
 def test_microbatches_must_divide_the_batch():
   mesh = sharding_lib.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 1})
-  with pytest.raises(sharding_lib.MeshConfigError, match='run_dir.teacher.microbatches=3'):
-    sharding_lib.check_batch(8, mesh, 'run_dir.teacher.batch_size', 3,
-                             'run_dir.teacher.microbatches')
+  with pytest.raises(sharding_lib.MeshConfigError, match='stages.teacher.microbatches=3'):
+    sharding_lib.check_batch(8, mesh, 'stages.teacher.batch_size', 3,
+                             'stages.teacher.microbatches')

@@ -10,9 +10,12 @@ many CPU devices) and, with `--compile`, XLA's own buffer assignment of the teac
 Parameters and optimizer state are exact (their per-device shard shapes). Activations and
 gradient buffers are an estimate whose constants were measured against XLA's buffer
 assignment for this model without rematerialisation (XLA:CPU; tests/test_memory.py holds the
-teacher step at the paper's shape to 10% of it):
-  per layer and token:  ACT_BYTES_PER_D x D  (f32 residual and LayerNorm copies, the bf16/f32
-                        projections, RoPE inputs, the 4D-wide MLP intermediates)
+teacher step at the paper's shape and at a small Llama-family shape to 10% of it):
+  per layer and token:  ACT_BYTES_PER_D x D  (f32 residual and norm copies, the output
+                        projection, RoPE inputs)
+                      + ACT_BYTES_PER_QKV x (heads + 2 kv_heads) x head_dim  (q, k, v)
+                      + ACT_BYTES_PER_MLP x mlp_dim  (the MLP intermediates; a gated MLP's
+                        two input projections measured no larger than one)
                       + SCORE_BYTES x heads x keys  (f32 scores and probabilities; 0 when a
                         fused attention kernel (cuDNN on GPU) never materialises them)
   per token:            LOGIT_BYTES x V  (logits, log-softmax and its gradient)
@@ -34,7 +37,10 @@ import numpy as np
 from kforcing_jax.models import transformer as model_lib
 from kforcing_jax import runtime
 
-ACT_BYTES_PER_D = 96
+# At the paper's shape (mlp_dim 4D, heads x head_dim = D) the per-layer terms are 96 x D.
+ACT_BYTES_PER_D = 74
+ACT_BYTES_PER_QKV = 2
+ACT_BYTES_PER_MLP = 4
 SCORE_BYTES = 8
 LOGIT_BYTES = 14
 TARGET_BYTES = 16
@@ -93,7 +99,8 @@ def activation_bytes(arch, rows: float, tokens: int, keys: int, fused_attention:
   window > 0: the distillation window layout, whose tokens + tokens*window queries attend
   the context (tokens keys) plus their own window, with the teacher's targets drawn first."""
   queries = tokens * (1 + window)
-  per_token_layer = ACT_BYTES_PER_D * arch.d_model
+  per_token_layer = (ACT_BYTES_PER_D * arch.d_model + ACT_BYTES_PER_MLP * arch.mlp_dim +
+                     ACT_BYTES_PER_QKV * (arch.n_heads + 2 * arch.n_kv_heads) * arch.head_dim)
   score_keys = 0 if fused_attention else (keys + window)
   per_layer = queries * (per_token_layer + SCORE_BYTES * arch.n_heads * score_keys)
   logits = LOGIT_BYTES * arch.vocab_size * tokens * max(window, 1)

@@ -1,7 +1,9 @@
-"""Tokenizers: bert-base-uncased WordPiece, GPT-2 BPE and the synthetic source's ids.
+"""Tokenizers: bert-base-uncased WordPiece, GPT-2 BPE, the synthetic source's ids, and a
+model's own tokenizer ('hf': its tokenizer.json, with its special tokens and chat template;
+what imported Hugging Face and GGUF models use).
 
 Each loads from a local directory (offline) or by name (online). `vocab_size` is the
-model's vocabulary: it includes the reserved id that is never emitted (design.md 2.1).
+model's vocabulary: it includes the reserved id that is never emitted (docs/design.md section 2.1).
 """
 from __future__ import annotations
 
@@ -10,7 +12,11 @@ import hashlib
 import os
 from typing import Callable, Sequence
 
-KNOWN = ('bert-base-uncased', 'gpt2', 'synthetic')
+from kforcing_jax.data import chat_template as chat_lib
+from kforcing_jax.data import hf_tokenizer
+
+HF = 'hf'  # a model's own tokenizer.json
+KNOWN = ('bert-base-uncased', 'gpt2', 'synthetic', HF)
 GPT2_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"""
                 r"""|\s+""")
 
@@ -30,9 +36,27 @@ class Tokenizer:
   # as the released tokenizers give them; corpus text is encoded with _encode (ordinary)
   _encode_special: Callable[[str], list[int]] | None = dataclasses.field(
       default=None, repr=False, compare=False)
+  # the model's chat template (jinja; '' = none) and the special tokens it may use
+  chat_template: str = dataclasses.field(default='', repr=False, compare=False)
+  template_tokens: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   def encode(self, text: str) -> list[int]:
     return self._encode(text)
+
+  def render_chat(self, messages, add_generation_prompt: bool = True) -> str:
+    """The prompt text of chat messages, as transformers' apply_chat_template renders it."""
+    if not self.chat_template:
+      raise chat_lib.ChatTemplateError(f'the tokenizer {self.name} has no chat template: the '
+                                       'model is not a chat model')
+    return chat_lib.render(self.chat_template, messages,
+                           add_generation_prompt=add_generation_prompt,
+                           special_tokens=self.template_tokens)
+
+  def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of chat messages: the rendered template, its special tokens as single
+    ids and nothing added around it (the template writes any BOS itself)."""
+    return self._encode_special(self.render_chat(messages, add_generation_prompt),
+                                add_special_tokens=False)
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._decode([int(i) for i in ids])
@@ -128,13 +152,52 @@ def synthetic(vocab_size: int, fingerprint: str) -> Tokenizer:
                    _encode=encode, _decode=decode)
 
 
-def load(name: str, path: str = '') -> Tokenizer:
+def hf(path: str, vocab_size: int = 0) -> Tokenizer:
+  """A model's own tokenizer from DIR/tokenizer.json and DIR/tokenizer_config.json (EOS,
+  pad, BOS, chat template). vocab_size: the model's (default: the tokenizer's). Corpus
+  text is encoded as plain text; prompts (encode_prompt) as transformers' tokenizer(text)
+  encodes them: special tokens written in the text are single ids, and the tokenizer's
+  post-processor adds what it adds (e.g. a BOS)."""
+  if not path:
+    raise FileNotFoundError('data.tokenizer=hf needs data.tokenizer_path=DIR (with '
+                            'tokenizer.json)')
+  tok, config, fp = hf_tokenizer.read(path)
+  plain = hf_tokenizer.read(path)[0]
+  plain.encode_special_tokens = True  # corpus text: '<|im_end|>' in a document is text
+  size = tok.get_vocab_size(with_added_tokens=True)
+  vocab_size = int(vocab_size) or size
+  if size > vocab_size:
+    raise ValueError(f'data.tokenizer_path={path!r}: the tokenizer has {size} tokens, more '
+                     f'than the model\'s {vocab_size}')
+
+  def token_id(key):
+    return None if config.get(key) is None else tok.token_to_id(config[key])
+
+  eos = token_id('eos_token')
+  if eos is None:
+    raise ValueError(f'data.tokenizer_path={path!r}: {hf_tokenizer.CONFIG_JSON} names no '
+                     'eos_token of the vocabulary')
+  pad = token_id('pad_token')
+  template_tokens = {k: config[k] for k in hf_tokenizer.SPECIAL if config.get(k) is not None}
+  return Tokenizer(
+      name=HF, vocab_size=vocab_size, eos_id=eos, pad_id=eos if pad is None else pad,
+      never_emit_ids=(), fingerprint=fp, add_bos_eos=False,
+      _encode=lambda s: plain.encode(s, add_special_tokens=False).ids,
+      _decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+      _encode_special=lambda s, add_special_tokens=True: tok.encode(
+          s, add_special_tokens=add_special_tokens).ids,
+      chat_template=config.get('chat_template') or '', template_tokens=template_tokens)
+
+
+def load(name: str, path: str = '', vocab_size: int = 0) -> Tokenizer:
   if name == 'bert-base-uncased':
     return bert_base_uncased(path)
   if name == 'gpt2':
     return gpt2(path)
+  if name == HF:
+    return hf(path, vocab_size)
   raise ValueError(f'data.tokenizer={name!r} is not supported; allowed: '
-                   f'bert-base-uncased, gpt2 (synthetic comes with data.source=synthetic)')
+                   f'bert-base-uncased, gpt2, hf (synthetic comes with data.source=synthetic)')
 
 
 BERT_CLS = 101
@@ -162,7 +225,10 @@ def from_identity(identity: dict, path: str = '') -> Tokenizer:
     return None
   if identity['name'] == 'synthetic':
     return synthetic(int(identity['vocab_size']), identity['fingerprint'])
-  tok = load(identity['name'], path)
+  tok = load(identity['name'], path, int(identity['vocab_size']))
+  if identity['name'] == HF and tok.fingerprint != identity['fingerprint']:
+    raise ValueError(f'the tokenizer.json in {path} (fingerprint {tok.fingerprint}) is not the '
+                     f'one the model was exported with ({identity["fingerprint"]})')
   if tok.vocab_size != identity['vocab_size']:
     raise ValueError(f'tokenizer {identity["name"]} from {path or "the hub"} has '
                      f'{tok.vocab_size} ids, the model was trained with {identity["vocab_size"]}')

@@ -74,6 +74,8 @@ def load(path: str, mesh=None, *, dtype: str = 'float32', decode_attention: str 
   path = os.path.abspath(path)
   arch, params, desc, _ = load_export(path, mesh or sampler_lib.one_device_mesh())
   tok_path = desc.get('tokenizer_path', '') if tokenizer_path is None else tokenizer_path
+  if tokenizer_path is None and desc.get('tokenizer_dir'):  # files kept in the export
+    tok_path = os.path.join(path, desc['tokenizer_dir'])
   try:
     tok = tokenization.from_identity(desc['tokenizer'], tok_path)
   except (OSError, ValueError) as e:  # files not here (offline): ids only, said once

@@ -118,7 +118,9 @@ class GGUFFile:
                       'states the scaling')
     head_dim = (self.value(f'{a}.attention.key_length') or self.value(f'{a}.rope.dimension_count')
                 or D // H)
-    tokens = self.value('tokenizer.ggml.tokens') or []
+    vocab = self.value(f'{a}.vocab_size')
+    if vocab is None:  # older files: the tokenizer's size
+      vocab = len(self.value('tokenizer.ggml.tokens') or [])
     cfg = {
         'architectures': [ARCHS[a]], 'hidden_size': D, 'num_hidden_layers':
         int(need['block_count']), 'intermediate_size': int(need['feed_forward_length']),
@@ -126,10 +128,13 @@ class GGUFFile:
         'rms_norm_eps': float(self.value(f'{a}.attention.layer_norm_rms_epsilon', 1e-6)),
         'rope_theta': float(self.value(f'{a}.rope.freq_base', 10000.0)),
         'max_position_embeddings': int(self.value(f'{a}.context_length', 2048)),
-        'vocab_size': int(self.value(f'{a}.vocab_size', len(tokens))),
+        'vocab_size': int(vocab),
         'tie_word_embeddings': 'lm_head.weight' not in self.by_hf_name,
         'bos_token_id': self.value('tokenizer.ggml.bos_token_id'),
-        'eos_token_id': self.value('tokenizer.ggml.eos_token_id'),
+        # llama.cpp also stops at an end-of-turn token where the file names one
+        'eos_token_id': [i for i in dict.fromkeys((self.value('tokenizer.ggml.eos_token_id'),
+                                                   self.value('tokenizer.ggml.eot_token_id')))
+                         if i is not None],
         'pad_token_id': self.value('tokenizer.ggml.padding_token_id'),
         'hidden_act': 'silu'}
     scaling = self.value(f'{a}.rope.scaling.type')

@@ -129,8 +129,7 @@ def served_model(s: sampler_lib.Sampler, name: str, K: int, max_len: int) -> api
   at the other EOS ids of an imported model's config; chat for a tokenizer with a template,
   whose answers also end at its end-of-turn token."""
   tok = s.tokenizer
-  # the tokenizers of this package's own vocabularies have no template attribute to read
-  chat = bool(getattr(tok, 'chat_template', ''))
+  chat = tok is not None and bool(tok.chat_template)
   eos = tok.eos_id if tok is not None else -1
   eos_ids = s.description.get('special_ids', {}).get('eos_ids', [])  # an import's EOS list
   return api.Model(name=name, k=s.k, K=K, vocab_size=s.arch.vocab_size, max_len=max_len,

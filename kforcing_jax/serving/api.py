@@ -144,8 +144,8 @@ def chat_prompt(messages: list[protocol.ChatMessage], model: Model) -> list[int]
   return check_ids(ids, model, 'messages')
 
 
-def _sampling(req: protocol.SamplingFields, model: Model) -> tuple[engine_lib.SamplingParams, int]:
-  """(the settings of choice 0, its seed) after every model-dependent check."""
+def _sampling(req: protocol.SamplingFields, model: Model) -> engine_lib.SamplingParams:
+  """The settings of choice 0 after every model-dependent check."""
   _check_neutral(req)
   pflm = model.k > 0
   temperature = 1.0 if req.temperature is None else float(req.temperature)
@@ -179,12 +179,12 @@ def _sampling(req: protocol.SamplingFields, model: Model) -> tuple[engine_lib.Sa
     raise BadRequest('seed', f'seed={seed} with n={req.n}: choice i uses seed + i, so seed + n '
                      f'- 1 must be at most {SEED_RANGE[1] - 1}')
   return engine_lib.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                   freq_penalty=penalty, seed=seed), seed
+                                   freq_penalty=penalty, seed=seed)
 
 
 def _completion(req: protocol.SamplingFields, prompts: list[list[int]], max_tokens: int | None,
                 model: Model, end_of_turn=(), chat: bool = False) -> Completion:
-  sampling, seed = _sampling(req, model)
+  sampling = _sampling(req, model)
   choices = []
   for i, ids in enumerate(prompts):
     n_out = model.max_len - len(ids) if max_tokens is None else max_tokens
@@ -194,7 +194,7 @@ def _completion(req: protocol.SamplingFields, prompts: list[list[int]], max_toke
                        f'maximum length {model.max_len}')
     for j in range(req.n):
       choices.append(Choice(i * req.n + j, ids, n_out,
-                            dataclasses.replace(sampling, seed=seed + j)))
+                            dataclasses.replace(sampling, seed=sampling.seed + j)))
   stop = req.stop or ()
   stop_ids = set(check_ids(req.stop_token_ids or [], model, 'stop_token_ids'))
   if not req.ignore_eos:  # an end of turn is the chat's EOS

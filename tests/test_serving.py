@@ -118,6 +118,21 @@ def test_served_tokens_equal_alone_tokens(models, kind):
   assert stopped >= 1 and got[0][1] == 'stop'
 
 
+@pytest.mark.parametrize('kind,family', [('ar', 'llama_gqa'), ('pflm', 'qwen3_like')])
+def test_served_tokens_equal_alone_tokens_for_llama_families(kind, family):
+  """The same invariant for grouped-query attention with RMSNorm, SwiGLU, tied embeddings
+  and llama3 RoPE (AR), and q/k norms, biases, head_dim != d / heads and linear RoPE (PFLM):
+  5 requests on 2 slots."""
+  pflm = kind == 'pflm'
+  arch, _, params = tiny_model(pflm=pflm, vocab=V, max_len=64, never_emit=(V - 1,),
+                               family=family, seed=3)
+  k, K = (4, 4) if pflm else (0, 1)
+  reqs = requests(np.random.default_rng(5), 5, pflm)
+  eng = engine_lib.SlotEngine(arch, params, k=k, K=K, max_slots=2)
+  for r, (toks, reason) in zip(reqs, serve_staggered(eng, reqs, -1)):
+    assert toks == alone(arch, params, k, r, K) and reason == 'length', (r.prompt, r.params)
+
+
 def test_no_recompilation_in_steady_state(models):
   arch, _, params = models['pflm']
   eng = engine_lib.SlotEngine(arch, params, k=4, K=2, max_slots=2)

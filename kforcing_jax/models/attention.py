@@ -92,31 +92,34 @@ def cached_attention(q_BxTxHxD, kt_BxKxDxS, v_BxKxSxD, mask_BxTxS, products: str
   [B, kv_heads, S, head_dim]; the queries [B, T, heads, head_dim] grouped by KV head.
 
   Both products are batched over (B, kv_heads), with a KV head's G query heads and T
-  inputs as the rows of one product, and read the cache in its stored layout; the
-  [B, kv_heads, G, T, head_dim] result is transposed afterwards. On CPU (XNNPACK/YNNPACK
+  inputs as the G * T rows of one product, and read the cache in its stored layout; the
+  [B, kv_heads, G * T, head_dim] result is transposed afterwards. On CPU (XNNPACK/YNNPACK
   dots) this is much faster than a seq-major [B, S, heads, head_dim] cache, whose per-step
   transposed copies dominate the step there. products='reduce' computes the products of a
   step with a few queries (1 < T <= 16: a PFLM step's 2K) as broadcast-multiply-reduce
   loops that read the cache once -- faster than XLA:CPU's small batched dots; one query
   (AR) or many (a prefill) stay dots either way."""
   B, T, H, d = q_BxTxHxD.shape
-  q = group_queries(q_BxTxHxD.astype(kt_BxKxDxS.dtype), kt_BxKxDxS.shape[1])
+  K = kt_BxKxDxS.shape[1]
+  # [B, K, G * T, D]: a KV head's query heads and inputs as the rows of one product
+  q = jnp.transpose(group_queries(q_BxTxHxD.astype(kt_BxKxDxS.dtype), K),
+                    (0, 2, 3, 1, 4)).reshape(B, K, H // K * T, d)
   elementwise = products == 'reduce' and 1 < T <= 16
   if elementwise:
-    q_BxKxGxTxD = jnp.transpose(q, (0, 2, 3, 1, 4))
-    s = jnp.sum(q_BxKxGxTxD[..., None].astype(jnp.float32) * kt_BxKxDxS[:, :, None, None],
-                axis=-2) / np.sqrt(d)
+    s = jnp.sum(q[..., None].astype(jnp.float32) * kt_BxKxDxS[:, :, None], axis=-2) / np.sqrt(d)
   else:
-    s = jnp.einsum('btkgd,bkds->bkgts', q, kt_BxKxDxS,
+    s = jnp.einsum('bkqd,bkds->bkqs', q, kt_BxKxDxS,
                    preferred_element_type=jnp.float32) / np.sqrt(d)
-  s = jnp.where(mask_BxTxS[:, None, None], s, NEG_INF)
+  mask = jnp.tile(mask_BxTxS, (1, H // K, 1))  # rows (g, t) as q's
+  s = jnp.where(mask[:, None], s, NEG_INF)
   p = jax.nn.softmax(s, axis=-1)
   if elementwise:
-    out = jnp.sum(p[..., None] * v_BxKxSxD[:, :, None, None].astype(jnp.float32),
-                  axis=-2).astype(v_BxKxSxD.dtype)
+    out = jnp.sum(p[..., None] * v_BxKxSxD[:, :, None].astype(jnp.float32), axis=-2).astype(
+        v_BxKxSxD.dtype)
   else:
-    out = jnp.einsum('bkgts,bksd->bkgtd', p.astype(v_BxKxSxD.dtype), v_BxKxSxD)
-  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, H, d).astype(q_BxTxHxD.dtype)
+    out = jnp.einsum('bkqs,bksd->bkqd', p.astype(v_BxKxSxD.dtype), v_BxKxSxD)
+  out = jnp.transpose(out.reshape(B, K, H // K, T, d), (0, 3, 1, 2, 4))
+  return out.reshape(B, T, H, d).astype(q_BxTxHxD.dtype)
 
 
 def _no_cache(name, kv, query_from):

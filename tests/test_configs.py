@@ -4,12 +4,14 @@ stage end to end, the OWT config runs through main.py offline). --config takes a
 a shipped config's name from any directory, installed or not; bad settings give one
 clear line."""
 import glob
+import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 from unittest import mock
 
 import jax
@@ -243,6 +245,23 @@ def test_config_by_name_or_path_from_any_directory_installed(tmp_path, monkeypat
       'main.py', '--config=configs/owt_from_released.py', '--workdir=w']).config
   assert by_name.to_dict() == by_path.to_dict()
   assert by_name.data.source == 'openwebtext' and by_name.pipeline == ('distill_k8',)
+
+
+def test_console_scripts_are_the_command_line_tools(capsys):
+  """Every [project.scripts] entry is a tool's main(argv): --help prints the tool's usage
+  and flags, all of them defined in one process (a fresh set of flags per call)."""
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    scripts = tomllib.load(f)['project']['scripts']
+  assert scripts['kforcing-run'] == 'kforcing_jax.pipeline.cli:main'
+  for name, target in scripts.items():
+    module_name, _, attr = target.partition(':')
+    module = importlib.import_module(module_name)
+    with pytest.raises(SystemExit) as e:
+      getattr(module, attr)([name, '--help'])
+    assert e.value.code == 0, name
+    usage = capsys.readouterr().out
+    assert usage.startswith(module.__doc__.strip().splitlines()[0]), name
+    assert '--verbosity' in usage and usage.count('\n  --') >= 2, name
 
 
 NOT_INSTALLED = textwrap.dedent('''

@@ -1,15 +1,20 @@
+import io
+import lzma
 import os
+import tarfile
 from unittest import mock
 
 import numpy as np
 import pytest
 
+from kforcing_jax.configs import base
+from kforcing_jax.configs import lm1b
+from kforcing_jax.configs import owt
 from kforcing_jax.data import datasets as data_lib
 from tests.conftest import shrink, synthetic_config
 
 
 def text_config(testdata, tmp_path, **kw):
-  from kforcing_jax.configs import base  # pylint: disable=g-import-not-at-top
   cfg = shrink(base.get_config())
   cfg.data.source = 'text'
   cfg.data.path = os.path.join(testdata, 'lm1b', 'lingvo_lm1b_100.txt')
@@ -41,7 +46,6 @@ def test_text_source_pads_sentences_with_a_mask(testdata, tmp_path):
 
 
 def test_owt_local_documents_are_packed(testdata, tmp_path):
-  from kforcing_jax.configs import owt  # pylint: disable=g-import-not-at-top
   cfg = shrink(owt.get_config())
   cfg.data.path = os.path.join(testdata, 'owt', 'hf_dummy')
   cfg.data.tokenizer_path = os.path.join(testdata, 'tokenizers', 'gpt2')
@@ -63,9 +67,6 @@ def test_owt_local_documents_are_packed(testdata, tmp_path):
 
 
 def test_owt_xz_and_jsonl_files(tmp_path):
-  import lzma  # pylint: disable=g-import-not-at-top
-  import tarfile  # pylint: disable=g-import-not-at-top
-  import io  # pylint: disable=g-import-not-at-top
   d = tmp_path / 'docs'
   d.mkdir()
   with lzma.open(d / 'a.txt.xz', 'wt') as f:
@@ -86,7 +87,6 @@ def test_owt_from_the_hub_is_tokenized_once_into_the_shared_cache(testdata, tmp_
   """The Hugging Face path (its loader replaced by the 4 real OWT documents) writes the
   same memory-mapped cache as the local-files path, with the same rows; a second run reads
   the cache without loading or tokenizing the corpus; concat rows store no mask."""
-  from kforcing_jax.configs import owt  # pylint: disable=g-import-not-at-top
   docs_dir = os.path.join(testdata, 'owt', 'hf_dummy')
   texts = [open(os.path.join(docs_dir, f), encoding='utf-8').read()
            for f in sorted(os.listdir(docs_dir))]
@@ -120,8 +120,7 @@ def test_owt_from_the_hub_is_tokenized_once_into_the_shared_cache(testdata, tmp_
 
 
 def test_lm1b_through_the_real_tfds_builder(testdata, tmp_path):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from kforcing_jax.configs import lm1b  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (lm1b extra)
   cfg = shrink(lm1b.get_config())
   cfg.data.tfds_data_dir = str(tmp_path / 'tfds')
   cfg.data.tokenizer_path = os.path.join(testdata, 'tokenizers', 'bert-base-uncased')

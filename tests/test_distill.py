@@ -1,8 +1,8 @@
 """Distillation stages: initialisation, teacher handling, summaries, bad stage graphs."""
+import dataclasses
 import json
 import os
-
-import dataclasses
+import shutil
 from unittest import mock
 
 import jax
@@ -159,7 +159,6 @@ def test_resume_against_a_retrained_teacher_is_refused(tmp_path):
     with pytest.raises(KeyboardInterrupt):
       pipeline.run(cfg, str(tmp_path))
   assert os.listdir(tmp_path / 'distill_k1' / 'checkpoints') == ['1']
-  import shutil  # pylint: disable=g-import-not-at-top
   shutil.rmtree(tmp_path / 'teacher')
   cfg.stages.teacher.opt.learning_rate = 1e-2  # a different teacher, same shapes
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match='teacher_fingerprint'):

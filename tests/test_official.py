@@ -3,6 +3,7 @@ k=1 and rollout targets, and the released sampler's tokens, on the parity fixtur
 $KFORCING_TESTDATA/official (tiny random-weight checkpoints in the released layout, with
 references computed by the released code)."""
 import dataclasses
+import json
 import os
 
 import jax
@@ -11,9 +12,15 @@ import numpy as np
 import pytest
 
 import kforcing_jax
-from kforcing_jax.models import attention as attn_lib
+from kforcing_jax.data import tokenization
+from kforcing_jax.decoding import engine as decode
+from kforcing_jax.decoding import sampler as sampler_lib
 from kforcing_jax.interop import released as import_official
+from kforcing_jax.models import attention as attn_lib
 from kforcing_jax.models import transformer as model_lib
+from kforcing_jax.pipeline import run as pipeline
+from kforcing_jax.pipeline import run_dir
+from kforcing_jax.pipeline import sample
 from kforcing_jax.training import targets as targets_lib
 from tests import conftest
 from tests.helpers import jit_decode_step, jit_encode, jit_window
@@ -273,10 +280,10 @@ def test_pickled_objects_need_trust_pickle(tmp_path):
   assert desc['k'] == 0
 
 
-def fixture_run_config(pipeline, steps=2):
+def fixture_run_config(stage_names, steps=2):
   """The synthetic source with the fixtures' vocabulary (128 symbols + EOS + reserved =
   130 ids) and the fixtures' backbone shape."""
-  cfg = conftest.synthetic_config(steps=steps, pipeline=pipeline)
+  cfg = conftest.synthetic_config(steps=steps, pipeline=stage_names)
   cfg.data.synthetic.n_symbols = 128
   cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads = 64, 2, 4
   return cfg
@@ -285,7 +292,6 @@ def fixture_run_config(pipeline, steps=2):
 def test_distill_from_released_ar_teacher(tmp_path, exports):
   """AR (released) -> k1 -> k2 -> k4 from the config: the first stage's teacher is an
   imported export, the student never emits the teacher's mask id either."""
-  from kforcing_jax.pipeline import run as pipeline  # pylint: disable=g-import-not-at-top
   cfg = fixture_run_config(('distill_k1', 'distill_k2', 'distill_k4'))
   cfg.stages.distill_k1.teacher_stage = exports['ar_tiny']
   out = pipeline.run(cfg, str(tmp_path))
@@ -304,7 +310,6 @@ def test_distill_from_released_ar_teacher(tmp_path, exports):
 
 
 def test_distill_k8_from_released_k4(tmp_path, exports):
-  from kforcing_jax.pipeline import run as pipeline  # pylint: disable=g-import-not-at-top
   cfg = fixture_run_config(('distill_k8',))
   cfg.stages.distill_k8.teacher_stage = exports['pflm_tiny_k4']
   out = pipeline.run(cfg, str(tmp_path))
@@ -314,14 +319,12 @@ def test_distill_k8_from_released_k4(tmp_path, exports):
   for K in (1, 4, 8):
     ids = k8.generate_ids([[0, 5, 7], [0, 9]], 16, K=K, seed=1)
     assert ids.shape == (2, 16) and not np.isin(ids, [MASK, 129]).any()
-  from kforcing_jax.decoding import engine as decode  # pylint: disable=g-import-not-at-top
   with pytest.raises(decode.DecodeError, match="K=9 is larger than the model's window k=8"):
     k8.generate_ids([[0, 5]], 16, K=9)
   # a k=8 student cannot come from the released k=4 except as distill_k8
   bad = fixture_run_config(('distill_k4',))
   bad.stages.distill_k4.teacher_stage = exports['pflm_tiny_k4']
-  from kforcing_jax.pipeline import run_dir as stages  # pylint: disable=g-import-not-at-top
-  with pytest.raises(stages.StageError, match='can only teach window 8, not 4'):
+  with pytest.raises(run_dir.StageError, match='can only teach window 8, not 4'):
     pipeline.run(bad, str(tmp_path / 'bad'))
 
 
@@ -329,10 +332,6 @@ def test_distill_k8_from_released_k4(tmp_path, exports):
 def test_prompt_files_tokenize_as_released(corpus, tokenizer):
   """The released prompt files through the sample CLI's prompt path give the ids of the
   released tokenizers (special tokens written in the text are single ids)."""
-  import json  # pylint: disable=g-import-not-at-top
-  from kforcing_jax.pipeline import sample  # pylint: disable=g-import-not-at-top
-  from kforcing_jax.decoding import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
-  from kforcing_jax.data import tokenization  # pylint: disable=g-import-not-at-top
   tok = tokenization.load(tokenizer, os.path.join(conftest.testdata_dir(), 'tokenizers',
                                                   tokenizer))
   prompts = sample.read_prompts(official(f'prefix_{corpus}_examples.jsonl'))

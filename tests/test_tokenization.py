@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import tokenizers
 
 from kforcing_jax.data import tokenization
 
@@ -15,7 +16,6 @@ def test_bert_ids_of_known_string(testdata):
 
 
 def test_gpt2_ids_match_both_routes(testdata):
-  import tokenizers  # pylint: disable=g-import-not-at-top
   d = os.path.join(testdata, 'tokenizers', 'gpt2')
   tok = tokenization.load('gpt2', d)
   text = 'Hello world, K-Forcing! The 2.4x speed-up is real.'

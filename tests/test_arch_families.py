@@ -312,8 +312,6 @@ def test_cache_bytes_are_the_cache_arrays(family):
     assert cache['v'][0].shape == (3, arch.n_kv_heads, 64, arch.head_dim)
 
 
-@pytest.mark.xfail(strict=True, reason='decoding.step.rope_table computes RoPE without the '
-                   "model's rope_scaling; it must call transformer.arch_rope_cos_sin")
 @pytest.mark.parametrize('family', ['llama_gqa', 'qwen3_like'])
 def test_engine_greedy_tokens_equal_the_full_forward_argmax(family):
   """The decoding engine (grouped-query cache, scaled RoPE, left padding) emits the tokens
@@ -339,3 +337,16 @@ def test_student_takes_its_teachers_llama_form():
   student = distill.student_arch(run, teacher, 'distill_k2')
   assert student.pflm and student.never_emit_ids == (52,)
   assert student.backbone() == teacher.backbone()
+
+
+def test_pallas_engine_tokens_equal_the_whole_cache_engine_for_grouped_queries():
+  """A grouped-query PFLM decoded through the Pallas flash-decoding kernel (interpret mode
+  here) emits the tokens of the masked whole-cache attention."""
+  arch, _, params = tiny_model(pflm=True, family='llama_gqa', seed=7, noise=0.5, layers=1)
+  prompts = [[3, 4, 5, 6, 7, 8], [9, 10]]
+  spec = decode.DecodeSpec(K=2, pflm=True, max_new_tokens=6)
+  want, _ = decode.Engine(arch, params, k=2).generate(prompts, spec, seed=1)
+  pallas = decode.Engine(arch, params, arch_lib.ExecConfig(decode_attention='pallas'), k=2)
+  with jax.default_matmul_precision('float32'):
+    got, _ = pallas.generate(prompts, spec, seed=1)
+  np.testing.assert_array_equal(got, want)

@@ -2,8 +2,8 @@
 
   python -m kforcing_jax.serve --export=DIR [--K=4] [--max_slots=16] [--port=8000]
   python -m kforcing_jax.serve --workdir=RUN --stage=distill_k4 ...
-  python -m kforcing_jax.serve --config=synthetic --random_init --model=pflm --K=4 \
-      [--config.model.d_model=256 ...]     # random weights, model fields used as given
+  python -m kforcing_jax.serve --config=synthetic --random_init --model=pflm --K=4
+      [--config.model.d_model=256 ...]     (random weights, model fields used as given)
 
 A model whose export carries a chat template (an imported chat model) also answers
 /v1/chat/completions; its answers end at its EOS and at the template's end-of-turn token.

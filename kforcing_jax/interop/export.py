@@ -53,14 +53,23 @@ def load_export(path: str, mesh):
   return arch, params, desc, shardings
 
 
-def write(out: str, params, desc: dict) -> dict:
-  """Writes an export (refuses an existing path); desc must hold 'arch', 'k', 'tokenizer'."""
+def write(out: str, params, desc: dict, *, compress: bool = True) -> dict:
+  """Writes an export (refuses an existing path); desc must hold 'arch', 'k', 'tokenizer'.
+  compress=False stores the arrays without zstd: larger files, but the write needs less
+  host memory (no compression buffers) and time; the export reads back the same way."""
   out = os.path.abspath(out)
   if os.path.exists(out):
     raise errors.StageError(f'--out={out} already exists; choose a new path')
   desc = {'format': EXPORT_FORMAT, **desc}
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    ckptr.save(out, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+  if compress:
+    handler, params_args = ocp.CompositeCheckpointHandler(), ocp.args.StandardSave(params)
+  else:
+    handler = ocp.CompositeCheckpointHandler(
+        params=ocp.PyTreeCheckpointHandler(use_compression=False),
+        description=ocp.JsonCheckpointHandler())
+    params_args = ocp.args.PyTreeSave(params)
+  with ocp.Checkpointer(handler) as ckptr:
+    ckptr.save(out, args=ocp.args.Composite(params=params_args,
                                             description=ocp.args.JsonSave(desc)))
   return desc
 

@@ -233,7 +233,7 @@ def import_model(src: str, out: str, *, max_seq_len: int = 0, tokenizer_path: st
   # model in memory
   cpu = jax.devices('cpu')[0]
   params = jax.tree.map(lambda x: jax.device_put(x, cpu), params)
-  desc = export_lib.write(out, params, desc)
+  desc = export_lib.write(out, params, desc, compress=False)
   del params
   if tok_json is not None:
     try:

@@ -82,9 +82,13 @@ def test_ar_teacher_k_targets_are_sequential_sampling():
   y = jax.jit(lambda p, c, uu: targets.ar_teacher_targets(model, p, c, uu))(params, ctx, u)
   t = 4
   seq = list(np.asarray(ctx[0, :t + 1]))
+  draw = jax.jit(sampling.inverse_cdf)
   for i in range(3):
-    logits = causal_logits(model, params, jnp.asarray([seq]))
-    seq.append(int(sampling.inverse_cdf(logits[0, -1], u[0, t, i])))
+    # one causal forward at a fixed length: the logits at position len(seq) - 1 do not
+    # depend on the filler after it
+    row = jnp.asarray([seq + [0] * (t + 4 - len(seq))])
+    logits = causal_logits(model, params, row)
+    seq.append(int(draw(logits[0, len(seq) - 1], u[0, t, i])))
   assert list(np.asarray(y[0, t])) == seq[t + 1:]
 
 

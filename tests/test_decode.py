@@ -1,5 +1,6 @@
 """The decoding engine: PFLM == training-layout argmax, AR greedy == full forwards,
-batch invariance, ragged prompts, EOS, no recompilation, bad requests."""
+batch invariance, ragged prompts, EOS, the slot engine's rows == the offline engine's,
+traced sampling settings (no recompilation), one length rule, bad requests."""
 import concurrent.futures
 import dataclasses
 
@@ -11,6 +12,7 @@ import pytest
 from kforcing_jax.decoding import engine as decode
 from kforcing_jax.models import transformer as model_lib
 from kforcing_jax.models import precision as precision_lib
+from kforcing_jax.serving import engine as slot_lib
 from tests.helpers import causal_logits, jit_window, tiny_model
 
 
@@ -143,19 +145,117 @@ def test_no_recompilation_for_same_shapes(pflm):
   eng = engine(cfg, params)
   spec = decode.DecodeSpec(K=2, pflm=True, max_new_tokens=6)
   eng.generate([[1, 2, 3], [4, 5]], spec, seed=0)
+  traces = eng.traces
   eng.generate([[6, 7, 8], [9]], spec, seed=1)
-  assert eng.traces == 1
+  assert eng.traces == traces
   eng.generate([[6, 7, 8, 9], [9]], spec, seed=1)  # longer prompt: a new shape
-  assert eng.traces == 2
+  assert eng.traces == traces + 1
   # loops compiled ahead, from threads at once (the benchmark's precompile), are the ones
-  # the calls then run: one trace per shape, none at the calls
-  fresh = engine(cfg, params)
+  # the calls then run: one trace per shape, none at the calls -- also in another Engine
+  # of the same configs (batch sizes 6 and 12 are compiled by no other test)
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    list(pool.map(lambda b: fresh.compile(spec, 2 * b, 3), (1, 2)))
-  assert fresh.traces == 2 and len(fresh._fns) == 1  # pylint: disable=protected-access
-  outs = {b: fresh.generate([[6, 7, 8], [9]] * b, spec, seed=1)[0] for b in (1, 2)}
-  assert fresh.traces == 2
-  np.testing.assert_array_equal(outs[1], eng.generate([[6, 7, 8], [9]], spec, seed=1)[0])
+    list(pool.map(lambda b: engine(cfg, params).compile(spec, 6 * b, 3), (1, 2)))
+  assert eng.traces == traces + 3
+  outs = {b: eng.generate([[6, 7, 8], [9]] * 3 * b, spec, seed=1)[0] for b in (1, 2)}
+  assert eng.traces == traces + 3
+  np.testing.assert_array_equal(outs[1][:2], eng.generate([[6, 7, 8], [9]], spec, seed=1)[0])
+
+
+def test_sampling_settings_and_lengths_do_not_recompile(pflm):
+  """temperature, top_k, top_p, sampler, freq_penalty, tau and max_new_tokens within one
+  cache length are traced: one compiled loop serves them all."""
+  cfg, model, params = pflm
+  ar = engine(*tiny_model(seed=6)[::2])
+  prompts = [[1, 2, 3], [4, 5]]
+  base = decode.DecodeSpec(K=1, max_new_tokens=9)  # cache: 3 + 9 slots -> 16
+  plan = ar.plan(base, 3)
+  ar.generate(prompts, base)
+  traces, size = ar.traces, decode.loop_fn(ar.arch, ar.exe, plan)._cache_size()  # pylint: disable=protected-access
+  outs = set()
+  for kw in (dict(temperature=0.5), dict(temperature=0.0), dict(top_k=3), dict(top_p=0.7),
+             dict(sampler='inverse_cdf'), dict(freq_penalty=0.7), dict(max_new_tokens=12),
+             dict(temperature=2.0, top_k=5, top_p=0.9, sampler='inverse_cdf', freq_penalty=1.0)):
+    spec = dataclasses.replace(base, **kw)
+    assert ar.plan(spec, 3) == plan
+    outs.add(ar.generate(prompts, spec, seed=3)[0][:, :9].tobytes())
+  assert ar.traces == traces
+  assert decode.loop_fn(ar.arch, ar.exe, plan)._cache_size() == size  # pylint: disable=protected-access
+  assert len(outs) >= 6  # the settings did change the tokens
+  pf = engine(cfg, params)
+  spec = decode.DecodeSpec(K=4, pflm=True, max_new_tokens=8)
+  plain = pf.generate(prompts, spec)[0]
+  traces = pf.traces
+  penalized = pf.generate(prompts, dataclasses.replace(spec, freq_penalty=50.0))[0]
+  pf.generate(prompts, dataclasses.replace(spec, tau=0.5))
+  assert pf.traces == traces
+  assert (plain != penalized).any()
+
+
+def test_ar_frequency_penalty_and_the_length_rule():
+  cfg, _, params = tiny_model(seed=2, noise=0.5)
+  eng = engine(cfg, params)
+  greedy = decode.DecodeSpec(K=1, max_new_tokens=30, temperature=0.0)
+  plain = eng.generate([[1, 2, 3]], greedy)[0][0]
+  pen = eng.generate([[1, 2, 3]], dataclasses.replace(greedy, freq_penalty=1e4))[0][0]
+  assert len(set(plain.tolist())) < 30 and len(set(pen.tolist())) == 30  # no repeats
+  # one rule for every engine: prompt + new tokens <= the model's length (64)
+  eng.generate([[1] * 54], dataclasses.replace(greedy, max_new_tokens=10))
+  with pytest.raises(decode.DecodeError, match=r"prompt of 55 tokens \+ max_new_tokens=10 "
+                     r"exceeds the model's maximum length 64"):
+    eng.generate([[1] * 55], dataclasses.replace(greedy, max_new_tokens=10))
+  slots = slot_lib.SlotEngine(cfg, params, k=0, K=1, max_slots=1)
+  slots.check(54, 10)
+  with pytest.raises(decode.DecodeError, match=r"prompt of 55 tokens \+ max_tokens=10 "
+                     r"exceeds the model's maximum length 64"):
+    slots.check(55, 10)
+
+
+def slot_tokens(eng, requests):
+  """Tokens of (prompt, n, SamplingParams) requests inserted into slots 0.. at once and
+  stepped together by the slot engine."""
+  state = eng.init_state()
+  for slot, (prompt, _, sp) in enumerate(requests):
+    state = eng.insert(state, eng.prefill(prompt), slot, sp)
+  steps = []
+  while len(steps) * eng.K < max(n for _, n, _ in requests):
+    state, toks = eng.generate(state)
+    steps.append(np.asarray(toks)[0])
+  toks = np.concatenate(steps, axis=1)  # [slots, steps * K]
+  return [toks[i, :n].tolist() for i, (_, n, _) in enumerate(requests)]
+
+
+@pytest.mark.parametrize('pflm_mode', [True, False])
+def test_slot_engine_rows_equal_offline_rows(pflm, pflm_mode):
+  """The slot engine's step is the offline loop's: each slot, with its own settings
+  (sampler, filters, penalty) among others, gives its request's tokens alone; a second
+  SlotEngine of the same configs compiles nothing."""
+  cfg, _, params = pflm if pflm_mode else tiny_model(seed=5, noise=0.5, never_emit=(52,))
+  k, K = (4, 4) if pflm_mode else (0, 1)
+  SP = slot_lib.SamplingParams
+  if pflm_mode:
+    reqs = [([3, 4, 5], 12, SP(seed=1)), ([7], 9, SP(freq_penalty=0.5, seed=2)),
+            ([8, 9, 10, 11, 12, 13, 14], 16, SP(freq_penalty=3.0, seed=3))]
+  else:
+    reqs = [([3, 4, 5], 12, SP(seed=1)),
+            ([7], 9, SP(temperature=0.8, top_k=5, sampler='inverse_cdf', seed=2)),
+            ([8, 9, 10, 11, 12, 13, 14], 16, SP(temperature=0.0, freq_penalty=2.0, seed=3)),
+            ([15, 16], 10, SP(top_p=0.9, freq_penalty=0.5, seed=4))]
+  got = slot_tokens(slot_lib.SlotEngine(cfg, params, k=k, K=K, max_slots=4), reqs)
+  off = engine(cfg, params, k=k)
+  for (prompt, n, sp), toks in zip(reqs, got):
+    spec = decode.DecodeSpec(K=K, pflm=pflm_mode, max_new_tokens=n, temperature=sp.temperature,
+                             top_k=sp.top_k, top_p=sp.top_p, sampler=sp.sampler,
+                             freq_penalty=sp.freq_penalty)
+    assert toks == eng_tokens(off, prompt, spec, sp.seed), (prompt, sp)
+  traces = slot_lib.TRACES.copy()
+  again = slot_tokens(slot_lib.SlotEngine(cfg, params, k=k, K=K, max_slots=4),
+                      [(p, n, dataclasses.replace(sp, seed=sp.seed + 9, temperature=0.7))
+                       for p, n, sp in reqs])
+  assert slot_lib.TRACES == traces and len(again) == len(reqs)
+
+
+def eng_tokens(eng, prompt, spec, seed):
+  return eng.generate([prompt], spec, seed=seed, row_seeds=[0])[0][0].tolist()
 
 
 @pytest.mark.parametrize('pflm_mode', [True, False])

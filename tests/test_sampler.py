@@ -37,12 +37,33 @@ def test_same_shapes_compile_once(pflm_sampler):
   s = kforcing_jax.Sampler(pflm_sampler.arch, pflm_sampler.params, k=4,
                            tokenizer=pflm_sampler.tokenizer)
   a = s.generate_ids([[0, 1, 2]], max_new_tokens=6, seed=0)
-  b = s.generate_ids([[0, 5, 6]], max_new_tokens=6, seed=1)
-  assert s.engine.traces == 1 and a.shape == b.shape
+  traces = s.engine.traces
+  b = s.generate_ids([[0, 5, 6]], max_new_tokens=6, seed=1, freq_penalty=0.5)
+  assert s.engine.traces == traces and a.shape == b.shape
   s.generate(['| s1 s2'], max_new_tokens=6, seed=2)  # same settings and shapes from text
-  assert s.engine.traces == 1
+  assert s.engine.traces == traces
   s.generate_ids([[0, 1, 2]], max_new_tokens=6, K=2)  # another K: another loop
-  assert s.engine.traces == 2
+  assert s.engine.traces == traces + 1
+
+
+def test_samplers_of_the_same_configs_share_compiled_loops(pflm_sampler):
+  """A new Sampler of the same model (other weights of the same shapes) reuses the loops
+  and the forward that an earlier one compiled."""
+  arch, tok = pflm_sampler.arch, pflm_sampler.tokenizer
+  first = kforcing_jax.Sampler(arch, pflm_sampler.params, k=4, tokenizer=tok)
+  first.generate_ids([[0, 1, 2], [0, 3]], max_new_tokens=7, seed=0)
+  first.logits([[0, 1, 2]])
+  spec = first.spec(max_new_tokens=7)
+  loop = decode.loop_fn(first.arch, first.engine.exe, first.engine.plan(spec, 3))
+  sizes = (loop._cache_size(), first._forward._cache_size())  # pylint: disable=protected-access
+  traces = decode.TRACES['loop']
+  other = jax.tree.map(lambda x: x * 0.5, pflm_sampler.params)
+  second = kforcing_jax.Sampler(arch, other, k=4, tokenizer=tok)
+  out = second.generate_ids([[0, 4, 5], [0, 6]], max_new_tokens=7, seed=1, freq_penalty=0.3)
+  second.logits([[0, 4, 5]])
+  assert decode.TRACES['loop'] == traces
+  assert (loop._cache_size(), second._forward._cache_size()) == sizes  # pylint: disable=protected-access
+  assert out.shape == (2, 7)
 
 
 def test_window_is_enforced_by_the_engine(pflm_sampler):
@@ -61,15 +82,15 @@ def test_ar_sampler_logits_and_eos():
   assert logits.dtype == np.float32 and logits.shape == (2, 4, 32)
   np.testing.assert_allclose(logits, np.asarray(causal_logits(model, params, tokens)),
                              rtol=1e-6, atol=1e-6)
-  greedy = s.generate_ids([[0, 3, 4]], max_new_tokens=12, temperature=0.0, stop_at_eos=False)
-  assert greedy.shape == (1, 12)
-  stopped = s.generate_ids([[0, 3, 4]], max_new_tokens=12, temperature=0.0)
-  row = greedy[0].tolist()
-  if 0 in row:  # after the first EOS the row holds padding (the reserved id)
-    i = row.index(0)
-    assert stopped[0, :i + 1].tolist() == row[:i + 1] and np.all(stopped[0, i + 1:] == 31)
-  else:
-    np.testing.assert_array_equal(stopped, greedy)
+  # greedy from [0, 1, 2] emits EOS (0) as its 4th token; from [0, 3, 4] none in 12
+  prompts = [[0, 1, 2], [0, 3, 4]]
+  greedy = s.generate_ids(prompts, max_new_tokens=12, temperature=0.0, stop_at_eos=False)
+  stopped = s.generate_ids(prompts, max_new_tokens=12, temperature=0.0)
+  assert greedy.shape == stopped.shape == (2, 12)
+  assert greedy[0, 3] == 0 and 0 not in greedy[0, :3] and 0 not in greedy[1]
+  # after the first EOS the row holds padding (the reserved id); the other row goes on
+  np.testing.assert_array_equal(stopped[0], np.r_[greedy[0, :4], [31] * 8])
+  np.testing.assert_array_equal(stopped[1], greedy[1])
   with pytest.raises(decode.DecodeError, match='AR model'):
     s.engine.generate([[0, 1]], decode.DecodeSpec(K=2, pflm=True))
 

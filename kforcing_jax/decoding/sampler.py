@@ -7,8 +7,11 @@ its compiled decoding loops -- text in, text out.
   print(sampler.generate(['| s12 s40'], max_new_tokens=32, K=4, freq_penalty=0.5))
   ids = sampler.generate_ids([[0, 12, 40]], max_new_tokens=32, seed=1)
 
-Calls with the same settings and shapes reuse one compiled loop (decode.Engine). K is
-checked against the model's window inside the engine: a k=4 model refuses K=8.
+The compiled decoding loops are shared by every Sampler with the same model and execution
+configs: a call compiles only for a new K, batch size, prompt width or cache length
+(prompt + max_new_tokens, rounded up to decode.CACHE_ALIGN slots); the temperature, top_k,
+top_p, sampler, freq_penalty and seed are traced values. K is checked against the model's
+window inside the engine: a k=4 model refuses K=8.
 """
 from __future__ import annotations
 
@@ -129,12 +132,18 @@ class Sampler:
     tokens = jnp.asarray(np.asarray(tokens_BxT, np.int32))
     return np.asarray(self._forward(self.params, tokens))
 
-  @functools.cached_property
+  @property
   def _forward(self):
-    model = self.engine.model
-    return jax.jit(lambda p, t: model.apply(
-        {'params': p}, t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape),
-        method=model_lib.Transformer.forward))
+    return _forward_fn(self.arch, self.engine.exe)
+
+
+@functools.cache
+def _forward_fn(arch: arch_lib.ArchConfig, exe: arch_lib.ExecConfig):
+  """The jitted causal forward of these configs, shared by every Sampler."""
+  model = model_lib.build(arch, exe)
+  return jax.jit(lambda p, t: model.apply(
+      {'params': p}, t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape),
+      method=model_lib.Transformer.forward))
 
 
 def encode_prompts(tokenizer, texts, max_tokens: int = 0) -> list[list[int]]:

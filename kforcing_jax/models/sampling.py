@@ -90,17 +90,23 @@ def first_argmax(logits_BxV):  # [..., V] -> [...] int32
   return jnp.min(jnp.where(logits_BxV == top, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
 
 
-def filter_logits(logits_BxV, top_k: int, top_p: float):
-  """Top-k, then top-p (the smallest set of tokens whose softmax mass reaches top_p; always
-  at least the top token) of already tempered logits."""
-  if top_k > 0:
-    kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-    logits_BxV = jnp.where(logits_BxV < kth, attn_lib.NEG_INF, logits_BxV)
-  if top_p < 1.0:
+def filter_logits(logits_BxV, top_k_B=None, top_p_B=None):
+  """Per-row top-k, then top-p (the smallest set of tokens whose softmax mass reaches top_p;
+  always at least the top token) of already tempered logits [B, V]. top_k_B: int32 [B]
+  (0 = off; >= V keeps every token) or None for no row; top_p_B: float32 [B] (1 = off) or
+  None."""
+  V = logits_BxV.shape[-1]
+  if top_k_B is not None:
+    kth = jnp.take_along_axis(jnp.sort(logits_BxV, axis=-1)[:, ::-1],
+                              jnp.clip(top_k_B - 1, 0, V - 1)[:, None], axis=-1)
+    filtered = jnp.where(logits_BxV < kth, attn_lib.NEG_INF, logits_BxV)
+    logits_BxV = jnp.where((top_k_B > 0)[:, None], filtered, logits_BxV)
+  if top_p_B is not None:
     sorted_l = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(sorted_l, axis=-1)
     cum = jnp.cumsum(probs, axis=-1)
-    cutoff_idx = jnp.sum(cum - probs < top_p, axis=-1, keepdims=True) - 1
+    cutoff_idx = jnp.sum(cum - probs < top_p_B[:, None], axis=-1, keepdims=True) - 1
     cutoff = jnp.take_along_axis(sorted_l, cutoff_idx, axis=-1)
-    logits_BxV = jnp.where(logits_BxV < cutoff, attn_lib.NEG_INF, logits_BxV)
+    filtered = jnp.where(logits_BxV < cutoff, attn_lib.NEG_INF, logits_BxV)
+    logits_BxV = jnp.where((top_p_B < 1.0)[:, None], filtered, logits_BxV)
   return logits_BxV

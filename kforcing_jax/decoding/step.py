@@ -1,0 +1,290 @@
+"""One decoding step, shared by the offline engine and the serving slot engine.
+
+A step writes each row's inputs into its KV cache and chooses its next tokens:
+- AR (K = 1): the last emitted token is fed; the next one is greedy (temperature 0) or
+  drawn from the tempered, top-k- then top-p-filtered softmax by one-pass Gumbel-max
+  ('categorical') or by the inverse CDF of a per-token u ('inverse_cdf');
+- PFLM (K tokens per step): the K tokens emitted last step and K hint embeddings are fed
+  (2K queries); hint i's argmax is token i.
+A frequency penalty subtracts lambda * count(v) from the logits first (a PFLM's token by
+token within its block, counting the block's earlier tokens).
+
+kforcing_jax.decoding.engine runs the step in a lax.while_loop with every row at the same
+cache slot (one cache write for the batch, cache phases, the Pallas kernel);
+kforcing_jax.serving.engine runs it with each row at its own slot. A row's inputs, mask,
+RoPE positions (slot - left padding, from a table made once per call) and noise are the
+same in both, so its tokens are too.
+
+The sampling settings are per-row traced values (Settings): a new temperature, top_k,
+top_p, penalty or sampler compiles nothing. What a batch does not use costs nothing either:
+Gates says which paths any row needs (computed once per call), and lax.cond / lax.switch
+skip the others; every branch returns tokens only, never a pass-through of the logits.
+
+The slot arithmetic of both engines is SlotLayout's.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kforcing_jax import errors
+from kforcing_jax.models import attention as attn_lib
+from kforcing_jax.models import sampling
+from kforcing_jax.models import transformer as model_lib
+
+SAMPLERS = ('categorical', 'inverse_cdf')  # AR samplers; Settings.sampler_B indexes this
+# Cache lengths are multiples of this: XLA:GPU pads bf16 dot dimensions to multiples of 8
+# for the tensor cores and otherwise adds pad fusions around every step's attention
+# products. The extra slots are masked like unwritten ones.
+CACHE_ALIGN = 8
+
+
+class DecodeError(errors.UserError):
+  pass
+
+
+def align(n: int) -> int:
+  return -(-n // CACHE_ALIGN) * CACHE_ALIGN
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotLayout:
+  """Where a step's inputs go in the cache, for K tokens per step (AR: K = 1, no hints).
+
+  Prompts are left-padded to at least feed + 1 tokens; all but the last `feed` are
+  prefilled, so the first step writes at first_slot and each step K slots further."""
+  K: int = 1
+  pflm: bool = False
+
+  @property
+  def feed(self) -> int:
+    """Tokens fed per step: the K emitted last step (PFLM) or the last one (AR)."""
+    return self.K if self.pflm else 1
+
+  @property
+  def queries(self) -> int:
+    """Inputs per step: the fed tokens plus, for a PFLM, K hints."""
+    return 2 * self.K if self.pflm else 1
+
+  def steps(self, new_tokens: int) -> int:
+    return -(-new_tokens // self.K)
+
+  def padded_len(self, prompt_len: int) -> int:
+    return max(prompt_len, self.feed + 1)
+
+  def first_slot(self, prompt_len: int) -> int:
+    """Cache slot of the first step's first input."""
+    return self.padded_len(prompt_len) - self.feed
+
+  def cache_len(self, prompt_len: int, new_tokens: int) -> int:
+    # prompt + all emitted blocks + the last step's hints, rounded up (see CACHE_ALIGN)
+    return align(self.padded_len(prompt_len) + self.steps(new_tokens) * self.K +
+                 (self.K if self.pflm else 0))
+
+  def longest_cache(self, max_len: int) -> int:
+    """The cache length that holds every request with prompt + new tokens <= max_len (a
+    1-token prompt is padded the most)."""
+    return self.cache_len(1, max_len - 1)
+
+  def steps_that_fit(self, prompt_len: int, cache_len: int) -> int:
+    """How many steps write inside a cache of cache_len slots."""
+    return (cache_len - self.first_slot(prompt_len) - self.queries) // self.K + 1
+
+
+def check_length(prompt_len: int, new_tokens: int, max_len: int,
+                 field: str = 'max_new_tokens') -> None:
+  """The one length rule of both engines: prompt + new tokens <= the model's max_len."""
+  if new_tokens < 1:
+    raise DecodeError(f'{field}={new_tokens}: must be >= 1')
+  if prompt_len < 1:
+    raise DecodeError('prompt: give at least one token (e.g. the EOS/BOS id)')
+  if prompt_len + new_tokens > max_len:
+    raise DecodeError(f'prompt of {prompt_len} tokens + {field}={new_tokens} exceeds the '
+                      f'model\'s maximum length {max_len} (allowed: prompt + {field} <= '
+                      f'{max_len})')
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, freq_penalty: float,
+                   sampler: str) -> None:
+  if sampler not in SAMPLERS:
+    raise DecodeError(f'sampler={sampler!r}: allowed: {", ".join(SAMPLERS)}')
+  if not (np.isfinite(temperature) and temperature >= 0 and 0.0 < top_p <= 1.0 and
+          top_k >= 0):
+    raise DecodeError(f'temperature={temperature}, top_k={top_k}, top_p={top_p}: allowed: '
+                      'temperature >= 0, top_k >= 0, 0 < top_p <= 1')
+  if not np.isfinite(freq_penalty):
+    raise DecodeError(f'freq_penalty={freq_penalty}: must be a finite number')
+
+
+@flax.struct.dataclass
+class Settings:
+  """Per-row sampling settings, traced (changing them compiles nothing)."""
+  temperature_B: jax.Array  # float32; 0 = greedy (AR; applied before top_k / top_p)
+  top_k_B: jax.Array  # int32; 0 = off (AR)
+  top_p_B: jax.Array  # float32; 1 = off (AR): the nucleus of the tempered distribution
+  penalty_B: jax.Array  # float32 frequency penalty lambda; 0 = off
+  sampler_B: jax.Array  # int32 index into SAMPLERS (AR)
+
+
+def settings(batch: int, vocab_size: int, *, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, freq_penalty: float = 0.0,
+             sampler: str = 'categorical') -> Settings:
+  """The same settings for `batch` rows, as host arrays (top_k >= vocab_size keeps every
+  token)."""
+  full = lambda value, dtype: np.full((batch,), value, dtype)
+  return Settings(temperature_B=full(temperature, np.float32),
+                  top_k_B=full(min(int(top_k), vocab_size), np.int32),
+                  top_p_B=full(top_p, np.float32), penalty_B=full(freq_penalty, np.float32),
+                  sampler_B=full(SAMPLERS.index(sampler), np.int32))
+
+
+@flax.struct.dataclass
+class Gates:
+  """Which paths some row needs ([] bool each): the others are skipped."""
+  penalty: jax.Array
+  greedy: jax.Array
+  sampled: jax.Array
+  categorical: jax.Array
+  inverse_cdf: jax.Array
+  top_k: jax.Array
+  top_p: jax.Array
+
+  @classmethod
+  def of(cls, s: Settings) -> Gates:
+    sampled_B = s.temperature_B != 0.0
+    return cls(penalty=jnp.any(s.penalty_B != 0.0), greedy=jnp.any(~sampled_B),
+               sampled=jnp.any(sampled_B),
+               categorical=jnp.any(sampled_B & (s.sampler_B == 0)),
+               inverse_cdf=jnp.any(sampled_B & (s.sampler_B == 1)),
+               top_k=jnp.any(sampled_B & (s.top_k_B > 0)),
+               top_p=jnp.any(sampled_B & (s.top_p_B < 1.0)))
+
+
+def rope_table(arch, length: int):
+  """RoPE (cos, sin) of positions 0..length-1, each [1, length, head_dim / 2]: a step
+  gathers its rows' positions instead of recomputing them (XLA would fuse the cos/sin
+  into every consumer)."""
+  return model_lib.arch_rope_cos_sin(arch, jnp.arange(length)[None])
+
+
+def cache_length(cache) -> int:
+  return cache['v'][0].shape[2]
+
+
+def attention_mask(slot, n_queries: int, cache_len: int, pads_B):
+  """[B, Q, S] bool: input q, at cache slot slot + q (slot: [] or one per row [B]), sees
+  the slots from its row's left padding up to its own."""
+  q_slots = jnp.asarray(slot)[..., None] + jnp.arange(n_queries)
+  q_slots = q_slots if q_slots.ndim == 2 else q_slots[None]
+  k_slots = jnp.arange(cache_len)
+  return ((k_slots[None, None, :] <= q_slots[:, :, None]) &
+          (k_slots[None, None, :] >= pads_B[:, None, None]))
+
+
+def forward(model, params, tokens_BxT, cache, slot, pads_B, rope, *, hints_BxHxD=None,
+            logits_from: int = 0):
+  """[tokens | hints] written at cache slots slot.. of each row (slot: [] for every row, or
+  [B]); returns (logits [B, T + H - logits_from, V], cache)."""
+  B = tokens_BxT.shape[0]
+  Q = tokens_BxT.shape[1] + (0 if hints_BxHxD is None else hints_BxHxD.shape[1])
+  slot = jnp.asarray(slot, jnp.int32)
+  q_slots = jnp.broadcast_to(slot[..., None] + jnp.arange(Q), (B, Q))
+  pos_BxQ = jnp.maximum(q_slots - pads_B[:, None], 0)
+  mask = attention_mask(slot, Q, cache_length(cache), pads_B)
+  exe = model.exe
+  if slot.ndim == 0:
+    attend = attn_lib.Cached(slot, mask, pads_B, exe.decode_attention, exe.cache_products)
+  else:
+    attend = attn_lib.SlotCached(slot, mask, exe.cache_products)
+  cos, sin = rope
+  return model.apply({'params': params}, tokens_BxT, cache, attend, (cos[0][pos_BxQ],
+                                                                      sin[0][pos_BxQ]),
+                     hints_BxHxD=hints_BxHxD, logits_from=logits_from,
+                     method=model_lib.Transformer.decode_step)
+
+
+def prefill(model, params, tokens_BxT, pads_B, cache_len: int, rope):
+  """The KV cache (cache_len slots) of tokens_BxT written at slots 0..T-1."""
+  cache = model_lib.init_cache(model.arch, model.exe, tokens_BxT.shape[0], cache_len)
+  _, cache = forward(model, params, tokens_BxT, cache, 0, pads_B, rope,
+                     logits_from=tokens_BxT.shape[1])
+  return cache
+
+
+def _gated(pred, fn, shape):
+  """fn() where pred, else int32 zeros of `shape` (fn is not run)."""
+  return jax.lax.cond(pred, fn, lambda: jnp.zeros(shape, jnp.int32))
+
+
+def _penalized(logits_BxV, counts_BxV, penalty_B):
+  return logits_BxV - penalty_B[:, None] * counts_BxV.astype(jnp.float32)
+
+
+def pflm_tokens(logits_BxKxV, counts_BxV, s: Settings, g: Gates):
+  """[B, K] int32: each hint's argmax, after the penalty of the counts so far (the block's
+  earlier tokens included)."""
+  def penalized():
+    V = logits_BxKxV.shape[-1]
+    vocab = jnp.arange(V, dtype=jnp.int32)
+    counts, toks = counts_BxV, []
+    for i in range(logits_BxKxV.shape[1]):
+      y = sampling.first_argmax(_penalized(logits_BxKxV[:, i], counts, s.penalty_B))
+      counts = counts + (vocab[None, :] == y[:, None])  # fuses: no copy of the counts
+      toks.append(y)
+    return jnp.stack(toks, axis=1)
+  return jax.lax.cond(g.penalty, penalized, lambda: sampling.first_argmax(logits_BxKxV))
+
+
+def ar_tokens(logits_BxV, counts_BxV, s: Settings, g: Gates, step_keys, step_u):
+  """[B] int32 AR tokens. step_keys() / step_u(): the rows' keys (categorical) and u
+  (inverse_cdf) of this step, made only when some row needs them."""
+  B = logits_BxV.shape[0]
+  greedy_B = s.temperature_B == 0.0
+
+  def greedy():
+    return jax.lax.cond(g.penalty,
+                        lambda: sampling.first_argmax(_penalized(logits_BxV, counts_BxV,
+                                                                 s.penalty_B)),
+                        lambda: sampling.first_argmax(logits_BxV))
+
+  def sampled():
+    t = jnp.where(greedy_B, 1.0, s.temperature_B)[:, None]
+    tempered = jax.lax.cond(g.penalty,
+                            lambda: _penalized(logits_BxV, counts_BxV, s.penalty_B) / t,
+                            lambda: logits_BxV / t)
+
+    def draw(use_top_k: bool, use_top_p: bool):
+      def run():
+        l = sampling.filter_logits(tempered, s.top_k_B if use_top_k else None,
+                                   s.top_p_B if use_top_p else None)
+        cat = _gated(g.categorical, lambda: jax.vmap(jax.random.categorical)(
+            step_keys(), l).astype(jnp.int32), (B,))
+        inv = _gated(g.inverse_cdf, lambda: sampling.inverse_cdf(l, step_u()), (B,))
+        return jnp.where(s.sampler_B == 1, inv, cat)
+      return run
+    branch = 2 * g.top_k.astype(jnp.int32) + g.top_p.astype(jnp.int32)
+    return jax.lax.switch(branch, [draw(False, False), draw(False, True), draw(True, False),
+                                   draw(True, True)])
+
+  return jnp.where(greedy_B, _gated(g.greedy, greedy, (B,)), _gated(g.sampled, sampled, (B,)))
+
+
+def decode_step(model, params, tokens_BxF, cache, slot, pads_B, rope, s: Settings, g: Gates,
+                counts_BxV, *, hints_BxKxD=None, step_keys=None, step_u=None):
+  """One step: (tokens [B, K] int32, cache, counts with them added). slot: [] (every row
+  at the same slot) or [B]; hints_BxKxD: a PFLM's hint embeddings of this step;
+  step_keys / step_u: see ar_tokens."""
+  feed = tokens_BxF.shape[1]
+  pflm = hints_BxKxD is not None
+  logits, cache = forward(model, params, tokens_BxF, cache, slot, pads_B, rope,
+                          hints_BxHxD=hints_BxKxD, logits_from=feed if pflm else 0)
+  if pflm:
+    new_BxK = pflm_tokens(logits, counts_BxV, s, g)
+  else:
+    new_BxK = ar_tokens(logits[:, 0], counts_BxV, s, g, step_keys, step_u)[:, None]
+  rows = jnp.arange(new_BxK.shape[0])[:, None]
+  return new_BxK, cache, counts_BxV.at[rows, new_BxK].add(1)

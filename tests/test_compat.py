@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import kforcing_jax
+from kforcing_jax import errors
 from kforcing_jax.models import arch as arch_lib
 from kforcing_jax.models import transformer as model_lib
 from kforcing_jax.pipeline import run as pipeline
@@ -152,3 +153,26 @@ def test_version_4_round_trip_with_every_field():
   # the derived sizes are saved resolved
   assert {k: defaults.to_dict()[k] for k in ('n_kv_heads', 'head_dim', 'mlp_dim')} == {
       'n_kv_heads': 6, 'head_dim': 4, 'mlp_dim': 96}
+
+
+def test_a_stage_checkpointed_by_version_3_resumes(tmp_path):
+  """A teacher stage stopped mid-way under architecture version 3 (its checkpoint's compat
+  and arch name none of version 4's fields) resumes with today's code instead of being
+  refused; a real difference in the backbone is still refused."""
+  cfg = synthetic_config(steps=2, pipeline=('teacher',))
+  pipeline.run(cfg, str(tmp_path))
+  os.remove(tmp_path / 'teacher' / 'summary.json')
+  meta_file, = (tmp_path / 'teacher' / 'checkpoints').glob('*/meta/metadata')
+  meta = json.loads(meta_file.read_text())
+  for field in arch_lib.V4_FIELDS:
+    meta['compat'].pop(f'model.{field}')
+    meta['arch'].pop(field)
+  meta['arch']['version'] = 3
+  meta_file.write_text(json.dumps(meta))
+  summary = pipeline.run(synthetic_config(steps=3, pipeline=('teacher',)), str(tmp_path))
+  assert summary['teacher']['steps'] == 3
+  os.remove(tmp_path / 'teacher' / 'summary.json')
+  cfg = synthetic_config(steps=4, pipeline=('teacher',))
+  cfg.model.mlp_dim = 2 * cfg.model.d_model
+  with pytest.raises(errors.UserError, match='model.mlp_dim'):
+    pipeline.run(cfg, str(tmp_path))

@@ -87,6 +87,17 @@ def check_compatible(saved: dict, wanted: dict, where: str) -> None:
         '\nUse a new --workdir, or the configuration the checkpoint was made with.')
 
 
+def saved_compat(meta: dict) -> dict:
+  """A checkpoint's compat fields; one written before an architecture version gains fields
+  reads them from its own architecture as that version describes it (a run of an earlier
+  version resumes; its backbone is the one it was trained with)."""
+  compat = dict(meta['compat'])
+  if 'arch' in meta or 'model' in meta:
+    for field, value in arch_from_meta(meta).backbone().items():
+      compat.setdefault(f'model.{field}', value)
+  return compat
+
+
 def arch_from_meta(meta: dict) -> arch_lib.ArchConfig:
   """The architecture a checkpoint or export describes ('arch', or the first format's
   'model')."""

@@ -231,7 +231,7 @@ def resume(mngr, meta: dict, abstract, train_it, stage_dir: str):
   if mngr.latest_step() is None:
     return None
   saved = ckpt_lib.restore_meta(mngr)
-  ckpt_lib.check_compatible(saved['compat'], meta['compat'], stage_dir)
+  ckpt_lib.check_compatible(ckpt_lib.saved_compat(saved), meta['compat'], stage_dir)
   state, data_state, _ = ckpt_lib.restore(mngr, abstract)
   train_it.restore(data_state)
   print(f'{meta["stage"]}: resumed from step {int(state.step)}')

@@ -287,9 +287,7 @@ class SlotEngine:
     return fn(self.params, state, prefix, np.int32(slot),
               jax.tree.map(lambda x: x[0], settings), np.int32(sp.seed))
 
-  def generate(self, state: SlotState, *, top_k: bool = False, top_p: bool = False):
+  def generate(self, state: SlotState):
     """Advances every slot by steps_per_call steps: (state, tokens [n, B, K] int32). The
-    filters run when some slot's settings use them (top_k / top_p are accepted for
-    compatibility and ignored)."""
-    del top_k, top_p
+    filters run when some slot's settings use them."""
     return jitted('generate', self.arch, self.exe, self.plan)(self.params, state)

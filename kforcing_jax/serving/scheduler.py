@@ -118,7 +118,7 @@ class Scheduler:
     return self
 
   def submit(self, req: Request) -> None:
-    self.engine.check(len(req.prompt), req.max_tokens)
+    self.engine.check(len(req.prompt), req.max_tokens, req.params)
     with self._cv:
       if not self._accepting:
         raise ShuttingDown('the server is shutting down and admits no new requests')
@@ -245,9 +245,7 @@ class Scheduler:
         active = [r for r in self._slots if r is not None]
         dispatched = None
         if active:
-          top_k = any(r.params.top_k > 0 for r in active)
-          top_p = any(r.params.top_p < 1.0 for r in active)
-          self._state, toks = self.engine.generate(self._state, top_k=top_k, top_p=top_p)
+          self._state, toks = self.engine.generate(self._state)
           dispatched = (toks, list(self._slots), time.perf_counter())
         if pending is not None:
           self._deliver(*pending)

@@ -49,8 +49,8 @@ def test_gpt2_sized_peaked_distribution_lands_in_the_right_interval():
   lo = np.take_along_axis(np.concatenate([np.zeros((4, 1)), cdf[:, :-1]], 1), idx, 1)
   hi = np.take_along_axis(cdf, idx, 1)
   u = ((lo + hi) / 2).astype(np.float32)
-  y = np.asarray(jax.jit(sampling.inverse_cdf)(jnp.asarray(logits)[:, None, :].repeat(256, 1),
-                                                jnp.asarray(u)))
+  # each row's logits broadcast against its 256 u (one CDF per row)
+  y = np.asarray(jax.jit(sampling.inverse_cdf)(jnp.asarray(logits)[:, None, :], jnp.asarray(u)))
   # every target lies in the interval that contains its (float32) u
   u64 = u.astype(np.float64)
   lo_y = np.take_along_axis(np.concatenate([np.zeros((4, 1)), cdf[:, :-1]], 1), y, 1)

@@ -1,25 +1,19 @@
-"""Test set-up: 8 virtual CPU devices (sharding tests), a compilation cache shared by the
-session and its subprocesses, tiny configs, the testdata path."""
-import atexit
+"""Test set-up: 8 virtual CPU devices (sharding tests), the optional persistent compilation
+cache, tiny configs, the testdata path."""
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # Metrics go to metrics.jsonl only: clu's TensorBoard writer imports TensorFlow (~10-20 s
 # per process); test_train checks the TensorBoard path once.
 os.environ.setdefault('KFORCING_TENSORBOARD', '0')
-# Fresh jit closures (a new Sampler, Engine, pipeline run or subprocess) compile identical
-# programs again and again; JAX's persistent cache (CPU included) serves the repeats. A
-# cache directory given in the environment is kept (and reused across runs); otherwise
-# the session makes one and removes it at exit. Subprocesses inherit the variables.
-if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-  _session_cache = tempfile.mkdtemp(prefix='kforcing_jax_test_cache_')
-  atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = _session_cache
-os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+# JAX's persistent compilation cache (CPU included) serves programs that fresh jit closures
+# or subprocesses compile again; it is used only when JAX_COMPILATION_CACHE_DIR is set (then
+# kept across runs; subprocesses inherit it). It is off by default: jaxlib 0.10.2 crashed
+# (SIGSEGV in the cache write of an executable) in one full run here.
+if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -27,8 +21,9 @@ import pytest  # noqa: E402
 from kforcing_jax.configs import synthetic  # noqa: E402
 from kforcing_jax.pipeline import run as pipeline  # noqa: E402
 
-jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+  jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 # Most tests compile many small programs once each: XLA's optimisation passes cost more
 # than they save there (flax's lm1b tests do the same). Tests that time or compare
 # compiled buffer sizes turn them back on (test_memory).

@@ -1,5 +1,6 @@
 """Test set-up: 8 virtual CPU devices (sharding tests), the optional persistent compilation
 cache, tiny configs, the testdata path."""
+import gc
 import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
@@ -28,6 +29,30 @@ if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
 # than they save there (flax's lm1b tests do the same). Tests that time or compare
 # compiled buffer sizes turn them back on (test_memory).
 jax.config.update('jax_disable_most_optimizations', True)
+
+
+MAX_MAPPINGS = 30_000
+
+
+def memory_mappings() -> int:
+  try:
+    with open('/proc/self/maps', 'rb') as f:
+      return sum(1 for _ in f)
+  except OSError:  # not Linux
+    return 0
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _release_compiled_programs():
+  """Frees the compiled programs after a test module once they hold many memory mappings.
+  Every XLA:CPU executable keeps three mappings for its code while referenced, and the
+  suite compiles thousands of programs: in one process they reached the kernel's
+  vm.max_map_count (65,530) and the next compile crashed with SIGSEGV. Clearing after
+  every module would recompile what later modules share (the session's pipeline run)."""
+  yield
+  if memory_mappings() > MAX_MAPPINGS:
+    jax.clear_caches()
+    gc.collect()
 
 
 def testdata_dir():

@@ -162,25 +162,28 @@ def test_no_recompilation_for_same_shapes(pflm):
 
 
 def test_sampling_settings_and_lengths_do_not_recompile(pflm):
-  """temperature, top_k, top_p, sampler, freq_penalty, tau and max_new_tokens within one
-  cache length are traced: one compiled loop serves them all."""
+  """temperature, top_k, top_p, freq_penalty, tau and max_new_tokens within one cache
+  length are traced: one compiled loop per AR sampler serves them all."""
   cfg, model, params = pflm
   ar = engine(*tiny_model(seed=6)[::2])
   prompts = [[1, 2, 3], [4, 5]]
-  base = decode.DecodeSpec(K=1, max_new_tokens=9)  # cache: 3 + 9 slots -> 16
-  plan = ar.plan(base, 3)
-  ar.generate(prompts, base)
-  traces, size = ar.traces, decode.loop_fn(ar.arch, ar.exe, plan)._cache_size()  # pylint: disable=protected-access
-  outs = set()
-  for kw in (dict(temperature=0.5), dict(temperature=0.0), dict(top_k=3), dict(top_p=0.7),
-             dict(sampler='inverse_cdf'), dict(freq_penalty=0.7), dict(max_new_tokens=12),
-             dict(temperature=2.0, top_k=5, top_p=0.9, sampler='inverse_cdf', freq_penalty=1.0)):
-    spec = dataclasses.replace(base, **kw)
-    assert ar.plan(spec, 3) == plan
-    outs.add(ar.generate(prompts, spec, seed=3)[0][:, :9].tobytes())
-  assert ar.traces == traces
-  assert decode.loop_fn(ar.arch, ar.exe, plan)._cache_size() == size  # pylint: disable=protected-access
-  assert len(outs) >= 6  # the settings did change the tokens
+  settings = (dict(), dict(temperature=0.5), dict(temperature=0.0), dict(top_k=3),
+              dict(top_p=0.7), dict(freq_penalty=0.7), dict(max_new_tokens=12),
+              dict(temperature=2.0, top_k=5, top_p=0.9, freq_penalty=1.0))
+  for sampler in decode.SAMPLERS:
+    base = decode.DecodeSpec(K=1, max_new_tokens=9, sampler=sampler)  # cache: 3 + 9 -> 16
+    plan = ar.plan(base, 3)
+    ar.generate(prompts, base)
+    traces = ar.traces
+    size = decode.loop_fn(ar.arch, ar.exe, plan)._cache_size()  # pylint: disable=protected-access
+    outs = set()
+    for kw in settings:
+      spec = dataclasses.replace(base, **kw)
+      assert ar.plan(spec, 3) == plan
+      outs.add(ar.generate(prompts, spec, seed=3)[0][:, :9].tobytes())
+    assert ar.traces == traces
+    assert decode.loop_fn(ar.arch, ar.exe, plan)._cache_size() == size  # pylint: disable=protected-access
+    assert len(outs) >= 5  # the settings did change the tokens
   pf = engine(cfg, params)
   spec = decode.DecodeSpec(K=4, pflm=True, max_new_tokens=8)
   plain = pf.generate(prompts, spec)[0]

@@ -9,10 +9,11 @@ last K tokens and K fresh hints and takes each hint's argmax (after an optional 
 penalty). Hint K/V land in the slots the next step's tokens overwrite.
 
 A compiled loop is shared by every Engine with the same ArchConfig and ExecConfig (module
-level, parameters as arguments) and serves every DecodeSpec with the same K, eos/pad ids,
-cache phases and cache length -- prompt + max_new_tokens rounded up to CACHE_ALIGN slots:
-the temperature, top_k, top_p, sampler, penalty and tau are traced per-row values and
-max_new_tokens a traced step count.
+level, parameters as arguments) and serves every DecodeSpec with the same K, AR sampler,
+eos/pad ids, cache phases and cache length -- prompt + max_new_tokens rounded up to
+CACHE_ALIGN slots: the temperature, top_k, top_p, penalty and tau are traced per-row values
+and max_new_tokens a traced step count. (The sampler selects the loop because each one
+compiled in adds to the compile time; the inverse CDF's float-float scan most.)
 
 RoPE angles come from a table made once per generation. A PFLM's noise for the whole
 generation is drawn and encoded into hint embeddings before the loop in one batched call
@@ -57,8 +58,8 @@ TRACES = collections.Counter()
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
-  """Decoding settings. K, pflm, eos_id, pad_id, cache_phases and the cache length select
-  a compiled loop; the others are traced (a new value compiles nothing)."""
+  """Decoding settings. K, pflm, sampler, eos_id, pad_id, cache_phases and the cache length
+  select a compiled loop; the others are traced (a new value compiles nothing)."""
   K: int = 1  # tokens per step; 1 with pflm=False is AR decoding
   pflm: bool = False
   max_new_tokens: int = 32
@@ -126,6 +127,9 @@ class DecodeSpec:
 class LoopPlan:
   """What a compiled loop is specialised on besides shapes and configs."""
   layout: step_lib.SlotLayout
+  # AR: the sampler compiled into the loop (each adds to the loop's compile time; the slot
+  # engine compiles both); () for a PFLM
+  samplers: tuple[str, ...]
   phases: tuple[int, ...]  # cache length of each phase
   out_steps: int  # steps the output holds (the most that fit the cache)
   eos_id: int
@@ -202,12 +206,8 @@ def _generate(model, plan: LoopPlan, params, prompt_BxP, pads_B, row_seeds_B, se
   keys_B = row_keys(seed_key, row_seeds_B)
   if noise_BxN is not None:  # the caller's uniforms (e.g. another implementation's draws)
     u_BxN = noise_BxN.astype(jnp.float32)
-  elif lay.pflm:
+  elif lay.pflm or 'inverse_cdf' in plan.samplers:
     u_BxN = noise_for_tokens(seed_key, row_seeds_B, jnp.arange(n_tokens))
-  else:
-    u_BxN = jax.lax.cond(gates.inverse_cdf,
-                         lambda: noise_for_tokens(seed_key, row_seeds_B, jnp.arange(n_tokens)),
-                         lambda: jnp.zeros((B, n_tokens), jnp.float32))
   if lay.pflm:
     hints_BxNxD = model.apply({'params': params}, u_BxN, jnp.broadcast_to(tau, (B,)),
                               method=model_lib.Transformer.encode_noise)
@@ -220,6 +220,7 @@ def _generate(model, plan: LoopPlan, params, prompt_BxP, pads_B, row_seeds_B, se
       kw['step_keys'] = lambda: jax.vmap(lambda k: jax.random.fold_in(k, st.step))(keys_B)
       kw['step_u'] = lambda: jax.lax.dynamic_index_in_dim(u_BxN, st.step, axis=1,
                                                           keepdims=False)
+      kw['samplers'] = plan.samplers
     new_BxK, cache, counts = step_lib.decode_step(model, params, st.last_BxF, st.cache, st.slot,
                                                   pads_B, rope, settings, gates,
                                                   st.counts_BxV, **kw)
@@ -292,7 +293,7 @@ class Engine:
 
   def plan(self, spec: DecodeSpec, prompt_len: int) -> LoopPlan:
     lengths = cache_lengths(self.exe, spec, prompt_len)
-    return LoopPlan(spec.layout, tuple(lengths),
+    return LoopPlan(spec.layout, () if spec.pflm else (spec.sampler,), tuple(lengths),
                     spec.layout.steps_that_fit(prompt_len, spec.cache_len(prompt_len)),
                     spec.eos_id, spec.pad_id)
 

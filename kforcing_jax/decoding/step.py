@@ -16,9 +16,9 @@ RoPE positions (slot - left padding, from a table made once per call) and noise 
 same in both, so its tokens are too.
 
 The sampling settings are per-row traced values (Settings): a new temperature, top_k,
-top_p, penalty or sampler compiles nothing. What a batch does not use costs nothing either:
-Gates says which paths any row needs (computed once per call), and lax.cond / lax.switch
-skip the others; every branch returns tokens only, never a pass-through of the logits.
+top_p, penalty or (among the compiled `samplers`) sampler compiles nothing. What a batch
+does not use costs nothing either: Gates says which paths any row needs (computed once per
+call), and lax.cond skips the others.
 
 The slot arithmetic of both engines is SlotLayout's.
 """
@@ -239,9 +239,11 @@ def pflm_tokens(logits_BxKxV, counts_BxV, s: Settings, g: Gates):
   return jax.lax.cond(g.penalty, penalized, lambda: sampling.first_argmax(logits_BxKxV))
 
 
-def ar_tokens(logits_BxV, counts_BxV, s: Settings, g: Gates, step_keys, step_u):
+def ar_tokens(logits_BxV, counts_BxV, s: Settings, g: Gates, step_keys, step_u,
+              samplers: tuple[str, ...] = SAMPLERS):
   """[B] int32 AR tokens. step_keys() / step_u(): the rows' keys (categorical) and u
-  (inverse_cdf) of this step, made only when some row needs them."""
+  (inverse_cdf) of this step, made only when some row needs them. samplers: the ones rows
+  may use (static: the others are not compiled)."""
   B = logits_BxV.shape[0]
   greedy_B = s.temperature_B == 0.0
 
@@ -253,31 +255,36 @@ def ar_tokens(logits_BxV, counts_BxV, s: Settings, g: Gates, step_keys, step_u):
 
   def sampled():
     t = jnp.where(greedy_B, 1.0, s.temperature_B)[:, None]
-    tempered = jax.lax.cond(g.penalty,
-                            lambda: _penalized(logits_BxV, counts_BxV, s.penalty_B) / t,
-                            lambda: logits_BxV / t)
-
-    def draw(use_top_k: bool, use_top_p: bool):
-      def run():
-        l = sampling.filter_logits(tempered, s.top_k_B if use_top_k else None,
-                                   s.top_p_B if use_top_p else None)
-        cat = _gated(g.categorical, lambda: jax.vmap(jax.random.categorical)(
-            step_keys(), l).astype(jnp.int32), (B,))
-        inv = _gated(g.inverse_cdf, lambda: sampling.inverse_cdf(l, step_u()), (B,))
-        return jnp.where(s.sampler_B == 1, inv, cat)
-      return run
-    branch = 2 * g.top_k.astype(jnp.int32) + g.top_p.astype(jnp.int32)
-    return jax.lax.switch(branch, [draw(False, False), draw(False, True), draw(True, False),
-                                   draw(True, True)])
+    l = jax.lax.cond(g.penalty,
+                     lambda: _penalized(logits_BxV, counts_BxV, s.penalty_B) / t,
+                     lambda: logits_BxV / t)
+    # one copy of each filter and sampler keeps the loop's compile small; a filter no row
+    # uses passes the logits through
+    l = jax.lax.cond(g.top_k, lambda: sampling.filter_logits(l, top_k_B=s.top_k_B),
+                     lambda: l)
+    l = jax.lax.cond(g.top_p, lambda: sampling.filter_logits(l, top_p_B=s.top_p_B),
+                     lambda: l)
+    drawn = {}
+    if 'categorical' in samplers:
+      drawn['categorical'] = _gated(g.categorical, lambda: jax.vmap(jax.random.categorical)(
+          step_keys(), l).astype(jnp.int32), (B,))
+    if 'inverse_cdf' in samplers:
+      drawn['inverse_cdf'] = _gated(g.inverse_cdf, lambda: sampling.inverse_cdf(l, step_u()),
+                                    (B,))
+    if len(drawn) == 1:
+      return next(iter(drawn.values()))
+    return jnp.where(s.sampler_B == SAMPLERS.index('inverse_cdf'), drawn['inverse_cdf'],
+                     drawn['categorical'])
 
   return jnp.where(greedy_B, _gated(g.greedy, greedy, (B,)), _gated(g.sampled, sampled, (B,)))
 
 
 def decode_step(model, params, tokens_BxF, cache, slot, pads_B, rope, s: Settings, g: Gates,
-                counts_BxV, *, hints_BxKxD=None, step_keys=None, step_u=None):
+                counts_BxV, *, hints_BxKxD=None, step_keys=None, step_u=None,
+                samplers: tuple[str, ...] = SAMPLERS):
   """One step: (tokens [B, K] int32, cache, counts with them added). slot: [] (every row
   at the same slot) or [B]; hints_BxKxD: a PFLM's hint embeddings of this step;
-  step_keys / step_u: see ar_tokens."""
+  step_keys / step_u / samplers: see ar_tokens."""
   feed = tokens_BxF.shape[1]
   pflm = hints_BxKxD is not None
   logits, cache = forward(model, params, tokens_BxF, cache, slot, pads_B, rope,
@@ -285,6 +292,6 @@ def decode_step(model, params, tokens_BxF, cache, slot, pads_B, rope, s: Setting
   if pflm:
     new_BxK = pflm_tokens(logits, counts_BxV, s, g)
   else:
-    new_BxK = ar_tokens(logits[:, 0], counts_BxV, s, g, step_keys, step_u)[:, None]
+    new_BxK = ar_tokens(logits[:, 0], counts_BxV, s, g, step_keys, step_u, samplers)[:, None]
   rows = jnp.arange(new_BxK.shape[0])[:, None]
   return new_BxK, cache, counts_BxV.at[rows, new_BxK].add(1)

@@ -202,9 +202,15 @@ def get_config():
 
   # The `evaluate` stage (docs/design.md section 5); fixed so two runs give the same numbers.
   c.evaluate = ev = ml_collections.ConfigDict()
-  ev.num_prompts = 32  # held-out rows whose first prompt_len tokens are the prompts.
+  # held-out rows whose first prompt_len tokens are the prompts (rows of a chat-context
+  # set, data.source=tokens, prompt with their own conversation instead).
+  ev.num_prompts = 32
   ev.prompt_len = 6
   ev.num_samples = 2  # samples per prompt.
+  ev.show_samples = 3  # prompts whose decoded samples the report shows (text sources).
+  # The AR teacher models are compared with: '' = the run's teacher stage, or, in a run
+  # that distils an export, the first distill stage's teacher export.
+  ev.teacher = ''
   ev.max_new_tokens = 58  # capped at the model length minus the prompt.
   ev.freq_penalty = 0.5  # the second lambda evaluated for students (0 is always run).
   ev.seed = 2024  # decoding / agreement noise.

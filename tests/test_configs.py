@@ -82,7 +82,9 @@ def shapes(tree):
   return jax.tree.map(lambda x: (x.shape, x.dtype), tree)
 
 
-@pytest.mark.parametrize('name', [c for c in CONFIGS if c != 'synthetic'])
+# smollm2_135m distils an imported export from a built context set: tests/test_contexts.py
+# runs it (at a tiny export's shape) through distillation and evaluation
+@pytest.mark.parametrize('name', [c for c in CONFIGS if c not in ('synthetic', 'smollm2_135m')])
 def test_every_config_builds_at_a_shrunk_shape(name, tmp_path):
   """The config validates; shrunk, its tokenizer and data source build on real samples and
   each stage's step traces and lowers on the mesh (a released recipe's imported teacher is

@@ -155,7 +155,7 @@ def test_indexable_iterator_shuffles_per_epoch_and_splits_hosts(testdata, tmp_pa
   src = data_lib.make_source(cfg)
   n = src.num_rows('train')
   it = data_lib.BatchIterator(src, 'train', 4, None, seed=0)
-  ids = np.concatenate([it._example_ids(np.arange(e * n, (e + 1) * n)) for e in (0, 1)])
+  ids = np.concatenate([it.example_ids(np.arange(e * n, (e + 1) * n)) for e in (0, 1)])
   assert sorted(ids[:n]) == list(range(n)) and sorted(ids[n:]) == list(range(n))
   assert not np.array_equal(ids[:n], ids[n:])  # reshuffled each epoch
   # two "hosts" each take their half of the same global batch

@@ -8,41 +8,44 @@ Sources:
   openwebtext  Hugging Face `openwebtext` online, or local .txt/.xz/.jsonl documents; GPT-2,
                documents joined with <|endoftext|> and cut into seq_len blocks.
   text         local text / JSONL files with any supported tokenizer, padded or packed.
+  tokens       a token cache built offline (e.g. chat contexts: kforcing_jax.build_contexts),
+               read as it is; its tokenizer must be the configured one.
+Tokenizers: bert-base-uncased, gpt2, or hf (a model's own tokenizer.json and
+tokenizer_config.json in data.tokenizer_path, e.g. an imported model's export/tokenizer).
 Packing: `pad` = one sentence/record per row, [CLS] ... [SEP] for BERT (EOS appended for
 GPT-2), truncated or padded to seq_len with a loss mask; `concat` = one stream cut into
 blocks, no padding. TensorFlow is imported only by the lm1b source (docs/design.md section 8).
 """
 from __future__ import annotations
 
-import atexit
 import glob
 import hashlib
 import io
 import json
 import lzma
 import os
-import shutil
 import tarfile
-import tempfile
-import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
 
-from kforcing_jax import errors
 from kforcing_jax.data import synthetic as synthetic_lib
+from kforcing_jax.data import token_cache
 from kforcing_jax.data import tokenization
 
-SOURCES = ('synthetic', 'lm1b', 'openwebtext', 'text')
+SOURCES = ('synthetic', 'lm1b', 'openwebtext', 'text', 'tokens')
 PACKINGS = ('pad', 'concat')
 DEFAULT_TOKENIZER = {'lm1b': 'bert-base-uncased', 'openwebtext': 'gpt2', 'text': 'gpt2'}
-DEFAULT_PACKING = {'lm1b': 'pad', 'openwebtext': 'concat', 'text': 'pad', 'synthetic': 'concat'}
-SPLITS = ('train', 'eval')
+DEFAULT_PACKING = {'lm1b': 'pad', 'openwebtext': 'concat', 'text': 'pad', 'synthetic': 'concat',
+                   'tokens': 'pad'}
+TOKENIZERS = ('bert-base-uncased', 'gpt2', tokenization.HF)
+SPLITS = token_cache.SPLITS
 
 
-class DataConfigError(errors.UserError):
-  pass
+DataConfigError = token_cache.DataConfigError
+ArraySource = token_cache.ArraySource
+pad_rows = token_cache.pad_rows
 
 
 # --------------------------------------------------------------------------------------
@@ -67,34 +70,6 @@ class SyntheticSource:
     return tokens, np.ones_like(tokens, bool)
 
 
-class ArraySource:
-  """Rows as [n, seq_len] arrays (memory-mapped token caches, or small corpora); a split's
-  mask may be None: every token is valid (concat rows)."""
-
-  def __init__(self, tokenizer, seq_len, splits: dict[str, tuple[np.ndarray, Any]]):
-    self.tokenizer = tokenizer
-    self.seq_len = seq_len
-    self._splits = splits
-    for split, (tokens, _) in splits.items():
-      if len(tokens) == 0:
-        raise DataConfigError(f'the {split} split has no rows of data.seq_len={seq_len}: '
-                              'add data or lower data.eval_fraction / data.seq_len')
-
-  def num_rows(self, split: str) -> int:
-    return len(self._splits[split][0])
-
-  def rows(self, split: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    tokens, mask = self._splits[split]
-    order = np.argsort(ids)  # sorted reads of a memory-mapped file, then the batch order
-    rows = np.empty((len(ids), self.seq_len), np.int32)
-    rows[order] = tokens[ids[order]]
-    if mask is None:
-      return rows, np.ones(rows.shape, bool)
-    valid = np.empty(rows.shape, bool)
-    valid[order] = mask[ids[order]]
-    return rows, valid
-
-
 class TfdsTextSource:
   """tensorflow-datasets random-access records (ArrayRecord), tokenised on access."""
 
@@ -114,135 +89,6 @@ class TfdsTextSource:
 
 def _as_text(x) -> str:
   return x.decode('utf-8') if isinstance(x, bytes) else str(x)
-
-
-def pad_rows(encoded: Sequence[Sequence[int]], seq_len: int, tok) -> tuple[np.ndarray, np.ndarray]:
-  tokens = np.full((len(encoded), seq_len), tok.pad_id, np.int32)
-  mask = np.zeros((len(encoded), seq_len), bool)
-  for r, ids in enumerate(encoded):
-    ids = list(ids)
-    if not tok.add_bos_eos:
-      ids = ids + [tok.eos_id]
-    ids = ids[:seq_len]
-    tokens[r, :len(ids)] = ids
-    mask[r, :len(ids)] = True
-  return tokens, mask
-
-
-class RowWriter:
-  """Appends one split's rows to raw int32 (and, for `pad`, bool mask) files as records
-  arrive, so a corpus is never held in memory: `pad` makes one row per record (EOS appended
-  for GPT-2, truncated or padded to seq_len); `concat` joins records with EOS after each and
-  cuts full seq_len blocks (the tail that fills no block is dropped)."""
-
-  def __init__(self, directory: str, split: str, seq_len: int, packing: str, tok):
-    self.seq_len, self.packing, self.tok = seq_len, packing, tok
-    self.rows = 0
-    self._carry = np.zeros((0,), np.int32)
-    self._tokens = open(os.path.join(directory, f'{split}_tokens.bin'), 'wb')
-    self._mask = (open(os.path.join(directory, f'{split}_mask.bin'), 'wb')
-                  if packing == 'pad' else None)
-
-  def add(self, ids: Sequence[int]) -> None:
-    if self.packing == 'pad':
-      tokens, mask = pad_rows([ids], self.seq_len, self.tok)
-      self._tokens.write(tokens.tobytes())
-      self._mask.write(mask.tobytes())
-      self.rows += 1
-      return
-    stream = np.concatenate([self._carry, np.asarray(list(ids) + [self.tok.eos_id], np.int32)])
-    n = len(stream) // self.seq_len
-    self._tokens.write(stream[:n * self.seq_len].tobytes())
-    self._carry = stream[n * self.seq_len:]
-    self.rows += n
-
-  def close(self) -> int:
-    self._tokens.close()
-    if self._mask is not None:
-      self._mask.close()
-    return self.rows
-
-
-# --------------------------------------------------------------------------------------
-# The token cache: a corpus tokenized once into memory-mapped arrays
-# --------------------------------------------------------------------------------------
-CACHE_FORMAT = 'kforcing_jax.tokens/1'
-
-
-def cache_key(*parts) -> str:
-  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def open_cache(directory: str, tok, seq_len: int) -> ArraySource:
-  """The ArraySource of a finished cache directory (its meta.json is written last)."""
-  with open(os.path.join(directory, 'meta.json'), encoding='utf-8') as f:
-    meta = json.load(f)
-  if meta.get('format') != CACHE_FORMAT or meta['seq_len'] != seq_len:
-    raise DataConfigError(f'{directory}: not a token cache of seq_len {seq_len} '
-                          f'({meta.get("format")}, seq_len {meta.get("seq_len")})')
-  splits = {}
-  for split in SPLITS:
-    n = meta['rows'][split]
-    path = os.path.join(directory, f'{split}_tokens.bin')
-    tokens = (np.memmap(path, np.int32, 'r', shape=(n, seq_len)) if n else
-              np.zeros((0, seq_len), np.int32))
-    mask = None
-    if meta['packing'] == 'pad':
-      mask = (np.memmap(os.path.join(directory, f'{split}_mask.bin'), np.bool_, 'r',
-                        shape=(n, seq_len)) if n else np.zeros((0, seq_len), bool))
-    splits[split] = (tokens, mask)
-  return ArraySource(tok, seq_len, splits)
-
-
-def build_cache(directory: str, records: Iterable[tuple[str, str]], tok, seq_len: int,
-                packing: str, description: dict) -> None:
-  """Tokenizes (split, text) records into `directory` (atomically: a temporary directory
-  renamed when complete)."""
-  tmp = directory + f'.tmp{os.getpid()}'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  writers = {s: RowWriter(tmp, s, seq_len, packing, tok) for s in SPLITS}
-  t0, n_records = time.time(), 0
-  for split, text in records:
-    writers[split].add(tok.encode(text))
-    n_records += 1
-    if n_records % 100_000 == 0:
-      print(f'data: tokenized {n_records:,} records ({time.time() - t0:.0f} s)', flush=True)
-  rows = {s: w.close() for s, w in writers.items()}
-  meta = {'format': CACHE_FORMAT, 'seq_len': seq_len, 'packing': packing, 'rows': rows,
-          'records': n_records, 'tokenizer': tok.identity(), **description}
-  with open(os.path.join(tmp, 'meta.json'), 'w', encoding='utf-8') as f:
-    json.dump(meta, f, indent=1)
-  shutil.rmtree(directory, ignore_errors=True)
-  os.replace(tmp, directory)
-
-
-def cached_source(cache_dir: str, key: str, records_fn, tok, seq_len: int, packing: str,
-                  description: dict, wait_s: float = 24 * 3600) -> ArraySource:
-  """The corpus under cache_dir/tokens-<key>: built by process 0 from records_fn() (an
-  iterable of (split, text)) when missing, then memory-mapped by every process, each
-  reading only the rows it indexes. Other processes wait for process 0 (the directory
-  must be on a filesystem all hosts share). cache_dir '' tokenizes into a temporary
-  directory of each process (removed at exit), on every run."""
-  shared = bool(cache_dir)
-  if not shared:
-    cache_dir = tempfile.mkdtemp(prefix='kforcing_tokens_')
-    atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
-  directory = os.path.join(cache_dir, f'tokens-{key}')
-  done = os.path.join(directory, 'meta.json')
-  if not os.path.exists(done):
-    if jax.process_index() == 0 or not shared:
-      os.makedirs(cache_dir, exist_ok=True)
-      print(f'data: tokenizing the corpus once into {directory}', flush=True)
-      build_cache(directory, records_fn(), tok, seq_len, packing, description)
-    else:
-      t0 = time.time()
-      while not os.path.exists(done):
-        if time.time() - t0 > wait_s:
-          raise DataConfigError(f'process {jax.process_index()}: {done} did not appear in '
-                                f'{wait_s:.0f} s; data.cache_dir must be shared by all hosts')
-        time.sleep(5)
-  return open_cache(directory, tok, seq_len)
 
 
 # --------------------------------------------------------------------------------------
@@ -330,7 +176,7 @@ def local_file_source(cfg, tok, packing: str) -> ArraySource:
   unit = 'line' if packing == 'pad' else 'file'
   files = list_files(d.path)
   eval_files = list_files(d.eval_path, 'data.eval_path') if d.eval_path else []
-  key = cache_key([(f, os.path.getsize(f), os.path.getmtime(f)) for f in files + eval_files],
+  key = token_cache.cache_key([(f, os.path.getsize(f), os.path.getmtime(f)) for f in files + eval_files],
                   tok.fingerprint, packing, d.seq_len, d.eval_fraction, cfg.seed,
                   d.max_examples, unit)
 
@@ -340,7 +186,7 @@ def local_file_source(cfg, tok, packing: str) -> ArraySource:
       recs = recs[:d.max_examples]
     return _split_records(recs, read_records(eval_files, unit) if eval_files else None,
                           d.eval_fraction, cfg.seed)
-  return cached_source(d.cache_dir, key, records, tok, d.seq_len, packing,
+  return token_cache.cached_source(d.cache_dir, key, records, tok, d.seq_len, packing,
                        {'source': 'files', 'path': d.path})
 
 
@@ -361,15 +207,28 @@ def openwebtext_hf_documents(max_examples: int) -> tuple[int, Iterator[str]]:
 
 def openwebtext_hf_source(cfg, tok, packing: str) -> ArraySource:
   d = cfg.data
-  key = cache_key('hf:openwebtext', tok.fingerprint, packing, d.seq_len, d.eval_fraction,
+  key = token_cache.cache_key('hf:openwebtext', tok.fingerprint, packing, d.seq_len, d.eval_fraction,
                   cfg.seed, d.max_examples)
 
   def records():
     n, docs = openwebtext_hf_documents(d.max_examples)
     is_eval = heldout_mask(n, d.eval_fraction, cfg.seed)
     return ((('eval' if e else 'train'), text) for text, e in zip(docs, is_eval))
-  return cached_source(d.cache_dir, key, records, tok, d.seq_len, packing,
+  return token_cache.cached_source(d.cache_dir, key, records, tok, d.seq_len, packing,
                        {'source': 'hf:openwebtext'})
+
+
+def token_files_source(cfg, tok) -> ArraySource:
+  """data.path: a finished token cache whose tokenizer and seq_len are the config's."""
+  d = cfg.data
+  meta = token_cache.read_meta(d.path)
+  if meta.get('tokenizer') != tok.identity():
+    raise DataConfigError(f'data.path={d.path!r} was tokenized with {meta.get("tokenizer")}; '
+                          f'data.tokenizer gives {tok.identity()}')
+  if meta.get('seq_len') != d.seq_len:
+    raise DataConfigError(f'data.path={d.path!r} holds rows of {meta.get("seq_len")} tokens; '
+                          f'set data.seq_len={meta.get("seq_len")}')
+  return token_cache.open_cache(d.path, tok, d.seq_len)
 
 
 def lm1b_source(cfg, tok) -> TfdsTextSource:
@@ -395,23 +254,31 @@ def resolve(cfg) -> tuple[str, str]:
       raise DataConfigError(f'data.tokenizer={d.tokenizer!r} cannot be used with '
                             'data.source=synthetic; leave it empty')
     return 'synthetic', 'concat'
-  name = d.tokenizer or DEFAULT_TOKENIZER[d.source]
-  if name not in ('bert-base-uncased', 'gpt2'):
-    raise DataConfigError(f'data.tokenizer={name!r} is not supported; allowed: '
-                          'bert-base-uncased, gpt2')
+  name = d.tokenizer or DEFAULT_TOKENIZER.get(d.source, '')
+  if name not in TOKENIZERS:
+    raise DataConfigError(f'data.tokenizer={name!r} is not supported with '
+                          f'data.source={d.source}; allowed: {", ".join(TOKENIZERS)}')
+  if name == tokenization.HF and not d.tokenizer_path:
+    raise DataConfigError('data.tokenizer=hf needs data.tokenizer_path: a directory with '
+                          'tokenizer.json and tokenizer_config.json (an export\'s tokenizer/)')
   return name, packing
 
 
 def make_source(cfg):
   """Builds the configured source (tokenises local files, prepares TFDS as needed)."""
-  name, packing = resolve(cfg)
+  _, packing = resolve(cfg)
   if cfg.data.seq_len < 2:
     raise DataConfigError(f'data.seq_len must be >= 2, got {cfg.data.seq_len}')
   if cfg.data.source == 'synthetic':
     return SyntheticSource(cfg)
+  if cfg.data.source == 'tokens' and not cfg.data.path:
+    raise DataConfigError('data.source=tokens needs data.path: a token cache directory '
+                          '(e.g. written by python -m kforcing_jax.build_contexts)')
   if cfg.data.source == 'text' or (cfg.data.source == 'openwebtext' and cfg.data.path):
     list_files(cfg.data.path)  # a missing path is reported before any tokenizer download
-  tok = tokenization.load(name, cfg.data.tokenizer_path)
+  tok = make_tokenizer(cfg)
+  if cfg.data.source == 'tokens':
+    return token_files_source(cfg, tok)
   if cfg.data.source == 'lm1b':
     return lm1b_source(cfg, tok)
   if cfg.data.source == 'openwebtext' and not cfg.data.path:
@@ -449,7 +316,7 @@ class BatchIterator:
           f'asks for {self.global_batch}: a resumed run would not see the same data')
     self.step = int(state['step'])
 
-  def _example_ids(self, positions: np.ndarray) -> np.ndarray:
+  def example_ids(self, positions: np.ndarray) -> np.ndarray:
     n = self.source.num_rows(self.split)
     epoch, offset = positions // n, positions % n
     if not self.shuffle:
@@ -469,7 +336,7 @@ class BatchIterator:
       tokens, mask = tokens[self._lo:self._hi], mask[self._lo:self._hi]
     else:
       pos = step * self.global_batch + np.arange(self._lo, self._hi)
-      tokens, mask = self.source.rows(self.split, self._example_ids(pos))
+      tokens, mask = self.source.rows(self.split, self.example_ids(pos))
     return {'tokens': tokens, 'mask': mask}
 
   def __iter__(self):
@@ -490,4 +357,6 @@ def make_tokenizer(cfg):
   name, _ = resolve(cfg)
   if name == 'synthetic':
     return SyntheticSource(cfg).tokenizer
-  return tokenization.load(name, cfg.data.tokenizer_path)
+  # a model's own tokenizer may have fewer ids than its embedding table (padded vocabularies)
+  vocab_size = max(int(cfg.model.vocab_size), 0) if name == tokenization.HF else 0
+  return tokenization.load(name, cfg.data.tokenizer_path, vocab_size)

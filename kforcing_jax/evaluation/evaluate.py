@@ -87,6 +87,22 @@ class Evaluators:
     return out
 
 
+def eval_prompts(source, num_prompts: int, prompt_len: int, seed: int) -> list[list[int]]:
+  """The first held-out rows' prompts: a row's own prompt where the source records one
+  (chat contexts: the rendered conversation up to the assistant's turn), else its first
+  prompt_len tokens."""
+  it = data_lib.BatchIterator(source, 'eval', num_prompts, None, seed, False)
+  batch = it.local_batch(0)
+  lengths = None
+  if hasattr(source, 'prompt_lengths'):  # indexable rows that may record their prompts
+    lengths = source.prompt_lengths('eval', it.example_ids(np.arange(num_prompts)))
+  prompts = []
+  for r, (row, m) in enumerate(zip(batch['tokens'], batch['mask'])):
+    n = int(lengths[r]) if lengths is not None and lengths[r] > 0 else prompt_len
+    prompts.append(list(map(int, row[m][:n])))
+  return [p for p in prompts if p]
+
+
 def shared_noise_agreement(student: sampler_lib.Sampler, teacher: sampler_lib.Sampler, batch,
                            seed: int) -> list[float]:
   """Per-position match of the student's first-k tokens with the AR teacher's inverse-CDF
@@ -119,16 +135,17 @@ def evaluate(cfg, source, teacher, models) -> dict:
   if e.external_lm:
     external = external_lm.ExternalLM(e.external_lm, e.external_batch_size)
   evaluators = Evaluators(source, teacher, external)
-  eval_it = data_lib.BatchIterator(source, 'eval', e.num_prompts, None, cfg.seed, False)
-  batch = eval_it.local_batch(0)
-  prompts = [list(map(int, r[m][:e.prompt_len])) for r, m in zip(batch['tokens'], batch['mask'])]
-  prompts = [p for p in prompts if p]
-  new_tokens = min(e.max_new_tokens, teacher.arch.max_seq_len - e.prompt_len)
+  prompts = eval_prompts(source, e.num_prompts, e.prompt_len, cfg.seed)
+  longest = max(len(p) for p in prompts)
+  new_tokens = min(e.max_new_tokens, teacher.arch.max_seq_len - longest)
+  if new_tokens < 1:
+    raise errors.StageError(f'the longest held-out prompt has {longest} tokens: no room '
+                            f'for a completion within the model\'s {teacher.arch.max_seq_len}')
   synthetic = isinstance(source, data_lib.SyntheticSource)
   eos = -1 if synthetic else tok.eos_id  # synthetic EOS only separates sentences
   rows_in = [p for p in prompts for _ in range(e.num_samples)]
   row_seeds = list(range(len(rows_in)))
-  width = max(len(p) for p in prompts) + new_tokens
+  width = longest + new_tokens
   agree_batch = data_lib.BatchIterator(source, 'eval', e.agreement_rows, None, cfg.seed + 1,
                                        False).local_batch(0)
   report_rows = []
@@ -151,11 +168,15 @@ def evaluate(cfg, source, teacher, models) -> dict:
              'entropy': float(np.mean([unigram_entropy(c) for c in completions])),
              'agreement_all': None if agree is None else agree[K - 1],
              'nfe_per_token': 1.0 / K}
+      if lam == 0.0 and e.show_samples > 0 and tok is not None and not synthetic:
+        row['samples'] = [tok.decode(c) for c in completions[:e.show_samples * e.num_samples:
+                                                               e.num_samples]]
       report_rows.append(row)
       print(f'evaluate {stage} K={K} lambda={lam}: gen_nll {row["gen_nll"]}, entropy '
             f'{row["entropy"]:.3f}, agreement {row["agreement_all"]}', flush=True)
   entropy_rate = source.hmm.entropy_rate(cfg.data.seq_len) if synthetic else None
-  return {'source_entropy_rate': entropy_rate, 'rows': report_rows,
+  shown = [] if synthetic else [tok.decode(p) for p in prompts[:e.show_samples]]
+  return {'source_entropy_rate': entropy_rate, 'rows': report_rows, 'sample_prompts': shown,
           'protocol': {'num_prompts': len(prompts), 'prompt_len': e.prompt_len,
                        'num_samples': e.num_samples, 'max_new_tokens': new_tokens,
                        'seed': e.seed, 'agreement_rows': e.agreement_rows,
@@ -180,6 +201,13 @@ def markdown(report: dict, speed_md: str | None = None) -> str:
                  f'{r["entropy"]:.4f} | {agree} | '
                  f'{r["nfe_per_token"]:.3f} |')
   out = '\n'.join(lines) + '\n'
+  if report.get('sample_prompts'):
+    out += '\n## Samples (lambda = 0, the first held-out prompts)\n'
+    for i, prompt in enumerate(report['sample_prompts']):
+      out += f'\n### Prompt {i + 1}\n\n```\n{prompt.strip()}\n```\n'
+      for r in report['rows']:
+        if len(r.get('samples', ())) > i:
+          out += f'\n**{r["model"]} K={r["K"]}:** {" ".join(r["samples"][i].split())}\n'
   if speed_md:
     out += '\n## Speed (benchmark in this workdir)\n\n' + speed_md
   return out

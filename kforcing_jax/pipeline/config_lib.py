@@ -117,7 +117,7 @@ def validate(cfg) -> None:
   if d.packing:
     _choice('data.packing', d.packing, data_lib.PACKINGS)
   if d.tokenizer:
-    _choice('data.tokenizer', d.tokenizer, ('bert-base-uncased', 'gpt2', 'synthetic'))
+    _choice('data.tokenizer', d.tokenizer, data_lib.TOKENIZERS + ('synthetic',))
   for f in ('seq_len', 'eval_batch_size'):
     _positive(f'data.{f}', d[f])
   for name, section in cfg.stages.items():

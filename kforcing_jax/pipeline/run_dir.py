@@ -140,8 +140,36 @@ def load_sampler(workdir: str, stage: str, *, dtype: str = 'float32', mesh=None,
                              description={'stage': stage, 'workdir': workdir})
 
 
+def ar_teacher_ref(workdir: str, cfg) -> str:
+  """The AR model a run's students are compared with: evaluate.teacher when set, else the
+  run's teacher stage, else (a run that distils an export) the export that the first
+  distill stage of the pipeline learns from."""
+  if cfg.evaluate.teacher:
+    return cfg.evaluate.teacher
+  if is_done(stage_dir(workdir, 'teacher')):
+    return 'teacher'
+  pipeline = [cfg.pipeline] if isinstance(cfg.pipeline, str) else list(cfg.pipeline)
+  distills = [s for n in pipeline for s in n.split(',') if STAGE_RE.match(s.strip())]
+  if distills and cfg.stages[distills[0].strip()].teacher_stage:
+    ref = cfg.stages[distills[0].strip()].teacher_stage
+    if export_lib.is_export(ref) and int(export_lib.read_export_description(ref)['k']) == 0:
+      return ref
+  raise StageError(f'{workdir} has no finished teacher stage and its first distill stage '
+                   'learns from no AR export: set evaluate.teacher to an AR export')
+
+
 def stage_samplers(workdir: str, mesh):
-  """(AR teacher Sampler, [(stage, Sampler loader)]) of a run's finished stages."""
-  teacher = load_sampler(workdir, 'teacher', mesh=mesh)
+  """(AR teacher Sampler, [(stage, Sampler loader)]) of a run's finished stages; the
+  teacher as ar_teacher_ref says."""
+  cfg = load_run_config(workdir)
+  ref = ar_teacher_ref(workdir, cfg)
+  if ref == 'teacher':
+    teacher = load_sampler(workdir, 'teacher', mesh=mesh)
+  else:
+    teacher = export_lib.load(ref, mesh)
+    tok = data_lib.make_tokenizer(cfg)
+    if teacher.tokenizer is None or teacher.tokenizer.identity() != tok.identity():
+      raise StageError(f'the AR teacher {ref} does not have the run\'s tokenizer '
+                       f'{tok.identity()}')
   return teacher, [(stage, lambda stage=stage: load_sampler(
       workdir, stage, mesh=mesh)) for stage in finished_model_stages(workdir)]

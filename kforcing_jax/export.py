@@ -8,7 +8,6 @@ import os
 
 from absl import flags
 
-from kforcing_jax import errors
 from kforcing_jax.decoding import sampler as sampler_lib
 from kforcing_jax.interop import export as export_lib
 from kforcing_jax.pipeline import config_lib
@@ -40,11 +39,7 @@ def run(f) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-  f = config_lib.cli_flags(define_flags, argv)
-  try:
-    run(f)
-  except (errors.UserError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from None
+  config_lib.cli_main(define_flags, run, argv)
 
 
 if __name__ == '__main__':

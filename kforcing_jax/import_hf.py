@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from absl import flags
 
-from kforcing_jax import errors
 from kforcing_jax.interop.hf import import_model
 from kforcing_jax.pipeline import config_lib
 
@@ -43,11 +42,7 @@ def run(f) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-  f = config_lib.cli_flags(define_flags, argv)
-  try:
-    run(f)
-  except errors.UserError as e:
-    raise SystemExit(f'error: {e}') from None
+  config_lib.cli_main(define_flags, run, argv)
 
 
 if __name__ == '__main__':

@@ -89,11 +89,7 @@ def run(f) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-  f = config_lib.cli_flags(define_flags, argv)
-  try:
-    run(f)
-  except (errors.UserError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from None
+  config_lib.cli_main(define_flags, run, argv)
 
 
 if __name__ == '__main__':

@@ -187,12 +187,7 @@ def run(f) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  f = config_lib.cli_flags(define_flags, argv)
-  runtime.quiet_library_logs()
-  try:
-    run(f)
-  except (errors.UserError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from None
+  config_lib.cli_main(define_flags, run, argv, before_run=runtime.quiet_library_logs)
 
 
 if __name__ == '__main__':

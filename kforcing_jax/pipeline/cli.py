@@ -12,7 +12,6 @@ from __future__ import annotations
 from absl import flags
 from ml_collections import config_flags
 
-from kforcing_jax import errors
 from kforcing_jax import runtime
 from kforcing_jax.pipeline import config_lib
 from kforcing_jax.pipeline import run as pipeline
@@ -33,11 +32,7 @@ def run(f) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-  f = config_lib.cli_flags(define_flags, argv)
-  try:
-    run(f)
-  except (errors.UserError, FileNotFoundError) as e:
-    raise SystemExit(f'error: {e}') from None
+  config_lib.cli_main(define_flags, run, argv)
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@ command-line parser of the entry points (cli_flags)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 import importlib.util
 import os
 import re
@@ -177,6 +178,20 @@ def cli_flags(define: Callable[[flags.FlagValues], None],
     flags.FLAGS.mark_as_parsed()  # libraries that read absl's flags see their defaults
   absl_logging.set_verbosity(fv.verbosity)
   return fv
+
+
+def cli_main(define: Callable[[flags.FlagValues], None], run: Callable[[flags.FlagValues], Any],
+             argv: Sequence[str] | None = None, before_run: Callable[[], None] | None = None):
+  """The body of every command-line tool's main(argv): parse (cli_flags), then run; a user
+  error (errors.UserError, a missing file) ends the program with one 'error: ...' line
+  instead of a traceback."""
+  f = cli_flags(define, argv)
+  if before_run is not None:
+    before_run()
+  try:
+    return run(f)
+  except (errors.UserError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
 
 
 def parse_flags(argv):

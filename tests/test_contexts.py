@@ -111,8 +111,7 @@ def recipe(export, contexts, steps=2):
   """configs/smollm2_135m.py at the tiny export's shape."""
   cfg = smollm2_135m.get_config()
   cfg.model.update({'vocab_size': test_chat.hf_fixtures.V, 'd_model': 32, 'n_layers': 2, 'n_heads': 4, 'n_kv_heads': 2,
-                    'head_dim': 8, 'mlp_dim': 48, 'max_seq_len': 512, 'rope_base': 10000.0,
-                    'dot_dtype': ''})
+                    'head_dim': 8, 'mlp_dim': 48, 'max_seq_len': 512, 'rope_base': 10000.0})
   cfg.data.path = str(contexts)
   cfg.data.tokenizer_path = os.path.join(export, 'tokenizer')
   cfg.data.seq_len = SEQ_LEN

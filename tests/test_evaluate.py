@@ -82,6 +82,16 @@ def test_report_files_are_complete(trained):
                                                               e.agreement_rows)
   md = (d / 'evaluate' / 'report.md').read_text()
   assert '| k1 | 1 |' in md and 'gen NLL (exact)' in md
+  # NLL and entropy relative to the teacher's own samples: exactly 1 on the teacher's row,
+  # the student's own ratios on its row
+  header, _, teacher_row, k1_row = md.splitlines()[2:6]
+  cols = [c.strip() for c in header.split('|')]
+  i, j = cols.index("NLL / teacher's"), cols.index("entropy / teacher's")
+  t, k = [c.strip() for c in teacher_row.split('|')], [c.strip() for c in k1_row.split('|')]
+  assert t[i] == t[j] == '1.000'
+  k1, t0 = report['rows'][1], report['rows'][0]
+  assert k[i] == f'{k1["gen_nll"]["exact"] / t0["gen_nll"]["exact"]:.3f}'
+  assert k[j] == f'{k1["entropy"] / t0["entropy"]:.3f}'
   assert (d / 'evaluate' / 'report.png').stat().st_size > 1000
 
 

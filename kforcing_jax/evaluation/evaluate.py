@@ -189,17 +189,24 @@ def markdown(report: dict, speed_md: str | None = None) -> str:
   lines = []
   if report['source_entropy_rate'] is not None:
     lines.append(f'Source entropy rate: {report["source_entropy_rate"]:.4f} nats/token\n')
+  # the fidelity figures: each row's NLL and entropy over the AR teacher's own samples'
+  ref = next((r for r in report['rows'] if r['model'] == 'teacher'), None)
+
+  def ratio(a, b):
+    return '-' if a is None or not b else f'{a / b:.3f}'
   lines.append('| model | K | lambda | ' + ' | '.join(f'gen NLL ({e})' for e in evals) +
-               ' | gen PPL (' + evals[0] + ') | entropy | agreement (all K) | NFE/token |')
-  lines.append('|---' * (6 + len(evals)) + '|')
+               ' | gen PPL (' + evals[0] + ') | NLL / teacher\'s | entropy | entropy / '
+               'teacher\'s | agreement (all K) | NFE/token |')
+  lines.append('|---' * (8 + len(evals)) + '|')
   for r in report['rows']:
     nll = [r['gen_nll'][e] for e in evals]
     agree = '-' if r['agreement_all'] is None else f'{r["agreement_all"]:.4f}'
     lines.append(f'| {r["model"]} | {r["K"]} | {r["freq_penalty"]} | ' +
                  ' | '.join('-' if v is None else f'{v:.4f}' for v in nll) +
                  f' | {"-" if nll[0] is None else f"{math.exp(nll[0]):.3f}"} | '
-                 f'{r["entropy"]:.4f} | {agree} | '
-                 f'{r["nfe_per_token"]:.3f} |')
+                 f'{ratio(nll[0], ref and ref["gen_nll"][evals[0]])} | '
+                 f'{r["entropy"]:.4f} | {ratio(r["entropy"], ref and ref["entropy"])} | '
+                 f'{agree} | {r["nfe_per_token"]:.3f} |')
   out = '\n'.join(lines) + '\n'
   if report.get('sample_prompts'):
     out += '\n## Samples (lambda = 0, the first held-out prompts)\n'

@@ -59,11 +59,14 @@ def get_config():
   # working end to end, it does not converge). GPU schedule for a real run: steps 4000 /
   # 2000 / 4000, batch_size 64, warmup_steps 200, eval_batches 16, with contexts built
   # with --num_chat=200000.
-  for name, steps, lr, warmup in (('distill_k1', 60, 3e-4, 10), ('distill_k2', 16, 2e-4, 4),
-                                  ('distill_k4', 16, 2e-4, 4), ('distill_k8', 16, 2e-4, 4)):
+  # Microbatches keep a step within 24 GB of host memory (window-layout activations grow
+  # with k: ~7.7 GiB at k=1, ~12.5 at k=2 for 8 rows, `launch/plan_memory.py`).
+  for name, steps, lr, warmup, micro in (
+      ('distill_k1', 60, 3e-4, 10, 1), ('distill_k2', 16, 2e-4, 4, 1),
+      ('distill_k4', 16, 2e-4, 4, 4), ('distill_k8', 16, 2e-4, 4, 8)):
     s = c.stages[name]
-    s.update({'steps': steps, 'batch_size': 8, 'log_every': 4, 'checkpoint_every': 20,
-              'eval_batches': 2})
+    s.update({'steps': steps, 'batch_size': 8, 'microbatches': micro, 'log_every': 4,
+              'checkpoint_every': 20, 'eval_batches': 2})
     s.opt.update({'learning_rate': lr, 'warmup_steps': warmup, 'weight_decay': 0.0})
   c.stages.distill_k1.teacher_stage = EXPORT
 

@@ -153,10 +153,14 @@ def test_recipe_distils_the_export_resumes_and_evaluates(chat_export, testdata, 
            if 'train/loss' in m]
   assert steps == [1, 2, 3, 4]  # resumed at the step-2 checkpoint
   rows = out['evaluate']['rows']
-  assert [(r['model'], r['K']) for r in rows if r['freq_penalty'] == 0] == [('k1', 1)]
+  # the export the run distils is the reference row, evaluated like a teacher stage
+  assert [(r['model'], r['K']) for r in rows if r['freq_penalty'] == 0] == [('teacher', 1),
+                                                                            ('k1', 1)]
+  assert rows[0]['stage'] == chat_export and rows[0]['agreement_all'] is None
   report = (tmp_path / 'run' / 'evaluate' / 'report.md').read_text(encoding='utf-8')
   # the held-out chat conversations are the prompts, and the samples are shown as text
   assert '## Samples' in report and report.count('### Prompt') == 2
+  assert report.count('**teacher K=1:**') == 2 and report.count('**k1 K=1:**') == 2
   assert 'assistant' in report
   assert all(len(r['samples']) == 2 for r in rows if r['freq_penalty'] == 0)
 

@@ -163,13 +163,14 @@ def stage_samplers(workdir: str, mesh):
   teacher as ar_teacher_ref says."""
   cfg = load_run_config(workdir)
   ref = ar_teacher_ref(workdir, cfg)
+  models = [(stage, lambda stage=stage: load_sampler(workdir, stage, mesh=mesh))
+            for stage in finished_model_stages(workdir)]
   if ref == 'teacher':
-    teacher = load_sampler(workdir, 'teacher', mesh=mesh)
-  else:
-    teacher = export_lib.load(ref, mesh)
-    tok = data_lib.make_tokenizer(cfg)
-    if teacher.tokenizer is None or teacher.tokenizer.identity() != tok.identity():
-      raise StageError(f'the AR teacher {ref} does not have the run\'s tokenizer '
-                       f'{tok.identity()}')
-  return teacher, [(stage, lambda stage=stage: load_sampler(
-      workdir, stage, mesh=mesh)) for stage in finished_model_stages(workdir)]
+    return load_sampler(workdir, 'teacher', mesh=mesh), models
+  teacher = export_lib.load(ref, mesh)
+  tok = data_lib.make_tokenizer(cfg)
+  if teacher.tokenizer is None or teacher.tokenizer.identity() != tok.identity():
+    raise StageError(f'the AR teacher {ref} does not have the run\'s tokenizer '
+                     f'{tok.identity()}')
+  # the export is evaluated first, as a run's own teacher stage is: the reference row
+  return teacher, [(ref, lambda: teacher)] + models

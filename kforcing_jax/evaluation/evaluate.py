@@ -189,7 +189,7 @@ def markdown(report: dict, speed_md: str | None = None) -> str:
   lines = []
   if report['source_entropy_rate'] is not None:
     lines.append(f'Source entropy rate: {report["source_entropy_rate"]:.4f} nats/token\n')
-  # the fidelity figures: each row's NLL and entropy over the AR teacher's own samples'
+  # the fidelity figures: each row's NLL and entropy over those of the AR teacher's samples
   ref = next((r for r in report['rows'] if r['model'] == 'teacher'), None)
 
   def ratio(a, b):

@@ -43,18 +43,38 @@ def training_stage(steps: int, batch_size: int, opt: ml_collections.ConfigDict):
 
 
 def teacher_stage():
+  """The AR teacher (kind 'teacher'): next-token cross-entropy from a fresh init."""
   s = training_stage(steps=10000, batch_size=64, opt=optimizer(3e-4, 500))
+  s.kind = 'teacher'
   s.eval_every = 1000  # steps between validation NLL runs (and at the end).
   return s
 
 
-def distill_stage():
-  """A distill_k<K> stage (docs/design.md section 3): a push-forward student of window K."""
+def distill_stage(k: int, objective: str = 'progressive'):
+  """A distillation stage (docs/design.md section 3): a push-forward student of window k.
+  Its section name is only its directory's name: `c.stages.ar_k4 = distill_stage(4,
+  'ar_rollout')` adds a second k=4 stage under another objective."""
   s = training_stage(steps=2000, batch_size=64, opt=optimizer(3e-4, 200))
+  s.kind = 'distill'
+  s.k = k  # the student's window: tokens per forward pass (a power of two).
   s.eval_batches = 4  # held-out batches for the stage's agreement summary.
-  # The stage's teacher: '' = the model stage before it in `pipeline` (or distill_k<K/2>
-  # / teacher when it is the first stage listed).
+  # The stage's teacher (its weights start the student): '' = the model stage before it in
+  # `pipeline` (or, when it is the first listed: teacher for k=1, distill_k<k/2> else), or
+  # a stage name, or an export directory.
   s.teacher_stage = ''
+  # What the student learns (kforcing_jax/training/objectives.py): progressive (the
+  # paper's: its teacher's argmax + rollout targets) | ar_rollout (the AR model's own k-token
+  # inverse-CDF rollout) | mixed (ar_rollout's targets for a share ar_fraction of the
+  # windows, else progressive's) | on_policy (the AR model's inverse-CDF token after the
+  # student's own earlier tokens).
+  s.objective = objective
+  # The AR model of ar_rollout / mixed / on_policy: '' = the AR model at the root of the
+  # chain of teachers (the run's teacher stage, or the AR export it started from).
+  s.ar_teacher = ''
+  s.ar_fraction = 0.5  # mixed: share of windows with ar_rollout targets at the start,
+  s.ar_fraction_end = -1.0  # ... moving linearly to this by the last step (-1: constant).
+  # Cross-entropy weight of window position i (1-based) ~ i^position_power, mean 1.
+  s.position_power = 0.0
   # Temperature conditioning: tau per sequence uniform in [tau_min, tau_max]; the teacher
   # is tempered by tau and the student sees it. 1,1 = the paper's setting.
   s.tau_min = 1.0
@@ -88,9 +108,9 @@ def set_microbatches(c, n: int):
 def get_config():
   c = ml_collections.ConfigDict()
   # The stages run in order by main.py; each writes WORKDIR/<stage>/ and is skipped when
-  # its summary.json exists. Known: teacher, distill_k<K> (K a power of two with a
-  # stages.distill_k<K> section), sample, evaluate. On the command line a comma-separated
-  # string also works: --config.pipeline=teacher,distill_k1
+  # its summary.json exists. Known: every section of `stages` (its `kind` says what it
+  # trains), sample, evaluate. On the command line a comma-separated string also works:
+  # --config.pipeline=teacher,distill_k1
   c.pipeline = ('teacher',)
   c.seed = 0  # model init, dropout, distillation noise.
 
@@ -190,7 +210,7 @@ def get_config():
   c.stages = st = ml_collections.ConfigDict()
   st.teacher = teacher_stage()  # the AR teacher
   for k in DISTILL_WINDOWS:  # progressive self-forcing distillation (docs/design.md section 3)
-    st[f'distill_k{k}'] = distill_stage()
+    st[f'distill_k{k}'] = distill_stage(k)
 
   # The `sample` stage: samples of every finished model stage from held-out prompts.
   c.sample = sp = ml_collections.ConfigDict()

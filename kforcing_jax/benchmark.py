@@ -56,10 +56,11 @@ def run_benchmark(cfg, workdir: str | None, random_init: bool, batch_sizes, K: i
   else:
     ar = run_dir.load_sampler(workdir, 'teacher', dtype=dtype,
                               decode_attention=decode_attention)
-    have = run_dir.finished_model_stages(workdir)
-    cands = [s for s in have if s != 'teacher' and run_dir.stage_k(s) >= K]
+    run_cfg = run_dir.load_run_config(workdir)
+    have = run_dir.finished_model_stages(workdir, run_cfg)
+    cands = [s for s in have if run_dir.stage_k(run_cfg, s) >= K]
     if not cands:
-      raise errors.StageError(f'--K={K}: {workdir} has no finished distill_k<k> stage '
+      raise errors.StageError(f'--K={K}: {workdir} has no finished distill stage '
                                   f'with k >= {K} (finished: {", ".join(have)})')
     pf = run_dir.load_sampler(workdir, cands[0], dtype=dtype,
                               decode_attention=decode_attention)

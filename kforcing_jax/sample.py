@@ -64,7 +64,7 @@ def run(f) -> list[dict]:
     raise SystemExit('error: give --workdir=RUN with --stage=STAGE, or --export=DIR')
   if f.stage:
     try:
-      run_dir.stage_k(f.stage)
+      run_dir.stage_k(run_dir.load_run_config(f.workdir), f.stage)
     except errors.UserError as e:
       raise SystemExit(f'error: --stage: {e}') from None
   prompts = [f.prompt] if f.prompt else read_prompts(f.prompts)

@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from kforcing_jax.pipeline import config_lib
 from kforcing_jax import errors
 from kforcing_jax.training import memory
+from kforcing_jax.training import objectives
 from kforcing_jax.models import arch as arch_lib
 from kforcing_jax.models import transformer as model_lib
 from kforcing_jax.training import optim
@@ -72,14 +73,17 @@ def main(argv):
   print(f'teacher: batch {t.batch_size} x {cfg.data.seq_len}, {t.microbatches} '
         f'microbatches: {est.summary()}')
   for stage in config_lib.stages(cfg):
-    if not stage.startswith('distill_k'):
+    if stage not in cfg.stages or cfg.stages[stage].kind != 'distill':
       continue
-    s, k = cfg.stages[stage], int(stage[len('distill_k'):])
+    s, k = cfg.stages[stage], cfg.stages[stage].k
+    # the teacher as in a progressive chain (AR for k=1, window k/2 after it)
+    passes = objectives.get(s.objective).target_passes(objectives.Models(
+        teacher=None, teacher_k=k // 2, ar=None, student=None, k=k))
     sharding_lib.check_batch(s.batch_size, mesh, f'stages.{stage}.batch_size',
                              s.microbatches, f'stages.{stage}.microbatches')
     d_est = memory.estimate(dataclasses.replace(arch, pflm=True), exe, abstract, mesh,
                             s.batch_size, cfg.data.seq_len, s.microbatches, window=k,
-                            fused_attention=False)
+                            fused_attention=False, target_factor=passes / k)
     print(f'{stage}: batch {s.batch_size} x {cfg.data.seq_len} windows of {k}, '
           f'{s.microbatches} microbatches: train step ~{d_est.train_total / GiB:.2f} GiB '
           f'(activations ~{d_est.activations / GiB:.2f})')

@@ -120,7 +120,7 @@ def test_every_config_builds_at_a_shrunk_shape(name, tmp_path):
     if stage == 'teacher':
       spec = teacher.spec(ctx)
     else:
-      spec = distill.spec(ctx, stage, run_dir.stage_k(stage), cfg.stages[stage].teacher_stage)
+      spec = distill.spec(ctx, stage)
       assert spec.arch.pflm and spec.window == 8
       assert spec.arch.never_emit_ids == ctx.tokenizer.never_emit_ids
     state_info, abstract, metrics = lower_stage_step(ctx, spec)

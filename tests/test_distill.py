@@ -6,6 +6,7 @@ import shutil
 from unittest import mock
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -13,12 +14,14 @@ from kforcing_jax.training import checkpoint as ckpt_lib
 from kforcing_jax.pipeline import context as context_lib
 from kforcing_jax.data import datasets as data_lib
 from kforcing_jax.training import distill
+from kforcing_jax.training import objectives
 from kforcing_jax.models import transformer as model_lib
 from kforcing_jax.training import optim
 from kforcing_jax.pipeline import run as pipeline
 from kforcing_jax import sharding as sharding_lib
 from kforcing_jax.pipeline import run_dir as run_dir_lib
 from kforcing_jax.training import trainer
+from kforcing_jax.configs import base as base_config
 from tests.conftest import synthetic_config
 
 
@@ -52,10 +55,13 @@ def student_setup(d, cfg, mesh):
   s_cfg = dataclasses.replace(t_cfg, pflm=True)
   student = model_lib.build(s_cfg)
   tx = optim.make_optimizer(cfg.stages.distill_k2.opt, 10)
-  targets_fn = distill.make_targets_fn(model_lib.build(t_cfg), 0)
+  objective = objectives.get('progressive')
+  targets_fn = objective.make_targets(objectives.Models(
+      teacher=model_lib.build(t_cfg), teacher_k=0, ar=None, student=student, k=2),
+      cfg.stages.distill_k2)
   source = data_lib.make_source(cfg)
   batch = next(data_lib.BatchIterator(source, 'train', 4, sharding_lib.batch_sharding(mesh), 0))
-  return s_cfg, student, tx, targets_fn, t_params, t_shardings, batch
+  return s_cfg, student, tx, (objective, targets_fn), t_params, t_shardings, batch
 
 
 def test_microbatched_distill_step_matches_whole_batch(run_dir):
@@ -67,9 +73,11 @@ def test_microbatched_distill_step_matches_whole_batch(run_dir):
   for micro in (1, 2):
     state, _, _ = trainer.create_state(model_lib.init_fn(student, cfg.data.seq_len), tx, mesh,
                                        jax.random.key(0), False)
-    step = jax.jit(distill.make_distill_step(student, targets_fn, tx, 2, (0.5, 1.5), (), 0.0,
-                                             micro))
-    new_state, metrics = step(state, batch, jax.random.key(3), t_params)
+    settings = ml_collections.ConfigDict(cfg.stages.distill_k2.to_dict())
+    settings.update({'tau_min': 0.5, 'tau_max': 1.5, 'microbatches': micro})
+    step = jax.jit(distill.make_distill_step(student, *targets_fn, tx, k=2, settings=settings,
+                                             never_emit=()))
+    new_state, metrics = step(state, batch, jax.random.key(3), {'teacher': t_params})
     outs.append((jax.device_get(new_state.params), jax.device_get(metrics)))
   (p1, m1), (p2, m2) = outs
   for key in ('loss', 'acc_all', 'acc_1', 'acc_2', 'grad_norm'):
@@ -90,12 +98,14 @@ def test_donated_distill_steps_leave_the_teacher_intact(run_dir):
   params, copied, _ = distill.copy_matching(state.params, t_params)
   state = state.replace(params=params)
   assert copied
-  step = trainer.jit_step(distill.make_distill_step(student, targets_fn, tx, 2, (1.0, 1.0), (),
-                                                    0.0), shardings, mesh, (t_shardings,))
+  step = trainer.jit_step(distill.make_distill_step(student, *targets_fn, tx, k=2,
+                                                    settings=cfg.stages.distill_k2,
+                                                    never_emit=()),
+                          shardings, mesh, ({'teacher': t_shardings},))
   with sharding_lib.mesh_context(mesh):
     for _ in range(2):
       old = state
-      state, _ = step(state, batch, jax.random.key(3), t_params)
+      state, _ = step(state, batch, jax.random.key(3), {'teacher': t_params})
   assert all(x.is_deleted() for x in jax.tree.leaves(old.params))  # donation did happen
   assert not any(x.is_deleted() for x in jax.tree.leaves(t_params))
   assert ckpt_lib.params_fingerprint(t_params) == before
@@ -113,11 +123,20 @@ def test_copy_matching_copies_backbone_and_keeps_encoder():
 
 
 def test_teacher_stage_resolution():
+  cfg = synthetic_config()
   names = ['teacher', 'distill_k1', 'distill_k2', 'distill_k4']
-  assert run_dir_lib.teacher_stage_of('distill_k1', names) == 'teacher'
-  assert run_dir_lib.teacher_stage_of('distill_k4', names) == 'distill_k2'
-  assert run_dir_lib.teacher_stage_of('distill_k4', ['teacher', 'distill_k4']) == 'teacher'
-  assert run_dir_lib.teacher_stage_of('distill_k2', ['distill_k2']) == 'distill_k1'
+  assert run_dir_lib.teacher_stage_of(cfg, 'distill_k1', names) == 'teacher'
+  assert run_dir_lib.teacher_stage_of(cfg, 'distill_k4', names) == 'distill_k2'
+  assert run_dir_lib.teacher_stage_of(cfg, 'distill_k4', ['teacher', 'distill_k4']) == 'teacher'
+  assert run_dir_lib.teacher_stage_of(cfg, 'distill_k2', ['distill_k2']) == 'distill_k1'
+  # a stage's kind and window are its section's, not its name's
+  cfg.stages.ar_k4 = base_config.distill_stage(4, 'ar_rollout')
+  names = ['teacher', 'distill_k1', 'distill_k2', 'ar_k4']
+  assert run_dir_lib.teacher_stage_of(cfg, 'ar_k4', names) == 'distill_k2'
+  assert run_dir_lib.stage_k(cfg, 'ar_k4') == 4
+  assert run_dir_lib.ar_root(cfg, 'ar_k4', names) == 'teacher'
+  cfg.stages.ar_k4.ar_teacher = 'teacher2'
+  assert run_dir_lib.ar_root(cfg, 'ar_k4', names) == 'teacher2'
 
 
 def test_missing_teacher_stage(tmp_path):
@@ -130,7 +149,7 @@ def test_window_must_double_the_pflm_teacher(run_dir, tmp_path):
   d, _ = run_dir
   cfg = synthetic_config(steps=3, pipeline=('distill_k4',))
   cfg.stages.distill_k4.teacher_stage = 'distill_k1'
-  with pytest.raises(run_dir_lib.StageError, match='can only teach window 2, not 4'):
+  with pytest.raises(run_dir_lib.StageError, match='can only teach window 2 under objective'):
     pipeline.run(cfg, str(d))
 
 
@@ -191,7 +210,7 @@ def test_wider_windows_learn_their_rollout_targets(learning_run, stage):
   it agrees with those targets on held-out contexts far more often than before."""
   d, cfg = learning_run
   ctx = context_lib.build(cfg, str(d))
-  spec = distill.spec(ctx, stage, run_dir_lib.stage_k(stage), run_dir_lib.teacher_stage_of(stage, list(cfg.pipeline)))
+  spec = distill.spec(ctx, stage)
   t_params = spec.frozen[0]
   steps = 60
   tx = optim.make_optimizer(cfg.stages[stage].opt, steps)

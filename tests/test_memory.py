@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from kforcing_jax.training import distill
+from kforcing_jax.training import objectives
 from kforcing_jax.training import memory
 from kforcing_jax.models import arch as arch_lib
 from kforcing_jax.models import transformer as model_lib
@@ -73,18 +74,23 @@ def test_distill_estimate_matches_xla(d=256, layers=4, seq=256, vocab=8192, k=2)
   s_arch = dataclasses.replace(arch, pflm=True)
   mesh = sharding_lib.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 1})
   student, teacher_model = model_lib.build(s_arch, exe), model_lib.build(arch, exe)
-  tx = optim.make_optimizer(base_config.distill_stage().opt, 100)
+  settings = base_config.distill_stage(k)
+  settings.microbatches = 2
+  tx = optim.make_optimizer(settings.opt, 100)
   abstract, shardings, _ = trainer.abstract_state(model_lib.init_fn(student, seq), tx, mesh,
                                                   False)
   t_abs, t_shard = ckpt_lib.abstract_params(arch, mesh, exe)
-  step = distill.make_distill_step(
-      student, distill.make_targets_fn(teacher_model, 0), tx, k, (1.0, 1.0), (), 0.0, 2)
+  objective = objectives.get('progressive')
+  targets_fn = objective.make_targets(objectives.Models(
+      teacher=teacher_model, teacher_k=0, ar=None, student=student, k=k), settings)
+  step = distill.make_distill_step(student, objective, targets_fn, tx, k=k, settings=settings,
+                                   never_emit=())
   bs = sharding_lib.batch_sharding(mesh)
   batch = {'tokens': jax.ShapeDtypeStruct((16, 256), jnp.int32, sharding=bs),
            'mask': jax.ShapeDtypeStruct((16, 256), jnp.bool_, sharding=bs)}
-  fn = trainer.jit_step(step, shardings, mesh, (t_shard,))
+  fn = trainer.jit_step(step, shardings, mesh, ({'teacher': t_shard},))
   with sharding_lib.mesh_context(mesh):
-    compiled = fn.lower(abstract, batch, jax.random.key(0), t_abs).compile()
+    compiled = fn.lower(abstract, batch, jax.random.key(0), {'teacher': t_abs}).compile()
   measured = memory.compiled_bytes(compiled)
   est = memory.estimate(s_arch, exe, abstract, mesh, 16, seq, microbatches=2, window=k)
   assert est.rows_per_device == 2

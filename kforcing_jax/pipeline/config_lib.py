@@ -16,12 +16,14 @@ from absl import logging as absl_logging
 from kforcing_jax.data import datasets as data_lib
 from kforcing_jax import errors
 from kforcing_jax.models import arch as arch_lib
+from kforcing_jax.training import objectives as objectives_lib
 from kforcing_jax.training import optim
 from kforcing_jax.interop import export as export_lib
 from kforcing_jax import pipeline as pipeline_pkg
 from kforcing_jax.pipeline import run_dir
 
-FIXED_STAGES = ('teacher', 'sample', 'evaluate')
+# stages without a `stages` section; every section of `stages` is a stage (its kind)
+FIXED_STAGES = ('sample', 'evaluate')
 
 CONFIG_DIR = pipeline_pkg.CONFIG_DIR
 
@@ -45,29 +47,22 @@ def stages(cfg) -> list[str]:
   """`pipeline` as a validated list of stage names (a tuple, or comma-separated strings)."""
   raw = cfg.pipeline if isinstance(cfg.pipeline, (tuple, list)) else (cfg.pipeline,)
   names = [s.strip() for item in raw for s in str(item).split(',') if s.strip()]
-  known = sorted(k for k in cfg.stages.keys() if k != 'teacher')
+  known = sorted(cfg.stages.keys())
   if not names:
-    raise ConfigError('pipeline is empty; allowed stages: teacher, ' + ', '.join(known) +
+    raise ConfigError('pipeline is empty; allowed stages: ' + ', '.join(known) +
                       ', sample, evaluate')
   for s in names:
-    if s in FIXED_STAGES:
-      continue
-    m = run_dir.STAGE_RE.match(s)
-    k = int(m.group(1)) if m else 0
-    if not m or k < 1 or k & (k - 1):
-      raise ConfigError(f'pipeline stage {s!r} is not known; allowed: teacher, distill_k<K> '
-                        'with K a power of two (distill_k1, distill_k2, distill_k4, ...), '
-                        'sample, evaluate')
-    if s not in cfg.stages:
-      raise ConfigError(f'pipeline stage {s!r} has no stages.{s} section in the config '
-                        f'(sections: {", ".join(known)}); add one, e.g. '
-                        f'c.stages.{s} = base.distill_stage()')
+    if s not in FIXED_STAGES and s not in cfg.stages:
+      raise ConfigError(f'pipeline stage {s!r} is not known; allowed: the sections of '
+                        f'`stages` ({", ".join(known)}), sample, evaluate; add a section '
+                        f'for a new stage, e.g. c.stages.{s} = base.distill_stage(k=4, '
+                        "objective='ar_rollout')")
   if len(set(names)) != len(names):
     raise ConfigError(f'pipeline={names} lists a stage twice')
   return names
 
 
-def _validate_stage(name: str, s) -> None:
+def _validate_stage(name: str, s, cfg) -> None:
   for f in ('steps', 'batch_size', 'microbatches', 'log_every', 'checkpoint_every',
             'keep_checkpoints', 'eval_batches'):
     _positive(f'stages.{name}.{f}', s[f])
@@ -80,16 +75,35 @@ def _validate_stage(name: str, s) -> None:
     raise ConfigError(f'stages.{name}.opt.warmup_steps / grad_clip must be >= 0')
   if not 0.0 <= o.ema_decay < 1.0:
     raise ConfigError(f'stages.{name}.opt.ema_decay must be in [0, 1), got {o.ema_decay}')
-  if 'tau_min' in s:
-    if not 0 < s.tau_min <= s.tau_max:
-      raise ConfigError(f'stages.{name}.tau_min/tau_max must satisfy 0 < tau_min <= '
-                        f'tau_max, got {s.tau_min}, {s.tau_max}')
-    if s.teacher_stage and not export_lib.is_export(s.teacher_stage):
-      try:
-        run_dir.stage_k(s.teacher_stage)
-      except errors.UserError as e:
-        raise ConfigError(f'stages.{name}.teacher_stage: {e}, or an export directory '
-                          '(a path)') from None
+  _choice(f'stages.{name}.kind', s.get('kind', ''), run_dir.MODEL_KINDS)
+  if s.kind == 'distill':
+    _validate_distill(name, s, cfg)
+
+
+def _validate_distill(name: str, s, cfg) -> None:
+  if not isinstance(s.k, int) or s.k < 1 or s.k & (s.k - 1):
+    raise ConfigError(f'stages.{name}.k={s.k!r} is not allowed; allowed: a power of two '
+                      '(1, 2, 4, 8, ...)')
+  _choice(f'stages.{name}.objective', s.objective, tuple(objectives_lib.OBJECTIVES))
+  if not 0 < s.tau_min <= s.tau_max:
+    raise ConfigError(f'stages.{name}.tau_min/tau_max must satisfy 0 < tau_min <= '
+                      f'tau_max, got {s.tau_min}, {s.tau_max}')
+  if not 0.0 <= s.ar_fraction <= 1.0:
+    raise ConfigError(f'stages.{name}.ar_fraction must be in [0, 1], got {s.ar_fraction}')
+  if s.ar_fraction_end != -1.0 and not 0.0 <= s.ar_fraction_end <= 1.0:
+    raise ConfigError(f'stages.{name}.ar_fraction_end must be -1 (constant) or in [0, 1], '
+                      f'got {s.ar_fraction_end}')
+  if not 0.0 <= s.position_power <= 8.0:
+    raise ConfigError(f'stages.{name}.position_power must be in [0, 8], got '
+                      f'{s.position_power}')
+  models = run_dir.model_stages(cfg)
+  for field in ('teacher_stage', 'ar_teacher'):
+    ref = s[field]
+    if ref and ref not in models and not export_lib.is_export(ref):
+      raise ConfigError(f'stages.{name}.{field}={ref!r} is neither a model stage of the '
+                        f'config ({", ".join(sorted(models))}) nor an export directory')
+    if ref == name:
+      raise ConfigError(f'stages.{name}.{field} names the stage itself')
 
 
 def validate(cfg) -> None:
@@ -122,7 +136,7 @@ def validate(cfg) -> None:
   for f in ('seq_len', 'eval_batch_size'):
     _positive(f'data.{f}', d[f])
   for name, section in cfg.stages.items():
-    _validate_stage(name, section)
+    _validate_stage(name, section, cfg)
 
 
 def load_config_file(path: str):

@@ -21,6 +21,7 @@ class StageContext:
   tokenizer: Any
   arch: arch_lib.ArchConfig  # the AR teacher's; students add the noise encoder
   exe: arch_lib.ExecConfig  # training / evaluation execution settings (config.model)
+  stage_names: list[str]  # the pipeline's stages, in order
 
   @functools.cached_property
   def source(self):
@@ -32,6 +33,14 @@ class StageContext:
     """A distillation teacher: a finished stage of this run or an export directory;
     (arch, params, {'k', 'tokenizer', 'name'}, shardings)."""
     return run_dir.load_teacher(self.workdir, ref, self.mesh)
+
+  def teacher_ref(self, stage: str) -> str:
+    """A distill stage's teacher: a stage name or an export directory."""
+    return run_dir.teacher_stage_of(self.cfg, stage, self.stage_names)
+
+  def ar_ref(self, stage: str) -> str:
+    """The AR model at the root of a distill stage's chain of teachers."""
+    return run_dir.ar_root(self.cfg, stage, self.stage_names)
 
   def compat(self, **extra) -> dict:
     """The fields that must agree between a checkpoint and the config that resumes it."""
@@ -56,10 +65,12 @@ def build(cfg, workdir: str) -> StageContext:
         f'data.seq_len={cfg.data.seq_len} is longer than model.max_seq_len='
         f'{arch.max_seq_len}')
   mesh = sharding_lib.make_mesh(cfg.mesh)
-  for name in config_lib.stages(cfg):
+  names = config_lib.stages(cfg)
+  for name in names:
     if name in cfg.stages:
       s = cfg.stages[name]
       sharding_lib.check_batch(s.batch_size, mesh, f'stages.{name}.batch_size',
                                s.microbatches, f'stages.{name}.microbatches')
   sharding_lib.check_batch(cfg.data.eval_batch_size, mesh, 'data.eval_batch_size')
-  return StageContext(cfg=cfg, workdir=workdir, mesh=mesh, tokenizer=tok, arch=arch, exe=exe)
+  return StageContext(cfg=cfg, workdir=workdir, mesh=mesh, tokenizer=tok, arch=arch, exe=exe,
+                      stage_names=names)

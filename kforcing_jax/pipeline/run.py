@@ -18,15 +18,17 @@ from kforcing_jax.training import teacher
 from kforcing_jax.training import writers
 
 
-def run_one(ctx, stage: str, names: list[str]) -> dict:
-  if stage == 'teacher':
-    return teacher.run_stage(ctx)
+# What runs a stage, by the `kind` of its section; sample and evaluate have no section.
+STAGE_KINDS = {'teacher': lambda ctx, stage: teacher.run_stage(ctx, stage),
+               'distill': lambda ctx, stage: distill.run_stage(ctx, stage)}
+
+
+def run_one(ctx, stage: str) -> dict:
   if stage == 'sample':
     return sample.run_stage(ctx)
   if stage == 'evaluate':
     return evaluate_stage(ctx)
-  return distill.run_stage(ctx, stage, run_dir.stage_k(stage),
-                           run_dir.teacher_stage_of(stage, names, ctx.cfg.stages[stage].teacher_stage))
+  return STAGE_KINDS[ctx.cfg.stages[stage].kind](ctx, stage)
 
 
 def run(cfg, workdir: str) -> dict:
@@ -43,7 +45,7 @@ def run(cfg, workdir: str) -> dict:
       print(f'{stage}: {directory}/summary.json exists, stage skipped')
       results[stage] = run_dir.read_summary(directory)
     else:
-      results[stage] = run_one(ctx, stage, names)
+      results[stage] = run_one(ctx, stage)
   if jax.process_index() == 0:
     print(json.dumps({s: {k: v for k, v in r.items() if not isinstance(v, (list, dict))}
                       for s, r in results.items()}, indent=1, default=str))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import ml_collections
 
@@ -17,20 +16,30 @@ from kforcing_jax.interop import export as export_lib
 from kforcing_jax.models import precision
 from kforcing_jax.training import checkpoint as ckpt_lib
 
-STAGE_RE = re.compile(r'^distill_k(\d+)$')
+# The kinds of the model stages a config's `stages` sections declare (`kind`).
+MODEL_KINDS = ('teacher', 'distill')
 
 
 StageError = errors.StageError
 
 
-def stage_k(stage: str) -> int:
-  """0 for the AR teacher, K for distill_kK."""
-  if stage == 'teacher':
-    return 0
-  m = STAGE_RE.match(stage)
-  if not m:
-    raise StageError(f'{stage!r} is not a model stage (teacher or distill_k<K>)')
-  return int(m.group(1))
+def model_stages(cfg) -> dict[str, int]:
+  """{name: window k (0 for an AR stage)} of the config's model stage sections."""
+  out = {}
+  for name, s in cfg.stages.items():
+    kind = s.get('kind', 'teacher' if name == 'teacher' else 'distill')
+    if kind in MODEL_KINDS:
+      out[name] = 0 if kind == 'teacher' else int(s.k)
+  return out
+
+
+def stage_k(cfg, stage: str) -> int:
+  """0 for an AR stage, k for a distill stage of window k."""
+  ks = model_stages(cfg)
+  if stage not in ks:
+    raise StageError(f'{stage!r} is not a model stage of the config (model stages: '
+                     f'{", ".join(sorted(ks))})')
+  return ks[stage]
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -46,21 +55,21 @@ def read_summary(directory: str) -> dict:
     return json.load(f)
 
 
-def finished_model_stages(workdir: str) -> list[str]:
-  out = []
-  for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else []:
-    if (name == 'teacher' or STAGE_RE.match(name)) and is_done(stage_dir(workdir, name)):
-      out.append(name)
-  return sorted(out, key=lambda s: (s != 'teacher', stage_k(s)))
+def finished_model_stages(workdir: str, cfg=None) -> list[str]:
+  """The model stages of a run (its config.json's) with a summary, AR first, then by k."""
+  cfg = load_run_config(workdir) if cfg is None else cfg
+  ks = model_stages(cfg)
+  done = [s for s in ks if is_done(stage_dir(workdir, s))]
+  return sorted(done, key=lambda s: (ks[s], s != 'teacher', s))
 
 
 def load_model_stage(workdir: str, stage: str, mesh):
   """(ArchConfig, float32 params, meta, param shardings) of a finished stage."""
-  stage_k(stage)
   d = stage_dir(workdir, stage)
   ckpt_dir = os.path.join(d, 'checkpoints')
   if not is_done(d) or not os.path.isdir(ckpt_dir):
-    have = finished_model_stages(workdir)
+    have = finished_model_stages(workdir) if os.path.exists(
+        os.path.join(workdir, 'config.json')) else []
     raise StageError(f'stage {stage!r} has no finished checkpoint under {d} (finished stages '
                      f'there: {", ".join(have) or "none"}): run it first (list it in '
                      '`pipeline`) or point --workdir at a run that has it')
@@ -73,15 +82,43 @@ def load_model_stage(workdir: str, stage: str, mesh):
   return arch, params, meta, shardings
 
 
-def teacher_stage_of(stage: str, names: list[str], override: str = '') -> str:
+def teacher_stage_of(cfg, stage: str, names: list[str]) -> str:
+  """A distill stage's teacher: stages.<stage>.teacher_stage, else the model stage before
+  it in the pipeline `names`, else (the first model stage listed) the AR stage 'teacher'
+  for k=1 and distill_k<k/2> for wider windows."""
+  override = cfg.stages[stage].get('teacher_stage', '')
   if override:
     return override
-  model_stages = [s for s in names if s == 'teacher' or s.startswith('distill_k')]
-  i = model_stages.index(stage)
+  ks = model_stages(cfg)
+  listed = [s for s in names if s in ks]
+  i = listed.index(stage)
   if i > 0:
-    return model_stages[i - 1]
-  k = stage_k(stage)
+    return listed[i - 1]
+  k = ks[stage]
   return 'teacher' if k == 1 else f'distill_k{k // 2}'
+
+
+def ar_root(cfg, stage: str, names: list[str]) -> str:
+  """The AR model at the root of a distill stage's chain of teachers (the model whose own
+  rollout AR-based objectives use): stages.<stage>.ar_teacher when set, else the first
+  teacher along the chain that is an AR stage or an AR export."""
+  s = cfg.stages[stage]
+  if s.get('ar_teacher', ''):
+    return s.ar_teacher
+  ks, seen, ref = model_stages(cfg), [stage], stage
+  while True:
+    ref = teacher_stage_of(cfg, ref, names)
+    if ref in ks and ks[ref] == 0:
+      return ref
+    if ref not in ks:  # an export
+      if export_lib.is_export(ref) and int(export_lib.read_export_description(ref)['k']) == 0:
+        return ref
+      raise StageError(f'{stage}: its chain of teachers ({" <- ".join(seen + [ref])}) ends '
+                       f'in {ref}, not an AR model: set stages.{stage}.ar_teacher to the AR '
+                       'stage or export its objective should roll out')
+    if ref in seen:
+      raise StageError(f'{stage}: its teachers form a cycle: {" <- ".join(seen + [ref])}')
+    seen.append(ref)
 
 
 def load_teacher(workdir: str, ref: str, mesh):
@@ -110,6 +147,10 @@ def load_run_config(workdir: str):
 
   def merge(node, values):
     for key, value in values.items():
+      if key not in node and node is cfg.stages and isinstance(value, dict):
+        # a stage section of the run's own (e.g. a second k=4 stage under another name)
+        node[key] = (base_config.teacher_stage() if value.get('kind') == 'teacher' else
+                     base_config.distill_stage(int(value.get('k', 1))))
       if key not in node:
         continue
       if isinstance(value, dict) and isinstance(node[key], ml_collections.ConfigDict):
@@ -149,9 +190,11 @@ def ar_teacher_ref(workdir: str, cfg) -> str:
   if is_done(stage_dir(workdir, 'teacher')):
     return 'teacher'
   pipeline = [cfg.pipeline] if isinstance(cfg.pipeline, str) else list(cfg.pipeline)
-  distills = [s for n in pipeline for s in n.split(',') if STAGE_RE.match(s.strip())]
-  if distills and cfg.stages[distills[0].strip()].teacher_stage:
-    ref = cfg.stages[distills[0].strip()].teacher_stage
+  names = [n.strip() for item in pipeline for n in item.split(',') if n.strip()]
+  ks = model_stages(cfg)
+  distills = [n for n in names if ks.get(n, 0) > 0]
+  if distills:
+    ref = teacher_stage_of(cfg, distills[0], names)
     if export_lib.is_export(ref) and int(export_lib.read_export_description(ref)['k']) == 0:
       return ref
   raise StageError(f'{workdir} has no finished teacher stage and its first distill stage '

@@ -92,6 +92,8 @@ def saved_compat(meta: dict) -> dict:
   reads them from its own architecture as that version describes it (a run of an earlier
   version resumes; its backbone is the one it was trained with)."""
   compat = dict(meta['compat'])
+  if int(meta.get('k', 0)) > 0:  # distill checkpoints before objectives were named
+    compat.setdefault('objective', 'progressive')
   if 'arch' in meta or 'model' in meta:
     for field, value in arch_from_meta(meta).backbone().items():
       compat.setdefault(f'model.{field}', value)

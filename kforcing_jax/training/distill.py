@@ -1,9 +1,10 @@
-"""Progressive self-forcing distillation stages `distill_k<K>` (docs/design.md section 3).
+"""Distillation stages (kind 'distill', docs/design.md section 3).
 
-Each stage trains a push-forward student of window K against a frozen teacher: the AR
-teacher (inverse-CDF targets) or a PFLM of window K/2 (argmax + rollout targets). The
-teacher's parameters are a separate, non-donated argument of the jitted step and never
-differentiated or re-saved; the student starts from a copy of the teacher's weights.
+Each stage trains a push-forward student of window k, copied from a frozen teacher (the AR
+teacher or a PFLM of window k/2), on the targets of its objective (objectives.py: the
+paper's progressive targets, the AR teacher's own rollout, mixtures, on-policy targets).
+Frozen parameters (the teacher's, and the AR model's where the objective needs it) are a
+separate, non-donated argument of the jitted step, never differentiated or re-saved.
 """
 from __future__ import annotations
 
@@ -22,20 +23,12 @@ from kforcing_jax import sharding as sharding_lib
 from kforcing_jax import errors
 from kforcing_jax.training import checkpoint as ckpt_lib
 from kforcing_jax.models import sampling
-from kforcing_jax.training import targets as targets_lib
+from kforcing_jax.training import objectives as objectives_lib
 from kforcing_jax.training import trainer
 
 
 # Architecture fields a student takes from its teacher whatever the run's config says.
 STUDENT_COPIES = arch_lib.V4_FIELDS + ('rope_base',)
-
-
-def make_targets_fn(teacher_model, teacher_k: int):
-  if teacher_k == 0:
-    return lambda params, ctx, u, tau: targets_lib.ar_teacher_targets(
-        teacher_model, params, ctx, u, tau)
-  return lambda params, ctx, u, tau: targets_lib.pflm_teacher_targets(
-      teacher_model, params, ctx, u, tau)
 
 
 def sample_noise(rng, batch: int, n: int, k: int, tau_min: float, tau_max: float):
@@ -61,32 +54,40 @@ def agreement_stats(pred_BxNxK, y_BxNxK, w_BxNxK):
           'all_hits': jnp.sum(jnp.min(hit, axis=-1) * win_valid), 'all_count': jnp.sum(win_valid)}
 
 
-def make_distill_step(student, targets_fn, tx, k: int, tau_range, never_emit, ema_decay,
-                      microbatches: int = 1):
-  def distill_step(state: trainer.TrainState, batch, rng, teacher_params):
+def make_distill_step(student, objective, targets_fn, tx, *, k: int, settings, never_emit):
+  """step(state, batch, rng, frozen) -> (state, metrics) of a distill stage.
+
+  settings: the stage section (tau_min, tau_max, microbatches, steps, opt.ema_decay and
+  the objective's fields); frozen: {'teacher': params[, 'ar': params]}."""
+  tau_range = (settings.tau_min, settings.tau_max)
+  steps = max(int(settings.steps), 1)
+
+  def distill_step(state: trainer.TrainState, batch, rng, frozen):
     ctx = batch['tokens']
     B, n = ctx.shape
-    # noise for the whole batch first, so microbatching leaves every row's draw unchanged
+    # every per-row draw for the whole batch first, so microbatching changes none of them
     u, tau = sample_noise(rng, B, n, k, *tau_range)
+    r = jax.random.uniform(jax.random.fold_in(rng, 1), (B, n))
+    progress = jnp.minimum(state.step.astype(jnp.float32) / steps, 1.0)
 
     def grad_fn(params, mb, j):
       del j
-      y = jax.lax.stop_gradient(targets_fn(teacher_params, mb['tokens'], mb['u'], mb['tau']))
+      y = jax.lax.stop_gradient(targets_fn(frozen, params, mb['tokens'], mb['u'], mb['tau'],
+                                           mb['r'], progress))
       w = window_weights(mb['mask'], y, never_emit)
 
       def loss_fn(p):
         logits = layouts.apply_window(student, p, mb['tokens'], None, mb['u'], mb['tau'])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return jnp.sum(ce * w), logits
+        return objective.loss(logits, y, w, settings), logits
 
       (total, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       return grads, {'total': total, **agreement_stats(jnp.argmax(logits, -1), y, w)}
 
-    inputs = {'tokens': ctx, 'mask': batch['mask'], 'u': u, 'tau': tau}
+    inputs = {'tokens': ctx, 'mask': batch['mask'], 'u': u, 'tau': tau, 'r': r}
     grad_sums, sums = trainer.sum_over_microbatches(grad_fn, state.params, inputs,
-                                                    microbatches)
-    new_state, metrics = trainer.finish_update(state, tx, ema_decay, grad_sums, sums['total'],
-                                               jnp.sum(sums['count_k']))
+                                                    settings.microbatches)
+    new_state, metrics = trainer.finish_update(state, tx, settings.opt.ema_decay, grad_sums,
+                                               sums['total'], jnp.sum(sums['count_k']))
     metrics['acc_all'] = sums['all_hits'] / jnp.maximum(sums['all_count'], 1.0)
     for i in range(k):
       metrics[f'acc_{i + 1}'] = sums['hits_k'][i] / jnp.maximum(sums['count_k'][i], 1.0)
@@ -95,11 +96,14 @@ def make_distill_step(student, targets_fn, tx, k: int, tau_range, never_emit, em
 
 
 def make_agreement_step(student, targets_fn, k: int, never_emit):
-  def agreement_step(params, teacher_params, batch, rng, tau_B):
+  """Agreement sums of the student's argmax with its objective's targets (at the end of
+  any curriculum) on a batch."""
+  def agreement_step(params, frozen, batch, rng, tau_B):
     ctx, mask = batch['tokens'], batch['mask']
     B, n = ctx.shape
     u = sampling.uniform_noise(rng, (B, n, k))
-    y = targets_fn(teacher_params, ctx, u, tau_B)
+    r = jax.random.uniform(jax.random.fold_in(rng, 1), (B, n))
+    y = targets_fn(frozen, params, ctx, u, tau_B, r, jnp.float32(1.0))
     pred = jnp.argmax(layouts.apply_window(student, params, ctx, None, u, tau_B), -1)
     return agreement_stats(pred, y, window_weights(mask, y, never_emit))
   return agreement_step
@@ -156,17 +160,35 @@ def check_teacher_tokenizer(stage: str, teacher: str, t_identity: dict, tokenize
                                 f'{t_identity}, the config gives {mine}')
 
 
-def spec(ctx, stage: str, k: int, teacher_stage: str) -> trainer.StageSpec:
-  """The distill_k<K> stage `stage`: a student of window k copied from its (frozen) teacher
-  (a finished stage of the run or an export, loaded by ctx.load_teacher)."""
+def load_checked_teacher(ctx, stage: str, ref: str, what: str):
+  """(arch, params, info, shardings) of a teacher of `stage`, its tokenizer checked."""
+  arch, params, info, shardings = ctx.load_teacher(ref)
+  check_teacher_tokenizer(stage, f'{what} {ref}', info['tokenizer'], ctx.tokenizer)
+  return arch, params, info, shardings
+
+
+def spec(ctx, stage: str) -> trainer.StageSpec:
+  """The distill stage `stage` (stages.<stage>: kind 'distill', window k, an objective): a
+  student of window k copied from its frozen teacher (a finished stage of the run or an
+  export), trained on its objective's targets."""
   cfg, s = ctx.cfg, ctx.cfg.stages[stage]
-  t_arch, t_params, t_info, t_shardings = ctx.load_teacher(teacher_stage)
+  k = int(s.k)
+  objective = objectives_lib.get(s.objective)
+  teacher_stage = ctx.teacher_ref(stage)
+  t_arch, t_params, t_info, t_shardings = load_checked_teacher(ctx, stage, teacher_stage,
+                                                               'the teacher')
   teacher_k = t_info['k']
-  if teacher_k > 0 and k != 2 * teacher_k:
+  if teacher_k > 0 and k != 2 * teacher_k and objective.uses_stage_teacher_targets:
     raise errors.StageError(
         f'{stage}: a PFLM teacher of window {teacher_k} ({teacher_stage}) can only teach '
-        f'window {2 * teacher_k}, not {k}; allowed: distill_k{2 * teacher_k} after it, or an '
-        'AR teacher for any K')
+        f'window {2 * teacher_k} under objective {objective.name!r}, not {k}; allowed: '
+        f'stages.{stage}.k={2 * teacher_k}, an AR teacher, or an objective whose targets '
+        'come from the AR model (' + ', '.join(
+            n for n, o in objectives_lib.OBJECTIVES.items()
+            if not o.uses_stage_teacher_targets) + ')')
+  if teacher_k > k:
+    raise errors.StageError(f'{stage}: window {k} is narrower than its teacher '
+                            f'{teacher_stage}\'s {teacher_k}')
   arch = student_arch(ctx.arch, t_arch, stage)
   t_backbone = t_arch.backbone()
   diffs = {f: (t_backbone[f], v) for f, v in arch.backbone().items() if t_backbone[f] != v}
@@ -175,50 +197,69 @@ def spec(ctx, stage: str, k: int, teacher_stage: str) -> trainer.StageSpec:
         f'{stage}: the student backbone differs from its teacher {teacher_stage}: ' +
         ', '.join(f'model.{f}: teacher {a}, student {b}' for f, (a, b) in diffs.items()) +
         '; a stage copies its teacher, so its backbone must match')
-  check_teacher_tokenizer(stage, teacher_stage, t_info['tokenizer'], ctx.tokenizer)
   teacher = model_lib.build(t_arch, ctx.exe)
   student = model_lib.build(arch, ctx.exe)
-  targets_fn = make_targets_fn(teacher, teacher_k)
+  frozen, frozen_shardings = {'teacher': t_params}, {'teacher': t_shardings}
+  ar_model, ar_ref = None, None
+  if objective.uses_ar and teacher_k > 0:
+    ar_ref = ctx.ar_ref(stage)
+    a_arch, a_params, a_info, a_shardings = load_checked_teacher(ctx, stage, ar_ref,
+                                                                 'the AR model')
+    if a_info['k'] != 0:
+      raise errors.StageError(f'{stage}: stages.{stage}.ar_teacher={ar_ref} is a PFLM of '
+                              f'window {a_info["k"]}; objective {objective.name!r} needs an '
+                              'AR model (the run\'s teacher stage or an AR export)')
+    ar_model = model_lib.build(a_arch, ctx.exe)
+    frozen['ar'], frozen_shardings['ar'] = a_params, a_shardings
+  models = objectives_lib.Models(teacher=teacher, teacher_k=teacher_k, ar=ar_model,
+                                 student=student, k=k)
+  targets_fn = objective.make_targets(models, s)
   never_emit = tuple(arch.never_emit_ids)
 
   def start_params(fresh):
     params, copied, new = copy_matching(fresh, t_params)
-    print(f'{stage}: teacher {teacher_stage}; copied {len(copied)} tensors, new '
-          f'{len(new)}: {", ".join(new) if len(new) < 12 else len(new)}')
+    print(f'{stage}: teacher {teacher_stage}; objective {objective.name}' +
+          (f' (AR model {ar_ref})' if ar_ref else '') + f'; copied {len(copied)} tensors, '
+          f'new {len(new)}: {", ".join(new) if len(new) < 12 else len(new)}')
     return params
 
   agreement_fn = jax.jit(make_agreement_step(student, targets_fn, k, never_emit))
 
   def evaluate(params):
-    agree = measure_agreement(ctx, agreement_fn, params, t_params, s.eval_batches)
+    agree = measure_agreement(ctx, agreement_fn, params, frozen, s.eval_batches)
     if jax.process_index() == 0:
-      print(f'{stage}: held-out agreement with {teacher_stage} targets: all-{k} '
+      print(f'{stage}: held-out agreement with its {objective.name} targets: all-{k} '
             f'{agree["agreement_all"]:.4f}, per position '
             f'{[round(a, 4) for a in agree["agreement_per_position"]]}', flush=True)
     return agree
 
-  compat = ctx.compat(k=k, teacher_stage=teacher_stage,
+  compat = ctx.compat(k=k, teacher_stage=teacher_stage, objective=objective.name,
                       teacher_fingerprint=ckpt_lib.params_fingerprint(t_params))
+  if ar_ref:
+    compat['ar_fingerprint'] = ckpt_lib.params_fingerprint(frozen['ar'])
+  passes = objective.target_passes(models)
   return trainer.StageSpec(
       name=stage, arch=arch, settings=s,
       init_params=model_lib.init_fn(student, cfg.data.seq_len),
-      make_step=lambda tx: make_distill_step(student, targets_fn, tx, k,
-                                             (s.tau_min, s.tau_max), never_emit,
-                                             s.opt.ema_decay, s.microbatches),
-      compat=compat, evaluate=evaluate,
-      seeds=(cfg.seed + 17 * k, cfg.seed + k, cfg.seed + 1000 * k),
+      make_step=lambda tx: make_distill_step(student, objective, targets_fn, tx, k=k,
+                                             settings=s, never_emit=never_emit),
+      compat=compat, evaluate=evaluate, seeds=trainer.stage_seeds(cfg.seed, stage),
+      legacy_seeds=(cfg.seed + 17 * k, cfg.seed + k, cfg.seed + 1000 * k),
       tokens_per_step=s.batch_size * cfg.data.seq_len * k, window=k,
-      frozen=(t_params,), frozen_shardings=(t_shardings,), start_params=start_params,
-      progress_keys=('loss', 'acc_all'), meta={'k': k, 'teacher_stage': teacher_stage},
-      summary={'k': k, 'teacher_stage': teacher_stage})
+      target_factor=passes / k,
+      frozen=(frozen,), frozen_shardings=(frozen_shardings,), start_params=start_params,
+      progress_keys=('loss', 'acc_all'),
+      meta={'k': k, 'teacher_stage': teacher_stage, 'objective': objective.name},
+      summary={'k': k, 'teacher_stage': teacher_stage, 'objective': objective.name,
+               'target_passes_per_window': passes})
 
 
-def run_stage(ctx, stage: str, k: int, teacher_stage: str) -> dict:
-  return trainer.run(ctx, spec(ctx, stage, k, teacher_stage))
+def run_stage(ctx, stage: str) -> dict:
+  return trainer.run(ctx, spec(ctx, stage))
 
 
-def measure_agreement(ctx, fn, params, t_params, num_batches: int, seed: int = 12345) -> dict:
-  """Agreement with fresh teacher targets on held-out contexts (tau = 1); fn: the jitted
+def measure_agreement(ctx, fn, params, frozen, num_batches: int, seed: int = 12345) -> dict:
+  """Agreement with fresh targets on held-out contexts (tau = 1); fn: the jitted
   make_agreement_step."""
   cfg = ctx.cfg
   batch_s = sharding_lib.batch_sharding(ctx.mesh)
@@ -228,7 +269,7 @@ def measure_agreement(ctx, fn, params, t_params, num_batches: int, seed: int = 1
   tau = jax.device_put(jnp.ones((cfg.data.eval_batch_size,), jnp.float32), batch_s)
   with sharding_lib.mesh_context(ctx.mesh):
     for b in range(num_batches):
-      out = jax.device_get(fn(params, t_params, next(eval_it),
+      out = jax.device_get(fn(params, frozen, next(eval_it),
                               jax.random.fold_in(jax.random.key(seed), b), tau))
       tot = out if tot is None else jax.tree.map(np.add, tot, out)
   per = (np.asarray(tot['hits_k']) / np.maximum(np.asarray(tot['count_k']), 1)).tolist()

@@ -93,18 +93,19 @@ def tree_bytes_per_device(tree) -> int:
 
 
 def activation_bytes(arch, rows: float, tokens: int, keys: int, fused_attention: bool = False,
-                     window: int = 0) -> int:
+                     window: int = 0, target_factor: float = 1.0) -> int:
   """Saved activations of `rows` rows of `tokens` query positions attending `keys` keys.
 
   window > 0: the distillation window layout, whose tokens + tokens*window queries attend
-  the context (tokens keys) plus their own window, with the teacher's targets drawn first."""
+  the context (tokens keys) plus their own window, with the teacher's targets drawn first
+  (target_factor: the objective's passes for them over the k of an AR teacher's rollout)."""
   queries = tokens * (1 + window)
   per_token_layer = (ACT_BYTES_PER_D * arch.d_model + ACT_BYTES_PER_MLP * arch.mlp_dim +
                      ACT_BYTES_PER_QKV * (arch.n_heads + 2 * arch.n_kv_heads) * arch.head_dim)
   score_keys = 0 if fused_attention else (keys + window)
   per_layer = queries * (per_token_layer + SCORE_BYTES * arch.n_heads * score_keys)
   logits = LOGIT_BYTES * arch.vocab_size * tokens * max(window, 1)
-  targets = TARGET_BYTES * arch.vocab_size * tokens * window
+  targets = TARGET_BYTES * arch.vocab_size * tokens * window * target_factor
   return int(rows * (arch.n_layers * per_layer + logits + targets))
 
 
@@ -119,11 +120,11 @@ def uses_fused_attention(exe) -> bool:
 
 def estimate(arch, exe, abstract_state, mesh, global_batch: int, seq_len: int,
              microbatches: int = 1, window: int = 0, cache_rows: int | None = None,
-             fused_attention: bool | None = None) -> MemoryEstimate:
+             fused_attention: bool | None = None, target_factor: float = 1.0) -> MemoryEstimate:
   """The estimate for one training step over `global_batch` rows of `seq_len` tokens.
 
   abstract_state: a TrainState of ShapeDtypeStructs with shardings (trainer.abstract_state).
-  window: 0 for the AR teacher step; k for a distill_k<k> step (window layout)."""
+  window: 0 for the AR teacher step; k for a distill step of window k (window layout)."""
   fsdp, tensor = mesh.shape['fsdp'], mesh.shape['tensor']
   n_devices = math.prod(mesh.shape.values())
   params = tree_bytes_per_device(abstract_state.params)
@@ -132,7 +133,8 @@ def estimate(arch, exe, abstract_state, mesh, global_batch: int, seq_len: int,
   rows = global_batch / microbatches / n_devices
   if fused_attention is None:
     fused_attention = uses_fused_attention(exe) and window == 0
-  acts = activation_bytes(arch, rows, seq_len, seq_len, fused_attention, window)
+  acts = activation_bytes(arch, rows, seq_len, seq_len, fused_attention, window,
+                          target_factor)
   cache_rows = global_batch if cache_rows is None else cache_rows
   return MemoryEstimate(params=params, optimizer=optimizer, gradients=gradients,
                         activations=acts,

@@ -69,8 +69,9 @@ def evaluate_nll(eval_fn, params, it: data_lib.BatchIterator, num_batches: int) 
   return total / max(count, 1.0)
 
 
-def spec(ctx) -> trainer.StageSpec:
-  cfg, s = ctx.cfg, ctx.cfg.stages.teacher
+def spec(ctx, stage: str = 'teacher') -> trainer.StageSpec:
+  """An AR stage (kind 'teacher') trained from a fresh init on next-token cross-entropy."""
+  cfg, s = ctx.cfg, ctx.cfg.stages[stage]
   model = model_lib.build(ctx.arch, ctx.exe)
   batch_s = sharding_lib.batch_sharding(ctx.mesh)
   eval_fn = jax.jit(make_eval_step(model))
@@ -86,20 +87,21 @@ def spec(ctx) -> trainer.StageSpec:
     note = (f', source entropy rate {entropy_rate:.4f} (ratio {nll / entropy_rate:.3f})'
             if entropy_rate else '')
     if jax.process_index() == 0:
-      print(f'teacher: val_nll {nll:.4f} nats/token, ppl {ppl:.3f}{note}', flush=True)
+      print(f'{stage}: val_nll {nll:.4f} nats/token, ppl {ppl:.3f}{note}', flush=True)
     return {'val_nll': nll, 'val_ppl': ppl,
             'source_entropy_rate': None if entropy_rate is None else float(entropy_rate)}
 
   return trainer.StageSpec(
-      name='teacher', arch=ctx.arch, settings=s,
+      name=stage, arch=ctx.arch, settings=s,
       init_params=model_lib.init_fn(model, cfg.data.seq_len),
       make_step=lambda tx: make_train_step(model, tx, s.opt.ema_decay, s.microbatches),
-      compat=ctx.compat(), evaluate=evaluate, seeds=(cfg.seed, cfg.seed, cfg.seed + 1),
+      compat=ctx.compat(), evaluate=evaluate, seeds=trainer.stage_seeds(cfg.seed, stage),
+      legacy_seeds=(cfg.seed, cfg.seed, cfg.seed + 1),
       tokens_per_step=s.batch_size * cfg.data.seq_len, meta={'k': 0})
 
 
-def run_stage(ctx) -> dict:
-  return trainer.run(ctx, spec(ctx))
+def run_stage(ctx, stage: str = 'teacher') -> dict:
+  return trainer.run(ctx, spec(ctx, stage))
 
 
 

@@ -1,4 +1,4 @@
-"""The one training-stage loop every training stage (teacher, distill_k<K>) runs.
+"""The one training-stage loop every training stage (kinds teacher and distill) runs.
 
 A stage is a `StageSpec`: how to initialise its parameters, a step factory
 `make_step(tx) -> step(state, batch, rng, *frozen) -> (state, metrics)`, the frozen
@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import zlib
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -141,15 +142,25 @@ class StageSpec:
   make_step: Callable[[optax.GradientTransformation], Callable]
   compat: dict  # must equal a checkpoint's to resume it
   evaluate: Callable[[Any], dict]  # params -> summary fields (numbers go to the writer)
-  seeds: tuple[int, int, int]  # (parameter init, data order, step RNG)
+  seeds: tuple[int, int, int]  # (parameter init, data order, step RNG): stage_seeds
   tokens_per_step: int
-  window: int = 0  # 0: the teacher step; k: a distill_k<k> step (memory estimate)
+  # the seeds of checkpoints written before checkpoints recorded theirs (resumed with them)
+  legacy_seeds: tuple[int, int, int] | None = None
+  window: int = 0  # 0: the teacher step; k: a distill step of window k (memory estimate)
+  target_factor: float = 1.0  # the objective's target cost per window over k AR passes
   frozen: tuple = ()
   frozen_shardings: tuple = ()
   start_params: Callable[[Any], Any] | None = None  # fresh params -> starting params
   progress_keys: tuple[str, ...] = ('loss',)
   meta: dict = dataclasses.field(default_factory=dict)  # extra checkpoint metadata
   summary: dict = dataclasses.field(default_factory=dict)  # extra summary fields
+
+
+def stage_seeds(seed: int, stage: str) -> tuple[int, int, int]:
+  """(parameter init, data order, step RNG) seeds of a stage, from the run's seed and the
+  stage's name: two stages never share a draw, whatever their kind or window."""
+  return tuple(zlib.crc32(f'{seed}/{stage}/{use}'.encode()) & 0x7FFFFFFF
+               for use in ('init', 'data', 'step'))
 
 
 def run(ctx, spec: StageSpec) -> dict:
@@ -161,15 +172,16 @@ def run(ctx, spec: StageSpec) -> dict:
   sharding_lib.check_batch(s.batch_size, ctx.mesh, f'stages.{spec.name}.batch_size',
                            s.microbatches, f'stages.{spec.name}.microbatches')
   tx = optim.make_optimizer(s.opt, s.steps)
-  init_seed, data_seed, step_seed = spec.seeds
   ema = s.opt.ema_decay > 0
   abstract, shardings, _ = abstract_state(spec.init_params, tx, ctx.mesh, ema)
+  mngr = ckpt_lib.manager(os.path.join(stage_dir, 'checkpoints'), s.keep_checkpoints)
+  init_seed, data_seed, step_seed = resume_seeds(mngr, spec)
   train_it = data_lib.BatchIterator(ctx.source, 'train', s.batch_size,
                                     sharding_lib.batch_sharding(ctx.mesh), data_seed,
                                     ctx.cfg.data.shuffle)
   meta = {'stage': spec.name, 'arch': spec.arch.to_dict(), 'compat': spec.compat,
-          'config': ctx.cfg.to_dict(), **spec.meta}
-  mngr = ckpt_lib.manager(os.path.join(stage_dir, 'checkpoints'), s.keep_checkpoints)
+          'config': ctx.cfg.to_dict(), 'seeds': [init_seed, data_seed, step_seed],
+          **spec.meta}
   state = resume(mngr, meta, abstract, train_it, stage_dir)
   if state is None:  # a fresh start: initialise, then e.g. copy the teacher's weights in
     state, _, _ = create_state(spec.init_params, tx, ctx.mesh, jax.random.key(init_seed), ema)
@@ -183,7 +195,8 @@ def run(ctx, spec: StageSpec) -> dict:
         f'{jax.device_count()} devices ({jax.default_backend()})')
   memory.report(spec.name, memory.estimate(spec.arch, ctx.exe, abstract, ctx.mesh,
                                            s.batch_size, ctx.cfg.data.seq_len,
-                                           s.microbatches, window=spec.window))
+                                           s.microbatches, window=spec.window,
+                                           target_factor=spec.target_factor))
   step_fn = jit_step(spec.make_step(tx), shardings, ctx.mesh, spec.frozen_shardings)
   writer = writers.MetricWriter(os.path.join(stage_dir, 'logs'), resume_step=start)
   progress = writers.Progress(spec.name, s.steps, spec.tokens_per_step, start)
@@ -223,6 +236,17 @@ def run(ctx, spec: StageSpec) -> dict:
              'params': n_params, **spec.summary, **results}
   writers.write_json(os.path.join(stage_dir, 'summary.json'), summary)
   return summary
+
+
+def resume_seeds(mngr, spec: StageSpec) -> tuple[int, int, int]:
+  """The seeds a stage continues with: a checkpoint's recorded ones, the legacy ones of a
+  checkpoint written before seeds were recorded, else the spec's."""
+  if mngr.latest_step() is None:
+    return spec.seeds
+  saved = ckpt_lib.restore_meta(mngr).get('seeds')
+  if saved:
+    return tuple(int(x) for x in saved)
+  return spec.legacy_seeds or spec.seeds
 
 
 def resume(mngr, meta: dict, abstract, train_it, stage_dir: str):

@@ -1,0 +1,175 @@
+"""Distillation objectives: what a distill stage trains its student to output.
+
+An `Objective` is chosen by name in a stage section (`stages.<name>.objective`) and
+supplies the targets of every window (token ids, one per position), the loss the student
+minimises against them, and the cost of drawing them (teacher passes per window, for the
+memory estimate). Held-out agreement is measured against the same targets. Registered:
+
+  progressive  the paper's: a PFLM teacher of window k/2 by argmax of its training and
+               rollout layouts; an AR teacher by inverse-CDF sampling of k tokens.
+  ar_rollout   the AR teacher's own k-token inverse-CDF rollout at every stage, whatever
+               the stage teacher (no compounding of the chain's errors; k AR passes).
+  mixed        per window, ar_rollout's targets with probability `ar_fraction` (moving
+               linearly to `ar_fraction_end` over the stage: a curriculum), else
+               progressive's.
+  on_policy    self-forcing in the strict sense: target i is the AR teacher's inverse-CDF
+               token for noise u_i given the context and the student's own argmax tokens
+               1..i-1 (one student pass without gradients and one AR pass); its fixed point
+               is ar_rollout's, and a wrong early token is followed by the teacher's
+               continuation of it rather than of a token the student did not emit.
+
+Every objective's cross-entropy can weight window position i (1-based) by i^position_power
+(normalised to mean 1): a power > 0 spends more of the gradient on the later, harder
+positions.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kforcing_jax.models import layouts
+from kforcing_jax.models import sampling
+from kforcing_jax.training import targets as targets_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """What an objective's targets may use: the stage teacher (window teacher_k: 0 for an AR
+  teacher), the AR model at the root of the chain (`ar` None: the stage teacher is it) and
+  the student of window k."""
+  teacher: object
+  teacher_k: int
+  ar: object | None
+  student: object
+  k: int
+
+
+# targets(frozen, student_params, ctx_BxN, u_BxNxK, tau_B, r_BxN, progress) -> y_BxNxK
+# int32; frozen: {'teacher': params, 'ar': params (only when Models.ar is set)}; r_BxN:
+# per-window uniforms drawn with the noise (for per-window choices); progress: the
+# stage's fraction done, a traced float in [0, 1].
+TargetsFn = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  name: str
+  uses_ar: bool  # needs the chain's AR model beside a PFLM stage teacher
+  # its targets come from the stage teacher (a PFLM teacher of window h then teaches 2h
+  # only); False: the stage teacher is only where the student's weights start
+  uses_stage_teacher_targets: bool
+  make_targets: Callable[[Models, object], TargetsFn]  # (models, stage settings) -> targets
+  # teacher and student forward passes per window spent on targets (memory and cost)
+  target_passes: Callable[[Models], float]
+
+  def loss(self, logits_BxNxKxV, y_BxNxK, w_BxNxK, settings) -> jax.Array:
+    """The summed weighted cross-entropy (divided by the summed weights by the trainer)."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxNxKxV, y_BxNxK)
+    return jnp.sum(ce * w_BxNxK * position_weights(y_BxNxK.shape[-1],
+                                                   settings.get('position_power', 0.0)))
+
+
+def position_weights(k: int, power: float) -> jax.Array:
+  """[k] weights i^power for positions i = 1..k, mean 1."""
+  w = jnp.arange(1, k + 1, dtype=jnp.float32) ** power
+  return w * (k / jnp.sum(w))
+
+
+def _ar(models: Models, frozen):
+  """The AR model and its parameters."""
+  if models.ar is None:
+    return models.teacher, frozen['teacher']
+  return models.ar, frozen['ar']
+
+
+def _progressive(models: Models, settings) -> TargetsFn:
+  del settings
+  if models.teacher_k == 0:
+    fn = targets_lib.ar_teacher_targets
+  else:
+    fn = targets_lib.pflm_teacher_targets
+  return lambda frozen, sp, ctx, u, tau, r, progress: fn(models.teacher, frozen['teacher'],
+                                                           ctx, u, tau)
+
+
+def _ar_rollout(models: Models, settings) -> TargetsFn:
+  del settings
+
+  def targets(frozen, sp, ctx, u, tau, r, progress):
+    model, params = _ar(models, frozen)
+    return targets_lib.ar_teacher_targets(model, params, ctx, u, tau)
+  return targets
+
+
+def ar_fraction(settings, progress) -> jax.Array:
+  start = settings.ar_fraction
+  end = start if settings.ar_fraction_end < 0 else settings.ar_fraction_end
+  return start + (end - start) * progress
+
+
+def _mixed(models: Models, settings) -> TargetsFn:
+  prog, roll = _progressive(models, settings), _ar_rollout(models, settings)
+
+  def targets(frozen, sp, ctx, u, tau, r, progress):
+    a = prog(frozen, sp, ctx, u, tau, r, progress)
+    b = roll(frozen, sp, ctx, u, tau, r, progress)
+    pick = r < ar_fraction(settings, progress)
+    return jnp.where(pick[..., None], b, a)
+  return targets
+
+
+def _on_policy(models: Models, settings) -> TargetsFn:
+  del settings
+
+  def targets(frozen, sp, ctx, u, tau, r, progress):
+    model, params = _ar(models, frozen)
+    mine = jnp.argmax(layouts.apply_window(models.student, sp, ctx, None, u, tau),
+                      axis=-1).astype(jnp.int32)
+    return on_policy_targets(model, params, ctx, mine, u, tau)
+  return targets
+
+
+def on_policy_targets(ar_model, ar_params, ctx_BxN, prefix_BxNxK, u_BxNxK, tau_B=None):
+  """Target i: the AR model's inverse-CDF token for u_i after the context and prefix
+  tokens 1..i-1 (one pass over the window layout of the prefix)."""
+  logits_BxNxKxV = ar_window_logits(ar_model, ar_params, ctx_BxN, prefix_BxNxK[..., :-1])
+  t = None if tau_B is None else tau_B[:, None, None]
+  return jnp.stack([sampling.inverse_cdf(logits_BxNxKxV[:, :, i], u_BxNxK[..., i], t)
+                    for i in range(u_BxNxK.shape[-1])], axis=-1)
+
+
+def ar_window_logits(model, params, ctx_BxN, win_BxNxA) -> jax.Array:
+  """An AR model's next-token logits after the context token and after each of the A
+  window tokens that follow it, in one pass: [B, N, A + 1, V]."""
+  if win_BxNxA.shape[-1] == 0:
+    return layouts.apply_window(model, params, ctx_BxN, None, None)[:, :, None]
+  B, n = ctx_BxN.shape
+  a = win_BxNxA.shape[-1]
+  inp = layouts.window_inputs(ctx_BxN, win_BxNxA, 0)
+  logits = model.apply({'params': params}, inp['tokens'], inp['positions'], logits_from=0,
+                       method=type(model).window_forward, window=(n, a, 0))
+  first = logits[:, :n, None]
+  rest = logits[:, n:].reshape(B, n, a, -1)
+  return jnp.concatenate([first, rest], axis=2)
+
+
+def _passes_progressive(m: Models) -> float:
+  return float(m.k) if m.teacher_k == 0 else 2.0
+
+
+OBJECTIVES: dict[str, Objective] = {
+    'progressive': Objective('progressive', False, True, _progressive, _passes_progressive),
+    'ar_rollout': Objective('ar_rollout', True, False, _ar_rollout, lambda m: float(m.k)),
+    'mixed': Objective('mixed', True, True, _mixed,
+                       lambda m: _passes_progressive(m) + (m.k if m.teacher_k else 0)),
+    'on_policy': Objective('on_policy', True, False, _on_policy, lambda m: 2.0),
+}
+
+
+def get(name: str) -> Objective:
+  """The registered objective `name` (config validation names the allowed ones)."""
+  return OBJECTIVES[name]

@@ -1,0 +1,169 @@
+"""Distillation objectives (training/objectives.py): their targets against the rules they
+state, mixtures and curricula, position weighting, stage kinds and seeds, and refusals."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from kforcing_jax.configs import base as base_config
+from kforcing_jax.models import layouts
+from kforcing_jax.models import sampling
+from kforcing_jax.pipeline import config_lib
+from kforcing_jax.training import objectives
+from kforcing_jax.training import targets
+from kforcing_jax.training import trainer
+from tests.conftest import synthetic_config
+from tests.helpers import causal_logits, tiny_model
+
+
+@pytest.fixture(scope='module')
+def models():
+  """An AR model, a PFLM 'teacher' of window 2 and a PFLM 'student' (random weights)."""
+  _, ar, ar_params = tiny_model(seed=0)
+  _, pflm, t_params = tiny_model(pflm=True, seed=1)
+  _, student, s_params = tiny_model(pflm=True, seed=2)
+  ctx = jnp.asarray(np.random.default_rng(3).integers(0, 50, (2, 7)))
+  return ar, ar_params, pflm, t_params, student, s_params, ctx
+
+
+def settings(**kw):
+  s = base_config.distill_stage(4)
+  s.update(kw)
+  return s
+
+
+def test_ar_window_logits_are_the_causal_next_token_logits(models):
+  """One pass over [context | window] gives, per window position, the logits a plain causal
+  forward gives after the context and the window tokens before it."""
+  ar, params, *_ , ctx = models
+  win = jnp.asarray(np.random.default_rng(4).integers(0, 50, (2, 7, 3)))
+  got = jax.jit(lambda p: objectives.ar_window_logits(ar, p, ctx, win))(params)
+  assert got.shape == (2, 7, 4, 53)
+  for b, t in ((0, 6), (1, 2)):
+    row = jnp.concatenate([ctx[b, :t + 1], win[b, t]])[None]
+    full = causal_logits(ar, params, row)[0]
+    np.testing.assert_allclose(got[b, t], full[t:t + 4], atol=2e-4, rtol=2e-4)
+
+
+def test_on_policy_targets_follow_the_prefix_they_are_given(models):
+  """After the AR model's own rollout as the prefix, on-policy targets are that rollout;
+  after another prefix, target i is the inverse-CDF token after that prefix's first i-1."""
+  ar, params, *_, ctx = models
+  u = sampling.uniform_noise(jax.random.key(5), (2, 7, 4))
+  rollout = targets.ar_teacher_targets(ar, params, ctx, u)
+  on = objectives.on_policy_targets(ar, params, ctx, rollout, u)
+  np.testing.assert_array_equal(on, rollout)
+  other = (rollout + 1) % 50
+  on = objectives.on_policy_targets(ar, params, ctx, other, u)
+  np.testing.assert_array_equal(on[..., 0], rollout[..., 0])  # no prefix yet
+  for i in range(1, 4):
+    logits = layouts.apply_window(ar, params, ctx, other[..., :i], None)
+    np.testing.assert_array_equal(on[..., i], sampling.inverse_cdf(logits, u[..., i]))
+  assert np.mean(np.asarray(on[..., 1:]) != np.asarray(rollout[..., 1:])) > 0.3
+
+
+def test_targets_of_each_objective(models):
+  ar, ar_params, pflm, t_params, student, s_params, ctx = models
+  m = objectives.Models(teacher=pflm, teacher_k=2, ar=ar, student=student, k=4)
+  frozen = {'teacher': t_params, 'ar': ar_params}
+  u = sampling.uniform_noise(jax.random.key(6), (2, 7, 4))
+  r = jax.random.uniform(jax.random.key(7), (2, 7))
+
+  def run(name, progress=0.0, **kw):
+    fn = objectives.get(name).make_targets(m, settings(**kw))
+    return np.asarray(fn(frozen, s_params, ctx, u, None, r, jnp.float32(progress)))
+  prog = np.asarray(targets.pflm_teacher_targets(pflm, t_params, ctx, u))
+  roll = np.asarray(targets.ar_teacher_targets(ar, ar_params, ctx, u))
+  assert np.mean(prog != roll) > 0.3  # random models: the two rules differ
+  np.testing.assert_array_equal(run('progressive'), prog)
+  np.testing.assert_array_equal(run('ar_rollout'), roll)
+  np.testing.assert_array_equal(run('mixed', ar_fraction=0.0), prog)
+  np.testing.assert_array_equal(run('mixed', ar_fraction=1.0), roll)
+  # per window (all k positions) one rule or the other, chosen by r < fraction
+  half = run('mixed', ar_fraction=0.5)
+  pick = np.asarray(r)[..., None] < 0.5
+  np.testing.assert_array_equal(half, np.where(pick, roll, prog))
+  # a curriculum: the fraction moves from ar_fraction to ar_fraction_end with progress
+  np.testing.assert_array_equal(run('mixed', 0.0, ar_fraction=0.0, ar_fraction_end=1.0), prog)
+  np.testing.assert_array_equal(run('mixed', 1.0, ar_fraction=0.0, ar_fraction_end=1.0), roll)
+  mine = jnp.argmax(layouts.apply_window(student, s_params, ctx, None, u), -1)
+  np.testing.assert_array_equal(run('on_policy'),
+                                objectives.on_policy_targets(ar, ar_params, ctx, mine, u))
+
+
+def test_an_ar_stage_teacher_is_the_ar_model(models):
+  """With an AR stage teacher (k=1 or a first stage) every AR-based objective uses it."""
+  ar, ar_params, _, _, student, s_params, ctx = models
+  m = objectives.Models(teacher=ar, teacher_k=0, ar=None, student=student, k=2)
+  u = sampling.uniform_noise(jax.random.key(8), (2, 7, 2))
+  roll = np.asarray(targets.ar_teacher_targets(ar, ar_params, ctx, u))
+  for name in ('progressive', 'ar_rollout', 'mixed'):
+    fn = objectives.get(name).make_targets(m, settings(k=2))
+    got = fn({'teacher': ar_params}, s_params, ctx, u, None, jnp.zeros((2, 7)), 0.0)
+    np.testing.assert_array_equal(got, roll, err_msg=name)
+
+
+def test_position_weighted_cross_entropy():
+  w = np.asarray(objectives.position_weights(4, 1.0))
+  np.testing.assert_allclose(w, np.array([1, 2, 3, 4]) / 2.5)
+  np.testing.assert_allclose(objectives.position_weights(4, 0.0), np.ones(4))
+  logits = jax.random.normal(jax.random.key(0), (2, 3, 4, 11))
+  y = jax.random.randint(jax.random.key(1), (2, 3, 4), 0, 11)
+  mask = jnp.ones((2, 3, 4))
+  ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], -1)[..., 0]
+  obj = objectives.get('progressive')
+  np.testing.assert_allclose(obj.loss(logits, y, mask, settings(position_power=1.0)),
+                             jnp.sum(ce * w), rtol=1e-5)
+  np.testing.assert_allclose(obj.loss(logits, y, mask, settings()), jnp.sum(ce), rtol=1e-5)
+
+
+def test_target_passes_per_window():
+  m = lambda k, tk: objectives.Models(None, tk, None, None, k)
+  passes = {n: o.target_passes(m(4, 2)) for n, o in objectives.OBJECTIVES.items()}
+  assert passes == {'progressive': 2.0, 'ar_rollout': 4.0, 'mixed': 6.0, 'on_policy': 2.0}
+  assert objectives.get('progressive').target_passes(m(1, 0)) == 1.0
+
+
+def test_stage_seeds_come_from_the_stage_name():
+  a = trainer.stage_seeds(0, 'distill_k4')
+  assert a == trainer.stage_seeds(0, 'distill_k4')
+  assert len(set(a)) == 3 and all(0 <= x < 2**31 for x in a)
+  others = [trainer.stage_seeds(0, 'ar_k4'), trainer.stage_seeds(1, 'distill_k4'),
+            trainer.stage_seeds(0, 'distill_k2')]
+  assert all(set(a).isdisjoint(o) for o in others)
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda c: c.stages.distill_k2.update({'objective': 'kl'}),
+     "stages.distill_k2.objective='kl' is not allowed; allowed: progressive, ar_rollout, "
+     'mixed, on_policy'),
+    (lambda c: c.stages.distill_k2.update({'k': 3}),
+     'stages.distill_k2.k=3 is not allowed; allowed: a power of two'),
+    (lambda c: c.stages.distill_k2.update({'kind': 'kl'}),
+     "stages.distill_k2.kind='kl' is not allowed; allowed: teacher, distill"),
+    (lambda c: c.stages.distill_k2.update({'ar_fraction': 1.5}),
+     r'stages.distill_k2.ar_fraction must be in \[0, 1\]'),
+    (lambda c: c.stages.distill_k2.update({'ar_fraction_end': 2.0}),
+     'stages.distill_k2.ar_fraction_end must be -1'),
+    (lambda c: c.stages.distill_k2.update({'position_power': -1.0}),
+     'stages.distill_k2.position_power must be in'),
+    (lambda c: c.stages.distill_k2.update({'ar_teacher': 'nowhere'}),
+     "stages.distill_k2.ar_teacher='nowhere' is neither a model stage"),
+    (lambda c: c.update({'pipeline': ('teacher', 'kl_k4')}),
+     "pipeline stage 'kl_k4' is not known; allowed: the sections of `stages`"),
+])
+def test_bad_stage_fields_are_refused_by_name(edit, message):
+  cfg = synthetic_config(pipeline=('teacher', 'distill_k1', 'distill_k2'))
+  with cfg.unlocked():
+    edit(cfg)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(cfg)
+
+
+def test_a_new_stage_needs_only_its_section():
+  cfg = synthetic_config(pipeline=('teacher', 'distill_k1', 'distill_k2', 'ar_k4'))
+  with cfg.unlocked():
+    cfg.stages.ar_k4 = base_config.distill_stage(4, 'ar_rollout')
+  config_lib.validate(cfg)
+  assert isinstance(cfg.stages.ar_k4, ml_collections.ConfigDict)

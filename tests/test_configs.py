@@ -320,7 +320,8 @@ def test_config_by_name_from_any_directory_not_installed(tmp_path):
 
 @pytest.mark.parametrize('field,value,match', [
     ('pipeline', ('teacher', 'distill_k3'), 'distill_k3'),
-    ('pipeline', ('teacher', 'distill_k16'), 'no stages.distill_k16 section'),
+    ('pipeline', ('teacher', 'distill_k16'),
+     'add a section for a new stage, e.g. c.stages.distill_k16'),
     ('pipeline', ('teacher,teacher',), 'lists a stage twice'),
     ('model.dtype', 'float16', 'model.dtype'),
     ('model.dot_dtype', 'int8', "model.dot_dtype='int8' is not allowed; allowed: '', bfloat16, float32"),

@@ -1,4 +1,5 @@
 """Distillation stages: initialisation, teacher handling, summaries, bad stage graphs."""
+import copy
 import dataclasses
 import json
 import os
@@ -203,15 +204,22 @@ def learning_run(tmp_path_factory):
   return d, cfg
 
 
-@pytest.mark.parametrize('stage', ['distill_k2', 'distill_k4'])
-def test_wider_windows_learn_their_rollout_targets(learning_run, stage):
-  """The k=2 / k=4 stage's own step and targets (argmax + rollout of its PFLM teacher)
+@pytest.mark.parametrize('stage, objective', [
+    ('distill_k2', 'progressive'), ('distill_k4', 'progressive'),
+    ('distill_k4', 'ar_rollout'), ('distill_k2', 'on_policy')])
+def test_wider_windows_learn_their_objectives_targets(learning_run, stage, objective):
+  """The k=2 / k=4 stage's own step and its objective's targets (argmax + rollout of its
+  PFLM teacher; the AR teacher's rollout; the AR teacher after the student's own tokens)
   teach a student whose noise encoder starts fresh (its backbone copied): after 60 steps
   it agrees with those targets on held-out contexts far more often than before."""
   d, cfg = learning_run
+  cfg = copy.deepcopy(cfg)
+  cfg.stages[stage].objective = objective
   ctx = context_lib.build(cfg, str(d))
   spec = distill.spec(ctx, stage)
-  t_params = spec.frozen[0]
+  assert spec.compat['objective'] == objective
+  assert ('ar' in spec.frozen[0]) == (objective != 'progressive')
+  t_params = spec.frozen[0]['teacher']
   steps = 60
   tx = optim.make_optimizer(cfg.stages[stage].opt, steps)
   state, _, shardings = trainer.create_state(spec.init_params, tx, ctx.mesh,

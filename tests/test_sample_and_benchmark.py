@@ -176,7 +176,7 @@ def test_benchmark_on_trained_stages(run_dir, tmp_path):
   assert row['ar_steps'] == row['ar_greedy_steps'] == 26 and row['pf_steps'] == 13
   for name in TIMED:
     assert row[f'{name}_tokens_per_s'] > 0
-  with pytest.raises(run_dir_lib.StageError, match='no finished distill_k<k> stage with k >= 4'):
+  with pytest.raises(run_dir_lib.StageError, match='no finished distill stage with k >= 4'):
     benchmark.run_benchmark(cfg, str(run_dir), False, [2], 4, 3, str(tmp_path))
 
 

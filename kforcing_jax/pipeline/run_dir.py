@@ -67,9 +67,12 @@ def load_model_stage(workdir: str, stage: str, mesh):
   """(ArchConfig, float32 params, meta, param shardings) of a finished stage."""
   d = stage_dir(workdir, stage)
   ckpt_dir = os.path.join(d, 'checkpoints')
+  cfg = (load_run_config(workdir) if os.path.exists(os.path.join(workdir, 'config.json'))
+         else None)
+  if cfg is not None:
+    stage_k(cfg, stage)  # a name that is no model stage of the run: say which are
   if not is_done(d) or not os.path.isdir(ckpt_dir):
-    have = finished_model_stages(workdir) if os.path.exists(
-        os.path.join(workdir, 'config.json')) else []
+    have = finished_model_stages(workdir, cfg) if cfg is not None else []
     raise StageError(f'stage {stage!r} has no finished checkpoint under {d} (finished stages '
                      f'there: {", ".join(have) or "none"}): run it first (list it in '
                      '`pipeline`) or point --workdir at a run that has it')

@@ -13,7 +13,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from kforcing_jax.data import datasets as data_lib
 from kforcing_jax.models import arch as arch_lib

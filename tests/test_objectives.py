@@ -1,5 +1,10 @@
 """Distillation objectives (training/objectives.py): their targets against the rules they
 state, mixtures and curricula, position weighting, stage kinds and seeds, and refusals."""
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -167,3 +172,22 @@ def test_a_new_stage_needs_only_its_section():
     cfg.stages.ar_k4 = base_config.distill_stage(4, 'ar_rollout')
   config_lib.validate(cfg)
   assert isinstance(cfg.stages.ar_k4, ml_collections.ConfigDict)
+
+
+def test_objective_cost_benchmark(tmp_path):
+  """launch/objective_cost.py times every objective's step and writes its JSON."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run(
+      [sys.executable, os.path.join(root, 'launch', 'objective_cost.py'), '--k=2',
+       '--steps=1', '--repeats=1', '--config.stages.distill_k2.batch_size=2',
+       '--config.model.n_layers=1', '--config.data.seq_len=16', f'--out={tmp_path}'],
+      cwd=root, capture_output=True, text=True, check=True, timeout=300,
+      env={**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+           'JAX_PLATFORMS': 'cpu'})  # one CPU device, whatever the test process fakes
+  with open(tmp_path / 'objective_cost.json', encoding='utf-8') as f:
+    result = json.load(f)
+  rows = {r['objective']: r for r in result['rows']}
+  assert set(rows) == set(objectives.OBJECTIVES)
+  assert rows['progressive']['vs_progressive'] == 1.0
+  assert all(r['ms_per_step'] > 0 and r['k'] == 2 for r in rows.values())
+  assert rows['mixed']['target_passes_per_window'] == 4.0

@@ -113,6 +113,8 @@ def ar_fraction(settings, progress) -> jax.Array:
 
 def _mixed(models: Models, settings) -> TargetsFn:
   prog, roll = _progressive(models, settings), _ar_rollout(models, settings)
+  if models.teacher_k == 0:  # an AR stage teacher: both rules are its rollout
+    return prog
 
   def targets(frozen, sp, ctx, u, tau, r, progress):
     a = prog(frozen, sp, ctx, u, tau, r, progress)

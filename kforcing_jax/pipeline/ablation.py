@@ -30,24 +30,28 @@ class Variant:
   edit: Callable[[object], None]  # edits one distill stage section (k >= 2) in place
 
 
-def _set(**fields) -> Callable[[object], None]:
-  return lambda s: s.update(fields)
+def _set(objective: str, **fields) -> Callable[[object], None]:
+  """Sets every objective field (the rest to their defaults), so a variant means the same
+  whatever the config's own recipe."""
+  values = {'objective': objective, 'ar_fraction': 0.5, 'ar_fraction_end': -1.0,
+            'position_power': 0.0, **fields}
+  return lambda s: s.update(values)
 
 
 VARIANTS: dict[str, Variant] = {
-    'progressive': Variant("the paper's targets (the config as it is)", _set()),
+    'progressive': Variant("the paper's targets", _set('progressive')),
     'ar_rollout': Variant("the AR teacher's own k-token rollout at every stage",
-                          _set(objective='ar_rollout')),
+                          _set('ar_rollout')),
     'mixed': Variant('half the windows ar_rollout, half progressive',
-                     _set(objective='mixed', ar_fraction=0.5)),
+                     _set('mixed', ar_fraction=0.5)),
     'curriculum': Variant('progressive at the start, ar_rollout by the end (linear)',
-                          _set(objective='mixed', ar_fraction=0.0, ar_fraction_end=1.0)),
+                          _set('mixed', ar_fraction=0.0, ar_fraction_end=1.0)),
     'on_policy': Variant("the AR teacher's token after the student's own earlier tokens",
-                         _set(objective='on_policy')),
+                         _set('on_policy')),
     'position_weighted': Variant('progressive, cross-entropy weight ~ window position',
-                                 _set(position_power=1.0)),
+                                 _set('progressive', position_power=1.0)),
     'on_policy_weighted': Variant('on_policy, cross-entropy weight ~ window position',
-                                  _set(objective='on_policy', position_power=1.0)),
+                                  _set('on_policy', position_power=1.0)),
 }
 
 

@@ -136,6 +136,8 @@ def test_teacher_stage_resolution():
   assert run_dir_lib.teacher_stage_of(cfg, 'ar_k4', names) == 'distill_k2'
   assert run_dir_lib.stage_k(cfg, 'ar_k4') == 4
   assert run_dir_lib.ar_root(cfg, 'ar_k4', names) == 'teacher'
+  # a run of k=4 alone walks the default chain k4 <- k2 <- k1 <- teacher
+  assert run_dir_lib.ar_root(cfg, 'distill_k4', ['distill_k4']) == 'teacher'
   cfg.stages.ar_k4.ar_teacher = 'teacher2'
   assert run_dir_lib.ar_root(cfg, 'ar_k4', names) == 'teacher2'
 
@@ -150,8 +152,13 @@ def test_window_must_double_the_pflm_teacher(run_dir, tmp_path):
   d, _ = run_dir
   cfg = synthetic_config(steps=3, pipeline=('distill_k4',))
   cfg.stages.distill_k4.teacher_stage = 'distill_k1'
+  cfg.stages.distill_k4.objective = 'progressive'
   with pytest.raises(run_dir_lib.StageError, match='can only teach window 2 under objective'):
     pipeline.run(cfg, str(d))
+  # under targets of the AR model, a PFLM teacher only starts the weights: any wider k
+  cfg.stages.distill_k4.objective = 'on_policy'
+  ctx = context_lib.build(cfg, str(d))
+  assert distill.spec(ctx, 'distill_k4').compat['teacher_stage'] == 'distill_k1'
 
 
 def test_student_shape_must_match_teacher(run_dir):

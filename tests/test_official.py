@@ -324,7 +324,8 @@ def test_distill_k8_from_released_k4(tmp_path, exports):
   # a k=8 student cannot come from the released k=4 except as distill_k8
   bad = fixture_run_config(('distill_k4',))
   bad.stages.distill_k4.teacher_stage = exports['pflm_tiny_k4']
-  with pytest.raises(run_dir.StageError, match='can only teach window 8, not 4'):
+  bad.stages.distill_k4.objective = 'progressive'
+  with pytest.raises(run_dir.StageError, match='can only teach window 8 under objective'):
     pipeline.run(bad, str(tmp_path / 'bad'))
 
 

@@ -94,7 +94,7 @@ def teacher_stage_of(cfg, stage: str, names: list[str]) -> str:
     return override
   ks = model_stages(cfg)
   listed = [s for s in names if s in ks]
-  i = listed.index(stage)
+  i = listed.index(stage) if stage in listed else 0  # a stage of the chain not run now
   if i > 0:
     return listed[i - 1]
   k = ks[stage]

@@ -19,8 +19,7 @@ from kforcing_jax.training import writers
 
 
 # What runs a stage, by the `kind` of its section; sample and evaluate have no section.
-STAGE_KINDS = {'teacher': lambda ctx, stage: teacher.run_stage(ctx, stage),
-               'distill': lambda ctx, stage: distill.run_stage(ctx, stage)}
+STAGE_KINDS = {'teacher': teacher.run_stage, 'distill': distill.run_stage}
 
 
 def run_one(ctx, stage: str) -> dict:

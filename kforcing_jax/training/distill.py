@@ -71,15 +71,16 @@ def make_distill_step(student, objective, targets_fn, tx, *, k: int, settings, n
 
     def grad_fn(params, mb, j):
       del j
-      y = jax.lax.stop_gradient(targets_fn(frozen, params, mb['tokens'], mb['u'], mb['tau'],
-                                           mb['r'], progress))
+      # one student forward serves the targets (on-policy ones read it) and the loss
+      logits, pullback = jax.vjp(lambda p: layouts.apply_window(
+          student, p, mb['tokens'], None, mb['u'], mb['tau']), params)
+      y = jax.lax.stop_gradient(targets_fn(frozen, jax.lax.stop_gradient(logits),
+                                           mb['tokens'], mb['u'], mb['tau'], mb['r'],
+                                           progress))
       w = window_weights(mb['mask'], y, never_emit)
-
-      def loss_fn(p):
-        logits = layouts.apply_window(student, p, mb['tokens'], None, mb['u'], mb['tau'])
-        return objective.loss(logits, y, w, settings), logits
-
-      (total, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      total, d_logits = jax.value_and_grad(
+          lambda l: objective.loss(l, y, w, settings))(logits)
+      grads, = pullback(d_logits)
       return grads, {'total': total, **agreement_stats(jnp.argmax(logits, -1), y, w)}
 
     inputs = {'tokens': ctx, 'mask': batch['mask'], 'u': u, 'tau': tau, 'r': r}
@@ -102,8 +103,9 @@ def make_agreement_step(student, targets_fn, k: int, never_emit):
     B, n = ctx.shape
     u = sampling.uniform_noise(rng, (B, n, k))
     r = jax.random.uniform(jax.random.fold_in(rng, 1), (B, n))
-    y = targets_fn(frozen, params, ctx, u, tau_B, r, jnp.float32(1.0))
-    pred = jnp.argmax(layouts.apply_window(student, params, ctx, None, u, tau_B), -1)
+    logits = layouts.apply_window(student, params, ctx, None, u, tau_B)
+    y = targets_fn(frozen, logits, ctx, u, tau_B, r, jnp.float32(1.0))
+    pred = jnp.argmax(logits, -1)
     return agreement_stats(pred, y, window_weights(mask, y, never_emit))
   return agreement_step
 

@@ -14,7 +14,7 @@ memory estimate). Held-out agreement is measured against the same targets. Regis
                progressive's.
   on_policy    self-forcing in the strict sense: target i is the AR teacher's inverse-CDF
                token for noise u_i given the context and the student's own argmax tokens
-               1..i-1 (one student pass without gradients and one AR pass); its fixed point
+               1..i-1 (from the step's own student forward, plus one AR pass); its fixed point
                is ar_rollout's, and a wrong early token is followed by the teacher's
                continuation of it rather than of a token the student did not emit.
 
@@ -48,8 +48,9 @@ class Models:
   k: int
 
 
-# targets(frozen, student_params, ctx_BxN, u_BxNxK, tau_B, r_BxN, progress) -> y_BxNxK
-# int32; frozen: {'teacher': params, 'ar': params (only when Models.ar is set)}; r_BxN:
+# targets(frozen, student_logits_BxNxKxV, ctx_BxN, u_BxNxK, tau_B, r_BxN, progress) ->
+# y_BxNxK int32; student_logits: the step's own forward of the student on (ctx, u, tau),
+# computed once for the loss too (on_policy reads its argmax); frozen: {'teacher': params, 'ar': params (only when Models.ar is set)}; r_BxN:
 # per-window uniforms drawn with the noise (for per-window choices); progress: the
 # stage's fraction done, a traced float in [0, 1].
 TargetsFn = Callable[..., jax.Array]
@@ -92,14 +93,14 @@ def _progressive(models: Models, settings) -> TargetsFn:
     fn = targets_lib.ar_teacher_targets
   else:
     fn = targets_lib.pflm_teacher_targets
-  return lambda frozen, sp, ctx, u, tau, r, progress: fn(models.teacher, frozen['teacher'],
+  return lambda frozen, s_logits, ctx, u, tau, r, progress: fn(models.teacher, frozen['teacher'],
                                                            ctx, u, tau)
 
 
 def _ar_rollout(models: Models, settings) -> TargetsFn:
   del settings
 
-  def targets(frozen, sp, ctx, u, tau, r, progress):
+  def targets(frozen, s_logits, ctx, u, tau, r, progress):
     model, params = _ar(models, frozen)
     return targets_lib.ar_teacher_targets(model, params, ctx, u, tau)
   return targets
@@ -116,9 +117,9 @@ def _mixed(models: Models, settings) -> TargetsFn:
   if models.teacher_k == 0:  # an AR stage teacher: both rules are its rollout
     return prog
 
-  def targets(frozen, sp, ctx, u, tau, r, progress):
-    a = prog(frozen, sp, ctx, u, tau, r, progress)
-    b = roll(frozen, sp, ctx, u, tau, r, progress)
+  def targets(frozen, s_logits, ctx, u, tau, r, progress):
+    a = prog(frozen, s_logits, ctx, u, tau, r, progress)
+    b = roll(frozen, s_logits, ctx, u, tau, r, progress)
     pick = r < ar_fraction(settings, progress)
     return jnp.where(pick[..., None], b, a)
   return targets
@@ -127,10 +128,9 @@ def _mixed(models: Models, settings) -> TargetsFn:
 def _on_policy(models: Models, settings) -> TargetsFn:
   del settings
 
-  def targets(frozen, sp, ctx, u, tau, r, progress):
+  def targets(frozen, s_logits, ctx, u, tau, r, progress):
     model, params = _ar(models, frozen)
-    mine = jnp.argmax(layouts.apply_window(models.student, sp, ctx, None, u, tau),
-                      axis=-1).astype(jnp.int32)
+    mine = jnp.argmax(s_logits, axis=-1).astype(jnp.int32)
     return on_policy_targets(model, params, ctx, mine, u, tau)
   return targets
 
@@ -168,7 +168,7 @@ OBJECTIVES: dict[str, Objective] = {
     'ar_rollout': Objective('ar_rollout', True, False, _ar_rollout, lambda m: float(m.k)),
     'mixed': Objective('mixed', True, True, _mixed,
                        lambda m: _passes_progressive(m) + (m.k if m.teacher_k else 0)),
-    'on_policy': Objective('on_policy', True, False, _on_policy, lambda m: 2.0),
+    'on_policy': Objective('on_policy', True, False, _on_policy, lambda m: 1.0),
 }
 
 

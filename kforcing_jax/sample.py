@@ -34,7 +34,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer('prompt_max_tokens', 0, 'keep the first N prompt ids (0 = all)',
                        flag_values=fv)
   flags.DEFINE_integer('K', None, 'tokens per step (PFLM: 1..k; default k)', flag_values=fv)
-  flags.DEFINE_float('freq_penalty', 0.0, 'PFLM frequency penalty lambda (released: 0.5)',
+  flags.DEFINE_float('freq_penalty', 0.0, 'frequency penalty lambda (the released PFLM sampler: 0.5)',
                      flag_values=fv)
   flags.DEFINE_string('prompt', None, 'one prompt text', flag_values=fv)
   flags.DEFINE_string('prompts', None, 'JSONL file with one {"prefix": ...} per line',
@@ -76,9 +76,7 @@ def run(f) -> list[dict]:
   else:
     sampler = run_dir.load_sampler(f.workdir, f.stage, dtype=f.dtype)
   settings = dict(K=f.K, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
-                  sampler=f.sampler)
-  if sampler.k:
-    settings['freq_penalty'] = f.freq_penalty
+                  sampler=f.sampler, freq_penalty=f.freq_penalty)
   recs = sample_records(sampler, prompts, f.num_samples, max_new_tokens=f.max_new_tokens,
                         seed=f.seed, prompt_max_tokens=f.prompt_max_tokens, **settings)
   write_jsonl(f.out, recs)

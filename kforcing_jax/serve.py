@@ -162,7 +162,7 @@ def warm(eng) -> None:
   """Compiles the decode step and the smallest prefill bucket before serving."""
   state = eng.init_state()
   state = eng.insert(state, eng.prefill([0]), 0, engine_lib.SamplingParams())
-  state, toks = eng.generate(state)
+  state, toks, _ = eng.generate(state)
   toks.block_until_ready()
 
 

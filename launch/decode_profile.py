@@ -201,7 +201,7 @@ def slot_row(f, slot_engines, b: int, new_tokens: int) -> dict:
 
     def run(state):
       for _ in range(steps):
-        state, toks = eng.generate(state)
+        state, toks, _ = eng.generate(state)
       return toks
     jax.block_until_ready(run(busy()))  # compile + warm up
     times = []

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip('torch')
@@ -154,6 +155,27 @@ def test_chat_streams_deltas_and_usage(chat):
   assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_chat_logprobs_equal_transformers(chat):
+  """A greedy answer's logprobs (the softmax at temperature 1) and top_logprobs equal the
+  log-softmax of transformers' forward over the prompt and answer."""
+  server, ref, sampler, _ = chat
+  r = server.client.chat.completions.create(model='export', messages=MESSAGES, temperature=0,
+                                            max_tokens=6, logprobs=True, top_logprobs=3)
+  ch = r.choices[0]
+  ids = ch.model_extra['token_ids']
+  prompt = sampler.tokenizer.encode_chat(MESSAGES)
+  with torch.no_grad():
+    lp = torch.log_softmax(ref(torch.tensor([prompt + ids])).logits[0].double(), -1)
+  assert len(ch.logprobs.content) == len(ids)
+  for j, (t, entry) in enumerate(zip(ids, ch.logprobs.content)):
+    want = lp[len(prompt) - 1 + j]
+    assert abs(entry.logprob - float(want[t])) < 2e-4
+    top = want.topk(3)
+    np.testing.assert_allclose([a.logprob for a in entry.top_logprobs], top.values, atol=2e-4)
+    assert entry.token == sampler.tokenizer.decode([t])
+    assert entry.bytes == list(entry.token.encode())
+
+
 def test_chat_requests_are_checked(chat):
   server, _, _, _ = chat
   c = server.client
@@ -162,7 +184,8 @@ def test_chat_requests_are_checked(chat):
                      'messages[0].content: expected a string or a list of'),
                     ({'messages': MESSAGES, 'tools': [{'type': 'function'}]},
                      'tools=[{"type": "function"}] is not supported'),
-                    ({'messages': MESSAGES, 'logprobs': True}, 'logprobs=true is not supported'),
+                    ({'messages': MESSAGES, 'top_logprobs': 2},
+                     'top_logprobs: only allowed with logprobs=true'),
                     ({'messages': MESSAGES, 'max_tokens': 200}, "maximum length 128"),
                     ({'messages': []}, 'messages: List should have at least 1 item')):
     with pytest.raises(openai.BadRequestError, match=match.replace('[', r'\[')):

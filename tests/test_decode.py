@@ -221,7 +221,7 @@ def slot_tokens(eng, requests):
     state = eng.insert(state, eng.prefill(prompt), slot, sp)
   steps = []
   while len(steps) * eng.K < max(n for _, n, _ in requests):
-    state, toks = eng.generate(state)
+    state, toks, _ = eng.generate(state)
     steps.append(np.asarray(toks)[0])
   toks = np.concatenate(steps, axis=1)  # [slots, steps * K]
   return [toks[i, :n].tolist() for i, (_, n, _) in enumerate(requests)]

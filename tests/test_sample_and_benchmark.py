@@ -81,8 +81,8 @@ def test_sample_errors(run_dir):
     sample.sample_records(teacher, [''], 1)
   with pytest.raises(decode.DecodeError, match='exceeds'):
     sample.sample_records(teacher, ['| ' + 's1 ' * 40], 1, max_new_tokens=8)
-  with pytest.raises(decode.DecodeError, match='freq_penalty is a PFLM setting'):
-    teacher.generate(['| s1'], 4, freq_penalty=0.5)
+  with pytest.raises(decode.DecodeError, match='presence_penalty=nan: must be a finite'):
+    teacher.generate(['| s1'], 4, presence_penalty=float('nan'))
 
 
 def cli_error(main, *args) -> str:

@@ -391,8 +391,10 @@ def test_openai_client_completions(live, models):
 
 
 @pytest.mark.parametrize('body,status,param,match', [
-    ({'max_tokens': 0}, 400, 'max_tokens', 'max_tokens: Input should be greater than or equal '
-     'to 1'),
+    ({'max_tokens': 0}, 400, 'max_tokens', 'max_tokens=0 only returns the prompt: allowed '
+     'with echo=true'),
+    ({'max_tokens': -1}, 400, 'max_tokens', 'max_tokens: Input should be greater than or equal '
+     'to 0'),
     ({'max_tokens': 80}, 400, 'max_tokens', "exceeds the model's maximum length 64"),
     ({'temperature': 0.7}, 400, 'temperature', 'temperature is an AR setting'),
     ({'K': 8}, 400, 'K', "K=8 is larger than the model's window k=4"),
@@ -402,9 +404,11 @@ def test_openai_client_completions(live, models):
     ({'seed': 2 ** 31}, 400, 'seed', 'seed: Input should be less than or equal to 2147483647'),
     ({'seed': 2 ** 31 - 1, 'n': 2}, 400, 'seed', 'seed + n - 1 must be at most 2147483647'),
     ({'top_k': 4294967296}, 400, 'top_k', 'top_k: Input should be less than or equal to'),
-    ({'logprobs': 0}, 400, 'logprobs', 'logprobs=0 is not supported'),
-    ({'echo': True}, 400, 'echo', 'echo=true is not supported'),
-    ({'min_tokens': 3}, 400, 'min_tokens', 'min_tokens=3 is not supported'),
+    ({'logprobs': 21}, 400, 'logprobs', 'logprobs: Input should be less than or equal to 20'),
+    ({'echo': True, 'logprobs': 1}, 400, 'echo', 'echo with logprobs scores the prompt, which '
+     'needs an AR model'),
+    ({'best_of': 2}, 400, 'best_of', 'best_of=2 is not supported'),
+    ({'min_tokens': -1}, 400, 'min_tokens', 'min_tokens: Input should be greater than or equal'),
     ({'stream_options': {'include_usage': True}}, 400, 'stream_options',
      'only allowed with stream=true'),
     ({'prompt': [0, 99]}, 400, 'prompt', 'outside the vocabulary'),

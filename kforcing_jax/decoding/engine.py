@@ -68,6 +68,9 @@ class DecodeSpec:
   top_p: float = 1.0  # AR only; 1 = off; the nucleus of the tempered distribution
   sampler: str = 'categorical'  # AR only: categorical (Gumbel-max) | inverse_cdf
   freq_penalty: float = 0.0  # lambda * count(v) subtracted (a PFLM's token by token)
+  presence_penalty: float = 0.0  # mu * [count(v) > 0] subtracted
+  min_new_tokens: int = 0  # banned_ids get -inf until this many tokens are out
+  banned_ids: tuple[int, ...] = ()  # e.g. the EOS and stop ids (see min_new_tokens)
   eos_id: int = -1  # -1: never stop early
   pad_id: int = 0  # written after EOS
   tau: float = 1.0  # PFLM temperature input of the noise encoder
@@ -221,9 +224,9 @@ def _generate(model, plan: LoopPlan, params, prompt_BxP, pads_B, row_seeds_B, se
       kw['step_u'] = lambda: jax.lax.dynamic_index_in_dim(u_BxN, st.step, axis=1,
                                                           keepdims=False)
       kw['samplers'] = plan.samplers
-    new_BxK, cache, counts = step_lib.decode_step(model, params, st.last_BxF, st.cache, st.slot,
-                                                  pads_B, rope, settings, gates,
-                                                  st.counts_BxV, **kw)
+    new_BxK, cache, counts, _ = step_lib.decode_step(model, params, st.last_BxF, st.cache,
+                                                     st.slot, pads_B, rope, settings, gates,
+                                                     st.counts_BxV, n_out_B=st.step * K, **kw)
     # EOS: a row is done after its first EOS; everything after it becomes padding
     if plan.eos_id >= 0:
       is_eos = new_BxK == plan.eos_id
@@ -303,7 +306,10 @@ class Engine:
   def _traced_args(self, spec: DecodeSpec, batch: int):
     settings = step_lib.settings(batch, self.arch.vocab_size, temperature=spec.temperature,
                                  top_k=spec.top_k, top_p=spec.top_p,
-                                 freq_penalty=spec.freq_penalty, sampler=spec.sampler)
+                                 freq_penalty=spec.freq_penalty,
+                                 presence_penalty=spec.presence_penalty,
+                                 min_new_tokens=spec.min_new_tokens, banned=spec.banned_ids,
+                                 sampler=spec.sampler)
     return settings, np.int32(spec.n_steps), np.float32(spec.tau)
 
   def check(self, spec: DecodeSpec, prompt_len: int, batch: int) -> int:
@@ -326,7 +332,7 @@ class Engine:
     if not spec.pflm and spec.K != 1:
       raise DecodeError('AR decoding emits one token per step: K must be 1')
     step_lib.check_sampling(spec.temperature, spec.top_k, spec.top_p, spec.freq_penalty,
-                            spec.sampler)
+                            spec.sampler, spec.presence_penalty, spec.min_new_tokens)
     step_lib.check_length(prompt_len, spec.max_new_tokens, self.max_len)
     return self.memory_check(spec, prompt_len, batch)
 

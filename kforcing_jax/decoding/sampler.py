@@ -73,23 +73,29 @@ class Sampler:
   # ---- decoding ------------------------------------------------------------------------------
   def spec(self, *, max_new_tokens: int, K: int | None = None, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, freq_penalty: float = 0.0,
+           presence_penalty: float = 0.0, min_new_tokens: int = 0, banned_ids=None,
            sampler: str = 'categorical', stop_at_eos: bool = True) -> decode.DecodeSpec:
-    """The DecodeSpec of these settings (K defaults to the window; AR models: 1)."""
+    """The DecodeSpec of these settings (K defaults to the window; AR models: 1).
+    banned_ids: what min_new_tokens holds back (default: the EOS when stopping at it)."""
     pflm = self.k > 0
     K = (self.k if pflm else 1) if K is None else int(K)
-    if not pflm and freq_penalty:
-      raise decode.DecodeError('freq_penalty is a PFLM setting; an AR model takes temperature, '
-                               'top_k and top_p')
     eos = self.tokenizer.eos_id if (stop_at_eos and self.tokenizer is not None) else -1
     pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
+    if banned_ids is None:
+      banned_ids = (eos,) if eos >= 0 else ()
     return decode.DecodeSpec(K=K, pflm=pflm, max_new_tokens=int(max_new_tokens),
                              temperature=float(temperature), top_k=int(top_k),
                              top_p=float(top_p), sampler=sampler,
-                             freq_penalty=float(freq_penalty), eos_id=eos, pad_id=pad)
+                             freq_penalty=float(freq_penalty),
+                             presence_penalty=float(presence_penalty),
+                             min_new_tokens=int(min_new_tokens),
+                             banned_ids=tuple(int(t) for t in banned_ids), eos_id=eos,
+                             pad_id=pad)
 
   def generate_ids(self, prompts, max_new_tokens: int | None = None, *, K: int | None = None,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                   freq_penalty: float = 0.0, seed: int = 0, row_seeds=None,
+                   freq_penalty: float = 0.0, presence_penalty: float = 0.0,
+                   min_new_tokens: int = 0, banned_ids=None, seed: int = 0, row_seeds=None,
                    sampler: str = 'categorical', stop_at_eos: bool = True,
                    noise=None) -> np.ndarray:
     """[B, max_new_tokens] int32 new tokens of each prompt (a list of id lists); after a
@@ -103,7 +109,8 @@ class Sampler:
     if max_new_tokens is None:
       max_new_tokens = self.engine.max_len - max((len(p) for p in prompts), default=0)
     spec = self.spec(max_new_tokens=max_new_tokens, K=K, temperature=temperature, top_k=top_k,
-                     top_p=top_p, freq_penalty=freq_penalty, sampler=sampler,
+                     top_p=top_p, freq_penalty=freq_penalty, presence_penalty=presence_penalty,
+                     min_new_tokens=min_new_tokens, banned_ids=banned_ids, sampler=sampler,
                      stop_at_eos=stop_at_eos)
     noise_BxN = None
     if noise is not None:

@@ -6,8 +6,14 @@ A step writes each row's inputs into its KV cache and chooses its next tokens:
   ('categorical') or by the inverse CDF of a per-token u ('inverse_cdf');
 - PFLM (K tokens per step): the K tokens emitted last step and K hint embeddings are fed
   (2K queries); hint i's argmax is token i.
-A frequency penalty subtracts lambda * count(v) from the logits first (a PFLM's token by
-token within its block, counting the block's earlier tokens).
+Penalties come first: a frequency penalty subtracts lambda * count(v) and a presence
+penalty mu * [count(v) > 0] from the logits (a PFLM's token by token within its block,
+counting the block's earlier tokens); while a row has emitted fewer than its min_new
+tokens, its banned ids (its EOS and stop ids) get -inf. A step can also return the
+log-probabilities of its tokens and the top-N alternatives (Logprobs): under the
+distribution the token was drawn from (AR: penalised, tempered, filtered; greedy rows: the
+penalised softmax at temperature 1; PFLM: each hint's penalised softmax, whose argmax is
+the token).
 
 kforcing_jax.decoding.engine runs the step in a lax.while_loop with every row at the same
 cache slot (one cache write for the batch, cache phases, the Pallas kernel);
@@ -109,15 +115,19 @@ def check_length(prompt_len: int, new_tokens: int, max_len: int,
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, freq_penalty: float,
-                   sampler: str) -> None:
+                   sampler: str, presence_penalty: float = 0.0, min_new_tokens: int = 0
+                   ) -> None:
   if sampler not in SAMPLERS:
     raise DecodeError(f'sampler={sampler!r}: allowed: {", ".join(SAMPLERS)}')
   if not (np.isfinite(temperature) and temperature >= 0 and 0.0 < top_p <= 1.0 and
           top_k >= 0):
     raise DecodeError(f'temperature={temperature}, top_k={top_k}, top_p={top_p}: allowed: '
                       'temperature >= 0, top_k >= 0, 0 < top_p <= 1')
-  if not np.isfinite(freq_penalty):
-    raise DecodeError(f'freq_penalty={freq_penalty}: must be a finite number')
+  for name, value in (('freq_penalty', freq_penalty), ('presence_penalty', presence_penalty)):
+    if not np.isfinite(value):
+      raise DecodeError(f'{name}={value}: must be a finite number')
+  if not 0 <= min_new_tokens <= np.iinfo(np.int32).max:
+    raise DecodeError(f'min_new_tokens={min_new_tokens}: allowed 0..{np.iinfo(np.int32).max}')
 
 
 @flax.struct.dataclass
@@ -128,18 +138,26 @@ class Settings:
   top_p_B: jax.Array  # float32; 1 = off (AR): the nucleus of the tempered distribution
   penalty_B: jax.Array  # float32 frequency penalty lambda; 0 = off
   sampler_B: jax.Array  # int32 index into SAMPLERS (AR)
+  presence_B: jax.Array  # float32 presence penalty mu; 0 = off
+  min_new_B: jax.Array  # int32: banned_BxV ids get -inf until this many tokens are out
+  banned_BxV: jax.Array  # bool: the ids min_new_B holds back (EOS, stop ids)
 
 
 def settings(batch: int, vocab_size: int, *, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, freq_penalty: float = 0.0,
-             sampler: str = 'categorical') -> Settings:
+             top_p: float = 1.0, freq_penalty: float = 0.0, presence_penalty: float = 0.0,
+             min_new_tokens: int = 0, banned=(), sampler: str = 'categorical') -> Settings:
   """The same settings for `batch` rows, as host arrays (top_k >= vocab_size keeps every
-  token)."""
+  token; banned: the ids held back until min_new_tokens tokens are out)."""
   full = lambda value, dtype: np.full((batch,), value, dtype)
+  banned_BxV = np.zeros((batch, vocab_size), bool)
+  banned_BxV[:, [int(t) for t in banned if 0 <= t < vocab_size]] = True
   return Settings(temperature_B=full(temperature, np.float32),
                   top_k_B=full(min(int(top_k), vocab_size), np.int32),
                   top_p_B=full(top_p, np.float32), penalty_B=full(freq_penalty, np.float32),
-                  sampler_B=full(SAMPLERS.index(sampler), np.int32))
+                  sampler_B=full(SAMPLERS.index(sampler), np.int32),
+                  presence_B=full(presence_penalty, np.float32),
+                  min_new_B=full(min_new_tokens if len(banned) else 0, np.int32),
+                  banned_BxV=banned_BxV)
 
 
 @flax.struct.dataclass
@@ -156,7 +174,8 @@ class Gates:
   @classmethod
   def of(cls, s: Settings) -> Gates:
     sampled_B = s.temperature_B != 0.0
-    return cls(penalty=jnp.any(s.penalty_B != 0.0), greedy=jnp.any(~sampled_B),
+    return cls(penalty=jnp.any((s.penalty_B != 0.0) | (s.presence_B != 0.0)),
+               greedy=jnp.any(~sampled_B),
                sampled=jnp.any(sampled_B),
                categorical=jnp.any(sampled_B & (s.sampler_B == 0)),
                inverse_cdf=jnp.any(sampled_B & (s.sampler_B == 1)),
@@ -220,50 +239,95 @@ def _gated(pred, fn, shape):
   return jax.lax.cond(pred, fn, lambda: jnp.zeros(shape, jnp.int32))
 
 
-def _penalized(logits_BxV, counts_BxV, penalty_B):
-  return logits_BxV - penalty_B[:, None] * counts_BxV.astype(jnp.float32)
+def _penalized(logits_BxV, counts_BxV, s: Settings):
+  return (logits_BxV - s.penalty_B[:, None] * counts_BxV.astype(jnp.float32) -
+          s.presence_B[:, None] * (counts_BxV > 0).astype(jnp.float32))
 
 
-def pflm_tokens(logits_BxKxV, counts_BxV, s: Settings, g: Gates):
-  """[B, K] int32: each hint's argmax, after the penalty of the counts so far (the block's
-  earlier tokens included)."""
-  def penalized():
-    V = logits_BxKxV.shape[-1]
+def _banned(logits_BxV, s: Settings, n_out_B):
+  """-inf at each row's banned ids while it has emitted fewer than min_new tokens
+  (n_out_B: tokens emitted before this one)."""
+  hold_B = n_out_B < s.min_new_B
+  return jnp.where(hold_B[:, None] & s.banned_BxV, -jnp.inf, logits_BxV)
+
+
+@flax.struct.dataclass
+class Logprobs:
+  """Per emitted token: its log-probability and the top-N (ids, log-probabilities)."""
+  token_BxK: jax.Array  # float32
+  top_ids_BxKxN: jax.Array  # int32
+  top_BxKxN: jax.Array  # float32
+
+
+def logprobs_of(logits_BxKxV, tokens_BxK, n_top: int) -> Logprobs:
+  lp = jax.nn.log_softmax(logits_BxKxV.astype(jnp.float32), axis=-1)
+  top, ids = jax.lax.top_k(lp, n_top)
+  return Logprobs(jnp.take_along_axis(lp, tokens_BxK[..., None], -1)[..., 0],
+                  ids.astype(jnp.int32), top)
+
+
+def _no_logprobs(B: int, K: int, n_top: int) -> Logprobs:
+  return Logprobs(jnp.zeros((B, K), jnp.float32), jnp.zeros((B, K, n_top), jnp.int32),
+                  jnp.zeros((B, K, n_top), jnp.float32))
+
+
+def pflm_tokens(logits_BxKxV, counts_BxV, s: Settings, g: Gates, n_out_B=0,
+                logprobs: int = 0):
+  """([B, K] int32 tokens, Logprobs or None): each hint's argmax after the penalties of
+  the counts so far (the block's earlier tokens included) and the min_new ban; logprobs:
+  top-N of each hint's distribution (0: none)."""
+  B, K, V = logits_BxKxV.shape
+  n_out_B = jnp.broadcast_to(jnp.asarray(n_out_B, jnp.int32), (B,))
+  hold = jnp.any(s.min_new_B > n_out_B)
+
+  def adjusted():
     vocab = jnp.arange(V, dtype=jnp.int32)
-    counts, toks = counts_BxV, []
-    for i in range(logits_BxKxV.shape[1]):
-      y = sampling.first_argmax(_penalized(logits_BxKxV[:, i], counts, s.penalty_B))
+    counts, toks, rows = counts_BxV, [], []
+    for i in range(K):
+      l = _banned(_penalized(logits_BxKxV[:, i], counts, s), s, n_out_B + i)
+      y = sampling.first_argmax(l)
       counts = counts + (vocab[None, :] == y[:, None])  # fuses: no copy of the counts
       toks.append(y)
-    return jnp.stack(toks, axis=1)
-  return jax.lax.cond(g.penalty, penalized, lambda: sampling.first_argmax(logits_BxKxV))
+      rows.append(l)
+    return jnp.stack(toks, axis=1), jnp.stack(rows, axis=1)
+
+  if not logprobs:
+    return jax.lax.cond(g.penalty | hold, lambda: adjusted()[0],
+                        lambda: sampling.first_argmax(logits_BxKxV)), None
+  toks, logits = jax.lax.cond(g.penalty | hold, adjusted,
+                              lambda: (sampling.first_argmax(logits_BxKxV), logits_BxKxV))
+  return toks, logprobs_of(logits, toks, logprobs)
 
 
 def ar_tokens(logits_BxV, counts_BxV, s: Settings, g: Gates, step_keys, step_u,
-              samplers: tuple[str, ...] = SAMPLERS):
-  """[B] int32 AR tokens. step_keys() / step_u(): the rows' keys (categorical) and u
-  (inverse_cdf) of this step, made only when some row needs them. samplers: the ones rows
-  may use (static: the others are not compiled)."""
+              samplers: tuple[str, ...] = SAMPLERS, n_out_B=0, logprobs: int = 0):
+  """([B] int32 AR tokens, Logprobs [B, 1, ...] or None). step_keys() / step_u(): the
+  rows' keys (categorical) and u (inverse_cdf) of this step, made only when some row needs
+  them. samplers: the ones rows may use (static: the others are not compiled). n_out_B:
+  tokens each row emitted before this one (the min_new ban); logprobs: top-N (0: none)."""
   B = logits_BxV.shape[0]
   greedy_B = s.temperature_B == 0.0
+  n_out_B = jnp.broadcast_to(jnp.asarray(n_out_B, jnp.int32), (B,))
+  hold = jnp.any(s.min_new_B > n_out_B)
+  logits_BxV = jax.lax.cond(hold, lambda: _banned(logits_BxV, s, n_out_B), lambda: logits_BxV)
+  penalized = jax.lax.cond(g.penalty, lambda: _penalized(logits_BxV, counts_BxV, s),
+                           lambda: logits_BxV)
 
   def greedy():
-    return jax.lax.cond(g.penalty,
-                        lambda: sampling.first_argmax(_penalized(logits_BxV, counts_BxV,
-                                                                 s.penalty_B)),
-                        lambda: sampling.first_argmax(logits_BxV))
+    return sampling.first_argmax(penalized)
 
-  def sampled():
+  def tempered_filtered():
     t = jnp.where(greedy_B, 1.0, s.temperature_B)[:, None]
-    l = jax.lax.cond(g.penalty,
-                     lambda: _penalized(logits_BxV, counts_BxV, s.penalty_B) / t,
-                     lambda: logits_BxV / t)
+    l = penalized / t
     # one copy of each filter and sampler keeps the loop's compile small; a filter no row
     # uses passes the logits through
     l = jax.lax.cond(g.top_k, lambda: sampling.filter_logits(l, top_k_B=s.top_k_B),
                      lambda: l)
-    l = jax.lax.cond(g.top_p, lambda: sampling.filter_logits(l, top_p_B=s.top_p_B),
-                     lambda: l)
+    return jax.lax.cond(g.top_p, lambda: sampling.filter_logits(l, top_p_B=s.top_p_B),
+                        lambda: l)
+
+  def sampled():
+    l = tempered_filtered()
     drawn = {}
     if 'categorical' in samplers:
       drawn['categorical'] = _gated(g.categorical, lambda: jax.vmap(jax.random.categorical)(
@@ -276,22 +340,42 @@ def ar_tokens(logits_BxV, counts_BxV, s: Settings, g: Gates, step_keys, step_u,
     return jnp.where(s.sampler_B == SAMPLERS.index('inverse_cdf'), drawn['inverse_cdf'],
                      drawn['categorical'])
 
-  return jnp.where(greedy_B, _gated(g.greedy, greedy, (B,)), _gated(g.sampled, sampled, (B,)))
+  toks = jnp.where(greedy_B, _gated(g.greedy, greedy, (B,)), _gated(g.sampled, sampled, (B,)))
+  if not logprobs:
+    return toks, None
+  # the distribution each row drew from (recomputed: only requests asking for logprobs pay)
+  drawn_from = jnp.where(greedy_B[:, None], penalized,
+                         jax.lax.cond(g.sampled, tempered_filtered, lambda: penalized))
+  return toks, logprobs_of(drawn_from[:, None], toks[:, None], logprobs)
 
 
 def decode_step(model, params, tokens_BxF, cache, slot, pads_B, rope, s: Settings, g: Gates,
                 counts_BxV, *, hints_BxKxD=None, step_keys=None, step_u=None,
-                samplers: tuple[str, ...] = SAMPLERS):
-  """One step: (tokens [B, K] int32, cache, counts with them added). slot: [] (every row
-  at the same slot) or [B]; hints_BxKxD: a PFLM's hint embeddings of this step;
-  step_keys / step_u / samplers: see ar_tokens."""
+                samplers: tuple[str, ...] = SAMPLERS, n_out_B=0, logprobs: int = 0,
+                want_logprobs=None):
+  """One step: (tokens [B, K] int32, cache, counts with them added, Logprobs or None).
+  slot: [] (every row at the same slot) or [B]; hints_BxKxD: a PFLM's hint embeddings of
+  this step; step_keys / step_u / samplers: see ar_tokens; n_out_B: tokens each row
+  emitted before this step ([] or [B]); logprobs: top-N to return (static; 0: none), made
+  only when want_logprobs ([] bool, default True) -- otherwise zeros."""
   feed = tokens_BxF.shape[1]
   pflm = hints_BxKxD is not None
   logits, cache = forward(model, params, tokens_BxF, cache, slot, pads_B, rope,
                           hints_BxHxD=hints_BxKxD, logits_from=feed if pflm else 0)
-  if pflm:
-    new_BxK = pflm_tokens(logits, counts_BxV, s, g)
+  B = tokens_BxF.shape[0]
+
+  def choose(n_top):
+    if pflm:
+      return pflm_tokens(logits, counts_BxV, s, g, n_out_B, n_top)
+    toks, lp = ar_tokens(logits[:, 0], counts_BxV, s, g, step_keys, step_u, samplers,
+                         n_out_B, n_top)
+    return toks[:, None], lp
+
+  if logprobs and want_logprobs is not None:
+    K = logits.shape[1] if pflm else 1
+    new_BxK, lp = jax.lax.cond(want_logprobs, lambda: choose(logprobs),
+                               lambda: (choose(0)[0], _no_logprobs(B, K, logprobs)))
   else:
-    new_BxK = ar_tokens(logits[:, 0], counts_BxV, s, g, step_keys, step_u, samplers)[:, None]
+    new_BxK, lp = choose(logprobs)
   rows = jnp.arange(new_BxK.shape[0])[:, None]
-  return new_BxK, cache, counts_BxV.at[rows, new_BxK].add(1)
+  return new_BxK, cache, counts_BxV.at[rows, new_BxK].add(1), lp

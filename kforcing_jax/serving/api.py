@@ -63,6 +63,9 @@ class Completion:
   stream: bool
   include_usage: bool
   ignore_eos: bool
+  logprobs: int | None = None  # top alternatives per token (0: the token's own); None: off
+  echo: bool = False  # the prompt's text (and, with logprobs, its scored tokens) first
+  min_tokens: int = 0  # no stop token or stop string before this many tokens
 
 
 def _same(value, neutral) -> bool:
@@ -152,6 +155,7 @@ def _sampling(req: protocol.SamplingFields, model: Model) -> engine_lib.Sampling
   top_p = 1.0 if req.top_p is None else float(req.top_p)
   top_k = max(req.top_k or 0, 0)
   penalty = float(req.frequency_penalty or 0.0)
+  presence = float(req.presence_penalty or 0.0)
   if top_k > model.vocab_size:
     raise BadRequest('top_k', f'top_k={top_k}: allowed 0..{model.vocab_size} (the '
                      'vocabulary; 0 or -1 = off)')
@@ -161,10 +165,7 @@ def _sampling(req: protocol.SamplingFields, model: Model) -> engine_lib.Sampling
       if value != off:
         raise BadRequest(field, f'{field}={value}: a push-forward model samples through its '
                          f'noise, K tokens per pass; {field} is an AR setting (allowed here: '
-                         f'{off}; the PFLM setting is frequency_penalty)')
-  elif penalty:
-    raise BadRequest('frequency_penalty', f'frequency_penalty={penalty}: an AR model takes '
-                     'temperature, top_p and top_k (allowed here: 0)')
+                         f'{off}; its settings are frequency_penalty and presence_penalty)')
   if req.K is not None and req.K != model.K:
     if pflm and req.K > model.k:
       raise BadRequest('K', f'K={req.K} is larger than the model\'s window k={model.k}')
@@ -179,12 +180,37 @@ def _sampling(req: protocol.SamplingFields, model: Model) -> engine_lib.Sampling
     raise BadRequest('seed', f'seed={seed} with n={req.n}: choice i uses seed + i, so seed + n '
                      f'- 1 must be at most {SEED_RANGE[1] - 1}')
   return engine_lib.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                   freq_penalty=penalty, seed=seed)
+                                   freq_penalty=penalty, presence_penalty=presence, seed=seed,
+                                   min_tokens=req.min_tokens or 0)
+
+
+def _logprobs(req: protocol.SamplingFields, chat: bool) -> int | None:
+  """Top alternatives per token (0: only the token's own), or None: no logprobs."""
+  if not chat:
+    return req.logprobs
+  if req.top_logprobs and not req.logprobs:
+    raise BadRequest('top_logprobs', 'top_logprobs: only allowed with logprobs=true')
+  return (req.top_logprobs or 0) if req.logprobs else None
 
 
 def _completion(req: protocol.SamplingFields, prompts: list[list[int]], max_tokens: int | None,
                 model: Model, end_of_turn=(), chat: bool = False) -> Completion:
   sampling = _sampling(req, model)
+  logprobs = _logprobs(req, chat)
+  echo = bool(getattr(req, 'echo', False))
+  if echo and logprobs is not None and model.k:
+    raise BadRequest('echo', 'echo with logprobs scores the prompt, which needs an AR model '
+                     '(a push-forward model scores nothing without its noise): leave out echo '
+                     'or logprobs')
+  if max_tokens == 0 and not echo:
+    raise BadRequest('max_tokens', 'max_tokens=0 only returns the prompt: allowed with '
+                     'echo=true (and logprobs to score it), else 1 or more')
+  stop_ids = set(check_ids(req.stop_token_ids or [], model, 'stop_token_ids'))
+  if not req.ignore_eos:  # an end of turn is the chat's EOS
+    stop_ids.update(model.eos_ids + tuple(end_of_turn))
+  banned = stop_ids | ({model.eos_id} if model.eos_id >= 0 and not req.ignore_eos else set())
+  sampling = dataclasses.replace(sampling, banned=tuple(sorted(banned)),
+                                 logprobs=logprobs is not None)
   choices = []
   for i, ids in enumerate(prompts):
     n_out = model.max_len - len(ids) if max_tokens is None else max_tokens
@@ -196,21 +222,20 @@ def _completion(req: protocol.SamplingFields, prompts: list[list[int]], max_toke
       choices.append(Choice(i * req.n + j, ids, n_out,
                             dataclasses.replace(sampling, seed=sampling.seed + j)))
   stop = req.stop or ()
-  stop_ids = set(check_ids(req.stop_token_ids or [], model, 'stop_token_ids'))
-  if not req.ignore_eos:  # an end of turn is the chat's EOS
-    stop_ids.update(model.eos_ids + tuple(end_of_turn))
   return Completion(choices=choices, prompt_tokens=sum(map(len, prompts)),
                     stop=(stop,) if isinstance(stop, str) else tuple(stop),
                     stop_ids=frozenset(stop_ids), stream=req.stream,
                     include_usage=bool(req.stream_options and
                                        req.stream_options.include_usage),
-                    ignore_eos=req.ignore_eos)
+                    ignore_eos=req.ignore_eos, logprobs=logprobs, echo=echo,
+                    min_tokens=sampling.min_tokens)
 
 
 def parse_completion(req: protocol.CompletionRequest, model: Model) -> Completion:
   """A validated /v1/completions body -> Completion, or BadRequest naming the field."""
   check_model_name(req.model, model)
-  return _completion(req, _prompts(req.prompt, model), req.max_tokens or 16, model)
+  max_tokens = 16 if req.max_tokens is None else req.max_tokens
+  return _completion(req, _prompts(req.prompt, model), max_tokens, model)
 
 
 def parse_chat(req: protocol.ChatCompletionRequest, model: Model) -> Completion:
@@ -223,20 +248,45 @@ def parse_chat(req: protocol.ChatCompletionRequest, model: Model) -> Completion:
 
 
 class TextStream:
-  """Token ids -> text deltas that never split a UTF-8 character (a replacement character
-  at the end means the bytes are incomplete: wait for the next token) and never emit a
-  stop string, nor the start of one that the next tokens may complete. The token ids end
-  where the text ends: at the token that completes a stop string."""
+  """Token ids -> text deltas, incrementally: each step decodes only a window of the last
+  tokens (the text of ids[prefix:] minus that of ids[prefix:read], as vLLM's detokenizer),
+  so a long completion costs O(window) per step, not O(length). A delta never splits a
+  UTF-8 character (a replacement character at the end means the bytes are incomplete: wait
+  for the next token) and never emits a stop string, nor the start of one that the next
+  tokens may complete; stop strings are matched only in the text after the first
+  min_tokens tokens. The token ids end where the text ends: at the token that completes a
+  stop string."""
 
-  def __init__(self, tokenizer, stop=()):
+  def __init__(self, tokenizer, stop=(), min_tokens: int = 0):
     self.tok, self.stop = tokenizer, tuple(stop)
     self.ids: list[int] = []
+    self._dec: list[int] = []  # the ids whose text is the text (a final stop token is not)
+    self._prefix = self._read = 0
     self.text = ''  # decoded so far (stable)
     self.sent = 0  # characters of self.text already emitted
     self.stopped = False
+    self.min_tokens = min_tokens
+    self._search_from = 0 if min_tokens == 0 else None  # stop strings start here or later
 
   def _decode(self, ids) -> str:
     return self.tok.decode(ids) if self.tok else ''
+
+  def _advance(self, final: bool) -> None:
+    prefix_text = self._decode(self._dec[self._prefix:self._read])
+    new_text = self._decode(self._dec[self._prefix:])
+    if len(new_text) > len(prefix_text) and (final or not new_text.endswith('\ufffd')):
+      self.text += new_text[len(prefix_text):]
+      self._prefix, self._read = self._read, len(self._dec)
+
+  def offsets(self, ids) -> list[int]:
+    """Adds ids one by one (no stop strings): where each one's text begins in self.text."""
+    out = []
+    for t in ids:
+      out.append(len(self.text))
+      self._dec.append(t)
+      self.ids.append(t)
+      self._advance(False)
+    return out
 
   def add(self, ids, *, final: bool = False, stop_token: bool = False) -> tuple[str, list[int]]:
     """(text delta, token ids delta) after `ids`; with final, everything left (minus a stop
@@ -245,17 +295,18 @@ class TextStream:
       return '', []
     before = len(self.ids)
     self.ids.extend(ids)
-    text = self._decode(self.ids[:-1] if stop_token else self.ids)
-    if final or not text.endswith('\ufffd'):
-      self.text = text
-    found = [(i, s) for s in self.stop
-             if (i := self.text.find(s, max(0, self.sent - len(s)))) >= 0]
+    self._dec.extend(ids[:-1] if stop_token else ids)
+    self._advance(final)
+    if self._search_from is None and len(self.ids) >= self.min_tokens:
+      self._search_from = len(self._decode(self.ids[:self.min_tokens]))
+    found = [] if self._search_from is None else [
+        (i, s) for s in self.stop
+        if (i := self.text.find(s, max(self._search_from, self.sent - len(s)))) >= 0]
     if found:
       i, s = min(found)
       self.text, self.stopped = self.text[:i], True
-      start = max(0, self.sent - len(s))
       n = next((n for n in range(before + 1, len(self.ids) + 1)
-                if s in self._decode(self.ids[:n])[start:]), len(self.ids))
+                if len(self._decode(self.ids[:n])) >= i + len(s)), len(self.ids))
       del self.ids[n:]
     end = len(self.text)
     if not final and not self.stopped:  # hold back what could begin a stop string
@@ -267,6 +318,58 @@ class TextStream:
     delta = self.text[self.sent:end]
     self.sent = max(self.sent, end)
     return delta, self.ids[before:]
+
+
+NEG_INF_LOGPROB = -9999.0  # JSON has no -inf: a token the distribution excludes (vLLM's value)
+
+
+class LogprobText:
+  """Log-probabilities in the OpenAI response shapes; a token's text is its own decode
+  (`token_id:N` without a tokenizer)."""
+
+  def __init__(self, tokenizer):
+    self.tok = tokenizer
+    self._text: dict[int, str] = {}
+
+  def text(self, t: int) -> str:
+    if t not in self._text:
+      self._text[t] = self.tok.decode([t]) if self.tok is not None else f'token_id:{t}'
+    return self._text[t]
+
+  @staticmethod
+  def value(x) -> float:
+    x = float(x)
+    return x if x > NEG_INF_LOGPROB else NEG_INF_LOGPROB
+
+  def _top(self, lp, j: int, n_top: int, token: int) -> dict:
+    top = {self.text(int(t)): self.value(v)
+           for t, v in zip(lp.top_ids_nxN[j, :n_top], lp.top_nxN[j, :n_top])}
+    top.setdefault(self.text(token), self.value(lp.token_n[j]))  # always the token's own
+    return top
+
+  def completion(self, ids, lp, n_top: int, offsets, prompt: bool = False) -> dict:
+    """{tokens, token_logprobs, top_logprobs, text_offset} of ids (a prompt's first token
+    has no log-probability: lp scores ids[1:]); offsets: where each token's text begins."""
+    out = {'tokens': [], 'token_logprobs': [], 'top_logprobs': [], 'text_offset': offsets}
+    for j, t in enumerate(ids):
+      k = j - 1 if prompt else j
+      out['tokens'].append(self.text(t))
+      out['token_logprobs'].append(None if k < 0 else self.value(lp.token_n[k]))
+      out['top_logprobs'].append(None if k < 0 else self._top(lp, k, n_top, t))
+    return out
+
+  def chat(self, ids, lp, n_top: int) -> list[dict]:
+    """The chat completions content entries of ids."""
+    out = []
+    for j, t in enumerate(ids):
+      text = self.text(t)
+      out.append({'token': text, 'logprob': self.value(lp.token_n[j]),
+                  'bytes': list(text.encode()),
+                  'top_logprobs': [{'token': self.text(int(a)), 'logprob': self.value(v),
+                                    'bytes': list(self.text(int(a)).encode())}
+                                   for a, v in zip(lp.top_ids_nxN[j, :n_top],
+                                                   lp.top_nxN[j, :n_top])]})
+    return out
 
 
 class Metrics:

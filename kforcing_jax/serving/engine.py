@@ -46,15 +46,23 @@ MIN_BUCKET = 16
 TRACES = collections.Counter()
 
 
+MAX_LOGPROBS = 20  # top alternatives a step can return per token
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-  """One request's settings (AR: temperature / top_k / top_p / sampler; both: freq_penalty)."""
+  """One request's settings (AR: temperature / top_k / top_p / sampler; both: the
+  penalties, min_tokens and logprobs)."""
   temperature: float = 1.0  # 0 = greedy
   top_k: int = 0
   top_p: float = 1.0
   freq_penalty: float = 0.0
   seed: int = 0
   sampler: str = 'categorical'  # AR: step_lib.SAMPLERS
+  presence_penalty: float = 0.0
+  min_tokens: int = 0  # `banned` ids are held back until this many tokens are out
+  banned: tuple[int, ...] = ()  # the request's stop ids (EOS included)
+  logprobs: bool = False  # return each token's log-probability and top alternatives
 
 
 @flax.struct.dataclass
@@ -66,8 +74,9 @@ class SlotState:
   step_B: jax.Array  # int32: decoding steps done (indexes keys and noise)
   key_data_B: jax.Array  # uint32 [B, 2]: key data of fold_in(key(seed), 0)
   settings: step_lib.Settings  # per slot
-  counts_BxV: jax.Array  # int32 generated-token counts (the frequency penalty)
+  counts_BxV: jax.Array  # int32 generated-token counts (the penalties)
   hints_BxNxD: jax.Array | None  # PFLM: float32 hint embeddings of every step (None: AR)
+  logprobs_B: jax.Array  # bool: the slot's request wants log-probabilities
 
 
 @flax.struct.dataclass
@@ -112,8 +121,16 @@ def _jitted(kind: str, arch: arch_lib.ArchConfig, exe: arch_lib.ExecConfig, plan
     cache = step_lib.prefill(model, params, toks_1xT, pads_1, T, step_lib.rope_table(arch, T))
     return Prefix(cache=cache, pad=pad, prefill=n, tail_F=tail)
 
+  def score(params, toks_1xT):
+    TRACES['score'] += 1
+    T = toks_1xT.shape[1]
+    logits = model.apply({'params': params}, toks_1xT, jnp.arange(T)[None],
+                         method=model_lib.Transformer.forward)
+    lp = step_lib.logprobs_of(logits[:, :-1], toks_1xT[:, 1:], MAX_LOGPROBS)
+    return jax.tree.map(lambda x: x[0], lp)
+
   def insert(params, state: SlotState, prefix: Prefix, slot, settings: step_lib.Settings,
-             seed):
+             seed, logprobs):
     TRACES['insert'] += 1
     def put(c, p):  # the prefix's slots 0..bucket of this slot's row
       return jax.lax.dynamic_update_slice(c, p.astype(c.dtype), [slot] + [0] * (c.ndim - 1))
@@ -133,7 +150,8 @@ def _jitted(kind: str, arch: arch_lib.ArchConfig, exe: arch_lib.ExecConfig, plan
         step_B=state.step_B.at[slot].set(0),
         key_data_B=state.key_data_B.at[slot].set(jax.random.key_data(key)),
         settings=jax.tree.map(lambda a, v: a.at[slot].set(v), state.settings, settings),
-        counts_BxV=state.counts_BxV.at[slot].set(0), hints_BxNxD=hints)
+        counts_BxV=state.counts_BxV.at[slot].set(0), hints_BxNxD=hints,
+        logprobs_B=state.logprobs_B.at[slot].set(logprobs))
     return _constrain(new, plan.mesh)
 
   def generate(params, state: SlotState):
@@ -151,18 +169,21 @@ def _jitted(kind: str, arch: arch_lib.ArchConfig, exe: arch_lib.ExecConfig, plan
         kw['step_keys'] = lambda: jax.vmap(jax.random.fold_in)(keys_B, st.step_B)
         kw['step_u'] = lambda: jax.vmap(lambda k, s: sampling.uniform_noise(
             jax.random.fold_in(k, s), ()))(keys_B, st.step_B)
-      new, cache, counts = step_lib.decode_step(model, params, st.last_BxF, st.cache,
-                                                st.slot_B, st.pad_B, rope, st.settings, gates,
-                                                st.counts_BxV, **kw)
+      new, cache, counts, lp = step_lib.decode_step(
+          model, params, st.last_BxF, st.cache, st.slot_B, st.pad_B, rope, st.settings, gates,
+          st.counts_BxV, n_out_B=st.step_B * lay.K, logprobs=MAX_LOGPROBS,
+          want_logprobs=jnp.any(st.logprobs_B), **kw)
       # a slot past its request's end keeps stepping (its output unread) without overflowing
       slot_B = jnp.minimum(st.slot_B + lay.K, plan.cache_len - lay.queries)
       return st.replace(cache=cache, slot_B=slot_B, last_BxF=new, step_B=st.step_B + 1,
-                        counts_BxV=counts), new
-    state, toks = jax.lax.scan(one, state, length=plan.steps_per_call)
-    return _constrain(state, plan.mesh), toks
+                        counts_BxV=counts), (new, lp)
+    state, (toks, lp) = jax.lax.scan(one, state, length=plan.steps_per_call)
+    return _constrain(state, plan.mesh), toks, lp
 
   if kind == 'prefill':
     return jax.jit(prefill)
+  if kind == 'score':
+    return jax.jit(score)
   if kind == 'insert':
     return jax.jit(insert, donate_argnums=1)
   return jax.jit(generate, donate_argnums=1)
@@ -233,7 +254,8 @@ class SlotEngine:
     step_lib.check_length(prompt_len, max_tokens, self.max_len, 'max_tokens')
     if params is not None:
       step_lib.check_sampling(params.temperature, params.top_k, params.top_p,
-                              params.freq_penalty, params.sampler)
+                              params.freq_penalty, params.sampler, params.presence_penalty,
+                              params.min_tokens)
 
   # ---- state -----------------------------------------------------------------------------
   def init_state(self) -> SlotState:
@@ -242,7 +264,9 @@ class SlotEngine:
     z = lambda dtype: jnp.zeros((B,), dtype)
     settings = step_lib.Settings(temperature_B=z(jnp.float32), top_k_B=z(jnp.int32),
                                  top_p_B=jnp.ones((B,), jnp.float32),
-                                 penalty_B=z(jnp.float32), sampler_B=z(jnp.int32))
+                                 penalty_B=z(jnp.float32), sampler_B=z(jnp.int32),
+                                 presence_B=z(jnp.float32), min_new_B=z(jnp.int32),
+                                 banned_BxV=jnp.zeros((B, V), bool))
     hints = (jnp.zeros((B, self.plan.hint_tokens, self.arch.d_model), jnp.float32)
              if self.pflm else None)
     state = SlotState(
@@ -250,7 +274,7 @@ class SlotEngine:
         slot_B=z(jnp.int32), pad_B=z(jnp.int32),
         last_BxF=jnp.zeros((B, self.feed), jnp.int32), step_B=z(jnp.int32),
         key_data_B=jnp.zeros((B, 2), jnp.uint32), settings=settings,
-        counts_BxV=jnp.zeros((B, V), jnp.int32), hints_BxNxD=hints)
+        counts_BxV=jnp.zeros((B, V), jnp.int32), hints_BxNxD=hints, logprobs_B=z(bool))
     if self.mesh is not None:
       state = jax.device_put(state, jax.tree.map(lambda x: NamedSharding(
           self.mesh, PartitionSpec('data', *([None] * (x.ndim - 1)))), state))
@@ -282,12 +306,31 @@ class SlotEngine:
     """`prefix` in slot `slot` with its sampling settings (state is donated)."""
     settings = step_lib.settings(1, self.arch.vocab_size, temperature=sp.temperature,
                                  top_k=sp.top_k, top_p=sp.top_p, freq_penalty=sp.freq_penalty,
+                                 presence_penalty=sp.presence_penalty,
+                                 min_new_tokens=sp.min_tokens, banned=sp.banned,
                                  sampler=sp.sampler)
     fn = jitted('insert', self.arch, self.exe, self.plan)
     return fn(self.params, state, prefix, np.int32(slot),
-              jax.tree.map(lambda x: x[0], settings), np.int32(sp.seed))
+              jax.tree.map(lambda x: x[0], settings), np.int32(sp.seed), np.bool_(sp.logprobs))
+
+  def score(self, prompt: list[int]) -> step_lib.Logprobs:
+    """An AR model's log-probability of each prompt token after the previous ones, and
+    the top MAX_LOGPROBS alternatives: ([T - 1], [T - 1, N], [T - 1, N]) as device arrays
+    (one compile per prefill bucket)."""
+    if self.pflm:
+      raise step_lib.DecodeError('prompt log-probabilities are an AR model\'s (a push-forward '
+                                 'model scores nothing without its noise)')
+    T = len(prompt)
+    b = MIN_BUCKET
+    while b < T:
+      b *= 2
+    toks = np.zeros((1, min(b, self.cache_len)), np.int32)
+    toks[0, :T] = prompt
+    lp = jitted('score', self.arch, self.exe, self.plan)(self.params, toks)
+    return jax.tree.map(lambda x: x[:T - 1], lp)
 
   def generate(self, state: SlotState):
-    """Advances every slot by steps_per_call steps: (state, tokens [n, B, K] int32). The
-    filters run when some slot's settings use them."""
+    """Advances every slot by steps_per_call steps: (state, tokens [n, B, K] int32,
+    Logprobs [n, B, K, ...] -- zeros unless some slot asked for them). The filters run
+    when some slot's settings use them."""
     return jitted('generate', self.arch, self.exe, self.plan)(self.params, state)

@@ -8,15 +8,23 @@ be an int32 too). What depends on the served model (the vocabulary, the maximum 
 or PFLM settings) is checked by kforcing_jax.serving.api against it.
 
 Fields: every field of OpenAI's completions and chat completions requests is known. The
-ones this server does not implement (echo, logprobs, best_of, presence_penalty, logit_bias,
-suffix, tools, ...) are accepted only at their neutral value and otherwise refused with a
-400 naming them; `user` is accepted and ignored (it only identifies the caller). Of vLLM's
-extra sampling fields, `ignore_eos`, `stop_token_ids`, `top_k` and `return_token_ids` are
-implemented; `min_tokens`, `repetition_penalty`, `min_p`, `include_stop_str_in_output`,
+ones this server does not implement (best_of, logit_bias, suffix, tools, ...) are accepted
+only at their neutral value and otherwise refused with a 400 naming them; `user` is
+accepted and ignored (it only identifies the caller). Of vLLM's extra sampling fields,
+`ignore_eos`, `stop_token_ids`, `min_tokens`, `top_k` and `return_token_ids` are
+implemented; `repetition_penalty`, `min_p`, `include_stop_str_in_output`,
 `skip_special_tokens`, `spaces_between_special_tokens`, `truncate_prompt_tokens` and
 `allowed_token_ids` are accepted only at their neutral value (refused otherwise). Any other
 field is refused with a 400 naming it, so a client never gets an answer that silently
 ignored what it asked for.
+
+Log-probabilities (`logprobs`, chat `logprobs` + `top_logprobs`) are those of the
+distribution each token was drawn from: AR -- after the penalties, temperature, top-k and
+top-p (a greedy request: the penalised softmax at temperature 1); PFLM -- the softmax of
+the hint's logits after the penalties, whose argmax is the token (the noise chooses the
+distribution; the student's confidence in its token is what is reported). `echo` with
+`logprobs` (and `max_tokens=0` to only score) adds the prompt's tokens, each scored by an
+AR model after the ones before it.
 """
 from __future__ import annotations
 
@@ -29,17 +37,16 @@ from pydantic import Field
 INT32_MIN, INT32_MAX = -2 ** 31, 2 ** 31 - 1
 MAX_N = 64  # choices per request
 MAX_STOP = 4  # stop strings, as OpenAI
+MAX_LOGPROBS = 20  # top alternatives per token (the engine's)
 
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Count = Annotated[int, Field(ge=1, le=INT32_MAX)]
 
 # A field's neutral value: anything else is refused (BadRequest naming the field); for
-# None, any empty value ({}, [], '') is neutral too; logprobs=0 is not (it asks for the
-# sampled token's log-probability).
+# None, any empty value ({}, [], '') is neutral too.
 NEUTRAL = {
-    'echo': False, 'logprobs': False, 'top_logprobs': 0, 'best_of': 1,
-    'presence_penalty': 0.0, 'logit_bias': None, 'suffix': None, 'min_tokens': 0,
-    'repetition_penalty': 1.0, 'min_p': 0.0, 'include_stop_str_in_output': False,
+    'best_of': 1, 'logit_bias': None, 'suffix': None, 'repetition_penalty': 1.0,
+    'min_p': 0.0, 'include_stop_str_in_output': False,
     'skip_special_tokens': True, 'spaces_between_special_tokens': True,
     'truncate_prompt_tokens': None, 'allowed_token_ids': None, 'tools': None,
     'tool_choice': None, 'parallel_tool_calls': None, 'response_format': None,
@@ -72,7 +79,7 @@ class SamplingFields(_Body):
   top_k: int | None = Field(None, ge=-1, le=INT32_MAX,
                             description='AR top-k, at most the vocabulary (0 or -1 = off)')
   frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0,
-                                          description='PFLM frequency penalty')
+                                          description='lambda * count(token) off its logit')
   seed: int | None = Field(None, ge=INT32_MIN, le=INT32_MAX,
                            description='choice i uses seed + i; default: random')
   n: int = Field(1, ge=1, le=MAX_N, description='choices per prompt (seeds seed, seed+1, ...)')
@@ -87,10 +94,14 @@ class SamplingFields(_Body):
   K: int | None = Field(None, ge=1, le=INT32_MAX,
                         description='PFLM tokens per step (fixed at start: --K)')
   user: str | None = None
+  presence_penalty: float | None = Field(None, ge=-2.0, le=2.0,
+                                         description='mu off the logit of every token '
+                                         'already generated')
+  min_tokens: int | None = Field(None, ge=0, le=INT32_MAX,
+                                 description='vLLM: no EOS / stop token / stop string before '
+                                 'this many tokens')
   # known fields, refused unless neutral (NEUTRAL)
-  presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
   logit_bias: dict[str, float] | None = None
-  min_tokens: int | None = Field(None, ge=0, le=INT32_MAX)
   repetition_penalty: float | None = Field(None, gt=0.0)
   min_p: float | None = Field(None, ge=0.0, le=1.0)
   include_stop_str_in_output: bool | None = None
@@ -104,10 +115,13 @@ class CompletionRequest(SamplingFields):
   """POST /v1/completions."""
   prompt: str | Annotated[list[TokenId], Field(min_length=1)] | Annotated[
       list[str | Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
-  max_tokens: Count | None = Field(16, description='tokens per choice (prompt + max_tokens '
-                                   '<= the model\'s maximum length)')
-  echo: bool | None = None
-  logprobs: int | None = Field(None, ge=0, le=20)
+  max_tokens: int | None = Field(16, ge=0, le=INT32_MAX, description='tokens per choice '
+                                 '(prompt + max_tokens <= the model\'s maximum length; 0 only '
+                                 'with echo and logprobs: score the prompt)')
+  echo: bool | None = Field(None, description='the prompt before the completion (text, and '
+                            'with logprobs its tokens scored: AR models)')
+  logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description='each token\'s '
+                               'log-probability and this many top alternatives')
   best_of: int | None = Field(None, ge=1, le=MAX_N)
   suffix: str | None = None
 
@@ -131,7 +145,7 @@ class ChatCompletionRequest(SamplingFields):
   max_completion_tokens: Count | None = Field(None, description='default: up to the '
                                               'model\'s maximum length')
   logprobs: bool | None = None
-  top_logprobs: int | None = Field(None, ge=0, le=20)
+  top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
   tools: list[dict] | None = None
   tool_choice: str | dict | None = None
   parallel_tool_calls: bool | None = None

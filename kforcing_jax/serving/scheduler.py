@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Callable
 
+import jax
 import numpy as np
 
 from kforcing_jax import errors
@@ -37,6 +38,20 @@ class ShuttingDown(errors.UserError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Logprobs:
+  """Host log-probabilities of n tokens: each token's and its top alternatives'."""
+  token_n: np.ndarray  # float32 [n]
+  top_ids_nxN: np.ndarray  # int32 [n, N]
+  top_nxN: np.ndarray  # float32 [n, N]
+
+  def __len__(self) -> int:
+    return len(self.token_n)
+
+  def __getitem__(self, cut: slice) -> Logprobs:
+    return Logprobs(self.token_n[cut], self.top_ids_nxN[cut], self.top_nxN[cut])
+
+
+@dataclasses.dataclass(frozen=True)
 class Event:
   """What a request receives after each engine step that gave it tokens, and at its end."""
   token_ids: list[int]
@@ -44,6 +59,8 @@ class Event:
   # reason given to Request.cancel
   finish_reason: str | None = None
   error: BaseException | None = None  # with 'error'
+  logprobs: Logprobs | None = None  # of token_ids, when the request asked for them
+  prompt_logprobs: Logprobs | None = None  # of prompt tokens 1.. (once, before any token)
 
 
 _ids = itertools.count()
@@ -52,11 +69,12 @@ _ids = itertools.count()
 @dataclasses.dataclass(eq=False)
 class Request:
   prompt: list[int]
-  max_tokens: int
+  max_tokens: int  # 0: nothing is generated (only the prompt scored, if asked)
   params: engine_lib.SamplingParams
   emit: Callable[[Event], None]  # called through the scheduler's deliver
   ignore_eos: bool = False
   stop_ids: frozenset[int] = frozenset()  # tokens that end it besides the model's EOS
+  prompt_logprobs: bool = False  # score the prompt first (AR)
   id: int = dataclasses.field(default_factory=lambda: next(_ids))
   arrived: float = dataclasses.field(default_factory=time.perf_counter)
   admitted_at: float | None = None
@@ -118,7 +136,7 @@ class Scheduler:
     return self
 
   def submit(self, req: Request) -> None:
-    self.engine.check(len(req.prompt), req.max_tokens, req.params)
+    self.engine.check(len(req.prompt), max(req.max_tokens, 1), req.params)
     with self._cv:
       if not self._accepting:
         raise ShuttingDown('the server is shutting down and admits no new requests')
@@ -199,6 +217,12 @@ class Scheduler:
         self._end(req, Event([], req.cancelled))
         continue
       try:
+        if req.prompt_logprobs:
+          self._events.append((req, Event([], prompt_logprobs=_as_event_logprobs(_host(
+              self.engine.score(req.prompt))))))
+        if req.max_tokens == 0:
+          self._end(req, Event([], 'length'))
+          continue
         prefix = self.engine.prefill(req.prompt)
         self._state = self.engine.insert(self._state, prefix, free[0], req.params)
       except Exception as e:  # pylint: disable=broad-except
@@ -245,8 +269,8 @@ class Scheduler:
         active = [r for r in self._slots if r is not None]
         dispatched = None
         if active:
-          self._state, toks = self.engine.generate(self._state)
-          dispatched = (toks, list(self._slots), time.perf_counter())
+          self._state, toks, lp = self.engine.generate(self._state)
+          dispatched = (toks, lp, list(self._slots), time.perf_counter())
         if pending is not None:
           self._deliver(*pending)
         pending = dispatched
@@ -284,34 +308,59 @@ class Scheduler:
       if self.on_fatal is not None:
         self.on_fatal(e)
 
-  def _deliver(self, toks, occupants, t0: float) -> None:
+  def _deliver(self, toks, lp, occupants, t0: float) -> None:
     toks = np.asarray(toks)  # [n, slots, K]: waits for that step only
     now = time.perf_counter()
     if self.metrics is not None:
       self.metrics.step_seconds.observe((now - t0) / toks.shape[0])
+    n, B, K = toks.shape
+    by_slot = toks.transpose(1, 0, 2).reshape(B, n * K)
+    lp_host = None
+    if any(r is not None and r.params.logprobs for r in occupants):
+      lp_host = _host(lp, lambda x: np.swapaxes(x, 0, 1).reshape(B, n * K, *x.shape[3:]))
+    stop_B = np.zeros((B, n * K), bool)  # a stop token (EOS unless ignore_eos, stop ids)
+    live = []
     for slot, req in enumerate(occupants):
       if req is None or self._slots[slot] is not req:  # finished or replaced since
         continue
-      out, reason = [], None
-      for t in toks[:, slot].reshape(-1).tolist():
-        out.append(t)
-        req.generated += 1
-        if t in req.stop_ids or (t == self.eos_id and not req.ignore_eos):
-          reason = 'stop'
-        elif req.generated >= req.max_tokens:
-          reason = 'length'
-        if reason:
-          break
-      if req.first_token_at is None and out:
+      live.append(slot)
+      row = by_slot[slot]
+      stop_B[slot] = np.isin(row, list(req.stop_ids)) if req.stop_ids else False
+      if not req.ignore_eos and self.eos_id >= 0:
+        stop_B[slot] |= row == self.eos_id
+    # tokens up to and with the first stop token (all n * K if none)
+    upto_B = np.where(stop_B.any(1), stop_B.argmax(1) + 1, n * K + 1)
+    emitted = 0
+    for slot in live:
+      req = occupants[slot]
+      room = req.max_tokens - req.generated
+      take = min(int(upto_B[slot]), room, n * K)
+      reason = ('stop' if take == upto_B[slot] else 'length' if take == room else None)
+      out = by_slot[slot, :take].tolist()
+      req.generated += take
+      emitted += take
+      if req.first_token_at is None:
         req.first_token_at = now
         if self.metrics is not None:
           self.metrics.ttft_seconds.observe(now - req.arrived)
-      if self.metrics is not None and out:
-        self.metrics.tokens.inc(len(out))
+      logprobs = None if lp_host is None or not req.params.logprobs else Logprobs(
+          lp_host.token_BxK[slot, :take], lp_host.top_ids_BxKxN[slot, :take],
+          lp_host.top_BxKxN[slot, :take])
       if reason:
         if self.metrics is not None and req.generated > 1:
-          self.metrics.tpot_seconds.observe((now - req.first_token_at) / max(
-              req.generated - 1, 1))
-        self._finish(slot, reason, out)
+          self.metrics.tpot_seconds.observe((now - req.first_token_at) / (req.generated - 1))
+        self._slots[slot] = None
+        self._end(req, Event(out, reason, logprobs=logprobs))
       else:
-        self._events.append((req, Event(out)))
+        self._events.append((req, Event(out, logprobs=logprobs)))
+    if self.metrics is not None and emitted:
+      self.metrics.tokens.inc(emitted)
+
+
+def _host(lp, reshape=lambda x: x):
+  """A device Logprobs on the host (numpy), each leaf reshaped."""
+  return jax.tree.map(lambda x: reshape(np.asarray(x)), lp)
+
+
+def _as_event_logprobs(lp) -> Logprobs:
+  return Logprobs(lp.token_BxK, lp.top_ids_BxKxN, lp.top_BxKxN)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import uuid
@@ -30,6 +31,17 @@ from kforcing_jax.serving import api
 from kforcing_jax.serving import engine as engine_lib
 from kforcing_jax.serving import protocol
 from kforcing_jax.serving import scheduler as scheduler_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+  """What one choice gained from one engine step (or its scored prompt)."""
+  index: int
+  text: str
+  ids: list[int]
+  reason: str | None
+  logprobs: scheduler_lib.Logprobs | None = None
+  prompt_logprobs: scheduler_lib.Logprobs | None = None
 
 
 def _error(e: api.BadRequest) -> responses.JSONResponse:
@@ -117,6 +129,7 @@ def make_app(engine: engine_lib.SlotEngine, model: api.Model, *, max_queue: int 
         req = scheduler_lib.Request(prompt=ch.prompt, max_tokens=ch.max_tokens,
                                     params=ch.sampling, ignore_eos=c.ignore_eos,
                                     stop_ids=c.stop_ids,
+                                    prompt_logprobs=c.echo and c.logprobs is not None,
                                     emit=lambda ev, i=ch.index: q.put_nowait((i, ev)))
         sched.submit(req)
         reqs.append(req)
@@ -137,9 +150,10 @@ def make_app(engine: engine_lib.SlotEngine, model: api.Model, *, max_queue: int 
                           f'{type(ev.error).__name__}: {ev.error}', 500)
 
   async def results(c: api.Completion, reqs, q: asyncio.Queue, deadline: float):
-    """(choice index, text delta, token ids, finish reason or None) per engine step and
-    choice, until every choice has finished; the requests end with it in any case."""
-    streams = {ch.index: api.TextStream(model.tokenizer, c.stop) for ch in c.choices}
+    """Delta per engine step and choice (and one per scored prompt first), until every
+    choice has finished; the requests end with it in any case."""
+    streams = {ch.index: api.TextStream(model.tokenizer, c.stop, c.min_tokens)
+               for ch in c.choices}
     by_index = {ch.index: r for ch, r in zip(c.choices, reqs)}
     running = set(streams)
     try:
@@ -159,13 +173,17 @@ def make_app(engine: engine_lib.SlotEngine, model: api.Model, *, max_queue: int 
         reason = ev.finish_reason
         if reason in ('shutdown', 'error'):
           raise failure(ev)
+        if ev.prompt_logprobs is not None:
+          yield Delta(i, '', [], None, prompt_logprobs=ev.prompt_logprobs)
+          continue
         stream = streams[i]
         delta, ids = stream.add(ev.token_ids, final=reason is not None,
                                 stop_token=reason == 'stop' and bool(ev.token_ids))
         if stream.stopped:
           by_index[i].cancel('stop')
           reason = 'stop'
-        yield i, delta, ids, reason
+        lp = None if ev.logprobs is None else ev.logprobs[:len(ids)]
+        yield Delta(i, delta, ids, reason, lp)
         if reason is not None:
           running.discard(i)
     finally:  # also on a client disconnect: the slots are freed before the next step
@@ -176,6 +194,53 @@ def make_app(engine: engine_lib.SlotEngine, model: api.Model, *, max_queue: int 
     return {'prompt_tokens': c.prompt_tokens, 'completion_tokens': n_out,
             'total_tokens': c.prompt_tokens + n_out}
 
+  lp_text = api.LogprobText(model.tokenizer)
+
+  class Choices:
+    """Each choice's response parts so far; text offsets (where each token's text begins
+    in the choice's text, the echoed prompt first) by incremental decoding."""
+
+    def __init__(self, c: api.Completion, chat: bool):
+      self.c, self.chat = c, chat
+      self.prompts = {ch.index: ch.prompt for ch in c.choices}
+      self.base = dict.fromkeys(self.prompts, 0)  # the echoed prompt's text length
+      self.texts = {i: api.TextStream(model.tokenizer) for i in self.prompts}
+      self.started: set[int] = set()
+
+    def echo(self, i: int, prompt_lp=None) -> tuple[str, dict | None]:
+      """(the prompt's text, its logprobs part) for an echoed choice."""
+      ids = self.prompts[i]
+      text = model.tokenizer.decode(ids) if model.tokenizer is not None else ''
+      self.base[i] = len(text)
+      if self.c.logprobs is None:
+        return text, None
+      offsets = api.TextStream(model.tokenizer).offsets(ids)
+      return text, lp_text.completion(ids, prompt_lp, self.c.logprobs, offsets, prompt=True)
+
+    def logprobs(self, d: Delta):
+      if self.c.logprobs is None or d.logprobs is None:
+        return None
+      if self.chat:
+        return {'content': lp_text.chat(d.ids, d.logprobs, self.c.logprobs)}
+      offsets = [self.base[d.index] + o for o in self.texts[d.index].offsets(d.ids)]
+      return lp_text.completion(d.ids, d.logprobs, self.c.logprobs, offsets)
+
+    def chunk(self, d: Delta, text: str, lp) -> dict:
+      first = d.index not in self.started
+      self.started.add(d.index)
+      if not self.chat:
+        return {'index': d.index, 'text': text, 'logprobs': lp, 'finish_reason': d.reason,
+                'token_ids': d.ids}
+      delta = {'role': 'assistant', 'content': text} if first else (
+          {'content': text} if text else {})
+      return {'index': d.index, 'delta': delta, 'logprobs': lp, 'finish_reason': d.reason,
+              'token_ids': d.ids}
+
+  def merge(a: dict | None, b: dict | None) -> dict | None:
+    if a is None or b is None:
+      return a if b is None else b
+    return {k: a[k] + b[k] for k in a}
+
   async def respond(request: fastapi.Request, c: api.Completion, chat: bool):
     q = asyncio.Queue()
     reqs = submit(c, q)
@@ -184,24 +249,25 @@ def make_app(engine: engine_lib.SlotEngine, model: api.Model, *, max_queue: int 
     head = {'id': cid, 'object': 'chat.completion.chunk' if chat else 'text_completion',
             'created': created, 'model': model.name}
     events = results(c, reqs, q, time.monotonic() + request_timeout)
+    parts = Choices(c, chat)
+    scored = c.echo and c.logprobs is not None  # the echo waits for the prompt's scores
 
-    def choice(i, text, ids, reason, first=False):
-      if not chat:
-        return {'index': i, 'text': text, 'logprobs': None, 'finish_reason': reason,
-                'token_ids': ids}
-      delta = {'role': 'assistant', 'content': text} if first else (
-          {'content': text} if text else {})
-      return {'index': i, 'delta': delta, 'logprobs': None, 'finish_reason': reason,
-              'token_ids': ids}
+    def echoed(d: Delta) -> tuple[str, dict | None]:
+      """The echoed prompt's text and logprobs, due before the choice's first delta."""
+      if c.echo and d.index not in parts.started and (not scored or
+                                                        d.prompt_logprobs is not None):
+        return parts.echo(d.index, d.prompt_logprobs)
+      return '', None
 
     if c.stream:
       async def sse():
-        n_out, started = 0, set()
+        n_out = 0
         try:
-          async for i, text, ids, reason in events:
-            n_out += len(ids)
-            chunk = {**head, 'choices': [choice(i, text, ids, reason, i not in started)]}
-            started.add(i)
+          async for d in events:
+            text, lp = echoed(d)
+            n_out += len(d.ids)
+            chunk = {**head, 'choices': [parts.chunk(d, text + d.text,
+                                                     merge(lp, parts.logprobs(d)))]}
             yield f'data: {json.dumps(chunk)}\n\n'
           if c.include_usage:
             yield f'data: {json.dumps({**head, "choices": [], "usage": usage(c, n_out)})}\n\n'
@@ -215,12 +281,16 @@ def make_app(engine: engine_lib.SlotEngine, model: api.Model, *, max_queue: int 
     async def collect():
       text = {ch.index: [] for ch in c.choices}
       ids = {ch.index: [] for ch in c.choices}
+      lps = dict.fromkeys(text)
       reasons = {}
-      async for i, delta, new, reason in events:
-        text[i].append(delta)
-        ids[i].extend(new)
-        reasons[i] = reason
-      return text, ids, reasons
+      async for d in events:
+        head_text, head_lp = echoed(d)
+        parts.started.add(d.index)
+        text[d.index].append(head_text + d.text)
+        ids[d.index].extend(d.ids)
+        lps[d.index] = merge(lps[d.index], merge(head_lp, parts.logprobs(d)))
+        reasons[d.index] = d.reason
+      return text, ids, lps, reasons
 
     async def watch_disconnect():
       while not await request.is_disconnected():
@@ -238,15 +308,16 @@ def make_app(engine: engine_lib.SlotEngine, model: api.Model, *, max_queue: int 
           r.cancel()
     if work not in done:
       return responses.Response(status_code=499)
-    text, ids, reasons = work.result()  # raises the request's BadRequest
+    text, ids, lps, reasons = work.result()  # raises the request's BadRequest
     choices = []
     for i in sorted(text):
       out = ''.join(text[i])
       if chat:
         choices.append({'index': i, 'message': {'role': 'assistant', 'content': out},
-                        'logprobs': None, 'finish_reason': reasons[i], 'token_ids': ids[i]})
+                        'logprobs': lps[i], 'finish_reason': reasons[i], 'token_ids': ids[i]})
       else:
-        choices.append(choice(i, out, ids[i], reasons[i]))
+        choices.append({'index': i, 'text': out, 'logprobs': lps[i],
+                        'finish_reason': reasons[i], 'token_ids': ids[i]})
     return {**head, 'object': 'chat.completion' if chat else 'text_completion',
             'choices': choices, 'usage': usage(c, sum(map(len, ids.values())))}
 

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 
+import httpx2 as httpx
 import numpy as np
 import pytest
 
@@ -174,6 +175,25 @@ def test_chat_logprobs_equal_transformers(chat):
     np.testing.assert_allclose([a.logprob for a in entry.top_logprobs], top.values, atol=2e-4)
     assert entry.token == sampler.tokenizer.decode([t])
     assert entry.bytes == list(entry.token.encode())
+
+
+def test_tokenizer_info_and_tokenize_without_special_tokens(chat):
+  """What lm-evaluation-harness's remote tokenizer reads: the special tokens by role, and
+  /tokenize with add_special_tokens=false (no BOS from the post-processor)."""
+  server, _, sampler, src = chat
+  root = str(server.client.base_url).rstrip('/').removesuffix('/v1')
+  info = httpx.get(root + '/tokenizer_info', timeout=60).json()
+  hf_tok = transformers.AutoTokenizer.from_pretrained(src)
+  assert info['eos_token'] == hf_tok.eos_token == '<|im_end|>'
+  assert info['bos_token'] == hf_tok.bos_token and info['model_max_length'] == 128
+  text = 'The capital of France <|im_end|> is Paris.'
+  for special in (True, False):
+    r = httpx.post(root + '/tokenize', json={'prompt': text, 'add_special_tokens': special},
+                   timeout=60).json()
+    assert r['tokens'] == hf_tok(text, add_special_tokens=special)['input_ids']
+  eos = httpx.post(root + '/tokenize', json={'prompt': info['eos_token'],
+                                             'add_special_tokens': False}, timeout=60).json()
+  assert eos['tokens'] == [sampler.tokenizer.eos_id]
 
 
 def test_chat_requests_are_checked(chat):

@@ -36,7 +36,8 @@ class Tokenizer:
   # as the released tokenizers give them; corpus text is encoded with _encode (ordinary)
   _encode_special: Callable[[str], list[int]] | None = dataclasses.field(
       default=None, repr=False, compare=False)
-  # the model's chat template (jinja; '' = none) and the special tokens it may use
+  # the model's chat template (jinja; '' = none) and its special tokens by role
+  # (bos_token, eos_token, ...: what a template may use; /tokenizer_info reports them)
   chat_template: str = dataclasses.field(default='', repr=False, compare=False)
   template_tokens: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
@@ -101,7 +102,9 @@ def bert_base_uncased(path: str = '') -> Tokenizer:
       never_emit_ids=(103,), fingerprint=fp, add_bos_eos=True,
       _encode=lambda s: tok.encode(s).ids,
       _decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
-      _encode_special=lambda s: tok.encode(s, add_special_tokens=False).ids)
+      _encode_special=lambda s: tok.encode(s, add_special_tokens=False).ids,
+      template_tokens={'bos_token': '[CLS]', 'eos_token': '[SEP]', 'pad_token': '[PAD]',
+                       'unk_token': '[UNK]'})
 
 
 def gpt2(path: str = '') -> Tokenizer:
@@ -125,7 +128,8 @@ def gpt2(path: str = '') -> Tokenizer:
       never_emit_ids=(reserved,), fingerprint=fp, add_bos_eos=False,
       _encode=lambda s: enc.encode_ordinary(s),
       _decode=lambda ids: enc.decode([i for i in ids if i < 50257]),
-      _encode_special=lambda s: enc.encode(s, allowed_special='all'))
+      _encode_special=lambda s: enc.encode(s, allowed_special='all'),
+      template_tokens={'bos_token': '<|endoftext|>', 'eos_token': '<|endoftext|>'})
 
 
 def synthetic(vocab_size: int, fingerprint: str) -> Tokenizer:
@@ -149,7 +153,7 @@ def synthetic(vocab_size: int, fingerprint: str) -> Tokenizer:
 
   return Tokenizer(name='synthetic', vocab_size=vocab_size, eos_id=0, pad_id=reserved,
                    never_emit_ids=(reserved,), fingerprint=fingerprint, add_bos_eos=False,
-                   _encode=encode, _decode=decode)
+                   _encode=encode, _decode=decode, template_tokens={'eos_token': '|'})
 
 
 def hf(path: str, vocab_size: int = 0) -> Tokenizer:
@@ -203,15 +207,19 @@ def load(name: str, path: str = '', vocab_size: int = 0) -> Tokenizer:
 BERT_CLS = 101
 
 
-def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
+def encode_prompt(tok: Tokenizer, text: str, add_special_tokens: bool = True) -> list[int]:
   """Token ids of a prompt. Special tokens written in the text are single ids, as the
   released tokenizers (Hugging Face, add_special_tokens=False) give them:
   '<|endoftext|>' -> 50256, '[CLS]' -> 101. A BERT prompt starts with one [CLS] (added
-  when the text has none) and gets no closing [SEP] (the sentence goes on)."""
+  when the text has none) and gets no closing [SEP] (the sentence goes on); a model's own
+  tokenizer adds what its post-processor adds (e.g. a BOS). add_special_tokens=False: only
+  the text's own tokens."""
   if tok._encode_special is None:
     return tok.encode(text)
+  if tok.name == HF:
+    return list(tok._encode_special(text, add_special_tokens=add_special_tokens))
   ids = list(tok._encode_special(text))
-  if tok.add_bos_eos and (not ids or ids[0] != BERT_CLS):
+  if add_special_tokens and tok.add_bos_eos and (not ids or ids[0] != BERT_CLS):
     ids = [BERT_CLS] + ids
   return ids
 

@@ -100,14 +100,15 @@ def check_ids(ids: list[int], model: Model, field: str) -> list[int]:
   return list(ids)
 
 
-def encode_text(model: Model, text: str, field: str = 'prompt') -> list[int]:
+def encode_text(model: Model, text: str, field: str = 'prompt',
+                add_special_tokens: bool = True) -> list[int]:
   """A prompt's ids; special tokens written in the text are single ids."""
   if model.tokenizer is None:
     raise BadRequest(field, f'{field}: this model has no tokenizer; send token ids')
   if not text:
     raise BadRequest(field, f'{field}: empty string; give some text to continue')
   try:
-    ids = tokenization.encode_prompt(model.tokenizer, text)
+    ids = tokenization.encode_prompt(model.tokenizer, text, add_special_tokens)
   except ValueError as e:
     raise BadRequest(field, f'{field}: {e}') from None
   if not ids:

@@ -158,6 +158,8 @@ class TokenizeRequest(_Body):
   model: str | None = None
   prompt: str | None = None
   messages: list[ChatMessage] | None = None
+  add_special_tokens: bool = Field(True, description='a prompt\'s ids as /v1/completions '
+                                   'encodes it (false: only the text\'s own tokens)')
 
 
 class DetokenizeRequest(_Body):

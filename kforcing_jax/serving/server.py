@@ -111,9 +111,11 @@ def make_app(engine: engine_lib.SlotEngine, model: api.Model, *, max_queue: int 
                                      'waiting': sched.waiting}, 503)
     return {'status': 'ok', 'running': sched.running, 'waiting': sched.waiting}
 
-  @app.get('/metrics')
+  @app.get('/metrics', response_class=responses.PlainTextResponse,
+           responses={200: {'content': {'text/plain': {}}}})
   async def prometheus():
-    return responses.Response(metrics.render(), media_type='text/plain; version=0.0.4')
+    """Prometheus text exposition format."""
+    return responses.PlainTextResponse(metrics.render(), media_type='text/plain; version=0.0.4')
 
   @app.get('/v1/models')
   async def models():
@@ -335,9 +337,20 @@ def make_app(engine: engine_lib.SlotEngine, model: api.Model, *, max_queue: int 
     api.check_model_name(body.model, model)
     if (body.prompt is None) == (body.messages is None):
       raise api.BadRequest('prompt', 'give a prompt or chat messages (one of the two)')
-    ids = (api.encode_text(model, body.prompt) if body.prompt is not None else
-           api.chat_prompt(body.messages, model))
+    ids = (api.encode_text(model, body.prompt, add_special_tokens=body.add_special_tokens)
+           if body.prompt is not None else api.chat_prompt(body.messages, model))
     return {'count': len(ids), 'max_model_len': model.max_len, 'tokens': ids}
+
+  @app.get('/tokenizer_info', responses=protocol.ERROR_RESPONSES)
+  @app.get('/v1/tokenizer_info', responses=protocol.ERROR_RESPONSES)
+  async def tokenizer_info():
+    """vLLM's /tokenizer_info (lm-evaluation-harness's remote tokenizer reads it): the
+    special tokens by role, the maximum length and the chat template."""
+    if model.tokenizer is None:
+      raise api.BadRequest(None, 'this model has no tokenizer', status=404)
+    tok = model.tokenizer
+    return {**tok.template_tokens, 'tokenizer_class': tok.name,
+            'model_max_length': model.max_len, 'chat_template': model.chat_template}
 
   @app.post('/v1/detokenize', responses=protocol.ERROR_RESPONSES)
   @app.post('/detokenize', responses=protocol.ERROR_RESPONSES)

@@ -18,6 +18,14 @@ def quiet_library_logs() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
+def persistent_compilation_cache(path: str) -> None:
+  """XLA programs cached in `path` across processes (a server's restart loads its
+  warm-up's programs); every program, however quick to compile, is kept."""
+  os.makedirs(path, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+
 def initialize() -> None:
   """Calls jax.distributed.initialize when a multi-process launch is detected.
 

@@ -15,7 +15,9 @@ fails the server stops and the process exits with status 1, for a supervisor to 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+import time
 
 from absl import flags
 import fastapi
@@ -71,7 +73,11 @@ def define_flags(fv: flags.FlagValues) -> None:
                      **d)
   flags.DEFINE_float('drain_timeout', 30.0, 'seconds to finish in-flight requests at shutdown',
                      **d)
-  flags.DEFINE_bool('warmup', True, 'compile before accepting requests', **d)
+  flags.DEFINE_bool('warmup', True, 'compile every program a request can reach (each length '
+                    'bucket, slot-count bucket and path) before accepting requests', **d)
+  flags.DEFINE_string('compilation_cache_dir', '~/.cache/kforcing_jax/xla',
+                      'persistent XLA compilation cache (a restart loads the warm-up\'s '
+                      'programs instead of compiling them); empty: none', **d)
   flags.DEFINE_string('log_level', 'warning', 'uvicorn log level', **d)
   config_flags.DEFINE_config_file('config', None, 'config file or shipped config name (with '
                                   '--random_init)', lock_config=True, **d)
@@ -153,17 +159,12 @@ def build(f, loaded: tuple[sampler_lib.Sampler, str] | None = None) -> fastapi.F
                               mesh=mesh, steps_per_call=f.steps_per_call)
   model = served_model(s, f.served_name or name, K, eng.max_len)
   if f.warmup:
-    warm(eng)
+    t0 = time.perf_counter()
+    n = eng.warmup()
+    print(f'compiled {n} programs in {time.perf_counter() - t0:.1f} s (slot buckets '
+          f'{eng.buckets})', file=sys.stderr, flush=True)
   return server.make_app(eng, model, max_queue=f.max_queue, request_timeout=f.request_timeout,
                          drain_timeout=f.drain_timeout)
-
-
-def warm(eng) -> None:
-  """Compiles the decode step and the smallest prefill bucket before serving."""
-  state = eng.init_state()
-  state = eng.insert(state, eng.prefill([0]), 0, engine_lib.SamplingParams())
-  state, toks, _ = eng.generate(state)
-  toks.block_until_ready()
 
 
 def uvicorn_server(app: fastapi.FastAPI, f) -> uvicorn.Server:
@@ -176,6 +177,8 @@ def uvicorn_server(app: fastapi.FastAPI, f) -> uvicorn.Server:
 
 def run(f) -> None:
   check_flags(f)
+  if f.compilation_cache_dir:
+    runtime.persistent_compilation_cache(os.path.expanduser(f.compilation_cache_dir))
   app = build(f)
   sched = app.state.scheduler
   print(f'serving on http://{f.host}:{f.port} ({sched.engine.max_slots} slots, K='

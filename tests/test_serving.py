@@ -133,6 +133,27 @@ def test_served_tokens_equal_alone_tokens_for_llama_families(kind, family):
     assert toks == alone(arch, params, k, r, K) and reason == 'length', (r.prompt, r.params)
 
 
+def test_finished_slots_are_compacted_and_steps_shrink_to_the_live_bucket(models):
+  """Requests of different lengths on 4 slots: when a low slot finishes, the highest live
+  request moves down into it, and steps compute only the smallest slot-count bucket that
+  holds the live requests -- with every request's tokens still its alone-run tokens."""
+  arch, _, params = models['ar']
+  eng = engine_lib.SlotEngine(arch, params, k=0, K=1, max_slots=4)
+  assert eng.buckets == (1, 2, 4)
+  rows, moves = [], []
+  real_generate, real_move = eng.generate, eng.move
+  eng.generate = lambda state, r=None: (rows.append(r), real_generate(state, r))[1]
+  eng.move = lambda state, src, dst: (moves.append((src, dst)), real_move(state, src, dst))[1]
+  lengths = [3, 25, 4, 30, 6, 12]  # the short ones free low slots under long ones
+  reqs = [scheduler_lib.Request([5 + i, 9, 2], n, engine_lib.SamplingParams(
+      temperature=(0.0, 1.0)[i % 2], seed=40 + i), None) for i, n in enumerate(lengths)]
+  got = serve_staggered(eng, reqs, -1, gap=0)
+  for r, (toks, reason) in zip(reqs, got):
+    assert toks == alone(arch, params, 0, r, 1) and reason == 'length'
+  assert moves and all(src > dst for src, dst in moves)
+  assert 4 in rows and rows[-1] == 1 and rows.index(1) > rows.index(4)
+
+
 def test_no_recompilation_in_steady_state(models):
   arch, _, params = models['pflm']
   eng = engine_lib.SlotEngine(arch, params, k=4, K=2, max_slots=2)
@@ -250,11 +271,11 @@ def test_a_failing_step_ends_every_request_and_stops_the_scheduler(models):
   eng = engine_lib.SlotEngine(arch, params, k=0, K=1, max_slots=1)
   real, calls = eng.generate, []
 
-  def generate(state, **kw):
+  def generate(state, *args):
     calls.append(1)
     if len(calls) == 3:
       raise RuntimeError('device lost')
-    return real(state, **kw)
+    return real(state, *args)
   eng.generate = generate
   fatal = []
   sched = scheduler_lib.Scheduler(eng, on_fatal=fatal.append)
@@ -623,7 +644,7 @@ def test_a_failing_step_stops_the_server_with_exit_status_1(models, monkeypatch)
   with SystemExit naming the failure (status 1, for a supervisor to restart it)."""
   monkeypatch.setattr(serve, 'load_model', lambda f, mesh: (sampler(models, 'ar'), 'tiny'))
 
-  def generate(self, state, **kw):
+  def generate(self, state, *args):
     raise RuntimeError('device lost')
   monkeypatch.setattr(engine_lib.SlotEngine, 'generate', generate)
   port, ended = free_port(), []

@@ -289,3 +289,19 @@ def test_incremental_text_equals_the_whole_decode(name, testdata, tmp_path):
     out.append(s.add(ids[j:j + n], final=j + n >= len(ids))[0])
     j += n
   assert ''.join(out) == tok.decode(ids)
+
+
+def test_after_warm_up_no_request_compiles_anything(live_ar):
+  """serve.build's warm-up compiled every length bucket, slot-count bucket and path: prompt
+  lengths 1..61, greedy / sampled / filtered / penalised, logprobs, prompt scoring, n up to
+  the slot count, and 1..4 live slots add no trace."""
+  traces = live_ar.engine.traces
+  rng = np.random.default_rng(9)
+  for n_prompt, body in [(1, {'temperature': 0}), (17, {'top_k': 3, 'top_p': 0.5}),
+                         (33, {'presence_penalty': 1.0, 'logprobs': 2, 'echo': True}),
+                         (61, {'frequency_penalty': 0.5, 'min_tokens': 2, 'n': 4}),
+                         (40, {'max_tokens': 0, 'echo': True, 'logprobs': 0})]:
+    prompt = rng.integers(1, V - 1, n_prompt).tolist()
+    r = live_ar.post('/completions', {'prompt': prompt, 'max_tokens': 3, **body})
+    assert r.status_code == 200, r.text
+  assert live_ar.engine.traces == traces

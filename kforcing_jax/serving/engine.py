@@ -154,12 +154,12 @@ def _jitted(kind: str, arch: arch_lib.ArchConfig, exe: arch_lib.ExecConfig, plan
         logprobs_B=state.logprobs_B.at[slot].set(logprobs))
     return _constrain(new, plan.mesh)
 
-  def generate(params, state: SlotState):
+  def generate(params, state: SlotState, rows: int):
     TRACES['generate'] += 1
     rope = step_lib.rope_table(arch, plan.cache_len)
-    gates = step_lib.Gates.of(state.settings)
 
     def one(st: SlotState, _):
+      gates = step_lib.Gates.of(st.settings)
       keys_B = jax.vmap(jax.random.wrap_key_data)(st.key_data_B)
       kw = {}
       if lay.pflm:
@@ -177,8 +177,20 @@ def _jitted(kind: str, arch: arch_lib.ArchConfig, exe: arch_lib.ExecConfig, plan
       slot_B = jnp.minimum(st.slot_B + lay.K, plan.cache_len - lay.queries)
       return st.replace(cache=cache, slot_B=slot_B, last_BxF=new, step_B=st.step_B + 1,
                         counts_BxV=counts), (new, lp)
-    state, (toks, lp) = jax.lax.scan(one, state, length=plan.steps_per_call)
-    return _constrain(state, plan.mesh), toks, lp
+
+    # only the live slots [0, rows) are computed (the scheduler keeps them at the front);
+    # the others keep their values
+    live = jax.tree.map(lambda x: x[:rows], state)
+    live, (toks, lp) = jax.lax.scan(one, live, length=plan.steps_per_call)
+    if rows < jax.tree.leaves(state)[0].shape[0]:
+      live = jax.tree.map(lambda full, part: jax.lax.dynamic_update_slice_in_dim(
+          full, part, 0, axis=0), state, live)
+    return _constrain(live, plan.mesh), toks, lp
+
+  def move(state: SlotState, src, dst):
+    TRACES['move'] += 1
+    return _constrain(jax.tree.map(lambda x: jax.lax.dynamic_update_slice_in_dim(
+        x, jax.lax.dynamic_slice_in_dim(x, src, 1, axis=0), dst, axis=0), state), plan.mesh)
 
   if kind == 'prefill':
     return jax.jit(prefill)
@@ -186,7 +198,9 @@ def _jitted(kind: str, arch: arch_lib.ArchConfig, exe: arch_lib.ExecConfig, plan
     return jax.jit(score)
   if kind == 'insert':
     return jax.jit(insert, donate_argnums=1)
-  return jax.jit(generate, donate_argnums=1)
+  if kind == 'move':
+    return jax.jit(move, donate_argnums=0)
+  return jax.jit(generate, donate_argnums=1, static_argnums=2)
 
 
 def jitted(kind: str, arch: arch_lib.ArchConfig, exe: arch_lib.ExecConfig, plan: SlotPlan):
@@ -231,6 +245,9 @@ class SlotEngine:
       raise step_lib.DecodeError(f'max_slots={max_slots} must divide by the mesh data axis '
                                  f'({data})')
     hint_tokens = self.layout.steps(self.max_len - 1) * K if self.pflm else 0
+    # slot-count buckets: powers of two times the data axis (a bucket must split over it)
+    self.buckets = tuple(sorted({min(data * 2 ** i, max_slots)
+                                 for i in range(max_slots.bit_length() + 1)}))
     self.plan = SlotPlan(self.layout, self.cache_len, hint_tokens, steps_per_call, mesh)
 
   @property
@@ -329,8 +346,50 @@ class SlotEngine:
     lp = jitted('score', self.arch, self.exe, self.plan)(self.params, toks)
     return jax.tree.map(lambda x: x[:T - 1], lp)
 
-  def generate(self, state: SlotState):
-    """Advances every slot by steps_per_call steps: (state, tokens [n, B, K] int32,
-    Logprobs [n, B, K, ...] -- zeros unless some slot asked for them). The filters run
-    when some slot's settings use them."""
-    return jitted('generate', self.arch, self.exe, self.plan)(self.params, state)
+  def rows(self, live: int) -> int:
+    """The slot-count bucket that computes slots [0, live): the smallest of `buckets`."""
+    return next(b for b in self.buckets if b >= live)
+
+  def generate(self, state: SlotState, rows: int | None = None):
+    """Advances slots [0, rows) (a bucket; default all) by steps_per_call steps: (state,
+    tokens [n, rows, K] int32, Logprobs [n, rows, K, ...] -- zeros unless some slot asked
+    for them). The filters run when some slot's settings use them."""
+    rows = self.max_slots if rows is None else rows
+    if rows not in self.buckets:
+      raise step_lib.DecodeError(f'rows={rows}: allowed {self.buckets}')
+    return jitted('generate', self.arch, self.exe, self.plan)(self.params, state, rows)
+
+  def move(self, state: SlotState, src: int, dst: int) -> SlotState:
+    """Slot src's request copied into slot dst (state is donated): the scheduler keeps
+    the live slots at the front so that a small bucket computes them."""
+    return jitted('move', self.arch, self.exe, self.plan)(state, np.int32(src), np.int32(dst))
+
+  def warmup(self) -> int:
+    """Compiles, before serving, everything a request can reach: every prefill, insert
+    and (AR) prompt-scoring length bucket, every slot-count bucket of generate, and move;
+    returns the number of programs. With a persistent compilation cache
+    (jax_compilation_cache_dir) a restart loads them instead."""
+    lengths, b = [], MIN_BUCKET
+    while True:
+      lengths.append(min(b, self.cache_len))
+      if b >= self.cache_len:
+        break
+      b *= 2
+    state = self.init_state()
+    n = 0
+    for length in sorted(set(lengths)):
+      # the longest prompt in this bucket that the engine accepts
+      prompt_len = max(1, min(self.max_len - 1, length + self.feed))
+      while prompt_len > 1 and self.bucket(prompt_len) > length:
+        prompt_len -= 1
+      state = self.insert(state, self.prefill([1] * prompt_len), 0, SamplingParams())
+      n += 2
+      if not self.pflm and length <= self.max_len:
+        self.score([1] * max(2, min(length, self.max_len)))
+        n += 1
+    for rows in self.buckets:
+      state, toks, _ = self.generate(state, rows)
+      n += 1
+    state = self.move(state, 0, self.max_slots - 1)
+    jax.block_until_ready(state)
+    return n + 1

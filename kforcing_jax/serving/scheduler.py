@@ -80,6 +80,7 @@ class Request:
   admitted_at: float | None = None
   first_token_at: float | None = None
   generated: int = 0
+  ended: bool = False  # its final event is on its way
   _cancelled: str | None = None
   _scheduler: Scheduler | None = dataclasses.field(default=None, repr=False)
 
@@ -205,9 +206,21 @@ class Scheduler:
     with self._cv:
       return self._queue.popleft() if self._queue else None
 
+  def _compact(self) -> None:
+    """Keeps the running requests in slots [0, n): the highest one moves into the lowest
+    free slot (one row copy), so that a step computes only the smallest bucket >= n."""
+    while True:
+      free = next((i for i, r in enumerate(self._slots) if r is None), None)
+      last = max((i for i, r in enumerate(self._slots) if r is not None), default=-1)
+      if free is None or last < free:
+        return
+      self._state = self.engine.move(self._state, last, free)
+      self._slots[free], self._slots[last] = self._slots[last], None
+
   def _admit(self) -> None:
     """Fills free slots from the queue; a request whose prefill or insert fails ends
     alone (the state is only replaced by a successful insert)."""
+    self._compact()
     free = [i for i, r in enumerate(self._slots) if r is None]
     while free:
       req = self._next_waiting()
@@ -234,6 +247,7 @@ class Scheduler:
       self._slots[free.pop(0)] = req
 
   def _end(self, req: Request, ev: Event) -> None:
+    req.ended = True
     self._events.append((req, ev))
     self._count(ev.finish_reason)
     if self.metrics is not None:
@@ -266,11 +280,12 @@ class Scheduler:
           if req is not None and req.cancelled:
             self._finish(slot, req.cancelled)
         self._admit()
-        active = [r for r in self._slots if r is not None]
+        live = sum(r is not None for r in self._slots)  # slots [0, live) after _admit
         dispatched = None
-        if active:
-          self._state, toks, lp = self.engine.generate(self._state)
-          dispatched = (toks, lp, list(self._slots), time.perf_counter())
+        if live:
+          rows = self.engine.rows(live)
+          self._state, toks, lp = self.engine.generate(self._state, rows)
+          dispatched = (toks, lp, self._slots[:rows], time.perf_counter())
         if pending is not None:
           self._deliver(*pending)
         pending = dispatched
@@ -321,7 +336,7 @@ class Scheduler:
     stop_B = np.zeros((B, n * K), bool)  # a stop token (EOS unless ignore_eos, stop ids)
     live = []
     for slot, req in enumerate(occupants):
-      if req is None or self._slots[slot] is not req:  # finished or replaced since
+      if req is None or req.ended:  # (it may have moved to another slot since: _compact)
         continue
       live.append(slot)
       row = by_slot[slot]
@@ -349,7 +364,7 @@ class Scheduler:
       if reason:
         if self.metrics is not None and req.generated > 1:
           self.metrics.tpot_seconds.observe((now - req.first_token_at) / (req.generated - 1))
-        self._slots[slot] = None
+        self._slots[self._slots.index(req)] = None
         self._end(req, Event(out, reason, logprobs=logprobs))
       else:
         self._events.append((req, Event(out, logprobs=logprobs)))

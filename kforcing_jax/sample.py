@@ -34,7 +34,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer('prompt_max_tokens', 0, 'keep the first N prompt ids (0 = all)',
                        flag_values=fv)
   flags.DEFINE_integer('K', None, 'tokens per step (PFLM: 1..k; default k)', flag_values=fv)
-  flags.DEFINE_float('freq_penalty', 0.0, 'frequency penalty lambda (the released PFLM sampler: 0.5)',
+  flags.DEFINE_float('freq_penalty', 0.0,
+                     'frequency penalty lambda (the released PFLM sampler: 0.5)',
                      flag_values=fv)
   flags.DEFINE_string('prompt', None, 'one prompt text', flag_values=fv)
   flags.DEFINE_string('prompts', None, 'JSONL file with one {"prefix": ...} per line',

@@ -7,8 +7,8 @@ log-likelihoods.
 
 Builds two local tasks from real LM1B sentences ($KFORCING_TESTDATA/lm1b): `kf_textmc`
 (multiple choice by log-likelihood: after a sentence's first half, its own second half or
-the next sentence's) and `kf_textppl` (loglikelihood_rolling: whole-sentence perplexity). Serves the export
-(`python -m kforcing_jax.serve`, float32), runs `lm_eval --model local-completions` with
+the next sentence's) and `kf_textppl` (loglikelihood_rolling: whole-sentence perplexity).
+Serves the export (`python -m kforcing_jax.serve`, float32), runs `lm_eval --model local-completions` with
 the server's own tokenizer (tokenizer_backend=remote: /tokenizer_info, /tokenize,
 /detokenize) and token-id prompts, then recomputes every sample offline -- lm-eval's
 tokenization rules (context/continuation split, rolling windows after the BOS-or-EOS

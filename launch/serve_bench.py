@@ -1,7 +1,15 @@
 """The load benchmark of record: AR vs PFLM servers under an OpenAI-API load generator.
 
   python -m venv /tmp/bench && /tmp/bench/bin/pip install -r requirements-bench.txt
-  python launch/serve_bench.py --aiperf=/tmp/bench/bin/aiperf --out=DIR
+  python launch/serve_bench.py --aiperf=/tmp/bench/bin/aiperf --out=DIR \
+      [--server_cpus=1 --client_cpus=0]
+  python launch/serve_bench.py --client=inproc --out=DIR
+
+Two protocols, because on a small machine the load generator competes with the server for
+its cores: `aiperf` (a separate process; --server_cpus / --client_cpus pin the server and
+the offline engine to some cores and aiperf to others, so both engines get the same
+cores), and `inproc` (the server's app on uvicorn in this process, driven by a minimal
+asyncio streaming client: no generator process at all).
 
 For each model (AR and PFLM K=4 of one random-weight shape, default the CPU benchmark's
 D=256, L=4, H=4, V=8192, max length 256) this starts `python -m kforcing_jax.serve` on
@@ -14,19 +22,22 @@ per-token latency, AR and PFLM).
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 from absl import app
 from absl import flags
 import numpy as np
 
+from kforcing_jax.serving import launcher
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
 flags.DEFINE_string('aiperf', 'aiperf', 'the aiperf executable (requirements-bench.txt)')
+flags.DEFINE_enum('client', 'aiperf', ['aiperf', 'inproc'], 'load generator (see above)')
+flags.DEFINE_string('server_cpus', '', 'taskset CPU list of the server and the offline engine')
+flags.DEFINE_string('client_cpus', '', 'taskset CPU list of aiperf')
 flags.DEFINE_string('out', 'serve_bench_out', 'output directory')
 flags.DEFINE_string('concurrency', '1,4,16,32', 'concurrency sweep')
 flags.DEFINE_string('rates', '', 'Poisson request rates (req/s); default: 0.25, 0.5 and 1x '
@@ -48,14 +59,6 @@ flags.DEFINE_integer('seed', 0, 'prompt set and aiperf seed')
 flags.DEFINE_string('tokenizer', '', 'a local Hugging Face tokenizer directory for aiperf '
                     '(it only counts input text here; default: one built from the GPT-2 files '
                     'in $KFORCING_TESTDATA/tokenizers/gpt2)')
-
-
-def free_port() -> int:
-  s = socket.socket()
-  s.bind(('127.0.0.1', 0))
-  port = s.getsockname()[1]
-  s.close()
-  return port
 
 
 def write_prompts(path: str) -> None:
@@ -82,32 +85,83 @@ def hf_tokenizer(out_dir: str) -> str:
   return d
 
 
-class Server:
-  def __init__(self, model: str, log_path: str):
-    self.port = free_port()
-    cmd = [sys.executable, '-m', 'kforcing_jax.serve', '--config=synthetic', '--random_init',
-           f'--model={model}', f'--max_slots={FLAGS.max_slots}', f'--port={self.port}',
-           f'--dtype={FLAGS.dtype}', f'--served_name={model}'
-           ] + ([f'--K={FLAGS.K}'] if model == 'pflm' else []) + FLAGS.model_flags.split()
-    self.log = open(log_path, 'w', encoding='utf-8')
-    self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-    self.url = f'http://127.0.0.1:{self.port}'
-    deadline = time.time() + 600
-    while time.time() < deadline:
-      if self.proc.poll() is not None:
-        raise SystemExit(f'the {model} server exited; see {log_path}')
-      try:
-        with urllib.request.urlopen(self.url + '/health', timeout=2) as r:
-          if r.status == 200:
-            return
-      except OSError:
-        time.sleep(1)
-    raise SystemExit(f'the {model} server did not start in 600 s; see {log_path}')
+def server_flags(model: str) -> list[str]:
+  return (['--config=synthetic', '--random_init', f'--model={model}',
+           f'--max_slots={FLAGS.max_slots}', f'--dtype={FLAGS.dtype}', f'--served_name={model}']
+          + ([f'--K={FLAGS.K}'] if model == 'pflm' else []) + FLAGS.model_flags.split())
 
-  def close(self):
-    self.proc.terminate()
-    self.proc.wait(timeout=120)
-    self.log.close()
+
+def Server(model: str, log_path: str) -> launcher.ServerProcess:
+  return launcher.ServerProcess(server_flags(model), log_path, cpus=FLAGS.server_cpus or None)
+
+
+def inproc(model: str, prompts: str, out_dir: str, concurrency: int) -> dict:
+  """The concurrency point with the app on uvicorn in this process and `concurrency`
+  asyncio clients each streaming completions back to back (httpx)."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  import httpx2 as httpx  # pylint: disable=g-import-not-at-top
+  from kforcing_jax import serve  # pylint: disable=g-import-not-at-top
+  from kforcing_jax.pipeline import config_lib  # pylint: disable=g-import-not-at-top
+  port = launcher.free_port()
+  f = config_lib.cli_flags(serve.define_flags, ['serve', f'--port={port}', '--log_level=error',
+                                                *server_flags(model)])
+  app = serve.build(f)
+  srv = serve.uvicorn_server(app, f)
+  thread = threading.Thread(target=srv.run, daemon=True)
+  thread.start()
+  while not srv.started:
+    time.sleep(0.05)
+  with open(prompts, encoding='utf-8') as fh:
+    texts = [json.loads(line)['text'] for line in fh]
+  n = max(FLAGS.requests_per_point, 2 * concurrency)
+  ttft, itl, tokens, e2e = [], [], [0], []
+
+  async def one(client, text):
+    body = {'model': model, 'prompt': text, 'max_tokens': FLAGS.output_len, 'stream': True,
+            'ignore_eos': True}
+    t0 = time.perf_counter()
+    last, got = None, 0
+    async with client.stream('POST', f'http://127.0.0.1:{port}/v1/completions',
+                             json=body) as r:
+      async for line in r.aiter_lines():
+        if not line.startswith('data: {'):
+          continue
+        k = len(json.loads(line[6:])['choices'][0]['token_ids'])
+        now = time.perf_counter()
+        if last is None:
+          ttft.append(now - t0)
+        else:
+          itl.extend([(now - last) / k] * k)
+        last, got = now, got + k
+    tokens[0] += got
+    e2e.append(time.perf_counter() - t0)
+
+  async def worker(client, queue):
+    while queue:
+      await one(client, queue.pop())
+
+  async def drive():
+    queue = [texts[i % len(texts)] for i in range(n)]
+    async with httpx.AsyncClient(timeout=600) as client:
+      await one(client, texts[0])  # warm the HTTP path
+      ttft.clear(), itl.clear(), e2e.clear()
+      tokens[0] = 0
+      t0 = time.perf_counter()
+      await asyncio.gather(*(worker(client, queue) for _ in range(concurrency)))
+      return time.perf_counter() - t0
+
+  try:
+    wall = asyncio.run(drive())
+  finally:
+    srv.should_exit = True
+    thread.join(timeout=120)
+  ms = lambda xs, q: round(float(np.percentile(xs, q)) * 1e3, 2)
+  return {'concurrency': concurrency, 'rate': None, 'requests': n,
+          'output_tok_s': tokens[0] / wall, 'request_s': n / wall, 'goodput_req_s': None,
+          'ttft_ms_p50': ms(ttft, 50), 'ttft_ms_p99': ms(ttft, 99),
+          'itl_ms_p50': ms(itl, 50), 'itl_ms_p99': ms(itl, 99),
+          'output_len_avg': tokens[0] / n}
 
 
 def aiperf(url, model, prompts, tok, out_dir, slo_ms, *, concurrency=None, rate=None) -> dict:
@@ -124,6 +178,8 @@ def aiperf(url, model, prompts, tok, out_dir, slo_ms, *, concurrency=None, rate=
     cmd += ['--concurrency', str(concurrency)]
   else:
     cmd += ['--request-rate', str(rate), '--arrival-pattern', 'poisson']
+  if FLAGS.client_cpus:
+    cmd = ['taskset', '-c', FLAGS.client_cpus, *cmd]
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
   if r.returncode:
     raise SystemExit(f'aiperf failed ({" ".join(cmd)}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}')
@@ -150,16 +206,18 @@ def aiperf(url, model, prompts, tok, out_dir, slo_ms, *, concurrency=None, rate=
 
 
 def offline(out_dir: str) -> dict:
-  """The offline engine's static batch at 16 rows, same shape and precision."""
+  """The offline engine's static batches 1 and 16, same shape, precision and cores."""
   cmd = [sys.executable, '-m', 'kforcing_jax.benchmark', '--config=synthetic', '--random_init',
-         '--batch_sizes=16', f'--K={FLAGS.K}', '--repeats=3', f'--dtype={FLAGS.dtype}',
+         '--batch_sizes=1,16', f'--K={FLAGS.K}', '--repeats=3', f'--dtype={FLAGS.dtype}',
          f'--out={out_dir}'] + FLAGS.model_flags.split()
-  subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=3600)
+  if FLAGS.server_cpus:
+    cmd = ['taskset', '-c', FLAGS.server_cpus, *cmd]
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=3600, env=env)
   with open(os.path.join(out_dir, 'benchmark.json'), encoding='utf-8') as f:
-    row = json.load(f)['rows'][0]
-  return {'ar_categorical_tok_s': row['ar_categorical_tokens_per_s'],
-          'pflm_tok_s': row['pf_tokens_per_s'],
-          'batch': 16}
+    rows = {r['batch_size']: r for r in json.load(f)['rows']}
+  return {str(b): {'ar_categorical_tok_s': rows[b]['ar_categorical_tokens_per_s'],
+                   'pflm_tok_s': rows[b]['pf_tokens_per_s']} for b in (1, 16)}
 
 
 def main(argv):
@@ -175,7 +233,17 @@ def main(argv):
             'max_slots': FLAGS.max_slots, 'K': FLAGS.K, 'model_flags': FLAGS.model_flags,
             'models': {}}
   slo = FLAGS.slo_ms
-  for model in ('ar', 'pflm'):
+  result['client'] = FLAGS.client
+  result['cpus'] = {'server': FLAGS.server_cpus, 'client': FLAGS.client_cpus}
+  result['offline'] = offline(os.path.join(out, 'offline'))
+  if FLAGS.client == 'inproc':
+    for model in ('ar', 'pflm'):
+      rows = []
+      for c in conc:
+        rows.append(inproc(model, prompts, out, c))
+        print(model, rows[-1], flush=True)
+      result['models'][model] = {'concurrency': rows}
+  for model in ('ar', 'pflm') if FLAGS.client == 'aiperf' else ():
     srv = Server(model, os.path.join(out, f'server_{model}.log'))
     try:
       rows = []
@@ -190,23 +258,23 @@ def main(argv):
       result['models'][model] = {'concurrency': rows}
     finally:
       srv.close()
-  pf16 = next((r for r in result['models']['pflm']['concurrency'] if r['concurrency'] == 16),
-              result['models']['pflm']['concurrency'][-1])
-  rates = ([float(r) for r in FLAGS.rates.split(',') if r] if FLAGS.rates else
-           [round(f * pf16['request_s'], 3) for f in (0.25, 0.5, 1.0)])
-  for model in ('ar', 'pflm'):
-    srv = Server(model, os.path.join(out, f'server_{model}_rates.log'))
-    try:
-      rows = []
-      for rate in rates:
-        rows.append(aiperf(srv.url, model, prompts, tok, os.path.join(out, f'{model}_r{rate}'),
-                           slo, rate=rate))
-        print(model, rows[-1], flush=True)
-      result['models'][model]['poisson'] = rows
-    finally:
-      srv.close()
-  result['slo_itl_ms'] = slo
-  result['offline_batch16'] = offline(os.path.join(out, 'offline'))
+  if FLAGS.client == 'aiperf':
+    pf16 = next((r for r in result['models']['pflm']['concurrency'] if r['concurrency'] == 16),
+                result['models']['pflm']['concurrency'][-1])
+    rates = ([float(r) for r in FLAGS.rates.split(',') if r] if FLAGS.rates else
+             [round(f * pf16['request_s'], 3) for f in (0.25, 0.5, 1.0)])
+    for model in ('ar', 'pflm'):
+      srv = Server(model, os.path.join(out, f'server_{model}_rates.log'))
+      try:
+        rows = []
+        for rate in rates:
+          rows.append(aiperf(srv.url, model, prompts, tok, os.path.join(out, f'{model}_r{rate}'),
+                             slo, rate=rate))
+          print(model, rows[-1], flush=True)
+        result['models'][model]['poisson'] = rows
+      finally:
+        srv.close()
+  result['slo_itl_ms'] = slo or None
   with open(os.path.join(out, 'serve_bench.json'), 'w', encoding='utf-8') as f:
     json.dump(result, f, indent=1)
   md = markdown(result)
@@ -217,22 +285,28 @@ def main(argv):
 
 
 def markdown(r: dict) -> str:
-  lines = [f'SLO: per-token latency <= {r["slo_itl_ms"]} ms; {r["output_len"]}-token '
-           f'completions, prompts {r["prompt_len"][0]}-{r["prompt_len"][1]} tokens, '
-           f'{r["max_slots"]} slots.', '',
-           '| model | load | output tok/s | TTFT p50 / p99 ms | per-token p50 / p99 ms | '
-           'goodput req/s |', '|---|---|---|---|---|---|']
+  o = r['offline']
+  slo = f'SLO: per-token latency <= {r["slo_itl_ms"]} ms; ' if r.get('slo_itl_ms') else ''
+  lines = [f'Client: {r["client"]}; {slo}{r["output_len"]}-token completions, prompts '
+           f'{r["prompt_len"][0]}-{r["prompt_len"][1]} tokens, {r["max_slots"]} slots.', '',
+           '| model | load | output tok/s | vs offline | TTFT p50 / p99 ms | '
+           'per-token p50 / p99 ms | goodput req/s |', '|---|---|---|---|---|---|---|']
   for model, d in r['models'].items():
+    key = 'ar_categorical_tok_s' if model == 'ar' else 'pflm_tok_s'
     for kind in ('concurrency', 'poisson'):
       for row in d.get(kind, []):
         load = f'conc {row["concurrency"]}' if kind == 'concurrency' else f'{row["rate"]} req/s'
         f = lambda v: '-' if v is None else f'{v:,.1f}'
-        lines.append(f'| {model} | {load} | {f(row["output_tok_s"])} | {f(row["ttft_ms_p50"])} / '
-                     f'{f(row["ttft_ms_p99"])} | {f(row["itl_ms_p50"])} / {f(row["itl_ms_p99"])}'
-                     f' | {f(row["goodput_req_s"])} |')
-  o = r['offline_batch16']
-  lines += ['', f'Offline engine, static batch 16: AR (Gumbel-max) {o["ar_categorical_tok_s"]:,.0f}'
-            f' tok/s, PFLM K={r["K"]} {o["pflm_tok_s"]:,.0f} tok/s.']
+        ref = (o['1'] if str(row['concurrency']) == '1' else o['16']) if kind == 'concurrency' \
+            and str(row['concurrency']) in ('1', '16') else None
+        vs = f'{row["output_tok_s"] / ref[key]:.0%}' if ref else '-'
+        lines.append(f'| {model} | {load} | {f(row["output_tok_s"])} | {vs} | '
+                     f'{f(row["ttft_ms_p50"])} / {f(row["ttft_ms_p99"])} | '
+                     f'{f(row["itl_ms_p50"])} / {f(row["itl_ms_p99"])} | '
+                     f'{f(row["goodput_req_s"])} |')
+  lines += ['', 'Offline engine, same shape, precision and cores: ' + '; '.join(
+      f'batch {b}: AR (Gumbel-max) {o[b]["ar_categorical_tok_s"]:,.0f} tok/s, PFLM K={r["K"]} '
+      f'{o[b]["pflm_tok_s"]:,.0f} tok/s' for b in ('1', '16')) + '.']
   return '\n'.join(lines) + '\n'
 
 
@@ -247,7 +321,8 @@ def plot(r: dict, path: str) -> None:
             label=f'{model} (concurrency sweep)')
     for x in rows:
       ax.annotate(str(x['concurrency']), (x['itl_ms_p50'], x['output_tok_s']), fontsize=7)
-  ax.axvline(r['slo_itl_ms'], color='grey', ls='--', lw=0.8, label='SLO')
+  if r.get('slo_itl_ms'):
+    ax.axvline(r['slo_itl_ms'], color='grey', ls='--', lw=0.8, label='SLO')
   ax.set_xlabel('per-token latency p50 (ms)')
   ax.set_ylabel('output tokens/s')
   ax.grid(alpha=0.3)

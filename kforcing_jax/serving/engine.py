@@ -42,6 +42,11 @@ from kforcing_jax.models import sampling
 from kforcing_jax.models import transformer as model_lib
 
 MIN_BUCKET = 16
+# The smallest slot-count bucket of an AR model: on XLA:CPU a one-row AR step (one query
+# per layer: batch-1 matrix-vector dots) ran at 18 ms where two rows took 2.2 ms, so a lone
+# AR request steps with one idle row beside it. A PFLM step (2K queries) has no such cliff
+# (one row 1.7 ms, two 2.1 ms).
+MIN_AR_ROWS = 2
 # Traces of the module's jitted functions, process-wide (tests: what recompiles).
 TRACES = collections.Counter()
 
@@ -182,9 +187,12 @@ def _jitted(kind: str, arch: arch_lib.ArchConfig, exe: arch_lib.ExecConfig, plan
     # the others keep their values
     live = jax.tree.map(lambda x: x[:rows], state)
     live, (toks, lp) = jax.lax.scan(one, live, length=plan.steps_per_call)
-    if rows < jax.tree.leaves(state)[0].shape[0]:
-      live = jax.tree.map(lambda full, part: jax.lax.dynamic_update_slice_in_dim(
-          full, part, 0, axis=0), state, live)
+    if rows < state.slot_B.shape[0]:  # write back only what a step changes
+      back = lambda full, part: jax.tree.map(lambda f, p: jax.lax.dynamic_update_slice_in_dim(
+          f, p, 0, axis=0), full, part)
+      live = state.replace(**{name: back(getattr(state, name), getattr(live, name))
+                              for name in ('cache', 'slot_B', 'last_BxF', 'step_B',
+                                           'counts_BxV')})
     return _constrain(live, plan.mesh), toks, lp
 
   def move(state: SlotState, src, dst):
@@ -246,7 +254,8 @@ class SlotEngine:
                                  f'({data})')
     hint_tokens = self.layout.steps(self.max_len - 1) * K if self.pflm else 0
     # slot-count buckets: powers of two times the data axis (a bucket must split over it)
-    self.buckets = tuple(sorted({min(data * 2 ** i, max_slots)
+    least = 1 if self.pflm else MIN_AR_ROWS
+    self.buckets = tuple(sorted({min(max(data * 2 ** i, least), max_slots)
                                  for i in range(max_slots.bit_length() + 1)}))
     self.plan = SlotPlan(self.layout, self.cache_len, hint_tokens, steps_per_call, mesh)
 

@@ -31,6 +31,7 @@ from kforcing_jax import sharding as sharding_lib
 from kforcing_jax.data import datasets as data_lib
 from kforcing_jax.data import tokenization
 from kforcing_jax.decoding import sampler as sampler_lib
+from kforcing_jax.evaluation import benchmark as benchmark_lib
 from kforcing_jax.interop import export as export_lib
 from kforcing_jax.models import precision
 from kforcing_jax.models import random_init
@@ -63,6 +64,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer('steps_per_call', 1, 'decoding steps per host round-trip', **d)
   flags.DEFINE_string('dtype', 'auto', 'serving precision: float32 | mixed | bfloat16 | auto',
                       **d)
+  flags.DEFINE_string('decode_attention', 'xla', 'xla (masked attention over the whole '
+                      'cache) | pallas (GPU: the flash-decoding kernel reads each slot\'s '
+                      'filled cache slots only)', **d)
   flags.DEFINE_integer('mesh_data', 1, 'devices along the data axis (slots)', **d)
   flags.DEFINE_integer('mesh_tensor', 1, 'devices along the tensor axis (parameters)', **d)
   flags.DEFINE_string('host', '127.0.0.1', 'address to bind', **d)
@@ -99,10 +103,14 @@ def check_flags(f) -> None:
 def load_model(f, mesh) -> tuple[sampler_lib.Sampler, str]:
   """(Sampler, name) of the served model."""
   dtype = precision.choose(f.dtype)[0]
+  benchmark_lib.check_decode_attention(f.decode_attention, jax.default_backend() != 'cpu')
+  attn = f.decode_attention
   if f.export:
-    return export_lib.load(f.export, mesh, dtype=dtype), f.export.rstrip('/').split('/')[-1]
+    return (export_lib.load(f.export, mesh, dtype=dtype, decode_attention=attn),
+            f.export.rstrip('/').split('/')[-1])
   if f.workdir:
-    return run_dir.load_sampler(f.workdir, f.stage, dtype=dtype, mesh=mesh), f.stage
+    return (run_dir.load_sampler(f.workdir, f.stage, dtype=dtype, mesh=mesh,
+                                 decode_attention=attn), f.stage)
   cfg = f.config
   vocab = cfg.model.vocab_size
   arch, params = random_init.random_model(
@@ -113,7 +121,7 @@ def load_model(f, mesh) -> tuple[sampler_lib.Sampler, str]:
     params = {n: v for n, v in params.items() if n != 'noise_encoder'}
   params = jax.device_put(params, ckpt_lib.abstract_params(arch, mesh)[1])
   s = sampler_lib.Sampler(arch, params, k=k, tokenizer=data_lib.make_tokenizer(cfg),
-                          exe=precision.exec_config(dtype), max_len=cfg.data.seq_len)
+                          exe=precision.exec_config(dtype, attn), max_len=cfg.data.seq_len)
   return s, f'random-{f.model}'
 
 

@@ -104,3 +104,52 @@ def test_engine_tokens_equal_whole_cache_engine(pflm_mode):
                                 xla.generate(prompts, stop, seed=2)[0])
   with pytest.raises(decode.DecodeError, match="cache_phases=2 with decode_attention='pallas'"):
     pallas.generate(prompts, dataclasses.replace(spec, cache_phases=2))
+
+
+def test_attention_with_a_slot_per_row_equals_each_row_alone():
+  """A serving step: every row at its own slot; each row equals the kernel run for that
+  row alone with its scalar slot."""
+  B, T, H, D, S = 3, 2, 2, 16, 3 * flash_decode.BLOCK_K
+  slot_B = jnp.asarray([5, 70, 140])
+  start_B = jnp.asarray([0, 12, 139])
+  keys = jax.random.split(jax.random.key(1), 5)
+  q = jax.random.normal(keys[0], (B, T, H, D))
+  k_new = jax.random.normal(keys[1], (B, T, H, D))
+  v_new = jax.random.normal(keys[2], (B, T, H, D))
+  ck = jax.random.normal(keys[3], (B, H, S, D))
+  cv = jax.random.normal(keys[4], (B, H, S, D))
+  got = flash_decode.attention(q, k_new, v_new, ck, cv, slot_B, start_B)
+  for b in range(B):
+    want = flash_decode.attention(q[b:b + 1], k_new[b:b + 1], v_new[b:b + 1], ck[b:b + 1],
+                                  cv[b:b + 1], int(slot_B[b]), start_B[b:b + 1])
+    np.testing.assert_allclose(got[b:b + 1], want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize('pflm', [True, False])
+def test_slot_engine_with_the_kernel_serves_the_whole_cache_tokens(pflm):
+  """The serving slot engine with decode_attention='pallas': slots at their own positions
+  (ragged prompts, staggered inserts), the same tokens as with the whole-cache attention."""
+  from kforcing_jax.serving import engine as engine_lib  # pylint: disable=g-import-not-at-top
+  cfg, _, params = tiny_model(pflm=True, never_emit=(52,), seed=7, noise=0.5, heads=2)
+  if not pflm:
+    cfg = dataclasses.replace(cfg, pflm=False)
+    params = {n: v for n, v in params.items() if n != 'noise_encoder'}
+  k, K = (4, 4) if pflm else (0, 1)
+  out = {}
+  for kernel in ('xla', 'pallas'):
+    eng = engine_lib.SlotEngine(cfg, params, arch_lib.ExecConfig(decode_attention=kernel),
+                                k=k, K=K, max_slots=2)
+    state = eng.init_state()
+    toks = []
+    state = eng.insert(state, eng.prefill([3, 4, 5, 6, 7, 8, 9]), 0,
+                       engine_lib.SamplingParams(temperature=1.0, seed=1))
+    for step in range(5):
+      if step == 2:  # a second request joins two steps later, at its own position
+        state = eng.insert(state, eng.prefill([10, 11]), 1,
+                           engine_lib.SamplingParams(temperature=1.0, seed=2))
+      state, t, _ = eng.generate(state)
+      toks.append(np.asarray(t)[0])
+    out[kernel] = np.concatenate(toks, axis=1)
+  assert out['xla'].shape == (2, 5 * K)
+  np.testing.assert_array_equal(out['pallas'][0], out['xla'][0])
+  np.testing.assert_array_equal(out['pallas'][1, 2 * K:], out['xla'][1, 2 * K:])

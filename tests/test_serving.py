@@ -630,7 +630,13 @@ def test_load_nothing_lost_nothing_mixed(live, models):
                                  stop_at_eos=False)[0].tolist()
 
 
-def test_serve_refuses_K_for_an_AR_model(models):
+def test_serve_refuses_K_for_an_AR_model_and_the_kernel_on_a_cpu(models):
+  with pytest.raises(SystemExit, match='--decode_attention=pallas needs a GPU'):
+    serve.main(['serve', '--config=synthetic', '--random_init', '--model=ar',
+                '--decode_attention=pallas'])
+  with pytest.raises(SystemExit, match="--decode_attention='flash': allowed: xla, pallas"):
+    serve.main(['serve', '--config=synthetic', '--random_init', '--model=ar',
+                '--decode_attention=flash'])
   with pytest.raises(SystemExit, match='--K=2 is a PFLM setting'):
     serve.main(['serve', '--config=synthetic', '--random_init', '--model=ar', '--K=2'])
   with pytest.raises(SystemExit, match='give one of --export=DIR'):

@@ -218,7 +218,7 @@ def forward(model, params, tokens_BxT, cache, slot, pads_B, rope, *, hints_BxHxD
   if slot.ndim == 0:
     attend = attn_lib.Cached(slot, mask, pads_B, exe.decode_attention, exe.cache_products)
   else:
-    attend = attn_lib.SlotCached(slot, mask, exe.cache_products)
+    attend = attn_lib.SlotCached(slot, mask, pads_B, exe.decode_attention, exe.cache_products)
   cos, sin = rope
   return model.apply({'params': params}, tokens_BxT, cache, attend, (cos[0][pos_BxQ],
                                                                       sin[0][pos_BxQ]),

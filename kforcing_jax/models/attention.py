@@ -201,15 +201,24 @@ def _write_rows(cache, new, slot_B, axis: int):
 
 @flax.struct.dataclass
 class SlotCached:
-  """Cached attention where every row (a serving slot) writes at its own slot: kv =
-  (keys [B, Hkv, Dh, S], values [B, Hkv, S, Dh]) as Cached with kernel='xla'; slot_B[b] is
-  the cache slot of row b's first input this step, mask_BxTxS what each input sees."""
+  """Cached attention where every row (a serving slot) writes at its own slot: kv and
+  kernel as Cached's; slot_B[b] is the cache slot of row b's first input this step,
+  mask_BxTxS what each input sees (kernel='xla'), start_B each row's first valid slot
+  (kernel='pallas': row b reads slots start_B[b]:slot_B[b] plus the step's own)."""
   slot_B: Any
   mask_BxTxS: Any
+  start_B: Any = None
+  kernel: str = flax.struct.field(pytree_node=False, default='xla')
   products: str = flax.struct.field(pytree_node=False, default='dot')
 
   def __call__(self, q, k, v, kv, query_from: int = 0):
     ck, cv = kv
+    if self.kernel == 'pallas':
+      ck = _write_rows(ck, jnp.swapaxes(k, 1, 2), self.slot_B, axis=2)
+      cv = _write_rows(cv, jnp.swapaxes(v, 1, 2), self.slot_B, axis=2)
+      out = flash_decode.attention(q[:, query_from:], k, v, ck, cv, self.slot_B, self.start_B,
+                                   query_from)
+      return out, (ck, cv)
     ck = _write_rows(ck, jnp.transpose(k, (0, 2, 3, 1)), self.slot_B, axis=3)
     cv = _write_rows(cv, jnp.swapaxes(v, 1, 2), self.slot_B, axis=2)
     out = cached_attention(q[:, query_from:], ck, cv, self.mask_BxTxS[:, query_from:],

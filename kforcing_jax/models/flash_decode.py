@@ -50,7 +50,8 @@ def k_splits(rows_x_heads: int, cache_len: int) -> int:
 
 def attention(q_BxTxHxD, k_new_BxQxKxD, v_new_BxQxKxD, ck_BxKxSxD, cv_BxKxSxD, slot,
               start_B, query_from: int = 0):
-  """Softmax attention of T queries over cache slots [start_b, slot) and the Q new keys.
+  """Softmax attention of T queries over cache slots [start_b, slot) and the Q new keys
+  (slot: [] for every row, or [B]: each row's own, as a serving slot engine's).
 
   q: the step's queries (inputs query_from.. of the step, RoPE applied), H heads; k_new,
   v_new: all Q inputs' keys/values (K = kv heads, H a multiple of K: query head h reads
@@ -67,6 +68,7 @@ def attention(q_BxTxHxD, k_new_BxQxKxD, v_new_BxQxKxD, ck_BxKxSxD, cv_BxKxSxD, s
     raise ValueError(f'flash_decode.attention: cache length {S} is not a multiple of '
                      f'{BLOCK_K} (allocate it with flash_decode.cache_length)')
   scale = 1.0 / np.sqrt(D)
+  slot_B = jnp.broadcast_to(jnp.asarray(slot, jnp.int32), (B,))
   # [B, K, G, T, D]: a KV head's G query heads and T inputs are its kernel query heads
   q_BxKxGxTxD = jnp.transpose(q_BxTxHxD.reshape(B, T, K, G, D), (0, 2, 3, 1, 4))
   # gqa takes keys [B, S, kv_heads, D] and swaps them to [B, kv_heads, S, D] itself: the two
@@ -74,7 +76,7 @@ def attention(q_BxTxHxD, k_new_BxQxKxD, v_new_BxQxKxD, ck_BxKxSxD, cv_BxKxSxD, s
   o, (l, m) = pallas_decode.gqa(
       q_BxKxGxTxD.reshape(B, K * G * T, D).astype(ck_BxKxSxD.dtype),
       jnp.swapaxes(ck_BxKxSxD, 1, 2), jnp.swapaxes(cv_BxKxSxD, 1, 2),
-      start_idx=start_B.astype(jnp.int32), kv_seq_len=jnp.asarray(slot, jnp.int32),
+      start_idx=start_B.astype(jnp.int32), kv_seq_len=slot_B,
       sm_scale=float(scale), block_k=BLOCK_K, k_splits=k_splits(B * K, S),
       interpret=jax.default_backend() == 'cpu', return_residuals=True, normalize_output=False)
   o_pre = o.reshape(B, K, G, T, D).astype(jnp.float32)
@@ -84,7 +86,8 @@ def attention(q_BxTxHxD, k_new_BxQxKxD, v_new_BxQxKxD, ck_BxKxSxD, cv_BxKxSxD, s
                      k_new_BxQxKxD.astype(jnp.float32)) * scale
   j, t = np.arange(Q), np.arange(T) + query_from
   visible = (jnp.asarray(j[None, :] <= t[:, None])[None, None, None] &
-             ((slot + j)[None, None, None, None, :] >= start_B[:, None, None, None, None]))
+             ((slot_B[:, None] + j[None, :])[:, None, None, None, :] >=
+              start_B[:, None, None, None, None]))
   s_blk = jnp.where(visible, s_blk, -jnp.inf)
   m_blk = jnp.max(s_blk, axis=-1)
   m_tot = jnp.maximum(m_pre, m_blk)  # finite: the kernel's empty prefix gives finfo.min

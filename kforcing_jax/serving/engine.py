@@ -7,13 +7,18 @@ next cache slot, left padding, last fed tokens, decoding step, noise key, sampli
 penalty counts and (PFLM) the hint embeddings of all its steps. `prefill` computes a
 prompt's KV cache in a length bucket (one compile per bucket); `insert` puts it into a free
 slot between steps and draws and encodes the request's noise there, off the step;
-`generate` advances every slot by K tokens (AR: 1) at its own position in one jitted call
-(optionally several steps per call) with kforcing_jax.decoding.step's decode_step, the step
-of the offline engine. Stopping (EOS, max tokens, stop strings, cancellation) is the
-caller's: it reads each step's tokens and frees slots (kforcing_jax.serving.scheduler).
+`generate` advances slots [0, rows) by K tokens (AR: 1) each at its own position in one
+jitted call (optionally several steps per call) with kforcing_jax.decoding.step's
+decode_step, the step of the offline engine; `rows` is a slot-count bucket, and `move`
+lets the caller keep its live requests in the front slots. Stopping (EOS, max tokens, stop
+strings, cancellation) is the caller's: it reads each step's tokens and frees slots
+(kforcing_jax.serving.scheduler). With ExecConfig.decode_attention='pallas' (GPU) each
+slot's attention reads only its own filled cache slots (kforcing_jax.models.flash_decode
+with per-row lengths).
 
 Sampling settings are traced per-slot values: no request compiles anything after the
-first call of each prefill bucket, insert bucket and generate. The jitted functions are
+first call of each prefill bucket, insert bucket and slot-count bucket (`warmup` compiles
+them all). The jitted functions are
 shared by every SlotEngine of the same configs.
 
 Exactness: a slot computes what `decoding.engine.Engine.generate` computes for its request
@@ -38,6 +43,7 @@ from jax.sharding import PartitionSpec
 
 from kforcing_jax.decoding import step as step_lib
 from kforcing_jax.models import arch as arch_lib
+from kforcing_jax.models import flash_decode
 from kforcing_jax.models import sampling
 from kforcing_jax.models import transformer as model_lib
 
@@ -236,8 +242,6 @@ class SlotEngine:
     self.arch, self.k, self.K = arch, k, K
     self.model = model_lib.build(arch, exe)
     self.exe = self.model.exe
-    if self.exe.decode_attention != 'xla':
-      raise step_lib.DecodeError("the slot engine's cached attention is decode_attention='xla'")
     self.params = params
     self.layout = step_lib.SlotLayout(K, self.pflm)
     self.max_len = max_len or arch.max_seq_len
@@ -245,6 +249,12 @@ class SlotEngine:
       raise step_lib.DecodeError(f'max_len={self.max_len}: must be >= 2 (a prompt token and '
                                  'a new one)')
     self.cache_len = self.layout.longest_cache(self.max_len)
+    # decode_attention='pallas' (GPU; interpret mode on CPU): each slot's step reads only
+    # its filled cache slots; the kernel's cache lengths are whole blocks
+    self.min_bucket = MIN_BUCKET
+    if self.exe.decode_attention == 'pallas':
+      self.cache_len = flash_decode.cache_length(self.cache_len)
+      self.min_bucket = flash_decode.BLOCK_K
     self.max_slots = max_slots
     self.steps_per_call = steps_per_call
     self.mesh = mesh
@@ -309,7 +319,7 @@ class SlotEngine:
   def bucket(self, prompt_len: int) -> int:
     """Prefill length bucket (a power of two >= MIN_BUCKET) of a prompt."""
     n = self.layout.first_slot(prompt_len)
-    b = MIN_BUCKET
+    b = self.min_bucket
     while b < n:
       b *= 2
     return min(b, self.cache_len)
@@ -347,7 +357,7 @@ class SlotEngine:
       raise step_lib.DecodeError('prompt log-probabilities are an AR model\'s (a push-forward '
                                  'model scores nothing without its noise)')
     T = len(prompt)
-    b = MIN_BUCKET
+    b = self.min_bucket
     while b < T:
       b *= 2
     toks = np.zeros((1, min(b, self.cache_len)), np.int32)
@@ -378,7 +388,7 @@ class SlotEngine:
     and (AR) prompt-scoring length bucket, every slot-count bucket of generate, and move;
     returns the number of programs. With a persistent compilation cache
     (jax_compilation_cache_dir) a restart loads them instead."""
-    lengths, b = [], MIN_BUCKET
+    lengths, b = [], self.min_bucket
     while True:
       lengths.append(min(b, self.cache_len))
       if b >= self.cache_len:

@@ -8,6 +8,10 @@
 #   flashtest  pytest tests/test_flash_decode.py: the Pallas kernel == masked attention, on the GPU
 #   pallas   the same benchmark with --decode_attention=pallas (flash-decoding kernel over the filled
 #            slots only; first run of its Triton kernel on a GPU)
+#   serve    launch/serve_bench.py --client=inproc at the OWT shape (random weights, 64 slots,
+#            concurrency 1/16/64, with --decode_attention=pallas): the slot engine's buckets
+#            and per-slot kernel vs the offline engine (needs the fastapi, uvicorn, httpx2
+#            and prometheus-client wheels in .whl besides ml-collections and clu)
 #   lm1b     the benchmark at the paper's LM1B shape (V=30,522, 122 new tokens), batch
 #            1,64,256,1024, never measured yet
 #   profile  launch/decode_profile.py --trace at batch 64 (kernels per decoding step)
@@ -71,6 +75,20 @@ section bench1 240 python3 -m kforcing_jax.benchmark "${OWT[@]}" --random_init \
 [[ -z ${SMOKE:-} ]] && section pallas 200 python3 -m kforcing_jax.benchmark "${OWT[@]}" \
   --random_init --batch_sizes=$B_ALL --K=4 --repeats=3 --decode_attention=pallas \
   --out="$STAGE/pallas"
+SERVE_SHAPE="--config.model.d_model=768 --config.model.n_layers=12 --config.model.n_heads=12
+  --config.model.vocab_size=50258 --config.data.synthetic.n_symbols=50256 --config.data.seq_len=1024"
+SERVE_EXTRA=(--max_slots=64 --concurrency=1,16,64 --output_len=250 --requests_per_point=64
+             --prompt_vocab=50256)
+if [[ -n ${SMOKE:-} ]]; then
+  SERVE_SHAPE="--config.model.d_model=64 --config.model.n_layers=2 --config.model.n_heads=2
+  --config.model.vocab_size=512 --config.data.synthetic.n_symbols=510 --config.data.seq_len=64"
+  SERVE_EXTRA=(--max_slots=4 --concurrency=1,4 --output_len=40 --requests_per_point=4
+               --prompt_vocab=500)
+else
+  SERVE_SHAPE+=" --decode_attention=pallas"
+fi
+section serve 200 python3 launch/serve_bench.py --client=inproc --model_flags="$SERVE_SHAPE" \
+  "${SERVE_EXTRA[@]}" --out="$STAGE/serve"
 section lm1b 150 python3 -m kforcing_jax.benchmark "${LM1B[@]}" --random_init \
   --batch_sizes=$B_LM1B --K=4 --repeats=3 --out="$STAGE/lm1b"
 section profile 120 python3 launch/decode_profile.py "${OWT[@]}" --batch_sizes=$B_PROF --trace \

@@ -44,6 +44,7 @@ flags.DEFINE_string('rates', '', 'Poisson request rates (req/s); default: 0.25, 
                     'the PFLM\'s measured request throughput at concurrency 16')
 flags.DEFINE_integer('requests_per_point', 48, 'requests per point (at least 2x concurrency)')
 flags.DEFINE_integer('output_len', 250, 'completion tokens (ignore_eos)')
+flags.DEFINE_integer('prompt_vocab', 8190, 'prompts use synthetic symbols s1..s<this - 1>')
 flags.DEFINE_integer('prompt_min', 2, 'shortest prompt (tokens)')
 flags.DEFINE_integer('prompt_max', 6, 'longest prompt (tokens; + output_len <= the max length 256)')
 flags.DEFINE_integer('max_slots', 16, 'server slots')
@@ -66,7 +67,7 @@ def write_prompts(path: str) -> None:
   with open(path, 'w', encoding='utf-8') as f:
     for _ in range(512):
       n = int(rng.integers(FLAGS.prompt_min, FLAGS.prompt_max + 1))
-      words = ['|'] + [f's{i}' for i in rng.integers(1, 8190, n - 1)]
+      words = ['|'] + [f's{i}' for i in rng.integers(1, FLAGS.prompt_vocab, n - 1)]
       f.write(json.dumps({'text': ' '.join(words), 'output_length': FLAGS.output_len}) + '\n')
 
 

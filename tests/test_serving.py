@@ -7,7 +7,6 @@ import asyncio
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from kforcing_jax.decoding import sampler as sampler_lib
 from kforcing_jax.pipeline import config_lib
 from kforcing_jax.serving import api
 from kforcing_jax.serving import engine as engine_lib
+from kforcing_jax.serving import launcher
 from kforcing_jax.serving import scheduler as scheduler_lib
 from kforcing_jax.training import checkpoint as ckpt_lib
 from tests.helpers import tiny_model
@@ -312,12 +312,7 @@ def test_text_stream_keeps_utf8_and_stop_strings_whole():
 TOK = tokenization.synthetic(V, 'test')
 
 
-def free_port() -> int:
-  sock = socket.socket()
-  sock.bind(('127.0.0.1', 0))
-  port = sock.getsockname()[1]
-  sock.close()
-  return port
+free_port = launcher.free_port
 
 
 def sampler(models, kind):

@@ -14,17 +14,10 @@ from kforcing_jax.data import tokenization
 from kforcing_jax.serving import api
 from kforcing_jax.serving import engine as engine_lib
 from kforcing_jax.serving import scheduler as scheduler_lib
-from tests.helpers import tiny_model
-from tests.test_serving import TOK, V, LiveServer, sampler, serve_staggered
+from tests.test_serving import TOK, V, sampler, serve_staggered
+from tests.test_serving import live_ar, models  # noqa: F401  (fixtures shared with that file)
 
 N_TOP = engine_lib.MAX_LOGPROBS
-
-
-@pytest.fixture(scope='module')
-def models():
-  ar = tiny_model(pflm=False, vocab=V, max_len=64, never_emit=(V - 1,))
-  pf = tiny_model(pflm=True, vocab=V, max_len=64, never_emit=(V - 1,), seed=1)
-  return {'ar': ar, 'pflm': pf}
 
 
 def alone(models, kind, req):
@@ -185,13 +178,6 @@ def test_prompt_scores_equal_the_causal_forward(models):
   ref = log_softmax(causal_logits(models, 'ar', ids))
   np.testing.assert_allclose(np.asarray(lp.token_BxK), ref[np.arange(8), ids[1:]], atol=2e-5)
   np.testing.assert_array_equal(np.asarray(lp.top_ids_BxKxN)[:, 0], ref[:8].argmax(-1))
-
-
-@pytest.fixture(scope='module')
-def live_ar(models):
-  s = LiveServer(sampler(models, 'ar'), '--max_slots=4')
-  yield s
-  s.close()
 
 
 def test_lm_eval_loglikelihood_requests_get_the_offline_scores(live_ar, models):

@@ -174,7 +174,9 @@ class Gates:
   @classmethod
   def of(cls, s: Settings) -> Gates:
     sampled_B = s.temperature_B != 0.0
-    return cls(penalty=jnp.any((s.penalty_B != 0.0) | (s.presence_B != 0.0)),
+    # penalty: some row's logits are adjusted before choosing (penalties, a min_new ban)
+    return cls(penalty=jnp.any((s.penalty_B != 0.0) | (s.presence_B != 0.0) |
+                               (s.min_new_B > 0)),
                greedy=jnp.any(~sampled_B),
                sampled=jnp.any(sampled_B),
                categorical=jnp.any(sampled_B & (s.sampler_B == 0)),
@@ -278,7 +280,6 @@ def pflm_tokens(logits_BxKxV, counts_BxV, s: Settings, g: Gates, n_out_B=0,
   top-N of each hint's distribution (0: none)."""
   B, K, V = logits_BxKxV.shape
   n_out_B = jnp.broadcast_to(jnp.asarray(n_out_B, jnp.int32), (B,))
-  hold = jnp.any(s.min_new_B > n_out_B)
 
   def adjusted():
     vocab = jnp.arange(V, dtype=jnp.int32)
@@ -292,9 +293,9 @@ def pflm_tokens(logits_BxKxV, counts_BxV, s: Settings, g: Gates, n_out_B=0,
     return jnp.stack(toks, axis=1), jnp.stack(rows, axis=1)
 
   if not logprobs:
-    return jax.lax.cond(g.penalty | hold, lambda: adjusted()[0],
+    return jax.lax.cond(g.penalty, lambda: adjusted()[0],
                         lambda: sampling.first_argmax(logits_BxKxV)), None
-  toks, logits = jax.lax.cond(g.penalty | hold, adjusted,
+  toks, logits = jax.lax.cond(g.penalty, adjusted,
                               lambda: (sampling.first_argmax(logits_BxKxV), logits_BxKxV))
   return toks, logprobs_of(logits, toks, logprobs)
 
@@ -308,10 +309,9 @@ def ar_tokens(logits_BxV, counts_BxV, s: Settings, g: Gates, step_keys, step_u,
   B = logits_BxV.shape[0]
   greedy_B = s.temperature_B == 0.0
   n_out_B = jnp.broadcast_to(jnp.asarray(n_out_B, jnp.int32), (B,))
-  hold = jnp.any(s.min_new_B > n_out_B)
-  logits_BxV = jax.lax.cond(hold, lambda: _banned(logits_BxV, s, n_out_B), lambda: logits_BxV)
-  penalized = jax.lax.cond(g.penalty, lambda: _penalized(logits_BxV, counts_BxV, s),
-                           lambda: logits_BxV)
+  penalized = jax.lax.cond(
+      g.penalty, lambda: _banned(_penalized(logits_BxV, counts_BxV, s), s, n_out_B),
+      lambda: logits_BxV)
 
   def greedy():
     return sampling.first_argmax(penalized)

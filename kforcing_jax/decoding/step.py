@@ -268,16 +268,21 @@ def logprobs_of(logits_BxKxV, tokens_BxK, n_top: int) -> Logprobs:
                   ids.astype(jnp.int32), top)
 
 
-def _no_logprobs(B: int, K: int, n_top: int) -> Logprobs:
-  return Logprobs(jnp.zeros((B, K), jnp.float32), jnp.zeros((B, K, n_top), jnp.int32),
-                  jnp.zeros((B, K, n_top), jnp.float32))
+def _gated_logprobs(want, fn, B: int, K: int, n_top: int) -> Logprobs:
+  """fn() where want (a [] bool, or True), else zeros: only steps with a request that
+  asked for log-probabilities compute them."""
+  if want is True:
+    return fn()
+  return jax.lax.cond(want, fn, lambda: Logprobs(
+      jnp.zeros((B, K), jnp.float32), jnp.zeros((B, K, n_top), jnp.int32),
+      jnp.zeros((B, K, n_top), jnp.float32)))
 
 
 def pflm_tokens(logits_BxKxV, counts_BxV, s: Settings, g: Gates, n_out_B=0,
-                logprobs: int = 0):
+                logprobs: int = 0, want_logprobs=True):
   """([B, K] int32 tokens, Logprobs or None): each hint's argmax after the penalties of
   the counts so far (the block's earlier tokens included) and the min_new ban; logprobs:
-  top-N of each hint's distribution (0: none)."""
+  top-N of each hint's distribution (0: none; zeros unless want_logprobs)."""
   B, K, V = logits_BxKxV.shape
   n_out_B = jnp.broadcast_to(jnp.asarray(n_out_B, jnp.int32), (B,))
 
@@ -295,17 +300,23 @@ def pflm_tokens(logits_BxKxV, counts_BxV, s: Settings, g: Gates, n_out_B=0,
   if not logprobs:
     return jax.lax.cond(g.penalty, lambda: adjusted()[0],
                         lambda: sampling.first_argmax(logits_BxKxV)), None
-  toks, logits = jax.lax.cond(g.penalty, adjusted,
-                              lambda: (sampling.first_argmax(logits_BxKxV), logits_BxKxV))
-  return toks, logprobs_of(logits, toks, logprobs)
+
+  def with_logprobs(choose):  # each branch its own: no [B, K, V] leaves the cond
+    toks, logits = choose()
+    return toks, _gated_logprobs(want_logprobs, lambda: logprobs_of(logits, toks, logprobs),
+                                 B, K, logprobs)
+  return jax.lax.cond(g.penalty, lambda: with_logprobs(adjusted), lambda: with_logprobs(
+      lambda: (sampling.first_argmax(logits_BxKxV), logits_BxKxV)))
 
 
 def ar_tokens(logits_BxV, counts_BxV, s: Settings, g: Gates, step_keys, step_u,
-              samplers: tuple[str, ...] = SAMPLERS, n_out_B=0, logprobs: int = 0):
+              samplers: tuple[str, ...] = SAMPLERS, n_out_B=0, logprobs: int = 0,
+              want_logprobs=True):
   """([B] int32 AR tokens, Logprobs [B, 1, ...] or None). step_keys() / step_u(): the
   rows' keys (categorical) and u (inverse_cdf) of this step, made only when some row needs
   them. samplers: the ones rows may use (static: the others are not compiled). n_out_B:
-  tokens each row emitted before this one (the min_new ban); logprobs: top-N (0: none)."""
+  tokens each row emitted before this one (the min_new ban); logprobs: top-N (0: none;
+  zeros unless want_logprobs)."""
   B = logits_BxV.shape[0]
   greedy_B = s.temperature_B == 0.0
   n_out_B = jnp.broadcast_to(jnp.asarray(n_out_B, jnp.int32), (B,))
@@ -343,39 +354,32 @@ def ar_tokens(logits_BxV, counts_BxV, s: Settings, g: Gates, step_keys, step_u,
   toks = jnp.where(greedy_B, _gated(g.greedy, greedy, (B,)), _gated(g.sampled, sampled, (B,)))
   if not logprobs:
     return toks, None
-  # the distribution each row drew from (recomputed: only requests asking for logprobs pay)
-  drawn_from = jnp.where(greedy_B[:, None], penalized,
-                         jax.lax.cond(g.sampled, tempered_filtered, lambda: penalized))
-  return toks, logprobs_of(drawn_from[:, None], toks[:, None], logprobs)
+
+  def drawn_logprobs():  # of the distribution each row drew from (its filters recomputed)
+    drawn_from = jnp.where(greedy_B[:, None], penalized,
+                           jax.lax.cond(g.sampled, tempered_filtered, lambda: penalized))
+    return logprobs_of(drawn_from[:, None], toks[:, None], logprobs)
+  return toks, _gated_logprobs(want_logprobs, drawn_logprobs, B, 1, logprobs)
 
 
 def decode_step(model, params, tokens_BxF, cache, slot, pads_B, rope, s: Settings, g: Gates,
                 counts_BxV, *, hints_BxKxD=None, step_keys=None, step_u=None,
                 samplers: tuple[str, ...] = SAMPLERS, n_out_B=0, logprobs: int = 0,
-                want_logprobs=None):
+                want_logprobs=True):
   """One step: (tokens [B, K] int32, cache, counts with them added, Logprobs or None).
   slot: [] (every row at the same slot) or [B]; hints_BxKxD: a PFLM's hint embeddings of
   this step; step_keys / step_u / samplers: see ar_tokens; n_out_B: tokens each row
-  emitted before this step ([] or [B]); logprobs: top-N to return (static; 0: none), made
-  only when want_logprobs ([] bool, default True) -- otherwise zeros."""
+  emitted before this step ([] or [B]); logprobs: top-N to return (static; 0: none),
+  computed only when want_logprobs ([] bool, or True) -- otherwise zeros."""
   feed = tokens_BxF.shape[1]
   pflm = hints_BxKxD is not None
   logits, cache = forward(model, params, tokens_BxF, cache, slot, pads_B, rope,
                           hints_BxHxD=hints_BxKxD, logits_from=feed if pflm else 0)
-  B = tokens_BxF.shape[0]
-
-  def choose(n_top):
-    if pflm:
-      return pflm_tokens(logits, counts_BxV, s, g, n_out_B, n_top)
-    toks, lp = ar_tokens(logits[:, 0], counts_BxV, s, g, step_keys, step_u, samplers,
-                         n_out_B, n_top)
-    return toks[:, None], lp
-
-  if logprobs and want_logprobs is not None:
-    K = logits.shape[1] if pflm else 1
-    new_BxK, lp = jax.lax.cond(want_logprobs, lambda: choose(logprobs),
-                               lambda: (choose(0)[0], _no_logprobs(B, K, logprobs)))
+  if pflm:
+    new_BxK, lp = pflm_tokens(logits, counts_BxV, s, g, n_out_B, logprobs, want_logprobs)
   else:
-    new_BxK, lp = choose(logprobs)
+    toks, lp = ar_tokens(logits[:, 0], counts_BxV, s, g, step_keys, step_u, samplers,
+                         n_out_B, logprobs, want_logprobs)
+    new_BxK = toks[:, None]
   rows = jnp.arange(new_BxK.shape[0])[:, None]
   return new_BxK, cache, counts_BxV.at[rows, new_BxK].add(1), lp

@@ -92,7 +92,7 @@ def server_flags(model: str) -> list[str]:
           + ([f'--K={FLAGS.K}'] if model == 'pflm' else []) + FLAGS.model_flags.split())
 
 
-def Server(model: str, log_path: str) -> launcher.ServerProcess:
+def start_server(model: str, log_path: str) -> launcher.ServerProcess:
   return launcher.ServerProcess(server_flags(model), log_path, cpus=FLAGS.server_cpus or None)
 
 
@@ -245,7 +245,7 @@ def main(argv):
         print(model, rows[-1], flush=True)
       result['models'][model] = {'concurrency': rows}
   for model in ('ar', 'pflm') if FLAGS.client == 'aiperf' else ():
-    srv = Server(model, os.path.join(out, f'server_{model}.log'))
+    srv = start_server(model, os.path.join(out, f'server_{model}.log'))
     try:
       rows = []
       if not slo:  # calibrate the SLO on the AR server alone at concurrency 1
@@ -265,7 +265,7 @@ def main(argv):
     rates = ([float(r) for r in FLAGS.rates.split(',') if r] if FLAGS.rates else
              [round(f * pf16['request_s'], 3) for f in (0.25, 0.5, 1.0)])
     for model in ('ar', 'pflm'):
-      srv = Server(model, os.path.join(out, f'server_{model}_rates.log'))
+      srv = start_server(model, os.path.join(out, f'server_{model}_rates.log'))
       try:
         rows = []
         for rate in rates:

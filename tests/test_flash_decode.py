@@ -130,10 +130,7 @@ def test_slot_engine_with_the_kernel_serves_the_whole_cache_tokens(pflm):
   """The serving slot engine with decode_attention='pallas': slots at their own positions
   (ragged prompts, staggered inserts), the same tokens as with the whole-cache attention."""
   from kforcing_jax.serving import engine as engine_lib  # pylint: disable=g-import-not-at-top
-  cfg, _, params = tiny_model(pflm=True, never_emit=(52,), seed=7, noise=0.5, heads=2)
-  if not pflm:
-    cfg = dataclasses.replace(cfg, pflm=False)
-    params = {n: v for n, v in params.items() if n != 'noise_encoder'}
+  cfg, _, params = tiny_model(pflm=pflm, never_emit=(52,), seed=7, noise=0.5, heads=2)
   k, K = (4, 4) if pflm else (0, 1)
   out = {}
   for kernel in ('xla', 'pallas'):

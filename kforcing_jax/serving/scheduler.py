@@ -22,7 +22,6 @@ import threading
 import time
 from typing import Callable
 
-import jax
 import numpy as np
 
 from kforcing_jax import errors
@@ -47,8 +46,14 @@ class Logprobs:
   def __len__(self) -> int:
     return len(self.token_n)
 
-  def __getitem__(self, cut: slice) -> Logprobs:
+  def __getitem__(self, cut) -> Logprobs:
     return Logprobs(self.token_n[cut], self.top_ids_nxN[cut], self.top_nxN[cut])
+
+  @classmethod
+  def from_device(cls, lp, reshape=lambda x: x) -> Logprobs:
+    """An engine's Logprobs (decoding.step.Logprobs) on the host, each field reshaped."""
+    return cls(*(reshape(np.asarray(x)) for x in (lp.token_BxK, lp.top_ids_BxKxN,
+                                                   lp.top_BxKxN)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,8 +236,8 @@ class Scheduler:
         continue
       try:
         if req.prompt_logprobs:
-          self._events.append((req, Event([], prompt_logprobs=_as_event_logprobs(_host(
-              self.engine.score(req.prompt))))))
+          self._events.append((req, Event([], prompt_logprobs=Logprobs.from_device(
+              self.engine.score(req.prompt)))))
         if req.max_tokens == 0:
           self._end(req, Event([], 'length'))
           continue
@@ -332,7 +337,8 @@ class Scheduler:
     by_slot = toks.transpose(1, 0, 2).reshape(B, n * K)
     lp_host = None
     if any(r is not None and r.params.logprobs for r in occupants):
-      lp_host = _host(lp, lambda x: np.swapaxes(x, 0, 1).reshape(B, n * K, *x.shape[3:]))
+      lp_host = Logprobs.from_device(  # [slots, n * K, ...]
+          lp, lambda x: np.swapaxes(x, 0, 1).reshape(B, n * K, *x.shape[3:]))
     stop_B = np.zeros((B, n * K), bool)  # a stop token (EOS unless ignore_eos, stop ids)
     live = []
     for slot, req in enumerate(occupants):
@@ -358,9 +364,8 @@ class Scheduler:
         req.first_token_at = now
         if self.metrics is not None:
           self.metrics.ttft_seconds.observe(now - req.arrived)
-      logprobs = None if lp_host is None or not req.params.logprobs else Logprobs(
-          lp_host.token_BxK[slot, :take], lp_host.top_ids_BxKxN[slot, :take],
-          lp_host.top_BxKxN[slot, :take])
+      logprobs = (None if lp_host is None or not req.params.logprobs else
+                  lp_host[slot, :take])
       if reason:
         if self.metrics is not None and req.generated > 1:
           self.metrics.tpot_seconds.observe((now - req.first_token_at) / (req.generated - 1))
@@ -370,12 +375,3 @@ class Scheduler:
         self._events.append((req, Event(out, logprobs=logprobs)))
     if self.metrics is not None and emitted:
       self.metrics.tokens.inc(emitted)
-
-
-def _host(lp, reshape=lambda x: x):
-  """A device Logprobs on the host (numpy), each leaf reshaped."""
-  return jax.tree.map(lambda x: reshape(np.asarray(x)), lp)
-
-
-def _as_event_logprobs(lp) -> Logprobs:
-  return Logprobs(lp.token_BxK, lp.top_ids_BxKxN, lp.top_BxKxN)

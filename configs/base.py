@@ -66,7 +66,8 @@ def distill_stage(k: int, objective: str = 'progressive'):
   # paper's: its teacher's argmax + rollout targets) | ar_rollout (the AR model's own k-token
   # inverse-CDF rollout) | mixed (ar_rollout's targets for a share ar_fraction of the
   # windows, else progressive's) | on_policy (the AR model's inverse-CDF token after the
-  # student's own earlier tokens).
+  # student's own earlier tokens) | on_policy_soft (on_policy's targets as soft targets
+  # over the CDF neighbourhood of u, cdf_margin wide on each side).
   s.objective = objective
   # The AR model of ar_rollout / mixed / on_policy: '' = the AR model at the root of the
   # chain of teachers (the run's teacher stage, or the AR export it started from).
@@ -75,6 +76,7 @@ def distill_stage(k: int, objective: str = 'progressive'):
   s.ar_fraction_end = -1.0  # ... moving linearly to this by the last step (-1: constant).
   # Cross-entropy weight of window position i (1-based) ~ i^position_power, mean 1.
   s.position_power = 0.0
+  s.cdf_margin = 0.02  # on_policy_soft: half-width of the noise neighbourhood, in (0, 0.5].
   # Temperature conditioning: tau per sequence uniform in [tau_min, tau_max]; the teacher
   # is tempered by tau and the student sees it. 1,1 = the paper's setting.
   s.tau_min = 1.0

@@ -7,6 +7,7 @@ import shutil
 from unittest import mock
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from kforcing_jax.pipeline import context as context_lib
 from kforcing_jax.data import datasets as data_lib
 from kforcing_jax.training import distill
 from kforcing_jax.training import objectives
+from kforcing_jax.models import layouts
 from kforcing_jax.models import transformer as model_lib
 from kforcing_jax.training import optim
 from kforcing_jax.pipeline import run as pipeline
@@ -85,6 +87,36 @@ def test_microbatched_distill_step_matches_whole_batch(run_dir):
     np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, err_msg=key)
   for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_a_soft_objectives_step_learns_its_soft_targets(run_dir):
+  """The distill step's loss for a soft objective is the cross-entropy against its soft
+  targets (here uniform ones), not against the hard ids beside them."""
+  d, cfg = run_dir
+  mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
+  _, student, tx, (_, hard_fn), t_params, _, batch = student_setup(d, cfg, mesh)
+  V = student.arch.vocab_size
+
+  def soft_fn(*args):
+    y = hard_fn(*args)
+    return y, jnp.full(y.shape + (V,), 1.0 / V)
+  soft = dataclasses.replace(objectives.get('on_policy'), soft=True)
+  settings = ml_collections.ConfigDict(cfg.stages.distill_k2.to_dict())
+  state, _, _ = trainer.create_state(model_lib.init_fn(student, cfg.data.seq_len), tx, mesh,
+                                     jax.random.key(0), False)
+  params = jax.device_get(state.params)
+  step = jax.jit(distill.make_distill_step(student, soft, soft_fn, tx, k=2,
+                                           settings=settings, never_emit=()))
+  _, metrics = step(state, batch, jax.random.key(3), {'teacher': t_params})
+  B, n = batch['tokens'].shape
+  u, tau = distill.sample_noise(jax.random.key(3), B, n, 2, settings.tau_min, settings.tau_max)
+  logits = layouts.apply_window(student, params, batch['tokens'], None, u, tau)
+  y = hard_fn({'teacher': t_params}, logits, batch['tokens'], u, tau, None, 0.0)
+  w = distill.window_weights(batch['mask'], y, ())
+  ce = jax.nn.logsumexp(logits, -1) - jnp.mean(logits, -1)
+  np.testing.assert_allclose(metrics['loss'], jnp.sum(ce * w) / jnp.sum(w), rtol=1e-4)
+  hard = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], -1)[..., 0]
+  assert abs(float(metrics['loss']) - float(jnp.sum(hard * w) / jnp.sum(w))) > 0.1
 
 
 def test_donated_distill_steps_leave_the_teacher_intact(run_dir):
@@ -213,7 +245,8 @@ def learning_run(tmp_path_factory):
 
 @pytest.mark.parametrize('stage, objective', [
     ('distill_k2', 'progressive'), ('distill_k4', 'progressive'),
-    ('distill_k4', 'ar_rollout'), ('distill_k2', 'on_policy')])
+    ('distill_k4', 'ar_rollout'), ('distill_k2', 'on_policy'),
+    ('distill_k2', 'on_policy_soft')])
 def test_wider_windows_learn_their_objectives_targets(learning_run, stage, objective):
   """The k=2 / k=4 stage's own step and its objective's targets (argmax + rollout of its
   PFLM teacher; the AR teacher's rollout; the AR teacher after the student's own tokens)

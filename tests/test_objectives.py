@@ -99,6 +99,69 @@ def test_targets_of_each_objective(models):
                                 objectives.on_policy_targets(ar, ar_params, ctx, mine, u))
 
 
+def cdf_window_reference(logits, u, margin, tau=1.0, blocked=()):
+  """The soft-target rule in float64 numpy, token by token."""
+  z = np.asarray(logits, np.float64) / tau
+  p = np.exp(z - z.max())
+  p /= p.sum()
+  upper = np.cumsum(p)
+  lower = upper - p
+  a, b = max(u - margin, 0.0), min(u + margin, 1.0)
+  q = np.array([max(min(hi, b) - max(lo, a), 0.0) for lo, hi in zip(lower, upper)])
+  q[list(blocked)] = 0.0
+  return q / q.sum()
+
+
+def test_cdf_window_soft_targets():
+  """Each token's mass is the share of [u - m, u + m] ∩ [0, 1] its CDF interval covers;
+  blocked ids get none; the inverse-CDF token always gets some, all of it when u sits
+  deeper than the margin inside its interval."""
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(3, 5, 17)) * 2, jnp.float32)
+  u = jnp.asarray(rng.uniform(size=(3, 5)), jnp.float32).at[0, 0].set(0.001)
+  tau = jnp.asarray([1.0, 0.5, 2.0])[:, None, None]
+  for margin, blocked in ((0.05, ()), (0.2, (3, 9)), (0.5, ())):
+    q = np.asarray(objectives.cdf_window(logits, u, margin, tau, blocked))
+    y = np.asarray(sampling.inverse_cdf(logits, u, tau))
+    for b in range(3):
+      for n in range(5):
+        ref = cdf_window_reference(logits[b, n], float(u[b, n]), margin, float(tau[b, 0, 0]),
+                                   blocked)
+        np.testing.assert_allclose(q[b, n], ref, atol=2e-6)
+        if y[b, n] not in blocked:
+          assert q[b, n, y[b, n]] > 0
+    np.testing.assert_allclose(q.sum(-1), 1.0, atol=1e-5)
+    assert np.all(q[..., list(blocked)] == 0)
+  # a narrow margin is the hard target wherever u is deeper than it inside the interval
+  narrow = np.asarray(objectives.cdf_window(logits, u, 1e-4))
+  y = np.asarray(sampling.inverse_cdf(logits, u))
+  hard = np.take_along_axis(narrow, y[..., None], -1)[..., 0]
+  assert np.mean(hard > 0.999) > 0.9
+
+
+def test_on_policy_soft_targets_and_loss(models):
+  """on_policy_soft: on_policy's hard targets (agreement counts them) beside the soft
+  targets of the same AR distributions; the loss is the cross-entropy against the soft."""
+  ar, ar_params, pflm, t_params, student, s_params, ctx = models
+  m = objectives.Models(teacher=pflm, teacher_k=2, ar=ar, student=student, k=4)
+  u = sampling.uniform_noise(jax.random.key(9), (2, 7, 4))
+  s_logits = layouts.apply_window(student, s_params, ctx, None, u)
+  obj = objectives.get('on_policy_soft')
+  assert obj.soft and not objectives.get('on_policy').soft
+  got = obj.make_targets(m, settings(cdf_margin=0.1))(
+      {'teacher': t_params, 'ar': ar_params}, s_logits, ctx, u, None, jnp.zeros((2, 7)), 0.0)
+  y, q = objectives.split(got)
+  mine = jnp.argmax(s_logits, -1)
+  np.testing.assert_array_equal(y, objectives.on_policy_targets(ar, ar_params, ctx, mine, u))
+  ar_logits = objectives.ar_window_logits(ar, ar_params, ctx, mine[..., :-1])
+  np.testing.assert_allclose(q, objectives.cdf_window(ar_logits, u, 0.1), atol=1e-6)
+  assert np.mean(np.asarray(q).max(-1) < 0.999) > 0.3  # soft: mass beside the hard target
+  w = jnp.ones(y.shape)
+  ce = -jnp.sum(q * jax.nn.log_softmax(s_logits), -1)
+  np.testing.assert_allclose(obj.loss(s_logits, y, w, settings(), q), jnp.sum(ce), rtol=1e-5)
+  assert objectives.split(y)[1] is None
+
+
 def test_an_ar_stage_teacher_is_the_ar_model(models):
   """With an AR stage teacher (k=1 or a first stage) every AR-based objective uses it."""
   ar, ar_params, _, _, student, s_params, ctx = models
@@ -128,7 +191,8 @@ def test_position_weighted_cross_entropy():
 def test_target_passes_per_window():
   m = lambda k, tk: objectives.Models(None, tk, None, None, k)
   passes = {n: o.target_passes(m(4, 2)) for n, o in objectives.OBJECTIVES.items()}
-  assert passes == {'progressive': 2.0, 'ar_rollout': 4.0, 'mixed': 6.0, 'on_policy': 1.0}
+  assert passes == {'progressive': 2.0, 'ar_rollout': 4.0, 'mixed': 6.0, 'on_policy': 1.0,
+                    'on_policy_soft': 1.0}
   assert objectives.get('progressive').target_passes(m(1, 0)) == 1.0
 
 
@@ -144,7 +208,9 @@ def test_stage_seeds_come_from_the_stage_name():
 @pytest.mark.parametrize('edit, message', [
     (lambda c: c.stages.distill_k2.update({'objective': 'kl'}),
      "stages.distill_k2.objective='kl' is not allowed; allowed: progressive, ar_rollout, "
-     'mixed, on_policy'),
+     'mixed, on_policy, on_policy_soft'),
+    (lambda c: c.stages.distill_k2.update({'cdf_margin': 0.0}),
+     r'stages.distill_k2.cdf_margin must be in \(0, 0.5\], got 0.0'),
     (lambda c: c.stages.distill_k2.update({'k': 3}),
      'stages.distill_k2.k=3 is not allowed; allowed: a power of two'),
     (lambda c: c.stages.distill_k2.update({'kind': 'kl'}),

@@ -34,7 +34,7 @@ def _set(objective: str, **fields) -> Callable[[object], None]:
   """Sets every objective field (the rest to their defaults), so a variant means the same
   whatever the config's own recipe."""
   values = {'objective': objective, 'ar_fraction': 0.5, 'ar_fraction_end': -1.0,
-            'position_power': 0.0, **fields}
+            'position_power': 0.0, 'cdf_margin': 0.02, **fields}
   return lambda s: s.update(values)
 
 
@@ -52,6 +52,12 @@ VARIANTS: dict[str, Variant] = {
                                  _set('progressive', position_power=1.0)),
     'on_policy_weighted': Variant('on_policy, cross-entropy weight ~ window position',
                                   _set('on_policy', position_power=1.0)),
+    'on_policy_soft': Variant('on_policy_weighted learnt as soft targets over the CDF '
+                              'neighbourhood of u (cdf_margin 0.02)',
+                              _set('on_policy_soft', position_power=1.0, cdf_margin=0.02)),
+    'on_policy_soft_wide': Variant('on_policy_soft with cdf_margin 0.1',
+                                   _set('on_policy_soft', position_power=1.0,
+                                        cdf_margin=0.1)),
 }
 
 

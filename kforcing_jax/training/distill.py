@@ -74,12 +74,12 @@ def make_distill_step(student, objective, targets_fn, tx, *, k: int, settings, n
       # one student forward serves the targets (on-policy ones read it) and the loss
       logits, pullback = jax.vjp(lambda p: layouts.apply_window(
           student, p, mb['tokens'], None, mb['u'], mb['tau']), params)
-      y = jax.lax.stop_gradient(targets_fn(frozen, jax.lax.stop_gradient(logits),
-                                           mb['tokens'], mb['u'], mb['tau'], mb['r'],
-                                           progress))
+      y, q = objectives_lib.split(jax.lax.stop_gradient(targets_fn(
+          frozen, jax.lax.stop_gradient(logits), mb['tokens'], mb['u'], mb['tau'], mb['r'],
+          progress)))
       w = window_weights(mb['mask'], y, never_emit)
       total, d_logits = jax.value_and_grad(
-          lambda l: objective.loss(l, y, w, settings))(logits)
+          lambda l: objective.loss(l, y, w, settings, q))(logits)
       grads, = pullback(d_logits)
       return grads, {'total': total, **agreement_stats(jnp.argmax(logits, -1), y, w)}
 
@@ -104,7 +104,7 @@ def make_agreement_step(student, targets_fn, k: int, never_emit):
     u = sampling.uniform_noise(rng, (B, n, k))
     r = jax.random.uniform(jax.random.fold_in(rng, 1), (B, n))
     logits = layouts.apply_window(student, params, ctx, None, u, tau_B)
-    y = targets_fn(frozen, logits, ctx, u, tau_B, r, jnp.float32(1.0))
+    y, _ = objectives_lib.split(targets_fn(frozen, logits, ctx, u, tau_B, r, jnp.float32(1.0)))
     pred = jnp.argmax(logits, -1)
     return agreement_stats(pred, y, window_weights(mask, y, never_emit))
   return agreement_step
@@ -238,6 +238,8 @@ def spec(ctx, stage: str) -> trainer.StageSpec:
                       teacher_fingerprint=ckpt_lib.params_fingerprint(t_params))
   if ar_ref:
     compat['ar_fingerprint'] = ckpt_lib.params_fingerprint(frozen['ar'])
+  if objective.soft:
+    compat['cdf_margin'] = float(s.cdf_margin)
   passes = objective.target_passes(models)
   return trainer.StageSpec(
       name=stage, arch=arch, settings=s,

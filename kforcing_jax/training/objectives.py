@@ -17,6 +17,12 @@ memory estimate). Held-out agreement is measured against the same targets. Regis
                1..i-1 (from the step's own student forward, plus one AR pass); its fixed point
                is ar_rollout's, and a wrong early token is followed by the teacher's
                continuation of it rather than of a token the student did not emit.
+  on_policy_soft
+               on_policy's targets, learnt as soft targets: the share of the noise
+               neighbourhood [u_i - cdf_margin, u_i + cdf_margin] that each token's CDF
+               interval covers under the same AR distribution. A neighbour in CDF order is a
+               token the teacher itself would emit for a nearby u; the hard target carries
+               most of the mass whenever u sits inside its interval by more than the margin.
 
 Every objective's cross-entropy can weight window position i (1-based) by i^position_power
 (normalised to mean 1): a power > 0 spends more of the gradient on the later, harder
@@ -49,7 +55,8 @@ class Models:
 
 
 # targets(frozen, student_logits_BxNxKxV, ctx_BxN, u_BxNxK, tau_B, r_BxN, progress) ->
-# y_BxNxK int32; student_logits: the step's own forward of the student on (ctx, u, tau),
+# y_BxNxK int32 (soft objectives: (y_BxNxK, q_BxNxKxV), the soft targets beside the hard
+# ones that held-out agreement counts); student_logits: the step's own forward of the student on (ctx, u, tau),
 # computed once for the loss too (on_policy reads its argmax); frozen: {'teacher': params, 'ar': params (only when Models.ar is set)}; r_BxN:
 # per-window uniforms drawn with the noise (for per-window choices); progress: the
 # stage's fraction done, a traced float in [0, 1].
@@ -66,12 +73,22 @@ class Objective:
   make_targets: Callable[[Models, object], TargetsFn]  # (models, stage settings) -> targets
   # teacher and student forward passes per window spent on targets (memory and cost)
   target_passes: Callable[[Models], float]
+  soft: bool = False  # targets are (hard ids, soft distributions); the loss reads the soft
 
-  def loss(self, logits_BxNxKxV, y_BxNxK, w_BxNxK, settings) -> jax.Array:
-    """The summed weighted cross-entropy (divided by the summed weights by the trainer)."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxNxKxV, y_BxNxK)
+  def loss(self, logits_BxNxKxV, y_BxNxK, w_BxNxK, settings, q_BxNxKxV=None) -> jax.Array:
+    """The summed weighted cross-entropy (divided by the summed weights by the trainer):
+    against the ids y, or against the distributions q where the objective is soft."""
+    if q_BxNxKxV is None:
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxNxKxV, y_BxNxK)
+    else:
+      ce = optax.softmax_cross_entropy(logits_BxNxKxV, q_BxNxKxV)
     return jnp.sum(ce * w_BxNxK * position_weights(y_BxNxK.shape[-1],
                                                    settings.get('position_power', 0.0)))
+
+
+def split(targets) -> tuple[jax.Array, jax.Array | None]:
+  """(hard ids, soft distributions or None) of a TargetsFn's result."""
+  return targets if isinstance(targets, tuple) else (targets, None)
 
 
 def position_weights(k: int, power: float) -> jax.Array:
@@ -135,13 +152,55 @@ def _on_policy(models: Models, settings) -> TargetsFn:
   return targets
 
 
-def on_policy_targets(ar_model, ar_params, ctx_BxN, prefix_BxNxK, u_BxNxK, tau_B=None):
+def _on_policy_soft(models: Models, settings) -> TargetsFn:
+  margin = float(settings.cdf_margin)
+  blocked = tuple(models.student.arch.never_emit_ids)
+
+  def targets(frozen, s_logits, ctx, u, tau, r, progress):
+    model, params = _ar(models, frozen)
+    mine = jnp.argmax(s_logits, axis=-1).astype(jnp.int32)
+    return on_policy_targets(model, params, ctx, mine, u, tau, cdf_margin=margin,
+                             blocked_ids=blocked)
+  return targets
+
+
+def on_policy_targets(ar_model, ar_params, ctx_BxN, prefix_BxNxK, u_BxNxK, tau_B=None, *,
+                      cdf_margin: float = 0.0, blocked_ids=()):
   """Target i: the AR model's inverse-CDF token for u_i after the context and prefix
-  tokens 1..i-1 (one pass over the window layout of the prefix)."""
+  tokens 1..i-1 (one pass over the window layout of the prefix). With cdf_margin > 0, also
+  the soft targets of those distributions (cdf_window), never on blocked_ids."""
   logits_BxNxKxV = ar_window_logits(ar_model, ar_params, ctx_BxN, prefix_BxNxK[..., :-1])
   t = None if tau_B is None else tau_B[:, None, None]
-  return jnp.stack([sampling.inverse_cdf(logits_BxNxKxV[:, :, i], u_BxNxK[..., i], t)
-                    for i in range(u_BxNxK.shape[-1])], axis=-1)
+  y = jnp.stack([sampling.inverse_cdf(logits_BxNxKxV[:, :, i], u_BxNxK[..., i], t)
+                 for i in range(u_BxNxK.shape[-1])], axis=-1)
+  if cdf_margin <= 0:
+    return y
+  tq = None if tau_B is None else tau_B[:, None, None, None]
+  q = cdf_window(logits_BxNxKxV, u_BxNxK, cdf_margin, tq, blocked_ids)
+  return y, q
+
+
+def cdf_window(logits_xV, u_x, margin: float, tau=None, blocked_ids=()) -> jax.Array:
+  """[..., V]: the share of [u - margin, u + margin] ∩ [0, 1] covered by each token's
+  interval [CDF(v-1), CDF(v)) under softmax(logits / tau), renormalised after dropping
+  blocked_ids (ids the student can never emit)."""
+  logits = logits_xV.astype(jnp.float32)
+  if tau is not None:
+    logits = logits / tau
+  p = jax.nn.softmax(logits, axis=-1)
+  hi, lo = sampling.cumsum_ff(p)
+  upper = (hi + lo) / (hi[..., -1:] + lo[..., -1:])
+  lower = jnp.concatenate([jnp.zeros_like(upper[..., :1]), upper[..., :-1]], axis=-1)
+  u = u_x[..., None].astype(jnp.float32)
+  a, b = jnp.clip(u - margin, 0.0, 1.0), jnp.clip(u + margin, 0.0, 1.0)
+  cover = jnp.maximum(jnp.minimum(upper, b) - jnp.maximum(lower, a), 0.0)
+  if blocked_ids:
+    keep = jnp.ones((p.shape[-1],), bool).at[jnp.asarray(blocked_ids)].set(False)
+    cover = jnp.where(keep, cover, 0.0)
+  # a window wholly inside blocked intervals keeps nothing: its weight is 0 (its hard target
+  # is blocked too), so any finite distribution serves
+  total = jnp.sum(cover, axis=-1, keepdims=True)
+  return jnp.where(total > 0, cover / jnp.maximum(total, 1e-30), 1.0 / p.shape[-1])
 
 
 def ar_window_logits(model, params, ctx_BxN, win_BxNxA) -> jax.Array:
@@ -169,6 +228,8 @@ OBJECTIVES: dict[str, Objective] = {
     'mixed': Objective('mixed', True, True, _mixed,
                        lambda m: _passes_progressive(m) + (m.k if m.teacher_k else 0)),
     'on_policy': Objective('on_policy', True, False, _on_policy, lambda m: 1.0),
+    'on_policy_soft': Objective('on_policy_soft', True, False, _on_policy_soft,
+                                lambda m: 1.0, soft=True),
 }
 
 

@@ -1,18 +1,29 @@
-"""Decoding speed of an imported Llama-family export beside transformers, in one process.
+"""Decoding speed of an imported Llama-family export beside the CPU engines a user would
+otherwise run on the same file, in one run.
 
-  python launch/hf_speed.py --export=EXPORT --reference=SRC [--batch_sizes=1,16] \
-      [--new_tokens=128] [--repeats=3] [--out=hf_speed.json]
+  python launch/hf_speed.py --export=EXPORT --reference=SRC [--pflm_export=DIR] \
+      [--llama_cpp_python=PY] [--batch_sizes=1,16] [--new_tokens=128] [--repeats=3] \
+      [--out=hf_speed.json]
 
 SRC is what the export was imported from (a Hugging Face directory or a .gguf file, loaded by
-transformers as the reference). Both decode greedily the same `--new_tokens` tokens after
+transformers as the reference). Every engine decodes the same `--new_tokens` tokens after
 the same 8-token prompt for every row (EOS ignored), compile / warm-up excluded; the median
-of --repeats timed runs. Ours runs in float32 and in the CPU's serving precision
-(kforcing_jax.models.precision: `mixed` where the CPU has native bf16 dot instructions);
-transformers in float32 with torch's own threads.
+of --repeats timed runs:
+  ours AR      greedy, in float32 and in the CPU's serving precision
+               (kforcing_jax.models.precision: `mixed` where the CPU has native bf16 dot
+               instructions);
+  ours PFLM    --pflm_export (a K-Forcing student of the same model), K = its window, one
+               forward per K tokens (sampled: a PFLM's tokens come from its noise);
+  transformers float32 `generate`, greedy, torch's own threads;
+  llama.cpp    --llama_cpp_python: a Python with llama-cpp-python (built from source in its
+               own environment, BENCHMARKS.md), running launch/llama_cpp_speed.py on SRC
+               as shipped (a .gguf, quantized or not), greedy, batched decoding, one thread
+               per core. It runs in a child process after the others, alone on the CPU.
 """
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -35,6 +46,9 @@ flags.DEFINE_string('batch_sizes', '1,16', 'comma-separated batch sizes')
 flags.DEFINE_integer('new_tokens', 128, 'greedy tokens per row')
 flags.DEFINE_integer('repeats', 3, 'timed runs per point (median)')
 flags.DEFINE_string('out', 'hf_speed.json', 'JSON output')
+flags.DEFINE_string('pflm_export', None, 'a PFLM export of the same model (optional)')
+flags.DEFINE_string('llama_cpp_python', None,
+                    'a python with llama-cpp-python to time llama.cpp on --reference (a .gguf)')
 PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345]  # 8 ids, valid in any V >= 4650
 
 
@@ -55,6 +69,19 @@ def reference_model(src: str):
   return transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
 
 
+def llama_cpp_rows(python: str, gguf: str, sizes, n: int, repeats: int) -> dict:
+  """{batch: tokens/s} and the run's facts from launch/llama_cpp_speed.py under `python`."""
+  if not gguf.endswith('.gguf'):
+    raise SystemExit(f'error: --llama_cpp_python needs --reference to be a .gguf file, got '
+                     f'{gguf!r}')
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'llama_cpp_speed.py')
+  out = subprocess.run([python, worker, f'--model={gguf}',
+                        f'--prompt={",".join(map(str, PROMPT))}',
+                        f'--batch_sizes={",".join(map(str, sizes))}', f'--new_tokens={n}',
+                        f'--repeats={repeats}'], check=True, capture_output=True, text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv):
   del argv
   runtime.quiet_library_logs()
@@ -71,6 +98,11 @@ def main(argv):
       s = median_seconds(lambda m=m: m.generate_ids(prompts, n, temperature=0.0,
                                                     stop_at_eos=False), FLAGS.repeats)
       row[f'ours_{dtype}_tokens_per_s'] = b * n / s
+      if FLAGS.pflm_export:
+        p = kforcing_jax.load(FLAGS.pflm_export, dtype=dtype)
+        s = median_seconds(lambda p=p: p.generate_ids(prompts, n, K=p.k, stop_at_eos=False),
+                           FLAGS.repeats)
+        row[f'ours_pflm_K{p.k}_{dtype}_tokens_per_s'] = b * n / s
     ids = torch.tensor(prompts)
 
     def hf_generate():
@@ -81,11 +113,19 @@ def main(argv):
                                                                         FLAGS.repeats)
     rows.append(row)
     print(json.dumps(row), flush=True)
+  llama = None
+  if FLAGS.llama_cpp_python:
+    del ref  # the CPU and memory to llama.cpp alone
+    llama = llama_cpp_rows(FLAGS.llama_cpp_python, FLAGS.reference, sizes, n, FLAGS.repeats)
+    for row, got in zip(rows, llama.pop('rows')):
+      row['llama_cpp_tokens_per_s'] = got['tokens_per_s']
+      print(json.dumps({'batch_size': row['batch_size'], **got}), flush=True)
   result = {'cpu': runtime.cpu_model(), 'jax': jax.__version__,
             'torch': torch.__version__, 'transformers': transformers.__version__,
             'torch_threads': torch.get_num_threads(), 'serving_precision': serving,
             'date': time.strftime('%Y-%m-%d'), 'export': os.path.abspath(FLAGS.export),
-            'rows': rows}
+            'pflm_export': FLAGS.pflm_export and os.path.abspath(FLAGS.pflm_export),
+            'reference': FLAGS.reference, 'llama_cpp': llama, 'rows': rows}
   with open(FLAGS.out, 'w', encoding='utf-8') as f:
     json.dump(result, f, indent=1)
   print(f'wrote {FLAGS.out}')

@@ -55,10 +55,11 @@ class Models:
 
 
 # targets(frozen, student_logits_BxNxKxV, ctx_BxN, u_BxNxK, tau_B, r_BxN, progress) ->
-# y_BxNxK int32 (soft objectives: (y_BxNxK, q_BxNxKxV), the soft targets beside the hard
-# ones that held-out agreement counts); student_logits: the step's own forward of the student on (ctx, u, tau),
-# computed once for the loss too (on_policy reads its argmax); frozen: {'teacher': params, 'ar': params (only when Models.ar is set)}; r_BxN:
-# per-window uniforms drawn with the noise (for per-window choices); progress: the
+# y_BxNxK int32, or for a soft objective (y_BxNxK, q_BxNxKxV): the soft targets the loss
+# reads beside the hard ones held-out agreement counts. student_logits: the step's own
+# forward of the student on (ctx, u, tau), computed once for the loss too (on_policy reads
+# its argmax); frozen: {'teacher': params, 'ar': params (only when Models.ar is set)};
+# r_BxN: per-window uniforms drawn with the noise (for per-window choices); progress: the
 # stage's fraction done, a traced float in [0, 1].
 TargetsFn = Callable[..., jax.Array]
 

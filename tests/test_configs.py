@@ -132,25 +132,29 @@ def test_every_config_builds_at_a_shrunk_shape(name, tmp_path):
 
 
 def test_synthetic_config_runs_every_stage(distilled_run, tmp_path):
-  """The default job, shrunk (conftest.synthetic_config): teacher, distill_k1 and
-  distill_k2 are the session's shared run of the same config; in a copy of it the whole
-  pipeline of configs/synthetic.py skips them and runs distill_k4 and evaluate."""
+  """The default job, shrunk (conftest.synthetic_config), as its documented k=8 variant:
+  teacher, distill_k1 and distill_k2 are the session's shared run of the same config; in a
+  copy of it the pipeline of configs/synthetic.py plus distill_k8 skips them and runs
+  distill_k4, distill_k8 (on-policy targets from the run's AR teacher) and evaluate."""
   shared, shared_cfg = distilled_run
   run = tmp_path / 'run'
   shutil.copytree(shared, run)
-  cfg = synthetic_config(steps=3, pipeline=config_lib.load_config_file('synthetic').pipeline)
+  default = config_lib.load_config_file('synthetic').pipeline
+  assert default == ('teacher', 'distill_k1', 'distill_k2', 'distill_k4', 'evaluate')
+  cfg = synthetic_config(steps=3, pipeline=default[:-1] + ('distill_k8', 'evaluate'))
   assert cfg.to_dict() == dict(shared_cfg.to_dict(), pipeline=cfg.pipeline)  # the same job
   finished = {s: run_dir.read_summary(str(run / s)) for s in ('teacher', 'distill_k1',
                                                                'distill_k2')}
   out = pipeline.run(cfg, str(run))
-  assert list(out) == list(cfg.pipeline) == ['teacher', 'distill_k1', 'distill_k2',
-                                              'distill_k4', 'evaluate']
+  assert list(out) == list(cfg.pipeline)
   assert {s: out[s] for s in finished} == finished  # skipped, not rerun
   assert out['distill_k4']['k'] == 4 and out['distill_k4']['teacher_stage'] == 'distill_k2'
+  assert out['distill_k8']['k'] == 8 and out['distill_k8']['teacher_stage'] == 'distill_k4'
+  assert out['distill_k8']['objective'] == 'on_policy'
   assert os.path.exists(run / 'evaluate' / 'report.md')
   assert [(r['model'], r['K']) for r in out['evaluate']['rows']] == [
       ('teacher', 1), ('k1', 1), ('k2', 1), ('k2', 2), ('k4', 1), ('k4', 2), ('k4', 3),
-      ('k4', 4)]
+      ('k4', 4)] + [('k8', K) for K in range(1, 9)]
 
 
 def config_overrides(before, after) -> list[str]:

@@ -312,6 +312,8 @@ def test_distill_from_released_ar_teacher(tmp_path, exports):
 def test_distill_k8_from_released_k4(tmp_path, exports):
   cfg = fixture_run_config(('distill_k8',))
   cfg.stages.distill_k8.teacher_stage = exports['pflm_tiny_k4']
+  # the released recipe's objective: its chain holds no AR model to roll out
+  cfg.stages.distill_k8.objective = 'progressive'
   out = pipeline.run(cfg, str(tmp_path))
   assert out['distill_k8']['k'] == 8
   k8 = kforcing_jax.load_stage(str(tmp_path), 'distill_k8')

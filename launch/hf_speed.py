@@ -70,10 +70,8 @@ def reference_model(src: str):
 
 
 def llama_cpp_rows(python: str, gguf: str, sizes, n: int, repeats: int) -> dict:
-  """{batch: tokens/s} and the run's facts from launch/llama_cpp_speed.py under `python`."""
-  if not gguf.endswith('.gguf'):
-    raise SystemExit(f'error: --llama_cpp_python needs --reference to be a .gguf file, got '
-                     f'{gguf!r}')
+  """launch/llama_cpp_speed.py's result under `python`: {'rows': [{batch_size,
+  tokens_per_s, ...}], and the build's facts}."""
   worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'llama_cpp_speed.py')
   out = subprocess.run([python, worker, f'--model={gguf}',
                         f'--prompt={",".join(map(str, PROMPT))}',
@@ -84,6 +82,9 @@ def llama_cpp_rows(python: str, gguf: str, sizes, n: int, repeats: int) -> dict:
 
 def main(argv):
   del argv
+  if FLAGS.llama_cpp_python and not FLAGS.reference.endswith('.gguf'):
+    raise SystemExit(f'error: --llama_cpp_python needs --reference to be a .gguf file, got '
+                     f'{FLAGS.reference!r}')
   runtime.quiet_library_logs()
   sizes = [int(b) for b in FLAGS.batch_sizes.split(',')]
   n = FLAGS.new_tokens

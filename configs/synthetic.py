@@ -6,7 +6,7 @@ Trains the AR teacher, then distils it progressively into push-forward students 
 windows k = 1, 2, 4 (k >= 2 on on-policy targets), and evaluates every model (about 15
 minutes on 2 CPU cores).
 
-Variant k=8 (a student of window 8 distilled from the k=4 one, about 8 more minutes):
+Variant k=8 (a student of window 8 distilled from the k=4 one, about 10 more minutes):
   python main.py --config=configs/synthetic.py --workdir=/tmp/kf \
       --config.pipeline=teacher,distill_k1,distill_k2,distill_k4,distill_k8,evaluate
 """

@@ -65,13 +65,22 @@ def cumsum_ff(p_xV: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jax.lax.associative_scan(_ff_add, (p, jnp.zeros_like(p)), axis=-1)
 
 
-def inverse_cdf(logits_xV: jax.Array, u_x: jax.Array, tau=None) -> jax.Array:
-  """min{v : CDF(v) >= u} for softmax(logits / tau); leading dims broadcast with u."""
+def softmax_cdf(logits_xV: jax.Array, tau=None):
+  """(p, hi, lo): softmax(logits / tau) in float32 and its CDF as float-float pairs."""
   logits = logits_xV.astype(jnp.float32)
   if tau is not None:
     logits = logits / tau
   p = jax.nn.softmax(logits, axis=-1)
-  hi, lo = cumsum_ff(p)
+  return (p, *cumsum_ff(p))
+
+
+def inverse_cdf(logits_xV: jax.Array, u_x: jax.Array, tau=None) -> jax.Array:
+  """min{v : CDF(v) >= u} for softmax(logits / tau); leading dims broadcast with u."""
+  return inverse_cdf_of(*softmax_cdf(logits_xV, tau), u_x)
+
+
+def inverse_cdf_of(p, hi, lo, u_x: jax.Array) -> jax.Array:
+  """inverse_cdf from softmax_cdf's (p, hi, lo)."""
   # u * total without rounding u (the total differs from 1 by float32 softmax error)
   tgt_hi, tgt_lo = _mul_ff(u_x[..., None].astype(jnp.float32), hi[..., -1:], lo[..., -1:])
   below = ((hi - tgt_hi) + (lo - tgt_lo)) < 0  # CDF(v) < u, to float-float precision

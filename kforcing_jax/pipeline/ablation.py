@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from kforcing_jax import errors
+from kforcing_jax.configs import base
 from kforcing_jax.pipeline import config_lib
 from kforcing_jax.pipeline import run as pipeline
 from kforcing_jax.pipeline import run_dir
@@ -33,8 +34,10 @@ class Variant:
 def _set(objective: str, **fields) -> Callable[[object], None]:
   """Sets every objective field (the rest to their defaults), so a variant means the same
   whatever the config's own recipe."""
-  values = {'objective': objective, 'ar_fraction': 0.5, 'ar_fraction_end': -1.0,
-            'position_power': 0.0, 'cdf_margin': 0.02, **fields}
+  default = base.distill_stage(2)
+  values = {f: default[f] for f in ('ar_fraction', 'ar_fraction_end', 'position_power',
+                                    'cdf_margin')}
+  values.update(objective=objective, **fields)
   return lambda s: s.update(values)
 
 

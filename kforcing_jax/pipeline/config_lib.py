@@ -96,9 +96,8 @@ def _validate_distill(name: str, s, cfg) -> None:
   if not 0.0 <= s.position_power <= 8.0:
     raise ConfigError(f'stages.{name}.position_power must be in [0, 8], got '
                       f'{s.position_power}')
-  margin = s.get('cdf_margin', 0.02)
-  if not 0.0 < margin <= 0.5:
-    raise ConfigError(f'stages.{name}.cdf_margin must be in (0, 0.5], got {margin}')
+  if not 0.0 < s.cdf_margin <= 0.5:
+    raise ConfigError(f'stages.{name}.cdf_margin must be in (0, 0.5], got {s.cdf_margin}')
   models = run_dir.model_stages(cfg)
   for field in ('teacher_stage', 'ar_teacher'):
     ref = s[field]

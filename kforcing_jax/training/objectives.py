@@ -171,25 +171,23 @@ def on_policy_targets(ar_model, ar_params, ctx_BxN, prefix_BxNxK, u_BxNxK, tau_B
   tokens 1..i-1 (one pass over the window layout of the prefix). With cdf_margin > 0, also
   the soft targets of those distributions (cdf_window), never on blocked_ids."""
   logits_BxNxKxV = ar_window_logits(ar_model, ar_params, ctx_BxN, prefix_BxNxK[..., :-1])
-  t = None if tau_B is None else tau_B[:, None, None]
-  y = jnp.stack([sampling.inverse_cdf(logits_BxNxKxV[:, :, i], u_BxNxK[..., i], t)
-                 for i in range(u_BxNxK.shape[-1])], axis=-1)
+  tau = None if tau_B is None else tau_B[:, None, None, None]
+  cdf = sampling.softmax_cdf(logits_BxNxKxV, tau)  # once for the hard and the soft targets
+  y = sampling.inverse_cdf_of(*cdf, u_BxNxK)
   if cdf_margin <= 0:
     return y
-  tq = None if tau_B is None else tau_B[:, None, None, None]
-  q = cdf_window(logits_BxNxKxV, u_BxNxK, cdf_margin, tq, blocked_ids)
-  return y, q
+  return y, _cover(*cdf, u_BxNxK, cdf_margin, blocked_ids)
 
 
 def cdf_window(logits_xV, u_x, margin: float, tau=None, blocked_ids=()) -> jax.Array:
   """[..., V]: the share of [u - margin, u + margin] ∩ [0, 1] covered by each token's
   interval [CDF(v-1), CDF(v)) under softmax(logits / tau), renormalised after dropping
   blocked_ids (ids the student can never emit)."""
-  logits = logits_xV.astype(jnp.float32)
-  if tau is not None:
-    logits = logits / tau
-  p = jax.nn.softmax(logits, axis=-1)
-  hi, lo = sampling.cumsum_ff(p)
+  return _cover(*sampling.softmax_cdf(logits_xV, tau), u_x, margin, blocked_ids)
+
+
+def _cover(p, hi, lo, u_x, margin: float, blocked_ids) -> jax.Array:
+  """cdf_window from softmax_cdf's (p, hi, lo)."""
   upper = (hi + lo) / (hi[..., -1:] + lo[..., -1:])
   lower = jnp.concatenate([jnp.zeros_like(upper[..., :1]), upper[..., :-1]], axis=-1)
   u = u_x[..., None].astype(jnp.float32)

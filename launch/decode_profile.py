@@ -18,7 +18,8 @@ reduce_sum`, `Transformer/head/dot_general`) -- which says what a fusion or kern
 multiply-reduce for steps of 2..16 queries; auto: reduce on CPU) to compare them;
 --decode_attention=pallas profiles the flash-decoding kernel path (GPU). --engine=slot
 times and traces the serving SlotEngine's step instead (as many slots as the batch size,
-all busy, AR sampled at temperature 1): the same decode_step at a position per row. XLA_FLAGS
+all busy, or --slots slots of which the batch size are busy, stepping in their slot-count
+bucket as a server's; AR sampled at temperature 1): the same decode_step at a position per row. XLA_FLAGS
 set outside (e.g. command buffers) apply as usual; --label names the variant in the JSON.
 Writes DIR/decode_profile_<label>.json.
 """
@@ -64,6 +65,9 @@ flags.DEFINE_string('decode_attention', 'xla', 'as benchmark.py --decode_attenti
 flags.DEFINE_enum('engine', 'offline', ['offline', 'slot'],
                   'offline: the decoding loop (benchmark protocol); slot: the serving '
                   'SlotEngine step with every slot busy')
+flags.DEFINE_integer('slots', 0, 'with --engine=slot: the engine\'s slots (0: the batch size); '
+                     'the batch size busy slots step in their slot-count bucket, as a server '
+                     'with fewer requests than slots')
 flags.DEFINE_string('label', 'default', 'variant name for the output file')
 flags.DEFINE_string('out', 'bench_out', 'output directory')
 FLAGS = flags.FLAGS
@@ -201,7 +205,7 @@ def slot_row(f, slot_engines, b: int, new_tokens: int) -> dict:
 
     def run(state):
       for _ in range(steps):
-        state, toks, _ = eng.generate(state)
+        state, toks, _ = eng.generate(state, eng.rows(b))
       return toks
     jax.block_until_ready(run(busy()))  # compile + warm up
     times = []
@@ -216,7 +220,7 @@ def slot_row(f, slot_engines, b: int, new_tokens: int) -> dict:
     if f.trace:
       state = busy()
       fn = slot_lib.jitted('generate', eng.arch, eng.exe, eng.plan)
-      categories = op_categories(fn.lower(eng.params, state).compile().as_text())
+      categories = op_categories(fn.lower(eng.params, state, eng.rows(b)).compile().as_text())
       row[name]['trace'] = trace_summary(lambda: run(state), steps, f.top, categories)
   return row
 
@@ -259,7 +263,8 @@ def main(argv):
     else:
       slot_engines = {name: slot_lib.SlotEngine(arch, sampler.params, engine.exe,
                                                 k=f.K if name == 'pf' else 0,
-                                                K=f.K if name == 'pf' else 1, max_slots=b,
+                                                K=f.K if name == 'pf' else 1,
+                                                max_slots=max(b, f.slots),
                                                 max_len=cfg.data.seq_len)
                       for name in specs}
       row = slot_row(f, slot_engines, b, new_tokens)

@@ -55,6 +55,8 @@ flags.DEFINE_string('model_flags', '--config.model.d_model=256 --config.model.n_
                     '--config.model.n_heads=4 --config.model.vocab_size=8192 '
                     '--config.data.synthetic.n_symbols=8190 --config.data.seq_len=256',
                     'model fields (the CPU benchmark shape)')
+flags.DEFINE_string('serve_flags', '', 'more server flags, space-separated (e.g. '
+                    '--steps_per_call=4)')
 flags.DEFINE_string('dtype', 'auto', 'serving precision (both models and the offline engine)')
 flags.DEFINE_integer('seed', 0, 'prompt set and aiperf seed')
 flags.DEFINE_string('tokenizer', '', 'a local Hugging Face tokenizer directory for aiperf '
@@ -89,7 +91,8 @@ def hf_tokenizer(out_dir: str) -> str:
 def server_flags(model: str) -> list[str]:
   return (['--config=synthetic', '--random_init', f'--model={model}',
            f'--max_slots={FLAGS.max_slots}', f'--dtype={FLAGS.dtype}', f'--served_name={model}']
-          + ([f'--K={FLAGS.K}'] if model == 'pflm' else []) + FLAGS.model_flags.split())
+          + ([f'--K={FLAGS.K}'] if model == 'pflm' else []) + FLAGS.model_flags.split()
+          + FLAGS.serve_flags.split())
 
 
 def start_server(model: str, log_path: str) -> launcher.ServerProcess:

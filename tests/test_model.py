@@ -141,3 +141,32 @@ def test_bf16_dot_operands_with_float32_results(family, dots_per_layer):
   assert out.dtype == jnp.float32
   err = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
   assert 1e-4 < err < 5e-2, err  # bf16 rounding, not float32, not garbage
+
+
+@pytest.mark.parametrize('kernel', ['xla', 'pallas'])
+def test_slot_attention_over_the_first_rows_of_a_larger_cache(kernel):
+  """A serving step over the first R of B cache rows (a slot-count bucket) writes those
+  rows' keys and values at their own slots in place, leaves rows R.. untouched, and
+  attends as the same step on a cache of exactly R rows."""
+  B, R, T, H, D, S = 5, 2, 3, 2, 8, 64  # S: a whole block of the pallas kernel
+  keys = jax.random.split(jax.random.key(0), 5)
+  q, k, v = (jax.random.normal(keys[i], (R, T, H, D)) for i in range(3))
+  ck = jax.random.normal(keys[3], (B, H, D, S) if kernel == 'xla' else (B, H, S, D))
+  cv = jax.random.normal(keys[4], (B, H, S, D))
+  slot_R = jnp.asarray([4, 17])
+  start_R = jnp.asarray([0, 3])
+  mask = ((jnp.arange(S)[None, None] <= slot_R[:, None, None] + jnp.arange(T)[None, :, None])
+          & (jnp.arange(S)[None, None] >= start_R[:, None, None]))
+  attend = attn_lib.SlotCached(slot_R, mask, start_R, kernel)
+  out, (ck_B, cv_B) = attend(q, k, v, (ck, cv))
+  want, (ck_R, cv_R) = attend(q, k, v, (ck[:R], cv[:R]))
+  np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+  for got_B, got_R, old in ((ck_B, ck_R, ck), (cv_B, cv_R, cv)):
+    np.testing.assert_array_equal(got_B[:R], got_R)
+    np.testing.assert_array_equal(got_B[R:], old[R:])
+  # the new keys landed at each row's slot (the cache's slot axis: last for xla keys)
+  new_k = jnp.transpose(k, (0, 2, 3, 1)) if kernel == 'xla' else jnp.swapaxes(k, 1, 2)
+  for r in range(R):
+    s = int(slot_R[r])
+    got = ck_B[r, ..., s:s + T] if kernel == 'xla' else ck_B[r, :, s:s + T]
+    np.testing.assert_array_equal(got, new_k[r])

@@ -25,6 +25,7 @@ from kforcing_jax import sharding as sharding_lib
 from kforcing_jax.data import tokenization
 from kforcing_jax.decoding import engine as decode
 from kforcing_jax.decoding import sampler as sampler_lib
+from kforcing_jax.models import arch as arch_lib
 from kforcing_jax.pipeline import config_lib
 from kforcing_jax.serving import api
 from kforcing_jax.serving import engine as engine_lib
@@ -139,7 +140,7 @@ def test_finished_slots_are_compacted_and_steps_shrink_to_the_live_bucket(models
   holds the live requests -- with every request's tokens still its alone-run tokens."""
   arch, _, params = models['ar']
   eng = engine_lib.SlotEngine(arch, params, k=0, K=1, max_slots=4)
-  assert eng.buckets == (2, 4)
+  assert eng.buckets == (1, 2, 4)
   rows, moves = [], []
   real_generate, real_move = eng.generate, eng.move
   eng.generate = lambda state, r=None: (rows.append(r), real_generate(state, r))[1]
@@ -151,7 +152,35 @@ def test_finished_slots_are_compacted_and_steps_shrink_to_the_live_bucket(models
   for r, (toks, reason) in zip(reqs, got):
     assert toks == alone(arch, params, 0, r, 1) and reason == 'length'
   assert moves and all(src > dst for src, dst in moves)
-  assert 4 in rows and rows[-1] == 2 and rows.index(2, rows.index(4)) > rows.index(4)
+  assert 4 in rows and rows[-1] == 1
+  assert rows.index(1, rows.index(4)) > rows.index(2, rows.index(4)) > rows.index(4)
+
+
+def test_a_lone_ar_request_steps_on_float32_copies_of_bf16_weights(models):
+  """On a CPU with bf16 weight products ('mixed'), a one-row AR step runs on a float32 copy
+  of the bf16 weights (XLA:CPU would widen them on every call): its tokens are a float32
+  engine's on the bf16-rounded weights; with bf16 activations ('bfloat16') the smallest
+  AR bucket is two rows."""
+  from kforcing_jax.models import precision  # pylint: disable=g-import-not-at-top
+  arch, _, params = models['ar']
+  mixed = precision.exec_config('mixed')
+  bf16_params = precision.cast_params(params, mixed)
+  eng = engine_lib.SlotEngine(arch, bf16_params, mixed, k=0, K=1, max_slots=4)
+  assert eng.buckets == (1, 2, 4)
+  # from the same state, the bucket's step is a float32 step on the rounded weights
+  rounded = jax.tree.map(lambda x: x.astype(np.float32), bf16_params)
+  f32_generate = engine_lib.jitted('generate', arch, arch_lib.ExecConfig(), eng.plan)
+  state = eng.insert(eng.init_state(), eng.prefill([3, 7, 11]), 0,
+                     engine_lib.SamplingParams(temperature=0.9, seed=4, logprobs=True))
+  copy = jax.tree.map(jax.numpy.copy, state)
+  for _ in range(6):
+    state, toks, lp = eng.generate(state, 1)
+    copy, want_toks, want_lp = f32_generate(rounded, copy, 1)
+    np.testing.assert_array_equal(toks, want_toks)
+    np.testing.assert_array_equal(lp.top_BxKxN, want_lp.top_BxKxN)
+  bf16 = precision.exec_config('bfloat16')
+  assert engine_lib.SlotEngine(arch, precision.cast_params(params, bf16), bf16, k=0, K=1,
+                               max_slots=4).buckets == (2, 4)
 
 
 def test_no_recompilation_in_steady_state(models):

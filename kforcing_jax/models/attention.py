@@ -191,12 +191,25 @@ class Cached:
 
 
 def _write_rows(cache, new, slot_B, axis: int):
-  """cache with `new` written at each row's own slot along `axis` (1 = the row's axis 0)."""
-  def one(c, n, s):
-    start = [0] * c.ndim
-    start[axis - 1] = s
-    return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), start)
-  return jax.vmap(one)(cache, new, slot_B)
+  """cache with `new` written at each row's own slot along `axis`: new's R rows go to the
+  cache's rows 0..R-1, of its B >= R. With R < B (a serving step over the first R slots)
+  one scatter writes them in place: slicing the rows out and writing them back would copy
+  every live row's whole cache twice per step."""
+  R, Q = new.shape[0], new.shape[axis]
+  new = new.astype(cache.dtype)
+  if R == cache.shape[0]:
+    def one(c, n, s):
+      start = [0] * c.ndim
+      start[axis - 1] = s
+      return jax.lax.dynamic_update_slice(c, n, start)
+    return jax.vmap(one)(cache, new, slot_B)
+  index = [slice(None)] * cache.ndim
+  index[0] = jnp.arange(R)[:, None]
+  index[axis] = slot_B[:, None] + jnp.arange(Q)[None]
+  # the two index arrays broadcast to [R, Q]; with the slices between them, the indexed
+  # values are [R, Q, <the other axes in order>]
+  return cache.at[tuple(index)].set(jnp.moveaxis(new, axis, 1), indices_are_sorted=True,
+                                    unique_indices=True)
 
 
 @flax.struct.dataclass
@@ -204,7 +217,8 @@ class SlotCached:
   """Cached attention where every row (a serving slot) writes at its own slot: kv and
   kernel as Cached's; slot_B[b] is the cache slot of row b's first input this step,
   mask_BxTxS what each input sees (kernel='xla'), start_B each row's first valid slot
-  (kernel='pallas': row b reads slots start_B[b]:slot_B[b] plus the step's own)."""
+  (kernel='pallas': row b reads slots start_B[b]:slot_B[b] plus the step's own). The
+  step's R rows are the cache's first R (a cache of B >= R slots: the others untouched)."""
   slot_B: Any
   mask_BxTxS: Any
   start_B: Any = None
@@ -216,11 +230,13 @@ class SlotCached:
     if self.kernel == 'pallas':
       ck = _write_rows(ck, jnp.swapaxes(k, 1, 2), self.slot_B, axis=2)
       cv = _write_rows(cv, jnp.swapaxes(v, 1, 2), self.slot_B, axis=2)
-      out = flash_decode.attention(q[:, query_from:], k, v, ck, cv, self.slot_B, self.start_B,
-                                   query_from)
+      R = q.shape[0]
+      out = flash_decode.attention(q[:, query_from:], k, v, ck[:R], cv[:R], self.slot_B,
+                                   self.start_B, query_from)
       return out, (ck, cv)
     ck = _write_rows(ck, jnp.transpose(k, (0, 2, 3, 1)), self.slot_B, axis=3)
     cv = _write_rows(cv, jnp.swapaxes(v, 1, 2), self.slot_B, axis=2)
-    out = cached_attention(q[:, query_from:], ck, cv, self.mask_BxTxS[:, query_from:],
+    R = q.shape[0]
+    out = cached_attention(q[:, query_from:], ck[:R], cv[:R], self.mask_BxTxS[:, query_from:],
                            self.products)
     return out, (ck, cv)

@@ -9,8 +9,9 @@ prompt's KV cache in a length bucket (one compile per bucket); `insert` puts it 
 slot between steps and draws and encodes the request's noise there, off the step;
 `generate` advances slots [0, rows) by K tokens (AR: 1) each at its own position in one
 jitted call (optionally several steps per call) with kforcing_jax.decoding.step's
-decode_step, the step of the offline engine; `rows` is a slot-count bucket, and `move`
-lets the caller keep its live requests in the front slots. Stopping (EOS, max tokens, stop
+decode_step, the step of the offline engine; `rows` is a slot-count bucket (the step
+writes the live rows' keys and values into the whole cache in place and reads only their
+rows), and `move` lets the caller keep its live requests in the front slots. Stopping (EOS, max tokens, stop
 strings, cancellation) is the caller's: it reads each step's tokens and frees slots
 (kforcing_jax.serving.scheduler). With ExecConfig.decode_attention='pallas' (GPU) each
 slot's attention reads only its own filled cache slots (kforcing_jax.models.flash_decode
@@ -24,7 +25,9 @@ shared by every SlotEngine of the same configs.
 Exactness: a slot computes what `decoding.engine.Engine.generate` computes for its request
 alone -- the same left padding to at least K + 1 prompt tokens, RoPE positions, masked
 attention, noise (token j of a request with seed s uses fold_in(fold_in(key(s), 0), j)) and
-samplers -- so its tokens do not depend on what else is being served.
+samplers -- so its tokens do not depend on what else is being served (bit for bit in
+float32; with bf16 weight products, the dot kernels XLA picks for different row counts,
+and a one-row AR step's float32 products, round differently).
 """
 from __future__ import annotations
 
@@ -48,11 +51,6 @@ from kforcing_jax.models import sampling
 from kforcing_jax.models import transformer as model_lib
 
 MIN_BUCKET = 16
-# The smallest slot-count bucket of an AR model: on XLA:CPU a one-row AR step (one query
-# per layer: batch-1 matrix-vector dots) ran at 18 ms where two rows took 2.2 ms, so a lone
-# AR request steps with one idle row beside it. A PFLM step (2K queries) has no such cliff
-# (one row 1.7 ms, two 2.1 ms).
-MIN_AR_ROWS = 2
 # Traces of the module's jitted functions, process-wide (tests: what recompiles).
 TRACES = collections.Counter()
 
@@ -173,9 +171,10 @@ def _jitted(kind: str, arch: arch_lib.ArchConfig, exe: arch_lib.ExecConfig, plan
       gates = step_lib.Gates.of(st.settings)
       keys_B = jax.vmap(jax.random.wrap_key_data)(st.key_data_B)
       kw = {}
-      if lay.pflm:
-        kw['hints_BxKxD'] = jax.vmap(lambda h, s: jax.lax.dynamic_slice_in_dim(
-            h, s * lay.K, lay.K, axis=0))(st.hints_BxNxD, st.step_B)
+      if lay.pflm:  # this step's K hints of each live row, read from the whole array
+        h = st.hints_BxNxD
+        kw['hints_BxKxD'] = jax.vmap(lambda b, s: jax.lax.dynamic_slice(
+            h, (b, s * lay.K, 0), (1, lay.K, h.shape[2]))[0])(jnp.arange(rows), st.step_B)
       else:
         kw['step_keys'] = lambda: jax.vmap(jax.random.fold_in)(keys_B, st.step_B)
         kw['step_u'] = lambda: jax.vmap(lambda k, s: sampling.uniform_noise(
@@ -190,15 +189,18 @@ def _jitted(kind: str, arch: arch_lib.ArchConfig, exe: arch_lib.ExecConfig, plan
                         counts_BxV=counts), (new, lp)
 
     # only the live slots [0, rows) are computed (the scheduler keeps them at the front);
-    # the others keep their values
-    live = jax.tree.map(lambda x: x[:rows], state)
+    # the others keep their values. The cache and the hints stay whole (slicing them would
+    # copy every live row's whole cache and hints per step): the step writes the live rows'
+    # new keys and values in place and reads their rows (SlotCached) and step's hints.
+    whole = {'cache': state.cache, 'hints_BxNxD': state.hints_BxNxD}
+    live = jax.tree.map(lambda x: x[:rows], state.replace(**dict.fromkeys(whole))).replace(
+        **whole)
     live, (toks, lp) = jax.lax.scan(one, live, length=plan.steps_per_call)
     if rows < state.slot_B.shape[0]:  # write back only what a step changes
-      back = lambda full, part: jax.tree.map(lambda f, p: jax.lax.dynamic_update_slice_in_dim(
-          f, p, 0, axis=0), full, part)
-      live = state.replace(**{name: back(getattr(state, name), getattr(live, name))
-                              for name in ('cache', 'slot_B', 'last_BxF', 'step_B',
-                                           'counts_BxV')})
+      back = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0)
+      live = state.replace(cache=live.cache, **{
+          name: back(getattr(state, name), getattr(live, name))
+          for name in ('slot_B', 'last_BxF', 'step_B', 'counts_BxV')})
     return _constrain(live, plan.mesh), toks, lp
 
   def move(state: SlotState, src, dst):
@@ -263,8 +265,23 @@ class SlotEngine:
       raise step_lib.DecodeError(f'max_slots={max_slots} must divide by the mesh data axis '
                                  f'({data})')
     hint_tokens = self.layout.steps(self.max_len - 1) * K if self.pflm else 0
+    # An AR step of one row multiplies one activation row by each weight matrix. XLA:CPU
+    # does that in float32, widening bf16 weights on every call (a one-row step of the CPU
+    # decoding benchmark's model: ~2.9 ms in 'mixed' vs 1.4 in float32; two rows, with bf16
+    # dots: 1.9); the offline loop widens them once, outside its loop. So in 'mixed' on a
+    # CPU a one-row AR step runs on a float32 copy of the bf16 weights (their values; the
+    # copy the offline batch-1 loop holds while it runs, here for the engine's life), with
+    # float32 products and activations. With bf16 activations too ('bfloat16') the
+    # smallest AR bucket is two rows instead.
+    self.one_row_exe, self.one_row_params = None, None
+    least = 1
+    if not self.pflm and self.exe.params == jnp.bfloat16 and jax.default_backend() == 'cpu':
+      if self.exe.compute == jnp.float32 and data == 1:
+        self.one_row_exe = dataclasses.replace(self.exe, param_dtype='float32', dot_dtype='')
+        self.one_row_params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+      else:
+        least = 2
     # slot-count buckets: powers of two times the data axis (a bucket must split over it)
-    least = 1 if self.pflm else MIN_AR_ROWS
     self.buckets = tuple(sorted({min(max(data * 2 ** i, least), max_slots)
                                  for i in range(max_slots.bit_length() + 1)}))
     self.plan = SlotPlan(self.layout, self.cache_len, hint_tokens, steps_per_call, mesh)
@@ -376,6 +393,9 @@ class SlotEngine:
     rows = self.max_slots if rows is None else rows
     if rows not in self.buckets:
       raise step_lib.DecodeError(f'rows={rows}: allowed {self.buckets}')
+    if rows == 1 and self.one_row_exe is not None:
+      return jitted('generate', self.arch, self.one_row_exe, self.plan)(
+          self.one_row_params, state, rows)
     return jitted('generate', self.arch, self.exe, self.plan)(self.params, state, rows)
 
   def move(self, state: SlotState, src: int, dst: int) -> SlotState:

@@ -19,8 +19,9 @@ multiply-reduce for steps of 2..16 queries; auto: reduce on CPU) to compare them
 --decode_attention=pallas profiles the flash-decoding kernel path (GPU). --engine=slot
 times and traces the serving SlotEngine's step instead (as many slots as the batch size,
 all busy, or --slots slots of which the batch size are busy, stepping in their slot-count
-bucket as a server's; AR sampled at temperature 1): the same decode_step at a position per row. XLA_FLAGS
-set outside (e.g. command buffers) apply as usual; --label names the variant in the JSON.
+bucket as a server's; AR sampled at temperature 1): the same decode_step at a position per
+row. XLA_FLAGS set outside (e.g. command buffers) apply as usual; --label names the variant
+in the JSON.
 Writes DIR/decode_profile_<label>.json.
 """
 from __future__ import annotations
@@ -219,8 +220,11 @@ def slot_row(f, slot_engines, b: int, new_tokens: int) -> dict:
                  'tokens_per_s': b * steps * eng.K / sec}
     if f.trace:
       state = busy()
-      fn = slot_lib.jitted('generate', eng.arch, eng.exe, eng.plan)
-      categories = op_categories(fn.lower(eng.params, state, eng.rows(b)).compile().as_text())
+      rows = eng.rows(b)
+      exe, params = ((eng.one_row_exe, eng.one_row_params)  # what generate(state, 1) runs
+                     if rows == 1 and eng.one_row_exe is not None else (eng.exe, eng.params))
+      fn = slot_lib.jitted('generate', eng.arch, exe, eng.plan)
+      categories = op_categories(fn.lower(params, state, rows).compile().as_text())
       row[name]['trace'] = trace_summary(lambda: run(state), steps, f.top, categories)
   return row
 

@@ -11,11 +11,11 @@ slot between steps and draws and encodes the request's noise there, off the step
 jitted call (optionally several steps per call) with kforcing_jax.decoding.step's
 decode_step, the step of the offline engine; `rows` is a slot-count bucket (the step
 writes the live rows' keys and values into the whole cache in place and reads only their
-rows), and `move` lets the caller keep its live requests in the front slots. Stopping (EOS, max tokens, stop
-strings, cancellation) is the caller's: it reads each step's tokens and frees slots
-(kforcing_jax.serving.scheduler). With ExecConfig.decode_attention='pallas' (GPU) each
-slot's attention reads only its own filled cache slots (kforcing_jax.models.flash_decode
-with per-row lengths).
+rows), and `move` lets the caller keep its live requests in the front slots. Stopping
+(EOS, max tokens, stop strings, cancellation) is the caller's: it reads each step's tokens
+and frees slots (kforcing_jax.serving.scheduler). With ExecConfig.decode_attention=
+'pallas' (GPU) each slot's attention reads only its own filled cache slots
+(kforcing_jax.models.flash_decode with per-row lengths).
 
 Sampling settings are traced per-slot values: no request compiles anything after the
 first call of each prefill bucket, insert bucket and slot-count bucket (`warmup` compiles

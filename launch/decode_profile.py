@@ -220,11 +220,8 @@ def slot_row(f, slot_engines, b: int, new_tokens: int) -> dict:
                  'tokens_per_s': b * steps * eng.K / sec}
     if f.trace:
       state = busy()
-      rows = eng.rows(b)
-      exe, params = ((eng.one_row_exe, eng.one_row_params)  # what generate(state, 1) runs
-                     if rows == 1 and eng.one_row_exe is not None else (eng.exe, eng.params))
-      fn = slot_lib.jitted('generate', eng.arch, exe, eng.plan)
-      categories = op_categories(fn.lower(params, state, rows).compile().as_text())
+      fn, params = eng.step_program(eng.rows(b))
+      categories = op_categories(fn.lower(params, state, eng.rows(b)).compile().as_text())
       row[name]['trace'] = trace_summary(lambda: run(state), steps, f.top, categories)
   return row
 

@@ -192,24 +192,17 @@ class Cached:
 
 def _write_rows(cache, new, slot_B, axis: int):
   """cache with `new` written at each row's own slot along `axis`: new's R rows go to the
-  cache's rows 0..R-1, of its B >= R. With R < B (a serving step over the first R slots)
-  one scatter writes them in place: slicing the rows out and writing them back would copy
-  every live row's whole cache twice per step."""
+  cache's rows 0..R-1, of its B >= R, in place (one scatter). A serving step over the
+  first R slots writes the whole cache: slicing the rows out and writing them back would
+  copy every live row's whole cache twice per step."""
   R, Q = new.shape[0], new.shape[axis]
-  new = new.astype(cache.dtype)
-  if R == cache.shape[0]:
-    def one(c, n, s):
-      start = [0] * c.ndim
-      start[axis - 1] = s
-      return jax.lax.dynamic_update_slice(c, n, start)
-    return jax.vmap(one)(cache, new, slot_B)
   index = [slice(None)] * cache.ndim
   index[0] = jnp.arange(R)[:, None]
   index[axis] = slot_B[:, None] + jnp.arange(Q)[None]
   # the two index arrays broadcast to [R, Q]; with the slices between them, the indexed
   # values are [R, Q, <the other axes in order>]
-  return cache.at[tuple(index)].set(jnp.moveaxis(new, axis, 1), indices_are_sorted=True,
-                                    unique_indices=True)
+  return cache.at[tuple(index)].set(jnp.moveaxis(new.astype(cache.dtype), axis, 1),
+                                    indices_are_sorted=True, unique_indices=True)
 
 
 @flax.struct.dataclass

@@ -393,10 +393,15 @@ class SlotEngine:
     rows = self.max_slots if rows is None else rows
     if rows not in self.buckets:
       raise step_lib.DecodeError(f'rows={rows}: allowed {self.buckets}')
+    fn, params = self.step_program(rows)
+    return fn(params, state, rows)
+
+  def step_program(self, rows: int):
+    """(the jitted generate, the parameters it takes) of a `rows` bucket: a one-row AR
+    step of a CPU engine in 'mixed' runs in float32 on one_row_params."""
     if rows == 1 and self.one_row_exe is not None:
-      return jitted('generate', self.arch, self.one_row_exe, self.plan)(
-          self.one_row_params, state, rows)
-    return jitted('generate', self.arch, self.exe, self.plan)(self.params, state, rows)
+      return jitted('generate', self.arch, self.one_row_exe, self.plan), self.one_row_params
+    return jitted('generate', self.arch, self.exe, self.plan), self.params
 
   def move(self, state: SlotState, src: int, dst: int) -> SlotState:
     """Slot src's request copied into slot dst (state is donated): the scheduler keeps

@@ -9,6 +9,9 @@ import platform
 from absl import flags as absl_flags
 from absl import logging as absl_logging
 import jax
+from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
+
+from kforcing_jax import errors
 
 
 def quiet_library_logs() -> None:
@@ -24,6 +27,45 @@ def persistent_compilation_cache(path: str) -> None:
   os.makedirs(path, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+
+def reserve_host_cpus(n: int) -> str:
+  """Splits this process's cores between XLA and the Python threads of a server: the CPU
+  backend's compute threads on all but the first `n` cores, the calling thread -- and the
+  threads it starts afterwards (a server's scheduler, HTTP event loop and tokenizer) -- on
+  those `n`. Python runs one thread at a time, so one core holds all of its host work; left
+  on the compute cores it stalls a step's intra-op threads whenever it runs, which costs
+  more than the core it takes away (CPU benchmarks in BENCHMARKS.md). Linux threads inherit
+  their creator's affinity, and XLA starts its thread pools with the backend, sized to the
+  cores it may use: so this must run before anything starts the JAX backend. On an
+  accelerator backend the calling thread gets every core back. n = 0 leaves everything as
+  it is. Returns a line saying what was done."""
+  if n < 0:
+    raise errors.UserError(f'host_cpus={n}: must be >= 0 (0: the host threads share every '
+                           'core with the compute threads)')
+  if not hasattr(os, 'sched_setaffinity') or n == 0:
+    return 'host and compute threads share every core'
+  if xla_bridge.backends_are_initialized():
+    return (f'host_cpus={n} not applied: the JAX backend had already started (its threads '
+            'share every core)')
+  cpus = sorted(os.sched_getaffinity(0))
+  if len(cpus) <= n:
+    return (f'host and compute threads share the process\'s {len(cpus)} core'
+            f'{"s" if len(cpus) > 1 else ""} (host_cpus={n} leaves none to compute on)')
+  host, compute = cpus[:n], cpus[n:]
+  os.sched_setaffinity(0, compute)
+  backend = None
+  try:
+    backend = jax.default_backend()  # starts the backends and their thread pools here
+  finally:
+    os.sched_setaffinity(0, host if backend == 'cpu' else cpus)
+  if backend != 'cpu':
+    return f'the {backend} backend computes; host threads on every core'
+  return f'XLA compute threads on CPUs {_cpu_list(compute)}, host threads on {_cpu_list(host)}'
+
+
+def _cpu_list(cpus) -> str:
+  return ','.join(map(str, cpus))
 
 
 def initialize() -> None:

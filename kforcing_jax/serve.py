@@ -83,6 +83,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                       'persistent XLA compilation cache (a restart loads the warm-up\'s '
                       'programs instead of compiling them); empty: none', **d)
   flags.DEFINE_string('log_level', 'warning', 'uvicorn log level', **d)
+  flags.DEFINE_integer('host_cpus', 1, 'on a CPU backend, cores kept for the server\'s Python '
+                       'threads (HTTP, scheduler, tokenizer); XLA computes on the others '
+                       '(0: all threads share every core; no effect with a single core)', **d)
   config_flags.DEFINE_config_file('config', None, 'config file or shipped config name (with '
                                   '--random_init)', lock_config=True, **d)
 
@@ -187,10 +190,11 @@ def run(f) -> None:
   check_flags(f)
   if f.compilation_cache_dir:
     runtime.persistent_compilation_cache(os.path.expanduser(f.compilation_cache_dir))
+  cores = runtime.reserve_host_cpus(f.host_cpus)  # before anything starts the backend
   app = build(f)
   sched = app.state.scheduler
   print(f'serving on http://{f.host}:{f.port} ({sched.engine.max_slots} slots, K='
-        f'{sched.engine.K})', file=sys.stderr, flush=True)
+        f'{sched.engine.K}; {cores})', file=sys.stderr, flush=True)
   uvicorn_server(app, f).run()
   if sched.error is not None:
     raise SystemExit(f'error: the decoding step failed ({type(sched.error).__name__}: '

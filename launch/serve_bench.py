@@ -9,7 +9,10 @@ Two protocols, because on a small machine the load generator competes with the s
 its cores: `aiperf` (a separate process; --server_cpus / --client_cpus pin the server and
 the offline engine to some cores and aiperf to others, so both engines get the same
 cores), and `inproc` (the server's app on uvicorn in this process, driven by a minimal
-asyncio streaming client: no generator process at all).
+asyncio streaming client: no generator process at all). Either way the server splits its
+cores as `serve` does (--host_cpus: its Python threads on the first core, XLA's compute
+threads on the others); the offline engine is timed on every core the server has, and in
+the inproc protocol also on the compute cores alone (`vs offline, compute cores`).
 
 For each model (AR and PFLM K=4 of one random-weight shape, default the CPU benchmark's
 D=256, L=4, H=4, V=8192, max length 256) this starts `python -m kforcing_jax.serve` on
@@ -30,6 +33,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from kforcing_jax import runtime
 from kforcing_jax.serving import launcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +42,8 @@ flags.DEFINE_string('aiperf', 'aiperf', 'the aiperf executable (requirements-ben
 flags.DEFINE_enum('client', 'aiperf', ['aiperf', 'inproc'], 'load generator (see above)')
 flags.DEFINE_string('server_cpus', '', 'taskset CPU list of the server and the offline engine')
 flags.DEFINE_string('client_cpus', '', 'taskset CPU list of aiperf')
+flags.DEFINE_integer('host_cpus', 1, 'the server\'s --host_cpus (cores kept for its Python '
+                     'threads; 0: every thread on every core)')
 flags.DEFINE_string('out', 'serve_bench_out', 'output directory')
 flags.DEFINE_string('concurrency', '1,4,16,32', 'concurrency sweep')
 flags.DEFINE_string('rates', '', 'Poisson request rates (req/s); default: 0.25, 0.5 and 1x '
@@ -92,19 +98,60 @@ def server_flags(model: str) -> list[str]:
   return (['--config=synthetic', '--random_init', f'--model={model}',
            f'--max_slots={FLAGS.max_slots}', f'--dtype={FLAGS.dtype}', f'--served_name={model}']
           + ([f'--K={FLAGS.K}'] if model == 'pflm' else []) + FLAGS.model_flags.split()
-          + FLAGS.serve_flags.split())
+          + [f'--host_cpus={FLAGS.host_cpus}'] + FLAGS.serve_flags.split())
 
 
 def start_server(model: str, log_path: str) -> launcher.ServerProcess:
   return launcher.ServerProcess(server_flags(model), log_path, cpus=FLAGS.server_cpus or None)
 
 
+class _Stream:
+  """A bare HTTP/1.1 keep-alive connection that POSTs streaming completions and yields
+  each SSE event's token count: asyncio streams and byte scans, no HTTP library and no
+  JSON decoding per event, so that the in-process client takes as little of the server's
+  interpreter as it can."""
+
+  def __init__(self, port: int):
+    self.port = port
+    self.reader = self.writer = None
+
+  async def post(self, body: dict):
+    import asyncio  # pylint: disable=g-import-not-at-top
+    if self.writer is None:
+      self.reader, self.writer = await asyncio.open_connection('127.0.0.1', self.port)
+    data = json.dumps(body).encode()
+    self.writer.write(b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n'
+                      b'Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s'
+                      % (len(data), data))
+    head = (await self.reader.readuntil(b'\r\n\r\n')).lower()
+    if not head.startswith(b'http/1.1 200') or b'transfer-encoding: chunked' not in head:
+      raise RuntimeError(f'unexpected response head: {head[:200]!r}')
+    buf = b''
+    while True:
+      size = int((await self.reader.readline()).split(b';')[0], 16)
+      chunk = await self.reader.readexactly(size + 2)
+      if not size:
+        break
+      buf += chunk[:-2]
+      *events, buf = buf.split(b'\n\n')
+      for ev in events:
+        if ev.startswith(b'data: {'):
+          at = ev.find(b'"token_ids": [')
+          if at < 0:
+            raise RuntimeError(f'an event without token_ids: {ev[:200]!r}')
+          ids = ev[at + 14:ev.index(b']', at)]
+          yield ids.count(b',') + 1 if ids.strip() else 0
+    if b'connection: close' in head:
+      self.writer.close()
+      self.writer = None
+
+
 def inproc(model: str, prompts: str, out_dir: str, concurrency: int) -> dict:
   """The concurrency point with the app on uvicorn in this process and `concurrency`
-  asyncio clients each streaming completions back to back (httpx)."""
+  asyncio clients each streaming completions back to back over its own keep-alive
+  connection (_Stream)."""
   import asyncio  # pylint: disable=g-import-not-at-top
   import threading  # pylint: disable=g-import-not-at-top
-  import httpx2 as httpx  # pylint: disable=g-import-not-at-top
   from kforcing_jax import serve  # pylint: disable=g-import-not-at-top
   from kforcing_jax.pipeline import config_lib  # pylint: disable=g-import-not-at-top
   port = launcher.free_port()
@@ -121,39 +168,38 @@ def inproc(model: str, prompts: str, out_dir: str, concurrency: int) -> dict:
   n = max(FLAGS.requests_per_point, 2 * concurrency)
   ttft, itl, tokens, e2e = [], [], [0], []
 
-  async def one(client, text):
+  async def one(conn, text):
     body = {'model': model, 'prompt': text, 'max_tokens': FLAGS.output_len, 'stream': True,
             'ignore_eos': True}
     t0 = time.perf_counter()
     last, got = None, 0
-    async with client.stream('POST', f'http://127.0.0.1:{port}/v1/completions',
-                             json=body) as r:
-      async for line in r.aiter_lines():
-        if not line.startswith('data: {'):
-          continue
-        k = len(json.loads(line[6:])['choices'][0]['token_ids'])
-        now = time.perf_counter()
-        if last is None:
-          ttft.append(now - t0)
-        else:
-          itl.extend([(now - last) / k] * k)
-        last, got = now, got + k
+    async for k in conn.post(body):
+      if not k:
+        continue
+      now = time.perf_counter()
+      if last is None:
+        ttft.append(now - t0)
+      else:
+        itl.extend([(now - last) / k] * k)
+      last, got = now, got + k
+    if got != FLAGS.output_len:  # ignore_eos: every completion has output_len tokens
+      raise RuntimeError(f'a completion of {got} tokens, expected {FLAGS.output_len}')
     tokens[0] += got
     e2e.append(time.perf_counter() - t0)
 
-  async def worker(client, queue):
+  async def worker(queue):
+    conn = _Stream(port)
     while queue:
-      await one(client, queue.pop())
+      await one(conn, queue.pop())
 
   async def drive():
     queue = [texts[i % len(texts)] for i in range(n)]
-    async with httpx.AsyncClient(timeout=600) as client:
-      await one(client, texts[0])  # warm the HTTP path
-      ttft.clear(), itl.clear(), e2e.clear()
-      tokens[0] = 0
-      t0 = time.perf_counter()
-      await asyncio.gather(*(worker(client, queue) for _ in range(concurrency)))
-      return time.perf_counter() - t0
+    await one(_Stream(port), texts[0])  # warm the HTTP path
+    ttft.clear(), itl.clear(), e2e.clear()
+    tokens[0] = 0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(queue) for _ in range(concurrency)))
+    return time.perf_counter() - t0
 
   try:
     wall = asyncio.run(drive())
@@ -209,13 +255,15 @@ def aiperf(url, model, prompts, tok, out_dir, slo_ms, *, concurrency=None, rate=
           'output_len_avg': stat('output_sequence_length', 'avg')}
 
 
-def offline(out_dir: str) -> dict:
-  """The offline engine's static batches 1 and 16, same shape, precision and cores."""
+def offline(out_dir: str, cpus: str = '') -> dict:
+  """The offline engine's static batches 1 and 16, same shape and precision, on `cpus`
+  (default: the server's)."""
   cmd = [sys.executable, '-m', 'kforcing_jax.benchmark', '--config=synthetic', '--random_init',
          '--batch_sizes=1,16', f'--K={FLAGS.K}', '--repeats=3', f'--dtype={FLAGS.dtype}',
          f'--out={out_dir}'] + FLAGS.model_flags.split()
-  if FLAGS.server_cpus:
-    cmd = ['taskset', '-c', FLAGS.server_cpus, *cmd]
+  cpus = cpus or FLAGS.server_cpus
+  if cpus:
+    cmd = ['taskset', '-c', cpus, *cmd]
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=3600, env=env)
   with open(os.path.join(out_dir, 'benchmark.json'), encoding='utf-8') as f:
@@ -226,6 +274,11 @@ def offline(out_dir: str) -> dict:
 
 def main(argv):
   del argv
+  every_cpu = sorted(os.sched_getaffinity(0))
+  split = None
+  if FLAGS.client == 'inproc':  # the server runs in this process: split its cores now
+    split = runtime.reserve_host_cpus(FLAGS.host_cpus)
+    print(split, flush=True)
   out = os.path.abspath(FLAGS.out)
   os.makedirs(out, exist_ok=True)
   prompts = os.path.join(out, 'prompts.jsonl')
@@ -238,8 +291,13 @@ def main(argv):
             'models': {}}
   slo = FLAGS.slo_ms
   result['client'] = FLAGS.client
-  result['cpus'] = {'server': FLAGS.server_cpus, 'client': FLAGS.client_cpus}
+  result['cpus'] = {'server': FLAGS.server_cpus, 'client': FLAGS.client_cpus,
+                    'host_cpus': FLAGS.host_cpus, 'split': split}
   result['offline'] = offline(os.path.join(out, 'offline'))
+  if split and split.startswith('XLA compute threads'):
+    compute = ','.join(map(str, every_cpu[FLAGS.host_cpus:]))
+    result['offline_compute'] = offline(os.path.join(out, 'offline_compute'), compute)
+    result['cpus']['compute'] = compute
   if FLAGS.client == 'inproc':
     for model in ('ar', 'pflm'):
       rows = []
@@ -293,24 +351,33 @@ def markdown(r: dict) -> str:
   slo = f'SLO: per-token latency <= {r["slo_itl_ms"]} ms; ' if r.get('slo_itl_ms') else ''
   lines = [f'Client: {r["client"]}; {slo}{r["output_len"]}-token completions, prompts '
            f'{r["prompt_len"][0]}-{r["prompt_len"][1]} tokens, {r["max_slots"]} slots.', '',
-           '| model | load | output tok/s | vs offline | TTFT p50 / p99 ms | '
-           'per-token p50 / p99 ms | goodput req/s |', '|---|---|---|---|---|---|---|']
+           '| model | load | output tok/s | vs offline | vs offline, compute cores | '
+           'TTFT p50 / p99 ms | per-token p50 / p99 ms | goodput req/s |',
+           '|---|---|---|---|---|---|---|---|']
+  oc = r.get('offline_compute')
   for model, d in r['models'].items():
     key = 'ar_categorical_tok_s' if model == 'ar' else 'pflm_tok_s'
     for kind in ('concurrency', 'poisson'):
       for row in d.get(kind, []):
         load = f'conc {row["concurrency"]}' if kind == 'concurrency' else f'{row["rate"]} req/s'
         f = lambda v: '-' if v is None else f'{v:,.1f}'
-        ref = (o['1'] if str(row['concurrency']) == '1' else o['16']) if kind == 'concurrency' \
-            and str(row['concurrency']) in ('1', '16') else None
-        vs = f'{row["output_tok_s"] / ref[key]:.0%}' if ref else '-'
-        lines.append(f'| {model} | {load} | {f(row["output_tok_s"])} | {vs} | '
+        b = str(row['concurrency']) if kind == 'concurrency' else None
+        vs = lambda ref: (f'{row["output_tok_s"] / ref[b][key]:.0%}'
+                          if ref and b in ('1', '16') else '-')
+        lines.append(f'| {model} | {load} | {f(row["output_tok_s"])} | {vs(o)} | {vs(oc)} | '
                      f'{f(row["ttft_ms_p50"])} / {f(row["ttft_ms_p99"])} | '
                      f'{f(row["itl_ms_p50"])} / {f(row["itl_ms_p99"])} | '
                      f'{f(row["goodput_req_s"])} |')
-  lines += ['', 'Offline engine, same shape, precision and cores: ' + '; '.join(
-      f'batch {b}: AR (Gumbel-max) {o[b]["ar_categorical_tok_s"]:,.0f} tok/s, PFLM K={r["K"]} '
-      f'{o[b]["pflm_tok_s"]:,.0f} tok/s' for b in ('1', '16')) + '.']
+  offline_line = lambda d: '; '.join(
+      f'batch {b}: AR (Gumbel-max) {d[b]["ar_categorical_tok_s"]:,.0f} tok/s, PFLM K={r["K"]} '
+      f'{d[b]["pflm_tok_s"]:,.0f} tok/s' for b in ('1', '16')) + '.'
+  split = r.get('cpus', {}).get('split')
+  lines += ['', f'Server cores: {split}.' if split else 'Server cores: as `serve` splits them.',
+            '', 'Offline engine, same shape and precision, every core of the server: ' +
+            offline_line(o)]
+  if oc:
+    lines += ['', f'Offline engine on the compute cores alone (CPUs {r["cpus"]["compute"]}): '
+              + offline_line(oc)]
   return '\n'.join(lines) + '\n'
 
 

@@ -11,8 +11,10 @@ the offline engine to some cores and aiperf to others, so both engines get the s
 cores), and `inproc` (the server's app on uvicorn in this process, driven by a minimal
 asyncio streaming client: no generator process at all). Either way the server splits its
 cores as `serve` does (--host_cpus: its Python threads on the first core, XLA's compute
-threads on the others); the offline engine is timed on every core the server has, and in
-the inproc protocol also on the compute cores alone (`vs offline, compute cores`).
+threads on the others; e.g. --server_cpus=0,1 --client_cpus=0 puts aiperf beside the
+server's Python, off the compute core); the offline engine is timed on every core the
+server has, and, when the server splits them, also on its compute cores alone (`vs
+offline, compute cores`).
 
 For each model (AR and PFLM K=4 of one random-weight shape, default the CPU benchmark's
 D=256, L=4, H=4, V=8192, max length 256) this starts `python -m kforcing_jax.serve` on
@@ -255,6 +257,15 @@ def aiperf(url, model, prompts, tok, out_dir, slo_ms, *, concurrency=None, rate=
           'output_len_avg': stat('output_sequence_length', 'avg')}
 
 
+def cpu_list(spec: str) -> list[int]:
+  """The CPUs of a taskset list ('0,2-3')."""
+  out = []
+  for part in spec.split(','):
+    lo, _, hi = part.partition('-')
+    out += range(int(lo), int(hi or lo) + 1)
+  return sorted(set(out))
+
+
 def offline(out_dir: str, cpus: str = '') -> dict:
   """The offline engine's static batches 1 and 16, same shape and precision, on `cpus`
   (default: the server's)."""
@@ -274,11 +285,16 @@ def offline(out_dir: str, cpus: str = '') -> dict:
 
 def main(argv):
   del argv
-  every_cpu = sorted(os.sched_getaffinity(0))
-  split = None
+  server_cpus = cpu_list(FLAGS.server_cpus) if FLAGS.server_cpus else sorted(
+      os.sched_getaffinity(0))
   if FLAGS.client == 'inproc':  # the server runs in this process: split its cores now
     split = runtime.reserve_host_cpus(FLAGS.host_cpus)
-    print(split, flush=True)
+  elif 0 < FLAGS.host_cpus < len(server_cpus):  # as each server process splits them
+    split = (f'XLA compute threads on CPUs {",".join(map(str, server_cpus[FLAGS.host_cpus:]))}'
+             f', host threads on {",".join(map(str, server_cpus[:FLAGS.host_cpus]))}')
+  else:
+    split = 'host and compute threads share every core'
+  print(split, flush=True)
   out = os.path.abspath(FLAGS.out)
   os.makedirs(out, exist_ok=True)
   prompts = os.path.join(out, 'prompts.jsonl')
@@ -294,8 +310,8 @@ def main(argv):
   result['cpus'] = {'server': FLAGS.server_cpus, 'client': FLAGS.client_cpus,
                     'host_cpus': FLAGS.host_cpus, 'split': split}
   result['offline'] = offline(os.path.join(out, 'offline'))
-  if split and split.startswith('XLA compute threads'):
-    compute = ','.join(map(str, every_cpu[FLAGS.host_cpus:]))
+  if split.startswith('XLA compute threads'):
+    compute = ','.join(map(str, server_cpus[FLAGS.host_cpus:]))
     result['offline_compute'] = offline(os.path.join(out, 'offline_compute'), compute)
     result['cpus']['compute'] = compute
   if FLAGS.client == 'inproc':

@@ -144,6 +144,10 @@ class _Stream:
           ids = ev[at + 14:ev.index(b']', at)]
           yield ids.count(b',') + 1 if ids.strip() else 0
     if b'connection: close' in head:
+      self.close()
+
+  def close(self) -> None:
+    if self.writer is not None:
       self.writer.close()
       self.writer = None
 
@@ -191,12 +195,17 @@ def inproc(model: str, prompts: str, out_dir: str, concurrency: int) -> dict:
 
   async def worker(queue):
     conn = _Stream(port)
-    while queue:
-      await one(conn, queue.pop())
+    try:
+      while queue:
+        await one(conn, queue.pop())
+    finally:
+      conn.close()
 
   async def drive():
     queue = [texts[i % len(texts)] for i in range(n)]
-    await one(_Stream(port), texts[0])  # warm the HTTP path
+    warm = _Stream(port)
+    await one(warm, texts[0])  # warm the HTTP path
+    warm.close()
     ttft.clear(), itl.clear(), e2e.clear()
     tokens[0] = 0
     t0 = time.perf_counter()

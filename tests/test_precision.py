@@ -48,7 +48,6 @@ def test_this_machine_is_read():
 
 _SPLIT_PROBE = """
 import json, os, sys
-from kforcing_jax import errors
 from kforcing_jax import runtime
 line = runtime.reserve_host_cpus(int(sys.argv[1]))
 import jax

@@ -11,6 +11,8 @@ One process serves one model on its devices (parameters sharded by their logical
 over --mesh, slots along its data axis); for more capacity run one server per host behind
 any HTTP load balancer (every server is stateless between requests). If the decoding step
 fails the server stops and the process exits with status 1, for a supervisor to restart.
+On a CPU backend the server's Python threads keep the first core to themselves and XLA
+computes on the others (--host_cpus; kforcing_jax.runtime.reserve_host_cpus).
 """
 from __future__ import annotations
 

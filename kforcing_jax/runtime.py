@@ -61,11 +61,13 @@ def reserve_host_cpus(n: int) -> str:
     os.sched_setaffinity(0, host if backend == 'cpu' else cpus)
   if backend != 'cpu':
     return f'the {backend} backend computes; host threads on every core'
-  return f'XLA compute threads on CPUs {_cpu_list(compute)}, host threads on {_cpu_list(host)}'
+  return split_line(host, compute)
 
 
-def _cpu_list(cpus) -> str:
-  return ','.join(map(str, cpus))
+def split_line(host, compute) -> str:
+  """How reserve_host_cpus reports a split of the cores."""
+  cpus = lambda xs: ','.join(map(str, xs))
+  return f'XLA compute threads on CPUs {cpus(compute)}, host threads on {cpus(host)}'
 
 
 def initialize() -> None:

@@ -296,13 +296,13 @@ def main(argv):
   del argv
   server_cpus = cpu_list(FLAGS.server_cpus) if FLAGS.server_cpus else sorted(
       os.sched_getaffinity(0))
+  host, compute = server_cpus[:FLAGS.host_cpus], server_cpus[FLAGS.host_cpus:]
+  splits = 0 < FLAGS.host_cpus < len(server_cpus)
   if FLAGS.client == 'inproc':  # the server runs in this process: split its cores now
     split = runtime.reserve_host_cpus(FLAGS.host_cpus)
-  elif 0 < FLAGS.host_cpus < len(server_cpus):  # as each server process splits them
-    split = (f'XLA compute threads on CPUs {",".join(map(str, server_cpus[FLAGS.host_cpus:]))}'
-             f', host threads on {",".join(map(str, server_cpus[:FLAGS.host_cpus]))}')
-  else:
-    split = 'host and compute threads share every core'
+  else:  # as each server process splits them
+    split = (runtime.split_line(host, compute) if splits else
+             'host and compute threads share every core')
   print(split, flush=True)
   out = os.path.abspath(FLAGS.out)
   os.makedirs(out, exist_ok=True)
@@ -319,10 +319,10 @@ def main(argv):
   result['cpus'] = {'server': FLAGS.server_cpus, 'client': FLAGS.client_cpus,
                     'host_cpus': FLAGS.host_cpus, 'split': split}
   result['offline'] = offline(os.path.join(out, 'offline'))
-  if split.startswith('XLA compute threads'):
-    compute = ','.join(map(str, server_cpus[FLAGS.host_cpus:]))
-    result['offline_compute'] = offline(os.path.join(out, 'offline_compute'), compute)
-    result['cpus']['compute'] = compute
+  if splits:
+    result['cpus']['compute'] = ','.join(map(str, compute))
+    result['offline_compute'] = offline(os.path.join(out, 'offline_compute'),
+                                        result['cpus']['compute'])
   if FLAGS.client == 'inproc':
     for model in ('ar', 'pflm'):
       rows = []
@@ -396,8 +396,7 @@ def markdown(r: dict) -> str:
   offline_line = lambda d: '; '.join(
       f'batch {b}: AR (Gumbel-max) {d[b]["ar_categorical_tok_s"]:,.0f} tok/s, PFLM K={r["K"]} '
       f'{d[b]["pflm_tok_s"]:,.0f} tok/s' for b in ('1', '16')) + '.'
-  split = r.get('cpus', {}).get('split')
-  lines += ['', f'Server cores: {split}.' if split else 'Server cores: as `serve` splits them.',
+  lines += ['', f'Server cores: {r["cpus"]["split"]}.',
             '', 'Offline engine, same shape and precision, every core of the server: ' +
             offline_line(o)]
   if oc:

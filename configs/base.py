@@ -156,6 +156,11 @@ def get_config():
   # released checkpoints' encoder) | scale_only_tanh (kforcing_jax's form before
   # architecture version 3). A student of a PFLM teacher keeps its teacher's form.
   m.noise_encoder = 'released'
+  # How a student reads its tokens from its logits: argmax (the paper's, the released
+  # checkpoints') | inverse_cdf (the token is the inverse CDF of its noise u under the
+  # position's softmax: the logits are the next token's distribution; train it with
+  # objective on_policy_kl). A student of a PFLM teacher keeps its teacher's readout.
+  m.readout = 'argmax'
   # Execution (not saved with the weights):
   m.dtype = 'bfloat16'  # compute dtype: bfloat16 | float32. LayerNorm/softmax/logits stay f32.
   m.param_dtype = 'float32'  # parameter dtype: float32 | bfloat16.

@@ -104,3 +104,20 @@ def test_resume_keeps_the_seeds_a_checkpoint_was_written_with():
   # a checkpoint from before objectives were named resumes as a progressive one
   meta = {'compat': {'k': 2}, 'k': 2}
   assert ckpt_lib.saved_compat(meta)['objective'] == 'progressive'
+
+
+def test_a_readout_variant_edits_every_distill_stage_and_shares_only_the_teacher():
+  cfg = synthetic_config(steps=2, pipeline=('teacher', 'distill_k1', 'distill_k2',
+                                            'evaluate'))
+  kl = ablation.variant_config(cfg, 'inverse_cdf_kl', 0)
+  assert kl.model.readout == 'inverse_cdf'
+  assert [kl.stages[s].objective for s in ('distill_k1', 'distill_k2')] == ['on_policy_kl'] * 2
+  assert kl.stages.distill_k2.position_power == 1.0
+  back = ablation.variant_config(kl, 'on_policy', 0)  # an argmax variant of that config
+  assert back.model.readout == 'argmax'
+  assert [back.stages[s].objective for s in ('distill_k1', 'distill_k2')] == [
+      'progressive', 'on_policy']
+  plain = ablation.variant_config(cfg, 'on_policy', 0)
+  assert ablation.shared_stages([plain, kl]) == ['teacher']
+  assert ablation.shared_stages([plain, ablation.variant_config(cfg, 'progressive', 0)]) == [
+      'teacher', 'distill_k1']

@@ -86,6 +86,13 @@ def test_architecture_round_trip_and_old_format():
     arch_lib.ArchConfig.from_dict({**v2, 'noise_encoder': 'released'})
   with pytest.raises(arch_lib.ArchitectureError, match="noise_encoder='gelu'.*released"):
     dataclasses.replace(arch, noise_encoder='gelu')
+  # the readout came later within version 4: files without it read out by argmax
+  icdf = dataclasses.replace(arch, readout='inverse_cdf')
+  assert arch_lib.ArchConfig.from_dict(json.loads(json.dumps(icdf.to_dict()))) == icdf
+  no_readout = {k: v for k, v in arch.to_dict().items() if k != 'readout'}
+  assert arch_lib.ArchConfig.from_dict(no_readout).readout == 'argmax'
+  with pytest.raises(arch_lib.ArchitectureError, match="readout='sample'.*argmax, inverse_cdf"):
+    dataclasses.replace(arch, readout='sample')
   meta = run_dir.read_summary(os.path.join(V1, 'run', 'distill_k2'))
   assert meta['k'] == 2
 

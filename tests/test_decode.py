@@ -1,4 +1,4 @@
-"""The decoding engine: PFLM == training-layout argmax, AR greedy == full forwards,
+"""The decoding engine: PFLM == training-layout readout, AR greedy == full forwards,
 batch invariance, ragged prompts, EOS, the slot engine's rows == the offline engine's,
 traced sampling settings (no recompilation), one length rule, bad requests."""
 import concurrent.futures
@@ -12,6 +12,7 @@ import pytest
 from kforcing_jax.decoding import engine as decode
 from kforcing_jax.models import transformer as model_lib
 from kforcing_jax.models import precision as precision_lib
+from kforcing_jax.models import sampling
 from kforcing_jax.serving import engine as slot_lib
 from tests.helpers import causal_logits, jit_window, tiny_model
 
@@ -32,9 +33,13 @@ def engine(arch, params, exe=None, k=None):
   return decode.Engine(arch, params, exe, k=(4 if arch.pflm else 0) if k is None else k)
 
 
-@pytest.mark.parametrize('precision', ['float32', 'mixed'])
-def test_pflm_tokens_equal_training_layout_argmax(pflm, precision):
-  cfg, model, params, exe = serving(*pflm, precision)
+@pytest.mark.parametrize('precision, readout', [('float32', 'argmax'), ('mixed', 'argmax'),
+                                               ('float32', 'inverse_cdf')])
+def test_pflm_tokens_equal_training_layout_readout(pflm, precision, readout):
+  """Each step's K tokens are the training layout's readout (argmax, or the inverse CDF of
+  the same u) after the tokens emitted so far."""
+  cfg, model, params, exe = serving(dataclasses.replace(pflm[0], readout=readout), *pflm[1:],
+                                    precision)
   eng = engine(cfg, params, exe)
   K = 4
   prompt = [3, 4, 5, 6, 7, 8]
@@ -42,15 +47,17 @@ def test_pflm_tokens_equal_training_layout_argmax(pflm, precision):
   out, steps = eng.generate([prompt], spec, seed=3, row_seeds=[11])
   assert steps == 3
   u = decode.noise_for_tokens(jax.random.key(3), jnp.asarray([11]), jnp.arange(12))
-  seq = list(prompt)
+  seq, other = list(prompt), 0
   for s in range(3):
     ctx = jnp.asarray([seq])
     n = ctx.shape[1]
     u_win = jnp.broadcast_to(u[:, None, s * K:(s + 1) * K], (1, n, K))
     logits = jit_window(model)(params, ctx, None, u_win)
-    block = np.asarray(jnp.argmax(logits[0, -1], -1))
+    block = np.asarray(sampling.pflm_readout(readout, logits[0, -1], u_win[0, -1]))
     np.testing.assert_array_equal(out[0, s * K:(s + 1) * K], block)
+    other += np.sum(block != np.asarray(jnp.argmax(logits[0, -1], -1)))
     seq += block.tolist()
+  assert (other > 0) == (readout == 'inverse_cdf')  # the readouts differ on these weights
 
 
 def test_pflm_smaller_K_and_frequency_penalty(pflm):
@@ -227,12 +234,14 @@ def slot_tokens(eng, requests):
   return [toks[i, :n].tolist() for i, (_, n, _) in enumerate(requests)]
 
 
-@pytest.mark.parametrize('pflm_mode', [True, False])
+@pytest.mark.parametrize('pflm_mode', [True, 'inverse_cdf', False])
 def test_slot_engine_rows_equal_offline_rows(pflm, pflm_mode):
   """The slot engine's step is the offline loop's: each slot, with its own settings
-  (sampler, filters, penalty) among others, gives its request's tokens alone; a second
-  SlotEngine of the same configs compiles nothing."""
+  (sampler, filters, penalty) among others, gives its request's tokens alone (a PFLM with
+  either readout); a second SlotEngine of the same configs compiles nothing."""
   cfg, _, params = pflm if pflm_mode else tiny_model(seed=5, noise=0.5, never_emit=(52,))
+  if pflm_mode == 'inverse_cdf':
+    cfg = dataclasses.replace(cfg, readout='inverse_cdf')
   k, K = (4, 4) if pflm_mode else (0, 1)
   SP = slot_lib.SamplingParams
   if pflm_mode:
@@ -246,9 +255,9 @@ def test_slot_engine_rows_equal_offline_rows(pflm, pflm_mode):
   got = slot_tokens(slot_lib.SlotEngine(cfg, params, k=k, K=K, max_slots=4), reqs)
   off = engine(cfg, params, k=k)
   for (prompt, n, sp), toks in zip(reqs, got):
-    spec = decode.DecodeSpec(K=K, pflm=pflm_mode, max_new_tokens=n, temperature=sp.temperature,
-                             top_k=sp.top_k, top_p=sp.top_p, sampler=sp.sampler,
-                             freq_penalty=sp.freq_penalty)
+    spec = decode.DecodeSpec(K=K, pflm=bool(pflm_mode), max_new_tokens=n,
+                             temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
+                             sampler=sp.sampler, freq_penalty=sp.freq_penalty)
     assert toks == eng_tokens(off, prompt, spec, sp.seed), (prompt, sp)
   traces = slot_lib.TRACES.copy()
   again = slot_tokens(slot_lib.SlotEngine(cfg, params, k=k, K=K, max_slots=4),

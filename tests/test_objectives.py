@@ -1,5 +1,6 @@
 """Distillation objectives (training/objectives.py): their targets against the rules they
 state, mixtures and curricula, position weighting, stage kinds and seeds, and refusals."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -162,6 +163,33 @@ def test_on_policy_soft_targets_and_loss(models):
   assert objectives.split(y)[1] is None
 
 
+def test_on_policy_kl_targets_are_the_ar_distributions_after_the_students_tokens(models):
+  """on_policy_kl: the student's own tokens are the inverse CDF of its u under its logits
+  (its readout); the hard targets are on_policy's after those tokens, the soft ones the AR
+  model's tempered distributions there, without the ids the student never emits."""
+  ar, ar_params, pflm, t_params, student, s_params, ctx = models
+  student_icdf = type(student)(dataclasses.replace(student.arch, readout='inverse_cdf',
+                                                   never_emit_ids=(7,)), student.exe)
+  m = objectives.Models(teacher=ar, teacher_k=0, ar=None, student=student_icdf, k=4)
+  u = sampling.uniform_noise(jax.random.key(10), (2, 7, 4))
+  tau = jnp.asarray([1.0, 0.7])
+  s_logits = layouts.apply_window(student_icdf, s_params, ctx, None, u, tau)
+  obj = objectives.get('on_policy_kl')
+  assert obj.soft and obj.readout == 'inverse_cdf' and objectives.get('on_policy').readout == 'argmax'
+  y, q = obj.make_targets(m, settings())({'teacher': ar_params}, s_logits, ctx, u, tau,
+                                         jnp.zeros((2, 7)), 0.0)
+  mine = sampling.inverse_cdf(s_logits, u)
+  assert np.mean(np.asarray(mine) != np.asarray(jnp.argmax(s_logits, -1))) > 0.3
+  np.testing.assert_array_equal(y, objectives.on_policy_targets(ar, ar_params, ctx, mine, u, tau))
+  ar_logits = objectives.ar_window_logits(ar, ar_params, ctx, mine[..., :-1])
+  p = np.asarray(jax.nn.softmax(ar_logits / tau[:, None, None, None]), np.float64)
+  p[..., 7] = 0.0
+  np.testing.assert_allclose(q, p / p.sum(-1, keepdims=True), atol=1e-6)
+  w = jnp.ones(y.shape)
+  ce = -jnp.sum(q * jax.nn.log_softmax(s_logits), -1)
+  np.testing.assert_allclose(obj.loss(s_logits, y, w, settings(), q), jnp.sum(ce), rtol=1e-5)
+
+
 def test_an_ar_stage_teacher_is_the_ar_model(models):
   """With an AR stage teacher (k=1 or a first stage) every AR-based objective uses it."""
   ar, ar_params, _, _, student, s_params, ctx = models
@@ -192,7 +220,7 @@ def test_target_passes_per_window():
   m = lambda k, tk: objectives.Models(None, tk, None, None, k)
   passes = {n: o.target_passes(m(4, 2)) for n, o in objectives.OBJECTIVES.items()}
   assert passes == {'progressive': 2.0, 'ar_rollout': 4.0, 'mixed': 6.0, 'on_policy': 1.0,
-                    'on_policy_soft': 1.0}
+                    'on_policy_soft': 1.0, 'on_policy_kl': 1.0}
   assert objectives.get('progressive').target_passes(m(1, 0)) == 1.0
 
 
@@ -208,7 +236,17 @@ def test_stage_seeds_come_from_the_stage_name():
 @pytest.mark.parametrize('edit, message', [
     (lambda c: c.stages.distill_k2.update({'objective': 'kl'}),
      "stages.distill_k2.objective='kl' is not allowed; allowed: progressive, ar_rollout, "
-     'mixed, on_policy, on_policy_soft'),
+     'mixed, on_policy, on_policy_soft, on_policy_kl'),
+    (lambda c: c.stages.distill_k2.update({'objective': 'on_policy_kl'}),
+     "stages.distill_k2.objective='on_policy_kl' trains students with "
+     "model.readout='inverse_cdf', the config has model.readout='argmax'; allowed "
+     'objectives for it: progressive, ar_rollout, mixed, on_policy, on_policy_soft'),
+    (lambda c: c.model.update({'readout': 'inverse_cdf'}),
+     "stages.distill_k1.objective='progressive' trains students with model.readout="
+     "'argmax', the config has model.readout='inverse_cdf'; allowed objectives for it: "
+     'on_policy_kl'),
+    (lambda c: c.model.update({'readout': 'sample'}),
+     "model.readout='sample' is not allowed; allowed: argmax, inverse_cdf"),
     (lambda c: c.stages.distill_k2.update({'cdf_margin': 0.0}),
      r'stages.distill_k2.cdf_margin must be in \(0, 0.5\], got 0.0'),
     (lambda c: c.stages.distill_k2.update({'k': 3}),

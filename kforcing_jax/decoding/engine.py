@@ -219,6 +219,7 @@ def _generate(model, plan: LoopPlan, params, prompt_BxP, pads_B, row_seeds_B, se
     kw = {}
     if lay.pflm:
       kw['hints_BxKxD'] = jax.lax.dynamic_slice_in_dim(hints_BxNxD, st.step * K, K, axis=1)
+      kw['step_u'] = lambda: jax.lax.dynamic_slice_in_dim(u_BxN, st.step * K, K, axis=1)
     else:
       kw['step_keys'] = lambda: jax.vmap(lambda k: jax.random.fold_in(k, st.step))(keys_B)
       kw['step_u'] = lambda: jax.lax.dynamic_index_in_dim(u_BxN, st.step, axis=1,

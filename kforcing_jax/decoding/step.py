@@ -5,15 +5,16 @@ A step writes each row's inputs into its KV cache and chooses its next tokens:
   drawn from the tempered, top-k- then top-p-filtered softmax by one-pass Gumbel-max
   ('categorical') or by the inverse CDF of a per-token u ('inverse_cdf');
 - PFLM (K tokens per step): the K tokens emitted last step and K hint embeddings are fed
-  (2K queries); hint i's argmax is token i.
+  (2K queries); token i is read out from hint i's logits by the model's readout: their
+  argmax, or the inverse CDF of the hint's u under their softmax.
 Penalties come first: a frequency penalty subtracts lambda * count(v) and a presence
 penalty mu * [count(v) > 0] from the logits (a PFLM's token by token within its block,
 counting the block's earlier tokens); while a row has emitted fewer than its min_new
 tokens, its banned ids (its EOS and stop ids) get -inf. A step can also return the
 log-probabilities of its tokens and the top-N alternatives (Logprobs): under the
 distribution the token was drawn from (AR: penalised, tempered, filtered; greedy rows: the
-penalised softmax at temperature 1; PFLM: each hint's penalised softmax, whose argmax is
-the token).
+penalised softmax at temperature 1; PFLM: each hint's penalised softmax, which the token
+is read out from).
 
 kforcing_jax.decoding.engine runs the step in a lax.while_loop with every row at the same
 cache slot (one cache write for the batch, cache phases, the Pallas kernel);
@@ -279,34 +280,40 @@ def _gated_logprobs(want, fn, B: int, K: int, n_top: int) -> Logprobs:
 
 
 def pflm_tokens(logits_BxKxV, counts_BxV, s: Settings, g: Gates, n_out_B=0,
-                logprobs: int = 0, want_logprobs=True):
-  """([B, K] int32 tokens, Logprobs or None): each hint's argmax after the penalties of
-  the counts so far (the block's earlier tokens included) and the min_new ban; logprobs:
-  top-N of each hint's distribution (0: none; zeros unless want_logprobs)."""
+                logprobs: int = 0, want_logprobs=True, readout: str = 'argmax', u_BxK=None):
+  """([B, K] int32 tokens, Logprobs or None): each hint's token read out (readout, from
+  u_BxK where it is 'inverse_cdf') after the penalties of the counts so far (the block's
+  earlier tokens included) and the min_new ban; logprobs: top-N of each hint's
+  distribution (0: none; zeros unless want_logprobs)."""
   B, K, V = logits_BxKxV.shape
   n_out_B = jnp.broadcast_to(jnp.asarray(n_out_B, jnp.int32), (B,))
+  if readout == 'inverse_cdf' and u_BxK is None:
+    raise ValueError('the inverse-CDF readout needs the hints\' noise (u_BxK)')
+  read = lambda l, i: sampling.pflm_readout(readout, l, None if u_BxK is None else u_BxK[:, i])
 
   def adjusted():
     vocab = jnp.arange(V, dtype=jnp.int32)
     counts, toks, rows = counts_BxV, [], []
     for i in range(K):
       l = _banned(_penalized(logits_BxKxV[:, i], counts, s), s, n_out_B + i)
-      y = sampling.first_argmax(l)
+      y = read(l, i)
       counts = counts + (vocab[None, :] == y[:, None])  # fuses: no copy of the counts
       toks.append(y)
       rows.append(l)
     return jnp.stack(toks, axis=1), jnp.stack(rows, axis=1)
 
+  def plain():
+    return sampling.pflm_readout(readout, logits_BxKxV, u_BxK)
+
   if not logprobs:
-    return jax.lax.cond(g.penalty, lambda: adjusted()[0],
-                        lambda: sampling.first_argmax(logits_BxKxV)), None
+    return jax.lax.cond(g.penalty, lambda: adjusted()[0], plain), None
 
   def with_logprobs(choose):  # each branch its own: no [B, K, V] leaves the cond
     toks, logits = choose()
     return toks, _gated_logprobs(want_logprobs, lambda: logprobs_of(logits, toks, logprobs),
                                  B, K, logprobs)
   return jax.lax.cond(g.penalty, lambda: with_logprobs(adjusted), lambda: with_logprobs(
-      lambda: (sampling.first_argmax(logits_BxKxV), logits_BxKxV)))
+      lambda: (plain(), logits_BxKxV)))
 
 
 def ar_tokens(logits_BxV, counts_BxV, s: Settings, g: Gates, step_keys, step_u,
@@ -368,7 +375,8 @@ def decode_step(model, params, tokens_BxF, cache, slot, pads_B, rope, s: Setting
                 want_logprobs=True):
   """One step: (tokens [B, K] int32, cache, counts with them added, Logprobs or None).
   slot: [] (every row at the same slot) or [B]; hints_BxKxD: a PFLM's hint embeddings of
-  this step; step_keys / step_u / samplers: see ar_tokens; n_out_B: tokens each row
+  this step; step_keys / step_u / samplers: see ar_tokens (a PFLM's step_u: [B, K], the
+  hints' noise, read by the inverse-CDF readout only); n_out_B: tokens each row
   emitted before this step ([] or [B]); logprobs: top-N to return (static; 0: none),
   computed only when want_logprobs ([] bool, or True) -- otherwise zeros."""
   feed = tokens_BxF.shape[1]
@@ -376,7 +384,9 @@ def decode_step(model, params, tokens_BxF, cache, slot, pads_B, rope, s: Setting
   logits, cache = forward(model, params, tokens_BxF, cache, slot, pads_B, rope,
                           hints_BxHxD=hints_BxKxD, logits_from=feed if pflm else 0)
   if pflm:
-    new_BxK, lp = pflm_tokens(logits, counts_BxV, s, g, n_out_B, logprobs, want_logprobs)
+    readout = model.arch.readout
+    new_BxK, lp = pflm_tokens(logits, counts_BxV, s, g, n_out_B, logprobs, want_logprobs,
+                              readout, step_u() if readout == 'inverse_cdf' else None)
   else:
     toks, lp = ar_tokens(logits[:, 0], counts_BxV, s, g, step_keys, step_u, samplers,
                          n_out_B, logprobs, want_logprobs)

@@ -115,7 +115,8 @@ def shared_noise_agreement(student: sampler_lib.Sampler, teacher: sampler_lib.Sa
   def run(sp, tp, ctx, mask):
     u = sampling.uniform_noise(jax.random.key(seed), ctx.shape + (k,))
     y = targets_lib.ar_teacher_targets(t_model, tp, ctx, u)
-    pred = jnp.argmax(layouts.apply_window(s_model, sp, ctx, None, u), -1)
+    pred = sampling.pflm_readout(student.arch.readout,
+                                 layouts.apply_window(s_model, sp, ctx, None, u), u)
     hit = (pred == y)
     ok = mask
     for i in student.arch.never_emit_ids:

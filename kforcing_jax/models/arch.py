@@ -25,6 +25,13 @@ ARCH_VERSION = 4
 # kforcing_jax wrote before architecture version 3 (scale-only LayerNorm, tanh GELU, as
 # in the backbone).
 NOISE_ENCODERS = ('released', 'scale_only_tanh')
+# ArchConfig.readout: how a PFLM turns position i's logits into its token. 'argmax' is the
+# paper's (the noise only enters through the encoder); 'inverse_cdf' reads the token as
+# min{v : CDF(v) >= u_i} of the position's softmax, so the logits are a distribution over
+# the next token given the context and the noise of the earlier positions: a k=1 student
+# copied from its AR teacher already emits the teacher's inverse-CDF token, and the
+# student learns distributions (objective 'on_policy_kl') instead of interval edges.
+READOUTS = ('argmax', 'inverse_cdf')
 NORMS = ('layernorm', 'rmsnorm')  # ArchConfig.norm
 # ArchConfig.mlp_activations: one per input projection of the MLP; their outputs are
 # multiplied ('linear' is the identity: ('silu', 'linear') is SwiGLU's gate and up).
@@ -47,8 +54,8 @@ V4_FIELDS = ('n_kv_heads', 'head_dim', 'mlp_dim', 'mlp_activations', 'mlp_bias',
              'norm_eps', 'qkv_bias', 'out_bias', 'qk_norm', 'tie_embeddings', 'head_bias',
              'rope_scaling')
 # Fields that say nothing about the backbone's computation (ArchConfig.backbone).
-_NOT_BACKBONE = ('pflm', 'noise_freq_scale', 'noise_encoder', 'never_emit_ids', 'max_seq_len',
-                 'version')
+_NOT_BACKBONE = ('pflm', 'noise_freq_scale', 'noise_encoder', 'readout', 'never_emit_ids',
+                 'max_seq_len', 'version')
 # Fields of the first on-disk format (one ModelConfig for everything) that are execution
 # settings, not architecture: dropped when such a checkpoint is read.
 _V1_EXEC_FIELDS = ('dtype', 'param_dtype', 'dropout', 'attention_impl', 'dot_dtype',
@@ -109,6 +116,7 @@ class ArchConfig:
   pflm: bool = False  # adds the noise encoder (push-forward student)
   noise_freq_scale: float = 1.0  # multiplies the noise sinusoid's frequencies (1 = paper)
   noise_encoder: str = 'released'  # NOISE_ENCODERS (only read when pflm=True)
+  readout: str = 'argmax'  # READOUTS: a PFLM's token from its logits (only read when pflm)
   n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 -> n_heads
   head_dim: int = 0  # 0 -> d_model // n_heads
   mlp_dim: int = 0  # MLP hidden width; 0 -> mlp_ratio * d_model
@@ -166,6 +174,7 @@ class ArchConfig:
     if not self.norm_eps > 0:
       raise ArchitectureError(f'model.norm_eps must be > 0, got {self.norm_eps}')
     _choice('model.noise_encoder', self.noise_encoder, NOISE_ENCODERS)
+    _choice('model.readout', self.readout, READOUTS)
 
   @property
   def q_per_kv(self) -> int:
@@ -269,7 +278,7 @@ def configs_from_run(cfg, vocab_size: int, never_emit_ids=(), pflm: bool = False
                     max_seq_len=m.max_seq_len if m.max_seq_len > 0 else cfg.data.seq_len,
                     rope_base=m.rope_base, never_emit_ids=tuple(int(i) for i in never_emit_ids),
                     pflm=pflm, noise_freq_scale=m.noise_freq_scale,
-                    noise_encoder=m.noise_encoder,
+                    noise_encoder=m.noise_encoder, readout=m.readout,
                     **{f: m[f] for f in V4_FIELDS})
   exe = ExecConfig(dtype=m.dtype, param_dtype=m.param_dtype, dot_dtype=m.dot_dtype,
                    attention_impl=m.attention_impl, decode_attention=m.decode_attention,

@@ -91,6 +91,15 @@ def inverse_cdf_of(p, hi, lo, u_x: jax.Array) -> jax.Array:
   return jnp.minimum(y, last)
 
 
+def pflm_readout(readout: str, logits_xV: jax.Array, u_x: jax.Array) -> jax.Array:
+  """A PFLM's tokens [...] int32 from its logits [..., V] and the noise [...] of the same
+  positions, by ArchConfig.readout: 'argmax' (the noise is read by the encoder only) or
+  'inverse_cdf' (min{v : CDF(v) >= u} of the position's softmax)."""
+  if readout == 'inverse_cdf':
+    return inverse_cdf(logits_xV, u_x)
+  return first_argmax(logits_xV)
+
+
 def first_argmax(logits_BxV):  # [..., V] -> [...] int32
   """jnp.argmax (first index of the maximum) as a max and a masked min: two plain
   reductions, faster on CPU than XLA's (value, index) argmax reduction."""

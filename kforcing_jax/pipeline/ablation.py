@@ -1,9 +1,10 @@
 """Ablations of distillation settings: named variants of one config, run at the config's
 own step budget, one pipeline run each, compared on the `evaluate` stage's numbers.
 
-Every variant edits only the distill stages of window k >= 2 (at k = 1 with an AR teacher
-every registered objective has the same targets), so the stages all variants leave equal
-(the teacher, distill_k1) are trained once per seed in SEED_DIR/shared and linked into
+A variant edits the distill stages of window k >= 2 (at k = 1 with an AR teacher every
+hard-target objective has the same targets); one that changes the student's readout
+edits every distill stage and the model section. The stages all variants leave equal (the
+teacher, usually distill_k1) are trained once per seed in SEED_DIR/shared and linked into
 each variant's run directory. A rerun skips finished stages, variants included.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kforcing_jax.configs import base
 from kforcing_jax.pipeline import config_lib
 from kforcing_jax.pipeline import run as pipeline
 from kforcing_jax.pipeline import run_dir
+from kforcing_jax.training import objectives as objectives_lib
 from kforcing_jax.training import writers
 
 
@@ -29,6 +31,9 @@ from kforcing_jax.training import writers
 class Variant:
   description: str
   edit: Callable[[object], None]  # edits one distill stage section (k >= 2) in place
+  # the student readout it trains (model.readout); where a k = 1 stage's objective trains
+  # another readout, the variant's edit applies there too (argmax variants: progressive)
+  readout: str = 'argmax'
 
 
 def _set(objective: str, **fields) -> Callable[[object], None]:
@@ -61,6 +66,9 @@ VARIANTS: dict[str, Variant] = {
     'on_policy_soft_wide': Variant('on_policy_soft with cdf_margin 0.1',
                                    _set('on_policy_soft', position_power=1.0,
                                         cdf_margin=0.1)),
+    'inverse_cdf_kl': Variant("inverse-CDF readout, on_policy_kl at every stage (the AR "
+                              "teacher's distributions), weight ~ window position",
+                              _set('on_policy_kl', position_power=1.0), 'inverse_cdf'),
 }
 
 
@@ -70,12 +78,20 @@ def variant_config(cfg, name: str, seed: int):
     raise errors.UserError(f'--variants: {name!r} is not known; allowed: '
                            f'{", ".join(VARIANTS)}')
   out = copy.deepcopy(cfg)
+  v = VARIANTS[name]
   with out.unlocked():
     out.seed = seed
+    out.model.readout = v.readout
     for stage in config_lib.stages(out):
       s = out.stages.get(stage)
-      if s is not None and s.kind == 'distill' and s.k >= 2:
-        VARIANTS[name].edit(s)
+      if s is None or s.kind != 'distill':
+        continue
+      if s.k >= 2:
+        v.edit(s)
+      elif objectives_lib.get(s.objective).readout != v.readout:
+        # k = 1: hard-target objectives all teach the AR teacher's inverse-CDF tokens, so
+        # the argmax variants share one k = 1 stage
+        (v.edit if v.readout != 'argmax' else _set('progressive'))(s)
   config_lib.validate(out)
   return out
 

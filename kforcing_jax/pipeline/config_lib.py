@@ -85,6 +85,13 @@ def _validate_distill(name: str, s, cfg) -> None:
     raise ConfigError(f'stages.{name}.k={s.k!r} is not allowed; allowed: a power of two '
                       '(1, 2, 4, 8, ...)')
   _choice(f'stages.{name}.objective', s.objective, tuple(objectives_lib.OBJECTIVES))
+  wants = objectives_lib.get(s.objective).readout
+  if wants != cfg.model.readout and name in stages(cfg):  # a section the run trains
+    raise ConfigError(
+        f'stages.{name}.objective={s.objective!r} trains students with model.readout='
+        f'{wants!r}, the config has model.readout={cfg.model.readout!r}; allowed objectives '
+        'for it: ' + ', '.join(n for n, o in objectives_lib.OBJECTIVES.items()
+                               if o.readout == cfg.model.readout))
   if not 0 < s.tau_min <= s.tau_max:
     raise ConfigError(f'stages.{name}.tau_min/tau_max must satisfy 0 < tau_min <= '
                       f'tau_max, got {s.tau_min}, {s.tau_max}')
@@ -118,6 +125,7 @@ def validate(cfg) -> None:
   _choice('model.decode_attention', m.decode_attention, arch_lib.DECODE_ATTENTION)
   _choice('model.cache_products', m.cache_products, arch_lib.CACHE_PRODUCTS)
   _choice('model.noise_encoder', m.noise_encoder, arch_lib.NOISE_ENCODERS)
+  _choice('model.readout', m.readout, arch_lib.READOUTS)
   for f in ('d_model', 'n_layers', 'n_heads', 'mlp_ratio'):
     _positive(f'model.{f}', m[f])
   if not m.head_dim and m.d_model % m.n_heads:

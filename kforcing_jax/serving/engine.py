@@ -175,6 +175,9 @@ def _jitted(kind: str, arch: arch_lib.ArchConfig, exe: arch_lib.ExecConfig, plan
         h = st.hints_BxNxD
         kw['hints_BxKxD'] = jax.vmap(lambda b, s: jax.lax.dynamic_slice(
             h, (b, s * lay.K, 0), (1, lay.K, h.shape[2]))[0])(jnp.arange(rows), st.step_B)
+        # the inverse-CDF readout's u of those hints, drawn again as insert drew them
+        kw['step_u'] = lambda: jax.vmap(lambda k, s: jax.vmap(lambda i: sampling.uniform_noise(
+            jax.random.fold_in(k, s * lay.K + i), ()))(jnp.arange(lay.K)))(keys_B, st.step_B)
       else:
         kw['step_keys'] = lambda: jax.vmap(jax.random.fold_in)(keys_B, st.step_B)
         kw['step_u'] = lambda: jax.vmap(lambda k, s: sampling.uniform_noise(

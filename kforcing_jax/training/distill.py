@@ -81,7 +81,8 @@ def make_distill_step(student, objective, targets_fn, tx, *, k: int, settings, n
       total, d_logits = jax.value_and_grad(
           lambda l: objective.loss(l, y, w, settings, q))(logits)
       grads, = pullback(d_logits)
-      return grads, {'total': total, **agreement_stats(jnp.argmax(logits, -1), y, w)}
+      mine = sampling.pflm_readout(student.arch.readout, logits, mb['u'])
+      return grads, {'total': total, **agreement_stats(mine, y, w)}
 
     inputs = {'tokens': ctx, 'mask': batch['mask'], 'u': u, 'tau': tau, 'r': r}
     grad_sums, sums = trainer.sum_over_microbatches(grad_fn, state.params, inputs,
@@ -96,8 +97,8 @@ def make_distill_step(student, objective, targets_fn, tx, *, k: int, settings, n
 
 
 def make_agreement_step(student, targets_fn, k: int, never_emit):
-  """Agreement sums of the student's argmax with its objective's targets (at the end of
-  any curriculum) on a batch."""
+  """Agreement sums of the student's tokens (by its readout) with its objective's targets
+  (at the end of any curriculum) on a batch."""
   def agreement_step(params, frozen, batch, rng, tau_B):
     ctx, mask = batch['tokens'], batch['mask']
     B, n = ctx.shape
@@ -105,7 +106,7 @@ def make_agreement_step(student, targets_fn, k: int, never_emit):
     r = jax.random.uniform(jax.random.fold_in(rng, 1), (B, n))
     logits = layouts.apply_window(student, params, ctx, None, u, tau_B)
     y, _ = objectives_lib.split(targets_fn(frozen, logits, ctx, u, tau_B, r, jnp.float32(1.0)))
-    pred = jnp.argmax(logits, -1)
+    pred = sampling.pflm_readout(student.arch.readout, logits, u)
     return agreement_stats(pred, y, window_weights(mask, y, never_emit))
   return agreement_step
 
@@ -136,7 +137,8 @@ def student_arch(run_arch, t_arch, stage: str):
   teacher's noise encoder form (the student starts from a copy of the teacher's weights)."""
   arch = dataclasses.replace(run_arch, pflm=True, never_emit_ids=tuple(sorted(
       set(run_arch.never_emit_ids) | set(t_arch.never_emit_ids))))
-  copied = STUDENT_COPIES + (('noise_encoder', 'noise_freq_scale') if t_arch.pflm else ())
+  copied = STUDENT_COPIES + (('noise_encoder', 'noise_freq_scale', 'readout') if t_arch.pflm
+                             else ())
   keep = {f: getattr(t_arch, f) for f in copied}
   changed = {f: v for f, v in keep.items() if getattr(arch, f) != v}
   if changed:
@@ -191,6 +193,14 @@ def spec(ctx, stage: str) -> trainer.StageSpec:
     raise errors.StageError(f'{stage}: window {k} is narrower than its teacher '
                             f'{teacher_stage}\'s {teacher_k}')
   arch = student_arch(ctx.arch, t_arch, stage)
+  if arch.readout != objective.readout:
+    trains = ', '.join(n for n, o in objectives_lib.OBJECTIVES.items()
+                       if o.readout == arch.readout)
+    raise errors.StageError(
+        f'{stage}: objective {objective.name!r} trains a student with model.readout='
+        f'{objective.readout!r}; this student reads out by {arch.readout!r}' +
+        (' (its PFLM teacher\'s)' if t_arch.pflm else '') + f'; allowed objectives for '
+        f'it: {trains}')
   t_backbone = t_arch.backbone()
   diffs = {f: (t_backbone[f], v) for f, v in arch.backbone().items() if t_backbone[f] != v}
   if diffs:

@@ -23,6 +23,14 @@ memory estimate). Held-out agreement is measured against the same targets. Regis
                interval covers under the same AR distribution. A neighbour in CDF order is a
                token the teacher itself would emit for a nearby u; the hard target carries
                most of the mass whenever u sits inside its interval by more than the margin.
+  on_policy_kl for a student with the inverse-CDF readout (model.readout='inverse_cdf'),
+               whose logits at position i are a distribution: the cross-entropy of the AR
+               teacher's whole next-token distribution after the context and the
+               student's own tokens 1..i-1 (read out from its u's), at the window's tau.
+               Its fixed point is on_policy's (the inverse CDF of u_i under that
+               distribution is the AR rollout's token), but every window teaches V
+               probabilities instead of one interval's id, and a k=1 student copied from
+               the AR teacher starts at the fixed point.
 
 Every objective's cross-entropy can weight window position i (1-based) by i^position_power
 (normalised to mean 1): a power > 0 spends more of the gradient on the later, harder
@@ -75,6 +83,9 @@ class Objective:
   # teacher and student forward passes per window spent on targets (memory and cost)
   target_passes: Callable[[Models], float]
   soft: bool = False  # targets are (hard ids, soft distributions); the loss reads the soft
+  # the student readout it trains (model.readout): hard ids teach an argmax, distributions
+  # an inverse CDF
+  readout: str = 'argmax'
 
   def loss(self, logits_BxNxKxV, y_BxNxK, w_BxNxK, settings, q_BxNxKxV=None) -> jax.Array:
     """The summed weighted cross-entropy (divided by the summed weights by the trainer):
@@ -143,13 +154,28 @@ def _mixed(models: Models, settings) -> TargetsFn:
   return targets
 
 
+def _mine(models: Models, s_logits, u) -> jax.Array:
+  """The student's own tokens, by its readout."""
+  return sampling.pflm_readout(models.student.arch.readout, s_logits, u)
+
+
 def _on_policy(models: Models, settings) -> TargetsFn:
   del settings
 
   def targets(frozen, s_logits, ctx, u, tau, r, progress):
     model, params = _ar(models, frozen)
-    mine = jnp.argmax(s_logits, axis=-1).astype(jnp.int32)
-    return on_policy_targets(model, params, ctx, mine, u, tau)
+    return on_policy_targets(model, params, ctx, _mine(models, s_logits, u), u, tau)
+  return targets
+
+
+def _on_policy_kl(models: Models, settings) -> TargetsFn:
+  del settings
+  blocked = tuple(models.student.arch.never_emit_ids)
+
+  def targets(frozen, s_logits, ctx, u, tau, r, progress):
+    model, params = _ar(models, frozen)
+    return on_policy_targets(model, params, ctx, _mine(models, s_logits, u), u, tau,
+                             distributions=True, blocked_ids=blocked)
   return targets
 
 
@@ -159,24 +185,35 @@ def _on_policy_soft(models: Models, settings) -> TargetsFn:
 
   def targets(frozen, s_logits, ctx, u, tau, r, progress):
     model, params = _ar(models, frozen)
-    mine = jnp.argmax(s_logits, axis=-1).astype(jnp.int32)
-    return on_policy_targets(model, params, ctx, mine, u, tau, cdf_margin=margin,
-                             blocked_ids=blocked)
+    return on_policy_targets(model, params, ctx, _mine(models, s_logits, u), u, tau,
+                             cdf_margin=margin, blocked_ids=blocked)
   return targets
 
 
 def on_policy_targets(ar_model, ar_params, ctx_BxN, prefix_BxNxK, u_BxNxK, tau_B=None, *,
-                      cdf_margin: float = 0.0, blocked_ids=()):
+                      cdf_margin: float = 0.0, distributions: bool = False, blocked_ids=()):
   """Target i: the AR model's inverse-CDF token for u_i after the context and prefix
-  tokens 1..i-1 (one pass over the window layout of the prefix). With cdf_margin > 0, also
-  the soft targets of those distributions (cdf_window), never on blocked_ids."""
+  tokens 1..i-1 (one pass over the window layout of the prefix). Also soft targets, never
+  on blocked_ids: with cdf_margin > 0 those of cdf_window; with distributions, the
+  tempered distributions themselves."""
   logits_BxNxKxV = ar_window_logits(ar_model, ar_params, ctx_BxN, prefix_BxNxK[..., :-1])
   tau = None if tau_B is None else tau_B[:, None, None, None]
   cdf = sampling.softmax_cdf(logits_BxNxKxV, tau)  # once for the hard and the soft targets
   y = sampling.inverse_cdf_of(*cdf, u_BxNxK)
+  if distributions:
+    return y, _without(cdf[0], blocked_ids)
   if cdf_margin <= 0:
     return y
   return y, _cover(*cdf, u_BxNxK, cdf_margin, blocked_ids)
+
+
+def _without(p_xV, blocked_ids) -> jax.Array:
+  """p with blocked_ids' mass removed and renormalised (the student can never emit them)."""
+  if not blocked_ids:
+    return p_xV
+  p = p_xV.at[..., jnp.asarray(blocked_ids)].set(0.0)
+  total = jnp.sum(p, axis=-1, keepdims=True)
+  return jnp.where(total > 0, p / jnp.maximum(total, 1e-30), 1.0 / p.shape[-1])
 
 
 def cdf_window(logits_xV, u_x, margin: float, tau=None, blocked_ids=()) -> jax.Array:
@@ -229,6 +266,8 @@ OBJECTIVES: dict[str, Objective] = {
     'on_policy': Objective('on_policy', True, False, _on_policy, lambda m: 1.0),
     'on_policy_soft': Objective('on_policy_soft', True, False, _on_policy_soft,
                                 lambda m: 1.0, soft=True),
+    'on_policy_kl': Objective('on_policy_kl', True, False, _on_policy_kl, lambda m: 1.0,
+                              soft=True, readout='inverse_cdf'),
 }
 
 

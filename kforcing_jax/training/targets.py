@@ -1,6 +1,6 @@
 """Distillation targets (docs/design.md section 3): the AR teacher's k tokens by sequential
 inverse-CDF sampling (kforcing_jax.models.sampling.inverse_cdf), or a PFLM teacher's 2h
-tokens by argmax of its training and rollout layouts."""
+tokens read out from its training and rollout layouts."""
 from __future__ import annotations
 
 import jax
@@ -23,11 +23,13 @@ def ar_teacher_targets(model, params, ctx_BxN, u_BxNxK, tau_B=None) -> jax.Array
 
 
 def pflm_teacher_targets(model, params, ctx_BxN, u_BxNxK, tau_B=None) -> jax.Array:
-  """2h tokens per window from a PFLM teacher of window h: the first h by argmax of its
-  training layout, the second h by argmax of the rollout (double-pass) layout."""
+  """2h tokens per window from a PFLM teacher of window h, read out as it reads (its
+  arch.readout): the first h from its training layout, the second h from the rollout
+  (double-pass) layout."""
   h = u_BxNxK.shape[-1] // 2
-  first = jnp.argmax(layouts.apply_window(model, params, ctx_BxN, None, u_BxNxK[..., :h],
-                                          tau_B), axis=-1).astype(jnp.int32)
-  second = jnp.argmax(layouts.apply_window(model, params, ctx_BxN, first, u_BxNxK[..., h:],
-                                           tau_B), axis=-1).astype(jnp.int32)
+  u_first, u_second = u_BxNxK[..., :h], u_BxNxK[..., h:]
+  first = sampling.pflm_readout(model.arch.readout, layouts.apply_window(
+      model, params, ctx_BxN, None, u_first, tau_B), u_first)
+  second = sampling.pflm_readout(model.arch.readout, layouts.apply_window(
+      model, params, ctx_BxN, first, u_second, tau_B), u_second)
   return jnp.concatenate([first, second], axis=-1)

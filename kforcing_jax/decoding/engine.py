@@ -5,8 +5,9 @@ The loop is a lax.while_loop over kforcing_jax.decoding.step's decode_step with 
 at the same cache slot: AR feeds the last token and samples the next (greedy at
 temperature 0; one-pass Gumbel-max `categorical`, the fastest correct sampler, or the
 `inverse_cdf` of a shared u, the map the students are distilled from); a PFLM feeds its
-last K tokens and K fresh hints and takes each hint's argmax (after an optional frequency
-penalty). Hint K/V land in the slots the next step's tokens overwrite.
+last K tokens and K fresh hints and reads each hint's token out of its logits (argmax, or
+the inverse CDF of the hint's u: ArchConfig.readout; after an optional frequency penalty).
+Hint K/V land in the slots the next step's tokens overwrite.
 
 A compiled loop is shared by every Engine with the same ArchConfig and ExecConfig (module
 level, parameters as arguments) and serves every DecodeSpec with the same K, AR sampler,

@@ -28,9 +28,9 @@ NOISE_ENCODERS = ('released', 'scale_only_tanh')
 # ArchConfig.readout: how a PFLM turns position i's logits into its token. 'argmax' is the
 # paper's (the noise only enters through the encoder); 'inverse_cdf' reads the token as
 # min{v : CDF(v) >= u_i} of the position's softmax, so the logits are a distribution over
-# the next token given the context and the noise of the earlier positions: a k=1 student
-# copied from its AR teacher already emits the teacher's inverse-CDF token, and the
-# student learns distributions (objective 'on_policy_kl') instead of interval edges.
+# the next token given the context and the noise of the earlier positions: the student
+# learns the teacher's distributions (objective 'on_policy_kl') instead of where each
+# token's CDF interval begins and ends.
 READOUTS = ('argmax', 'inverse_cdf')
 NORMS = ('layernorm', 'rmsnorm')  # ArchConfig.norm
 # ArchConfig.mlp_activations: one per input projection of the MLP; their outputs are

@@ -21,10 +21,11 @@ ignored what it asked for.
 Log-probabilities (`logprobs`, chat `logprobs` + `top_logprobs`) are those of the
 distribution each token was drawn from: AR -- after the penalties, temperature, top-k and
 top-p (a greedy request: the penalised softmax at temperature 1); PFLM -- the softmax of
-the hint's logits after the penalties, whose argmax is the token (the noise chooses the
-distribution; the student's confidence in its token is what is reported). `echo` with
-`logprobs` (and `max_tokens=0` to only score) adds the prompt's tokens, each scored by an
-AR model after the ones before it.
+the hint's logits after the penalties, which the token is read out from: for an argmax
+student the noise chooses that distribution and its mass on the token is the student's
+confidence in it; an inverse-CDF student (ArchConfig.readout) draws the token from it by the
+hint's u. `echo` with `logprobs` (and `max_tokens=0` to only score) adds the prompt's
+tokens, each scored by an AR model after the ones before it.
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ memory estimate). Held-out agreement is measured against the same targets. Regis
                linearly to `ar_fraction_end` over the stage: a curriculum), else
                progressive's.
   on_policy    self-forcing in the strict sense: target i is the AR teacher's inverse-CDF
-               token for noise u_i given the context and the student's own argmax tokens
-               1..i-1 (from the step's own student forward, plus one AR pass); its fixed point
+               token for noise u_i given the context and the student's own tokens 1..i-1
+               (from the step's own student forward, plus one AR pass); its fixed point
                is ar_rollout's, and a wrong early token is followed by the teacher's
                continuation of it rather than of a token the student did not emit.
   on_policy_soft
@@ -29,8 +29,7 @@ memory estimate). Held-out agreement is measured against the same targets. Regis
                student's own tokens 1..i-1 (read out from its u's), at the window's tau.
                Its fixed point is on_policy's (the inverse CDF of u_i under that
                distribution is the AR rollout's token), but every window teaches V
-               probabilities instead of one interval's id, and a k=1 student copied from
-               the AR teacher starts at the fixed point.
+               probabilities instead of one interval's id.
 
 Every objective's cross-entropy can weight window position i (1-based) by i^position_power
 (normalised to mean 1): a power > 0 spends more of the gradient on the later, harder
@@ -65,8 +64,8 @@ class Models:
 # targets(frozen, student_logits_BxNxKxV, ctx_BxN, u_BxNxK, tau_B, r_BxN, progress) ->
 # y_BxNxK int32, or for a soft objective (y_BxNxK, q_BxNxKxV): the soft targets the loss
 # reads beside the hard ones held-out agreement counts. student_logits: the step's own
-# forward of the student on (ctx, u, tau), computed once for the loss too (on_policy reads
-# its argmax); frozen: {'teacher': params, 'ar': params (only when Models.ar is set)};
+# forward of the student on (ctx, u, tau), computed once for the loss too (the on-policy
+# objectives read its tokens out of it); frozen: {'teacher': params, 'ar': params (only when Models.ar is set)};
 # r_BxN: per-window uniforms drawn with the noise (for per-window choices); progress: the
 # stage's fraction done, a traced float in [0, 1].
 TargetsFn = Callable[..., jax.Array]

@@ -90,8 +90,7 @@ def _validate_distill(name: str, s, cfg) -> None:
     raise ConfigError(
         f'stages.{name}.objective={s.objective!r} trains students with model.readout='
         f'{wants!r}, the config has model.readout={cfg.model.readout!r}; allowed objectives '
-        'for it: ' + ', '.join(n for n, o in objectives_lib.OBJECTIVES.items()
-                               if o.readout == cfg.model.readout))
+        'for it: ' + ', '.join(objectives_lib.training(cfg.model.readout)))
   if not 0 < s.tau_min <= s.tau_max:
     raise ConfigError(f'stages.{name}.tau_min/tau_max must satisfy 0 < tau_min <= '
                       f'tau_max, got {s.tau_min}, {s.tau_max}')

@@ -194,13 +194,11 @@ def spec(ctx, stage: str) -> trainer.StageSpec:
                             f'{teacher_stage}\'s {teacher_k}')
   arch = student_arch(ctx.arch, t_arch, stage)
   if arch.readout != objective.readout:
-    trains = ', '.join(n for n, o in objectives_lib.OBJECTIVES.items()
-                       if o.readout == arch.readout)
     raise errors.StageError(
         f'{stage}: objective {objective.name!r} trains a student with model.readout='
         f'{objective.readout!r}; this student reads out by {arch.readout!r}' +
-        (' (its PFLM teacher\'s)' if t_arch.pflm else '') + f'; allowed objectives for '
-        f'it: {trains}')
+        (' (its PFLM teacher\'s)' if t_arch.pflm else '') + '; allowed objectives for it: ' +
+        ', '.join(objectives_lib.training(arch.readout)))
   t_backbone = t_arch.backbone()
   diffs = {f: (t_backbone[f], v) for f, v in arch.backbone().items() if t_backbone[f] != v}
   if diffs:

@@ -65,7 +65,8 @@ class Models:
 # y_BxNxK int32, or for a soft objective (y_BxNxK, q_BxNxKxV): the soft targets the loss
 # reads beside the hard ones held-out agreement counts. student_logits: the step's own
 # forward of the student on (ctx, u, tau), computed once for the loss too (the on-policy
-# objectives read its tokens out of it); frozen: {'teacher': params, 'ar': params (only when Models.ar is set)};
+# objectives read its tokens out of it); frozen: {'teacher': params, 'ar': params (only
+# when Models.ar is set)};
 # r_BxN: per-window uniforms drawn with the noise (for per-window choices); progress: the
 # stage's fraction done, a traced float in [0, 1].
 TargetsFn = Callable[..., jax.Array]
@@ -200,19 +201,21 @@ def on_policy_targets(ar_model, ar_params, ctx_BxN, prefix_BxNxK, u_BxNxK, tau_B
   cdf = sampling.softmax_cdf(logits_BxNxKxV, tau)  # once for the hard and the soft targets
   y = sampling.inverse_cdf_of(*cdf, u_BxNxK)
   if distributions:
-    return y, _without(cdf[0], blocked_ids)
+    return y, _normalised_without(cdf[0], blocked_ids)
   if cdf_margin <= 0:
     return y
   return y, _cover(*cdf, u_BxNxK, cdf_margin, blocked_ids)
 
 
-def _without(p_xV, blocked_ids) -> jax.Array:
-  """p with blocked_ids' mass removed and renormalised (the student can never emit them)."""
-  if not blocked_ids:
-    return p_xV
-  p = p_xV.at[..., jnp.asarray(blocked_ids)].set(0.0)
-  total = jnp.sum(p, axis=-1, keepdims=True)
-  return jnp.where(total > 0, p / jnp.maximum(total, 1e-30), 1.0 / p.shape[-1])
+def _normalised_without(w_xV, blocked_ids) -> jax.Array:
+  """Non-negative weights w as a distribution, without blocked_ids (ids the student can
+  never emit)."""
+  if blocked_ids:
+    w_xV = w_xV.at[..., jnp.asarray(blocked_ids)].set(0.0)
+  # weights wholly on blocked ids keep nothing: such a window's weight is 0 (its hard
+  # target is blocked too), so any finite distribution serves
+  total = jnp.sum(w_xV, axis=-1, keepdims=True)
+  return jnp.where(total > 0, w_xV / jnp.maximum(total, 1e-30), 1.0 / w_xV.shape[-1])
 
 
 def cdf_window(logits_xV, u_x, margin: float, tau=None, blocked_ids=()) -> jax.Array:
@@ -229,13 +232,7 @@ def _cover(p, hi, lo, u_x, margin: float, blocked_ids) -> jax.Array:
   u = u_x[..., None].astype(jnp.float32)
   a, b = jnp.clip(u - margin, 0.0, 1.0), jnp.clip(u + margin, 0.0, 1.0)
   cover = jnp.maximum(jnp.minimum(upper, b) - jnp.maximum(lower, a), 0.0)
-  if blocked_ids:
-    keep = jnp.ones((p.shape[-1],), bool).at[jnp.asarray(blocked_ids)].set(False)
-    cover = jnp.where(keep, cover, 0.0)
-  # a window wholly inside blocked intervals keeps nothing: its weight is 0 (its hard target
-  # is blocked too), so any finite distribution serves
-  total = jnp.sum(cover, axis=-1, keepdims=True)
-  return jnp.where(total > 0, cover / jnp.maximum(total, 1e-30), 1.0 / p.shape[-1])
+  return _normalised_without(cover, blocked_ids)
 
 
 def ar_window_logits(model, params, ctx_BxN, win_BxNxA) -> jax.Array:
@@ -268,6 +265,11 @@ OBJECTIVES: dict[str, Objective] = {
     'on_policy_kl': Objective('on_policy_kl', True, False, _on_policy_kl, lambda m: 1.0,
                               soft=True, readout='inverse_cdf'),
 }
+
+
+def training(readout: str) -> list[str]:
+  """The objectives that train students of this readout (the allowed ones for it)."""
+  return [n for n, o in OBJECTIVES.items() if o.readout == readout]
 
 
 def get(name: str) -> Objective:

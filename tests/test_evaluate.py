@@ -11,6 +11,7 @@ from kforcing_jax.pipeline import run_dir
 from kforcing_jax import Sampler
 from kforcing_jax.data import datasets as data_lib
 from kforcing_jax.evaluation import evaluate
+from kforcing_jax.evaluation import misses
 from kforcing_jax.pipeline import run as pipeline
 from tests.conftest import synthetic_config
 from tests.helpers import causal_logits, tiny_model
@@ -42,6 +43,20 @@ def test_gen_nll_of_ragged_rows_by_hand():
     want_x.append(-np.mean(source.hmm.token_logprobs(row)[0, len(p) - 1:]))
   assert got['teacher'] == pytest.approx(np.mean(want_t), rel=1e-5)
   assert got['exact'] == pytest.approx(np.mean(want_x), rel=1e-9)
+
+
+def test_misses_binned_by_hand():
+  hit = [True, False, True, True, False, True]
+  value = [0.0, 0.002, 0.0025, 0.5, 1.0, 0.05]
+  got = misses.binned(hit, value, (0.0, 0.002, 0.1, 1.0))
+  assert [(b['lo'], b['hi']) for b in got] == [(0.0, 0.002), (0.002, 0.1), (0.1, 1.0)]
+  assert [b['share'] for b in got] == pytest.approx([1 / 6, 3 / 6, 2 / 6])
+  # [lo, hi) except the last bin, which holds its upper end
+  assert [b['agreement'] for b in got] == pytest.approx([1.0, 2 / 3, 0.5])
+  empty = misses.binned([True], [0.5], (0.0, 0.1, 1.0))
+  assert empty[0] == {'lo': 0.0, 'hi': 0.1, 'share': 0.0, 'agreement': None}
+  with pytest.raises(ValueError, match='differ in shape'):
+    misses.binned([True, False], [0.1], (0.0, 1.0))
 
 
 @pytest.fixture(scope='module')
@@ -93,6 +108,16 @@ def test_report_files_are_complete(trained):
   assert k[i] == f'{k1["gen_nll"]["exact"] / t0["gen_nll"]["exact"]:.3f}'
   assert k[j] == f'{k1["entropy"] / t0["entropy"]:.3f}'
   assert (d / 'evaluate' / 'report.png').stat().st_size > 1000
+  # where k1 misses the AR rollout: every valid window in one bin of each breakdown, and
+  # the bins' agreements add up to the row's
+  per_stage = report['misses']
+  assert list(per_stage) == ['distill_k1']
+  for name in ('target_prob', 'edge_distance'):
+    (bins,) = per_stage['distill_k1'][name]
+    assert sum(b['share'] for b in bins) == pytest.approx(1.0)
+    assert sum(b['share'] * (b['agreement'] or 0) for b in bins) == pytest.approx(
+        k1['agreement_all'])
+  assert 'distill_k1, by the distance from u to its token' in md
 
 
 def test_planted_bad_student_is_caught(trained):

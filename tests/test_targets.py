@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import stats
 
 from kforcing_jax.models import transformer as model_lib
@@ -90,6 +91,36 @@ def test_ar_teacher_k_targets_are_sequential_sampling():
     logits = causal_logits(model, params, row)
     seq.append(int(draw(logits[0, len(seq) - 1], u[0, t, i])))
   assert list(np.asarray(y[0, t])) == seq[t + 1:]
+
+
+def test_ar_rollout_intervals_hold_u():
+  """The rollout's interval diagnostics, against float64 numpy from the same logits: the
+  teacher's probability of its token, and u's distance to the nearer end of that token's
+  CDF interval, with u inside the interval."""
+  _, model, params = tiny_model()
+  rng = np.random.default_rng(4)
+  ctx = jnp.asarray(rng.integers(0, 50, (2, 7)))
+  u = sampling.uniform_noise(jax.random.key(5), (2, 7, 2))
+  y, prob, edge = jax.jit(lambda p, c, uu: targets.ar_teacher_rollout(model, p, c, uu))(
+      params, ctx, u)
+  np.testing.assert_array_equal(y, targets.ar_teacher_targets(model, params, ctx, u))
+  y, prob, edge, u = (np.asarray(a) for a in (y, prob, edge, u))
+  for b, t in ((0, 3), (1, 6)):
+    seq = list(np.asarray(ctx[b, :t + 1]))
+    for i in range(2):
+      row = jnp.asarray([seq + [0] * (t + 3 - len(seq))])
+      logits = np.asarray(causal_logits(model, params, row)[0, len(seq) - 1], np.float64)
+      p = np.exp(logits - logits.max())
+      p /= p.sum()
+      cdf = np.cumsum(p)
+      tok = y[b, t, i]
+      lower, upper = cdf[tok] - p[tok], cdf[tok]
+      assert lower <= u[b, t, i] <= upper
+      assert prob[b, t, i] == pytest.approx(p[tok], rel=1e-4, abs=1e-7)
+      assert edge[b, t, i] == pytest.approx(min(u[b, t, i] - lower, upper - u[b, t, i]),
+                                            abs=2e-6)
+      seq.append(tok)
+  assert np.all(edge >= 0) and np.all(edge <= prob / 2 + 1e-6)
 
 
 def test_pflm_teacher_targets_equal_two_inference_steps():

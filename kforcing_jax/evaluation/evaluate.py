@@ -26,6 +26,7 @@ from kforcing_jax.data import datasets as data_lib
 from kforcing_jax.decoding import engine as decode
 from kforcing_jax.decoding import sampler as sampler_lib
 from kforcing_jax.evaluation import external_lm
+from kforcing_jax.evaluation import misses as misses_lib
 from kforcing_jax.models import layouts
 from kforcing_jax.models import sampling
 from kforcing_jax.models import transformer as model_lib
@@ -103,10 +104,11 @@ def eval_prompts(source, num_prompts: int, prompt_len: int, seed: int) -> list[l
   return [p for p in prompts if p]
 
 
-def shared_noise_agreement(student: sampler_lib.Sampler, teacher: sampler_lib.Sampler, batch,
-                           seed: int) -> list[float]:
-  """Per-position match of the student's first-k tokens with the AR teacher's inverse-CDF
-  rollout on the same contexts and noise; returns all-K rates for K = 1..k."""
+def shared_noise_hits(student: sampler_lib.Sampler, teacher: sampler_lib.Sampler, batch,
+                      seed: int):
+  """The student's first-k tokens against the AR teacher's inverse-CDF rollout on the same
+  contexts and noise: (hit [B, N, k], ok [B, N]: valid windows, the teacher's probability
+  of its token [B, N, k], u's distance to that token's CDF interval end [B, N, k])."""
   k = student.k
   s_model, t_model = student.engine.model, teacher.engine.model
   ctx, mask = jnp.asarray(batch['tokens']), jnp.asarray(batch['mask'])
@@ -114,18 +116,29 @@ def shared_noise_agreement(student: sampler_lib.Sampler, teacher: sampler_lib.Sa
   @jax.jit
   def run(sp, tp, ctx, mask):
     u = sampling.uniform_noise(jax.random.key(seed), ctx.shape + (k,))
-    y = targets_lib.ar_teacher_targets(t_model, tp, ctx, u)
+    y, prob, edge = targets_lib.ar_teacher_rollout(t_model, tp, ctx, u)
     pred = sampling.pflm_readout(student.arch.readout,
                                  layouts.apply_window(s_model, sp, ctx, None, u), u)
-    hit = (pred == y)
     ok = mask
     for i in student.arch.never_emit_ids:
       ok = ok & jnp.all(y != i, axis=-1)
-    return hit, ok
+    return pred == y, ok, prob, edge
 
-  hit, ok = jax.device_get(run(student.params, teacher.params, ctx, mask))
-  cum = np.cumprod(hit, axis=-1)  # all of the first K positions match
-  return [float(cum[..., K - 1][ok].mean()) for K in range(1, k + 1)]
+  return jax.device_get(run(student.params, teacher.params, ctx, mask))
+
+
+def all_k_agreement(hit_BxNxK, ok_BxN) -> list[float]:
+  """All-K match rates for K = 1..k over the valid windows."""
+  cum = np.cumprod(hit_BxNxK, axis=-1)  # all of the first K positions match
+  return [float(cum[..., K - 1][ok_BxN].mean()) for K in range(1, hit_BxNxK.shape[-1] + 1)]
+
+
+def shared_noise_agreement(student: sampler_lib.Sampler, teacher: sampler_lib.Sampler, batch,
+                           seed: int) -> list[float]:
+  """Per-position match of the student's first-k tokens with the AR teacher's inverse-CDF
+  rollout on the same contexts and noise; returns all-K rates for K = 1..k."""
+  hit, ok, _, _ = shared_noise_hits(student, teacher, batch, seed)
+  return all_k_agreement(hit, ok)
 
 
 def evaluate(cfg, source, teacher, models) -> dict:
@@ -149,14 +162,18 @@ def evaluate(cfg, source, teacher, models) -> dict:
   width = longest + new_tokens
   agree_batch = data_lib.BatchIterator(source, 'eval', e.agreement_rows, None, cfg.seed + 1,
                                        False).local_batch(0)
-  report_rows = []
+  report_rows, student_misses = [], {}
   for stage, load in models:
     sampler = load()
     if sampler.arch.vocab_size != tok.vocab_size:
       raise errors.StageError(f'{stage} has {sampler.arch.vocab_size} ids, the data\'s '
                                   f'tokenizer {tok.name} {tok.vocab_size}')
     k = sampler.k
-    agree = shared_noise_agreement(sampler, teacher, agree_batch, e.seed) if k else None
+    agree = None
+    if k:
+      hit, ok, prob, edge = shared_noise_hits(sampler, teacher, agree_batch, e.seed)
+      agree = all_k_agreement(hit, ok)
+      student_misses[stage] = misses_lib.breakdown(hit, ok, prob, edge)
     settings = [(1, 0.0)] if k == 0 else [(K, lam) for K in range(1, k + 1)
                                           for lam in sorted({0.0, e.freq_penalty})]
     for K, lam in settings:
@@ -178,6 +195,7 @@ def evaluate(cfg, source, teacher, models) -> dict:
   entropy_rate = source.hmm.entropy_rate(cfg.data.seq_len) if synthetic else None
   shown = [] if synthetic else [tok.decode(p) for p in prompts[:e.show_samples]]
   return {'source_entropy_rate': entropy_rate, 'rows': report_rows, 'sample_prompts': shown,
+          'misses': student_misses,
           'protocol': {'num_prompts': len(prompts), 'prompt_len': e.prompt_len,
                        'num_samples': e.num_samples, 'max_new_tokens': new_tokens,
                        'seed': e.seed, 'agreement_rows': e.agreement_rows,
@@ -216,6 +234,9 @@ def markdown(report: dict, speed_md: str | None = None) -> str:
       for r in report['rows']:
         if len(r.get('samples', ())) > i:
           out += f'\n**{r["model"]} K={r["K"]}:** {" ".join(r["samples"][i].split())}\n'
+  if report.get('misses'):
+    out += ('\n## Where the students miss the AR rollout (shared noise, the agreement rows)\n'
+            + ''.join(misses_lib.markdown(stage, m) for stage, m in report['misses'].items()))
   if speed_md:
     out += '\n## Speed (benchmark in this workdir)\n\n' + speed_md
   return out

@@ -59,6 +59,22 @@ def test_misses_binned_by_hand():
     misses.binned([True, False], [0.1], (0.0, 1.0))
 
 
+def test_misses_count_position_i_where_the_earlier_tokens_match():
+  hit = np.array([[1, 1], [1, 0], [0, 1], [1, 1], [0, 0]], bool)
+  ok = np.array([True, True, True, True, False])
+  prob = np.full((5, 2), 0.5)
+  edge = np.array([[0.1, 0.001], [0.1, 0.001], [0.001, 0.1], [0.1, 0.1], [0.1, 0.1]])
+  got = misses.breakdown(hit, ok, prob, edge)
+  # position 1: the 4 valid windows; position 2: the 3 whose first token matches
+  (pos1, pos2) = (sum(b['share'] * (b['agreement'] or 0) for b in per)
+                  for per in got['target_prob'])
+  assert (pos1, pos2) == pytest.approx((3 / 4, 2 / 3))
+  assert pos1 * pos2 == pytest.approx(evaluate.all_k_agreement(hit[ok][None], ok[ok][None])[1])
+  near, far = got['edge_distance'][1][0], got['edge_distance'][1][-1]
+  assert (near['share'], near['agreement']) == pytest.approx((2 / 3, 0.5))
+  assert (far['share'], far['agreement']) == pytest.approx((1 / 3, 1.0))
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   d = tmp_path_factory.mktemp('eval')

@@ -3,8 +3,9 @@ same noise.
 
 A student decoding by argmax must place each u_i inside the CDF interval of the teacher's
 token, an interval whose ends it has to compute from the context. Its held-out agreement
-alone does not say which windows it loses, so the evaluation bins every window position
-two ways: by the teacher's probability of its own token (a narrow interval is hard to
+alone does not say which windows it loses, so the evaluation bins window position i,
+among the windows whose first i-1 tokens match (the student then continues the teacher's
+own context), two ways: by the teacher's probability of its own token (a narrow interval is hard to
 hit), and by the distance from u to the nearer end of that interval (a u close to an end
 needs the end placed precisely). A student limited by how finely it resolves the interval
 ends loses the first bins of both and agrees almost always far from an end.
@@ -39,22 +40,28 @@ def binned(hit_W, value_W, edges) -> list[dict]:
 
 
 def breakdown(hit_WxK, ok_W, prob_WxK, edge_WxK) -> dict:
-  """{name: [per window position i: binned(...)]} over the valid windows ok_W."""
+  """{name: [per window position i: binned(...)]} over the valid windows ok_W whose first
+  i-1 tokens match the rollout: there the student continues the teacher's own context, so
+  position i's agreement is conditional on the earlier ones and all-K agreement is the
+  product of the K positions' (an earlier miss would otherwise count again at every later
+  position, whose target then continues a token the student did not emit)."""
   ok = np.asarray(ok_W, bool)
-  hit, values = np.asarray(hit_WxK)[ok], {'target_prob': np.asarray(prob_WxK)[ok],
-                                          'edge_distance': np.asarray(edge_WxK)[ok]}
-  return {name: [binned(hit[:, i], values[name][:, i], edges) for i in range(hit.shape[-1])]
+  hit = np.asarray(hit_WxK, bool)[ok]
+  values = {'target_prob': np.asarray(prob_WxK)[ok], 'edge_distance': np.asarray(edge_WxK)[ok]}
+  reached = [np.all(hit[:, :i], axis=-1) for i in range(hit.shape[-1])]
+  return {name: [binned(hit[r, i], values[name][r, i], edges) for i, r in enumerate(reached)]
           for name, (_, edges) in BREAKDOWNS.items()}
 
 
 def markdown(stage: str, misses: dict) -> str:
   """Two tables per stage: rows are bins, columns window positions, cells 'share of the
-  windows / agreement'."""
+  windows / agreement' (breakdown's windows)."""
   out = []
   for name, (what, _) in BREAKDOWNS.items():
     per_pos = misses[name]
     k = len(per_pos)
-    out.append(f'\n{stage}, by the {what}: share of the windows / agreement at position\n')
+    out.append(f'\n{stage}, by the {what}: share of the windows / agreement at position i, '
+               'over the windows whose first i-1 tokens match\n')
     out.append('| bin | ' + ' | '.join(f'position {i + 1}' for i in range(k)) + ' |')
     out.append('|---' * (k + 1) + '|')
     for b, first in enumerate(per_pos[0]):

@@ -3,12 +3,12 @@ same noise.
 
 A student decoding by argmax must place each u_i inside the CDF interval of the teacher's
 token, an interval whose ends it has to compute from the context. Its held-out agreement
-alone does not say which windows it loses, so the evaluation bins window position i,
-among the windows whose first i-1 tokens match (the student then continues the teacher's
-own context), two ways: by the teacher's probability of its own token (a narrow interval is hard to
-hit), and by the distance from u to the nearer end of that interval (a u close to an end
-needs the end placed precisely). A student limited by how finely it resolves the interval
-ends loses the first bins of both and agrees almost always far from an end.
+alone does not say which windows it loses, so the evaluation bins window position i, over
+the windows whose first i-1 tokens match (the student then continues the teacher's own
+context), two ways: by the teacher's probability of its own token (a narrow interval is
+hard to hit), and by the distance from u to the nearer end of that interval (a u close to
+an end needs the end placed precisely). A student limited by how finely it resolves the
+interval ends loses the first bins of both and agrees almost always far from an end.
 """
 from __future__ import annotations
 

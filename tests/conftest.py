@@ -5,6 +5,9 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# XLA's optimisation passes off (see jax_disable_most_optimizations below), also in the
+# CLIs the tests start as subprocesses, which inherit the environment.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 # Metrics go to metrics.jsonl only: clu's TensorBoard writer imports TensorFlow (~10-20 s
 # per process); test_train checks the TensorBoard path once.
 os.environ.setdefault('KFORCING_TENSORBOARD', '0')

@@ -9,6 +9,13 @@ minutes on 2 CPU cores).
 Variant k=8 (a student of window 8 distilled from the k=4 one, about 10 more minutes):
   python main.py --config=configs/synthetic.py --workdir=/tmp/kf \
       --config.pipeline=teacher,distill_k1,distill_k2,distill_k4,distill_k8,evaluate
+
+The students' fidelity is bound by their training compute at this budget. Three times the
+distill steps (about an hour on 2 CPU cores; BENCHMARKS.md, the main job's schedule) bring
+the k=4 student's K=4 samples to within 4% of the teacher's NLL:
+  python main.py --config=configs/synthetic.py --workdir=/tmp/kf3 \
+      --config.stages.distill_k1.steps=1800 --config.stages.distill_k2.steps=900 \
+      --config.stages.distill_k4.steps=2250
 """
 from kforcing_jax.configs import base
 

@@ -5,8 +5,11 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-# XLA's optimisation passes off (see jax_disable_most_optimizations below), also in the
-# CLIs the tests start as subprocesses, which inherit the environment.
+# Most tests compile many small programs once each: XLA's optimisation passes cost more
+# than they save there (flax's lm1b tests do the same). Set before JAX is imported, so it
+# holds here and in the CLIs the tests start as subprocesses, which inherit the
+# environment. Tests that time or compare compiled buffer sizes turn the passes back on
+# (test_memory).
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 # Metrics go to metrics.jsonl only: clu's TensorBoard writer imports TensorFlow (~10-20 s
 # per process); test_train checks the TensorBoard path once.
@@ -28,10 +31,6 @@ from kforcing_jax.pipeline import run as pipeline  # noqa: E402
 if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
   jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-# Most tests compile many small programs once each: XLA's optimisation passes cost more
-# than they save there (flax's lm1b tests do the same). Tests that time or compare
-# compiled buffer sizes turn them back on (test_memory).
-jax.config.update('jax_disable_most_optimizations', True)
 
 
 MAX_MAPPINGS = 30_000

@@ -6,6 +6,7 @@ import os
 import shutil
 from unittest import mock
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from kforcing_jax.training import checkpoint as ckpt_lib
+from kforcing_jax.pipeline import config_lib
 from kforcing_jax.pipeline import context as context_lib
 from kforcing_jax.data import datasets as data_lib
 from kforcing_jax.training import distill
@@ -210,9 +212,70 @@ def test_a_student_keeps_its_pflm_teachers_readout(run_dir):
 def test_student_shape_must_match_teacher(run_dir):
   d, _ = run_dir
   cfg = synthetic_config(steps=3, pipeline=('distill_k4',))
-  cfg.model.n_layers = 3
-  with pytest.raises(run_dir_lib.StageError, match='model.n_layers: teacher 2, student 3'):
+  cfg.model.d_model = 48
+  with pytest.raises(run_dir_lib.StageError, match='model.d_model: teacher 32, student 48'):
     pipeline.run(cfg, str(d))
+
+
+def test_a_students_depth_is_its_teachers_plus_extra_layers(run_dir):
+  """The run's model.n_layers describes the models it trains from scratch; a student copies
+  its teacher's depth and adds stages.<name>.extra_layers blocks (resume compat included)."""
+  d, _ = run_dir
+  cfg = synthetic_config(steps=3, pipeline=('distill_k4',))
+  cfg.stages.distill_k4.teacher_stage = 'distill_k2'
+  cfg.stages.distill_k4.objective = 'on_policy'
+  cfg.model.n_layers = 5
+  for extra, depth in ((0, 2), (3, 5)):
+    cfg.stages.distill_k4.extra_layers = extra
+    spec = distill.spec(context_lib.build(cfg, str(d)), 'distill_k4')
+    assert spec.arch.n_layers == depth and spec.compat['model.n_layers'] == depth
+  cfg.stages.distill_k4.extra_layers = -1
+  with pytest.raises(config_lib.ConfigError, match=r'stages.distill_k4.extra_layers must be '
+                     r'an integer in \[0, 64\], got -1'):
+    context_lib.build(cfg, str(d))
+
+
+def test_a_deeper_student_starts_as_its_teacher(run_dir):
+  """Blocks added on top of a copied teacher start as identities: the stage's first student
+  computes its teacher's logits exactly (the copy alone does not)."""
+  d, _ = run_dir
+  cfg = synthetic_config(steps=3, pipeline=('distill_k4',))
+  cfg.stages.distill_k4.update({'teacher_stage': 'distill_k2', 'objective': 'on_policy',
+                                'extra_layers': 2})
+  spec = distill.spec(context_lib.build(cfg, str(d)), 'distill_k4')
+  mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
+  t_arch, t_params, _, _ = run_dir_lib.load_model_stage(str(d), 'distill_k2', mesh)
+  assert (t_arch.n_layers, spec.arch.n_layers) == (2, 4)
+  fresh = flax.linen.unbox(spec.init_params(jax.random.key(0)))
+  start = spec.start_params(fresh)
+  ctx = jax.random.randint(jax.random.key(1), (2, 8), 1, t_arch.vocab_size)
+  u = jax.random.uniform(jax.random.key(2), (2, 8, 4))
+  want = layouts.apply_window(model_lib.build(t_arch), t_params, ctx, None, u)
+  student = model_lib.build(spec.arch)
+  got = layouts.apply_window(student, start, ctx, None, u)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  copied, _, new = distill.copy_matching(fresh, t_params)
+  assert new and all(n.startswith(("['block_2']", "['block_3']")) for n in new)
+  unzeroed = layouts.apply_window(student, copied, ctx, None, u)
+  assert np.max(np.abs(np.asarray(unzeroed) - np.asarray(want))) > 1e-2
+
+
+def test_a_deeper_students_stage_trains_samples_and_resumes(run_dir, tmp_path):
+  """extra_layers end to end: the stage trains a deeper student from the shared run's k=2,
+  the sample stage decodes it, and a rerun finds it finished."""
+  d, _ = run_dir
+  for stage in ('teacher', 'distill_k1', 'distill_k2'):
+    os.symlink(d / stage, tmp_path / stage)
+  cfg = synthetic_config(steps=2, pipeline=('teacher', 'distill_k1', 'distill_k2',
+                                            'distill_k4', 'sample'))
+  cfg.stages.distill_k4.objective = 'on_policy'
+  cfg.stages.distill_k4.extra_layers = 1
+  pipeline.run(cfg, str(tmp_path))
+  mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
+  arch, params, meta, _ = run_dir_lib.load_model_stage(str(tmp_path), 'distill_k4', mesh)
+  assert arch.n_layers == 3 and 'block_2' in params and meta['compat']['model.n_layers'] == 3
+  assert (tmp_path / 'sample' / 'distill_k4_K4.jsonl').exists()
+  pipeline.run(cfg, str(tmp_path))  # finished: skipped, not refused
 
 
 def test_resume_against_a_retrained_teacher_is_refused(tmp_path):

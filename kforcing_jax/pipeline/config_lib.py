@@ -102,6 +102,10 @@ def _validate_distill(name: str, s, cfg) -> None:
   if not 0.0 <= s.position_power <= 8.0:
     raise ConfigError(f'stages.{name}.position_power must be in [0, 8], got '
                       f'{s.position_power}')
+  extra = s.get('extra_layers', 0)
+  if not isinstance(extra, int) or not 0 <= extra <= 64:
+    raise ConfigError(f'stages.{name}.extra_layers must be an integer in [0, 64], got '
+                      f'{extra!r}')
   if not 0.0 < s.cdf_margin <= 0.5:
     raise ConfigError(f'stages.{name}.cdf_margin must be in (0, 0.5], got {s.cdf_margin}')
   models = run_dir.model_stages(cfg)

@@ -26,8 +26,12 @@ from kforcing_jax.training import objectives as objectives_lib
 from kforcing_jax.training import trainer
 
 
-# Architecture fields a student takes from its teacher whatever the run's config says.
-STUDENT_COPIES = arch_lib.V4_FIELDS + ('rope_base',)
+# Architecture fields a student takes from its teacher whatever the run's config says
+# (its depth too: the teacher's blocks plus the stage's extra_layers).
+STUDENT_COPIES = arch_lib.V4_FIELDS + ('rope_base', 'n_layers')
+# The parameters through which a block writes into the residual stream: zero, the block is
+# the identity.
+_BLOCK_OUTPUTS = ('out_kernel', 'out_bias', 'fc_out')
 
 
 def sample_noise(rng, batch: int, n: int, k: int, tau_min: float, tau_max: float):
@@ -130,11 +134,27 @@ def copy_matching(student_params, teacher_params):
   return out, copied, new
 
 
-def student_arch(run_arch, t_arch, stage: str):
+def identity_blocks(params, first: int):
+  """params with the residual-stream outputs of blocks first, first + 1, ... zero: a
+  student deeper than its teacher then computes exactly its teacher's function at the
+  start (pre-norm blocks add their outputs to the stream), and its new blocks learn from
+  there."""
+  def zero(path, v):
+    names = [getattr(p, 'key', None) for p in path]
+    block = names[0] if names and isinstance(names[0], str) else ''
+    if (block.startswith('block_') and int(block[len('block_'):]) >= first
+        and any(n in _BLOCK_OUTPUTS for n in names)):
+      return jnp.zeros_like(v)
+    return v
+  return jax.tree_util.tree_map_with_path(zero, params)
+
+
+def student_arch(run_arch, t_arch, stage: str, extra_layers: int = 0):
   """The student's architecture: the run's, with a noise encoder, never emitting what the
   teacher never emits either, with the teacher's Llama-family form (norms, MLP, attention
-  heads and biases, embeddings tying, RoPE: e.g. an imported Llama teacher) and a PFLM
-  teacher's noise encoder form (the student starts from a copy of the teacher's weights)."""
+  heads and biases, embeddings tying, RoPE: e.g. an imported Llama teacher), its depth plus
+  extra_layers blocks, and a PFLM teacher's noise encoder form (the student starts from a
+  copy of the teacher's weights)."""
   arch = dataclasses.replace(run_arch, pflm=True, never_emit_ids=tuple(sorted(
       set(run_arch.never_emit_ids) | set(t_arch.never_emit_ids))))
   copied = STUDENT_COPIES + (('noise_encoder', 'noise_freq_scale', 'readout') if t_arch.pflm
@@ -143,7 +163,9 @@ def student_arch(run_arch, t_arch, stage: str):
   changed = {f: v for f, v in keep.items() if getattr(arch, f) != v}
   if changed:
     print(f'{stage}: the student keeps its teacher\'s ' +
-          ', '.join(f'model.{f}={v!r}' for f, v in changed.items()))
+          ', '.join(f'model.{f}={v!r}' for f, v in changed.items()) +
+          (f' (stages.{stage}.extra_layers adds blocks)' if 'n_layers' in changed else ''))
+  keep['n_layers'] += extra_layers
   return dataclasses.replace(arch, **keep)
 
 
@@ -192,7 +214,8 @@ def spec(ctx, stage: str) -> trainer.StageSpec:
   if teacher_k > k:
     raise errors.StageError(f'{stage}: window {k} is narrower than its teacher '
                             f'{teacher_stage}\'s {teacher_k}')
-  arch = student_arch(ctx.arch, t_arch, stage)
+  extra_layers = int(s.get('extra_layers', 0))
+  arch = student_arch(ctx.arch, t_arch, stage, extra_layers)
   if arch.readout != objective.readout:
     raise errors.StageError(
         f'{stage}: objective {objective.name!r} trains a student with model.readout='
@@ -200,7 +223,8 @@ def spec(ctx, stage: str) -> trainer.StageSpec:
         (' (its PFLM teacher\'s)' if t_arch.pflm else '') + '; allowed objectives for it: ' +
         ', '.join(objectives_lib.training(arch.readout)))
   t_backbone = t_arch.backbone()
-  diffs = {f: (t_backbone[f], v) for f, v in arch.backbone().items() if t_backbone[f] != v}
+  diffs = {f: (t_backbone[f], v) for f, v in arch.backbone().items()
+           if t_backbone[f] != v and f != 'n_layers'}
   if diffs:
     raise errors.StageError(
         f'{stage}: the student backbone differs from its teacher {teacher_stage}: ' +
@@ -230,7 +254,10 @@ def spec(ctx, stage: str) -> trainer.StageSpec:
     print(f'{stage}: teacher {teacher_stage}; objective {objective.name}' +
           (f' (AR model {ar_ref})' if ar_ref else '') + f'; copied {len(copied)} tensors, '
           f'new {len(new)}: {", ".join(new) if len(new) < 12 else len(new)}')
-    return params
+    if extra_layers:
+      print(f'{stage}: blocks {t_arch.n_layers}..{arch.n_layers - 1} added on top of the '
+            f'teacher\'s {t_arch.n_layers}, starting as identities')
+    return identity_blocks(params, t_arch.n_layers)
 
   agreement_fn = jax.jit(make_agreement_step(student, targets_fn, k, never_emit))
 
@@ -244,6 +271,7 @@ def spec(ctx, stage: str) -> trainer.StageSpec:
 
   compat = ctx.compat(k=k, teacher_stage=teacher_stage, objective=objective.name,
                       teacher_fingerprint=ckpt_lib.params_fingerprint(t_params))
+  compat['model.n_layers'] = arch.n_layers  # the student's: its teacher's + extra_layers
   if ar_ref:
     compat['ar_fingerprint'] = ckpt_lib.params_fingerprint(frozen['ar'])
   if objective.soft:

@@ -132,7 +132,8 @@ def test_every_config_builds_at_a_shrunk_shape(name, tmp_path):
 
 
 def test_synthetic_config_runs_every_stage(distilled_run, tmp_path):
-  """The default job, shrunk (conftest.synthetic_config), as its documented k=8 variant:
+  """The default job, shrunk (conftest.synthetic_config), as its documented k=8 variant (its
+  k=8 student two blocks deeper than its k=4 teacher):
   teacher, distill_k1 and distill_k2 are the session's shared run of the same config; in a
   copy of it the pipeline of configs/synthetic.py plus distill_k8 skips them and runs
   distill_k4, distill_k8 (on-policy targets from the run's AR teacher) and evaluate."""
@@ -151,6 +152,10 @@ def test_synthetic_config_runs_every_stage(distilled_run, tmp_path):
   assert out['distill_k4']['k'] == 4 and out['distill_k4']['teacher_stage'] == 'distill_k2'
   assert out['distill_k8']['k'] == 8 and out['distill_k8']['teacher_stage'] == 'distill_k4'
   assert out['distill_k8']['objective'] == 'on_policy'
+  mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
+  depth = {s: run_dir.load_model_stage(str(run), s, mesh)[0].n_layers
+           for s in ('distill_k4', 'distill_k8')}
+  assert depth == {'distill_k4': 2, 'distill_k8': 4}  # k8: two blocks on top of its teacher's
   assert os.path.exists(run / 'evaluate' / 'report.md')
   assert [(r['model'], r['K']) for r in out['evaluate']['rows']] == [
       ('teacher', 1), ('k1', 1), ('k2', 1), ('k2', 2), ('k4', 1), ('k4', 2), ('k4', 3),

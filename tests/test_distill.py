@@ -260,22 +260,41 @@ def test_a_deeper_student_starts_as_its_teacher(run_dir):
   assert np.max(np.abs(np.asarray(unzeroed) - np.asarray(want))) > 1e-2
 
 
-def test_a_deeper_students_stage_trains_samples_and_resumes(run_dir, tmp_path):
-  """extra_layers end to end: the stage trains a deeper student from the shared run's k=2,
-  the sample stage decodes it, and a rerun finds it finished."""
+def test_a_deeper_students_stage_resumes_and_samples(run_dir, tmp_path):
+  """extra_layers end to end: a deeper student's stage stopped after its first checkpoint
+  resumes with the same extra_layers (and is refused with another), then the sample stage
+  decodes it."""
   d, _ = run_dir
   for stage in ('teacher', 'distill_k1', 'distill_k2'):
     os.symlink(d / stage, tmp_path / stage)
   cfg = synthetic_config(steps=2, pipeline=('teacher', 'distill_k1', 'distill_k2',
                                             'distill_k4', 'sample'))
-  cfg.stages.distill_k4.objective = 'on_policy'
+  cfg.stages.distill_k4.update({'objective': 'on_policy', 'extra_layers': 1,
+                                'checkpoint_every': 1})
+  real_next = data_lib.BatchIterator.__next__
+  calls = {'n': 0}
+
+  def dying_next(self):
+    if self.split == 'train':  # only distill_k4 trains: the linked stages are finished
+      calls['n'] += 1
+      if calls['n'] == 2:
+        raise KeyboardInterrupt
+    return real_next(self)
+
+  with mock.patch.object(data_lib.BatchIterator, '__next__', dying_next):
+    with pytest.raises(KeyboardInterrupt):
+      pipeline.run(cfg, str(tmp_path))
+  assert os.listdir(tmp_path / 'distill_k4' / 'checkpoints') == ['1']
+  cfg.stages.distill_k4.extra_layers = 2
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match='model.n_layers'):
+    pipeline.run(cfg, str(tmp_path))
   cfg.stages.distill_k4.extra_layers = 1
-  pipeline.run(cfg, str(tmp_path))
+  out = pipeline.run(cfg, str(tmp_path))
+  assert out['distill_k4']['steps'] == 2
   mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
   arch, params, meta, _ = run_dir_lib.load_model_stage(str(tmp_path), 'distill_k4', mesh)
   assert arch.n_layers == 3 and 'block_2' in params and meta['compat']['model.n_layers'] == 3
   assert (tmp_path / 'sample' / 'distill_k4_K4.jsonl').exists()
-  pipeline.run(cfg, str(tmp_path))  # finished: skipped, not refused
 
 
 def test_resume_against_a_retrained_teacher_is_refused(tmp_path):

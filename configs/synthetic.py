@@ -7,7 +7,7 @@ windows k = 1, 2, 4 (k >= 2 on on-policy targets), and evaluates every model (ab
 minutes on 2 CPU cores).
 
 Variant k=8 (a student of window 8 distilled from the k=4 one, two blocks deeper than
-it; about 15 more minutes):
+it; 15-25 more minutes on 2 CPU cores):
   python main.py --config=configs/synthetic.py --workdir=/tmp/kf \
       --config.pipeline=teacher,distill_k1,distill_k2,distill_k4,distill_k8,evaluate
 

@@ -82,3 +82,25 @@ def jit_window(model):
 def causal_logits(model, params, tokens):
   B, T = tokens.shape
   return jit_forward(model)(params, tokens, jnp.broadcast_to(jnp.arange(T), (B, T)))
+
+
+def run_until_train_batch(cfg, workdir: str, n: int) -> None:
+  """Runs the pipeline and kills it (KeyboardInterrupt) as it draws its n-th training batch,
+  counted over every stage that trains: a crash mid-stage, after the checkpoints so far."""
+  import pytest
+  from unittest import mock
+  from kforcing_jax.data import datasets as data_lib
+  from kforcing_jax.pipeline import run as pipeline
+  real_next = data_lib.BatchIterator.__next__
+  calls = {'n': 0}
+
+  def dying_next(self):
+    if self.split == 'train':
+      calls['n'] += 1
+      if calls['n'] == n:
+        raise KeyboardInterrupt
+    return real_next(self)
+
+  with mock.patch.object(data_lib.BatchIterator, '__next__', dying_next):
+    with pytest.raises(KeyboardInterrupt):
+      pipeline.run(cfg, workdir)

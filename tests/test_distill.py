@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 import shutil
-from unittest import mock
 
 import flax
 import jax
@@ -27,6 +26,7 @@ from kforcing_jax import sharding as sharding_lib
 from kforcing_jax.pipeline import run_dir as run_dir_lib
 from kforcing_jax.training import trainer
 from kforcing_jax.configs import base as base_config
+from tests.helpers import run_until_train_batch
 from tests.conftest import synthetic_config
 
 
@@ -271,19 +271,8 @@ def test_a_deeper_students_stage_resumes_and_samples(run_dir, tmp_path):
                                             'distill_k4', 'sample'))
   cfg.stages.distill_k4.update({'objective': 'on_policy', 'extra_layers': 1,
                                 'checkpoint_every': 1})
-  real_next = data_lib.BatchIterator.__next__
-  calls = {'n': 0}
-
-  def dying_next(self):
-    if self.split == 'train':  # only distill_k4 trains: the linked stages are finished
-      calls['n'] += 1
-      if calls['n'] == 2:
-        raise KeyboardInterrupt
-    return real_next(self)
-
-  with mock.patch.object(data_lib.BatchIterator, '__next__', dying_next):
-    with pytest.raises(KeyboardInterrupt):
-      pipeline.run(cfg, str(tmp_path))
+  # only distill_k4 trains (the linked stages are finished): killed at its second batch
+  run_until_train_batch(cfg, str(tmp_path), 2)
   assert os.listdir(tmp_path / 'distill_k4' / 'checkpoints') == ['1']
   cfg.stages.distill_k4.extra_layers = 2
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match='model.n_layers'):
@@ -300,19 +289,8 @@ def test_a_deeper_students_stage_resumes_and_samples(run_dir, tmp_path):
 def test_resume_against_a_retrained_teacher_is_refused(tmp_path):
   cfg = synthetic_config(steps=2, pipeline=('teacher', 'distill_k1'))
   cfg.stages.distill_k1.checkpoint_every = 1
-  real_next = data_lib.BatchIterator.__next__
-  calls = {'n': 0}
-
-  def dying_next(self):
-    if self.split == 'train' and self.global_batch == cfg.stages.distill_k1.batch_size:
-      calls['n'] += 1
-      if calls['n'] == 2 + 2:  # the teacher's 2 steps, then distill_k1's second
-        raise KeyboardInterrupt
-    return real_next(self)
-
-  with mock.patch.object(data_lib.BatchIterator, '__next__', dying_next):
-    with pytest.raises(KeyboardInterrupt):
-      pipeline.run(cfg, str(tmp_path))
+  # the teacher's 2 steps, then distill_k1's second
+  run_until_train_batch(cfg, str(tmp_path), 2 + 2)
   assert os.listdir(tmp_path / 'distill_k1' / 'checkpoints') == ['1']
   shutil.rmtree(tmp_path / 'teacher')
   cfg.stages.teacher.opt.learning_rate = 1e-2  # a different teacher, same shapes

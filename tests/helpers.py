@@ -1,13 +1,17 @@
-"""Small random models shared by the tests."""
+"""Small random models and a pipeline crash shared by the tests."""
 import functools
+from unittest import mock
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import pytest
 
+from kforcing_jax.data import datasets as data_lib
 from kforcing_jax.models import layouts
 from kforcing_jax.models import arch as arch_lib
 from kforcing_jax.models import transformer as model_lib
+from kforcing_jax.pipeline import run as pipeline
 
 
 # Architecture families the model tests run over (ArchConfig fields beyond the shape):
@@ -87,10 +91,6 @@ def causal_logits(model, params, tokens):
 def run_until_train_batch(cfg, workdir: str, n: int) -> None:
   """Runs the pipeline and kills it (KeyboardInterrupt) as it draws its n-th training batch,
   counted over every stage that trains: a crash mid-stage, after the checkpoints so far."""
-  import pytest
-  from unittest import mock
-  from kforcing_jax.data import datasets as data_lib
-  from kforcing_jax.pipeline import run as pipeline
   real_next = data_lib.BatchIterator.__next__
   calls = {'n': 0}
 

@@ -79,7 +79,7 @@ def distill_stage(k: int, objective: str = 'progressive'):
   s.cdf_margin = 0.02  # on_policy_soft: half-width of the noise neighbourhood, in (0, 0.5].
   # Blocks the student adds on top of its teacher's (which it copies, depth included; the
   # new blocks start as identities). A wide window's tokens depend on each other in
-  # sequence, which a deeper student resolves better (BENCHMARKS.md, the k=8 variant).
+  # sequence, which a deeper student resolves better (BENCHMARKS.md, a deeper k=4 student).
   s.extra_layers = 0
   # Temperature conditioning: tau per sequence uniform in [tau_min, tau_max]; the teacher
   # is tempered by tau and the student sees it. 1,1 = the paper's setting.

@@ -133,7 +133,7 @@ def test_every_config_builds_at_a_shrunk_shape(name, tmp_path):
 
 def test_synthetic_config_runs_every_stage(distilled_run, tmp_path):
   """The default job, shrunk (conftest.synthetic_config), as its documented k=8 variant (its
-  k=8 student two blocks deeper than its k=4 teacher):
+  k=4 student a block deeper than its k=2 teacher, its k=8 student a block deeper still):
   teacher, distill_k1 and distill_k2 are the session's shared run of the same config; in a
   copy of it the pipeline of configs/synthetic.py plus distill_k8 skips them and runs
   distill_k4, distill_k8 (on-policy targets from the run's AR teacher) and evaluate."""
@@ -155,7 +155,7 @@ def test_synthetic_config_runs_every_stage(distilled_run, tmp_path):
   mesh = sharding_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
   depth = {s: run_dir.load_model_stage(str(run), s, mesh)[0].n_layers
            for s in ('distill_k4', 'distill_k8')}
-  assert depth == {'distill_k4': 2, 'distill_k8': 4}  # k8: two blocks on top of its teacher's
+  assert depth == {'distill_k4': 3, 'distill_k8': 4}  # one block on top of each teacher's
   assert os.path.exists(run / 'evaluate' / 'report.md')
   assert [(r['model'], r['K']) for r in out['evaluate']['rows']] == [
       ('teacher', 1), ('k1', 1), ('k2', 1), ('k2', 2), ('k4', 1), ('k4', 2), ('k4', 3),

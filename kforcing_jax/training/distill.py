@@ -253,7 +253,7 @@ def spec(ctx, stage: str) -> trainer.StageSpec:
     params, copied, new = copy_matching(fresh, t_params)
     print(f'{stage}: teacher {teacher_stage}; objective {objective.name}' +
           (f' (AR model {ar_ref})' if ar_ref else '') + f'; copied {len(copied)} tensors, '
-          f'new {len(new)}: {", ".join(new) if len(new) < 12 else len(new)}')
+          f'new {len(new)}' + (f': {", ".join(new)}' if len(new) < 12 else ''))
     if extra_layers:
       print(f'{stage}: blocks {t_arch.n_layers}..{arch.n_layers - 1} added on top of the '
             f'teacher\'s {t_arch.n_layers}, starting as identities')

@@ -3,7 +3,7 @@
   python main.py --config=configs/synthetic.py --workdir=/tmp/kf
 
 Trains the AR teacher, then distils it progressively into push-forward students with
-windows k = 1, 2, 4 (k >= 2 on on-policy targets), and evaluates every model (about 15
+windows k = 1, 2, 4 (k >= 2 on on-policy targets), and evaluates every model (about 16
 minutes on 2 CPU cores).
 
 Variant k=8 (a student of window 8 distilled from the k=4 one, a block deeper than it;

@@ -57,9 +57,9 @@ def get_config():
   # brought its K=4 samples from 1.09x to 1.05x the teacher's NLL at the same steps, for
   # ~1.2x the stage's time; k=8 gets one more on top of that (5 blocks): with two more
   # than 3 its K=8 samples went from 1.31x to 1.08x (BENCHMARKS.md, a deeper k=4 student;
-  # the k=8 variant). Each
-  # pass of a deeper student costs more: at this toy shape its decoding gains less over the
-  # AR teacher's (at 30 blocks, as in SmolLM2, one block is 3% of a pass).
+  # the k=8 variant). Each pass of a deeper student costs more: at this 3-block toy shape
+  # the deeper students decode no faster than the AR teacher (at 30 blocks, as in SmolLM2,
+  # one block is 3% of a pass).
   c.stages.distill_k4.extra_layers = 1
   c.stages.distill_k8.extra_layers = 1
   return c

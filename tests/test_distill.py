@@ -229,10 +229,11 @@ def test_a_students_depth_is_its_teachers_plus_extra_layers(run_dir):
     cfg.stages.distill_k4.extra_layers = extra
     spec = distill.spec(context_lib.build(cfg, str(d)), 'distill_k4')
     assert spec.arch.n_layers == depth and spec.compat['model.n_layers'] == depth
-  cfg.stages.distill_k4.extra_layers = -1
-  with pytest.raises(config_lib.ConfigError, match=r'stages.distill_k4.extra_layers must be '
-                     r'an integer in \[0, 64\], got -1'):
-    context_lib.build(cfg, str(d))
+  for bad in (-1, True):
+    cfg.stages.distill_k4.extra_layers = bad
+    with pytest.raises(config_lib.ConfigError, match=r'stages.distill_k4.extra_layers must '
+                       rf'be an integer in \[0, 64\], got {bad}'):
+      context_lib.build(cfg, str(d))
 
 
 def test_a_deeper_student_starts_as_its_teacher(run_dir):

@@ -103,7 +103,7 @@ def _validate_distill(name: str, s, cfg) -> None:
     raise ConfigError(f'stages.{name}.position_power must be in [0, 8], got '
                       f'{s.position_power}')
   extra = s.get('extra_layers', 0)
-  if not isinstance(extra, int) or not 0 <= extra <= 64:
+  if isinstance(extra, bool) or not isinstance(extra, int) or not 0 <= extra <= 64:
     raise ConfigError(f'stages.{name}.extra_layers must be an integer in [0, 64], got '
                       f'{extra!r}')
   if not 0.0 < s.cdf_margin <= 0.5:

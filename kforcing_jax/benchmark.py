@@ -91,7 +91,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string('dtype', 'auto', 'serving precision: auto (bfloat16 on accelerators; '
                       'on CPU mixed with native bf16 dot instructions, else float32) | '
                       'bfloat16 | mixed (bf16 weight products, float32 activations and KV '
-                      'cache) | float32', flag_values=fv)
+                      'cache) | float32 | int8 (weight-only int8 products, float32 '
+                      'activations; on CPU a kernel built on first use)', flag_values=fv)
   flags.DEFINE_string('decode_attention', 'xla', 'cached attention (AR and PFLM alike): xla '
                       '(masked, over the whole cache) | pallas (GPU: a flash-decoding kernel '
                       'over the filled slots only)', flag_values=fv)

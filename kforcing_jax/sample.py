@@ -52,7 +52,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string('sampler', 'categorical', 'AR sampler: categorical (Gumbel-max) | '
                       'inverse_cdf (the push-forward map of a shared u)', flag_values=fv)
   flags.DEFINE_string('dtype', 'float32', 'serving precision: float32 | mixed | bfloat16 | '
-                      'auto', flag_values=fv)
+                      'int8 | auto', flag_values=fv)
   flags.DEFINE_string('out', None, 'output JSONL', flag_values=fv)
   flags.mark_flags_as_required(['out'], flag_values=fv)
 

@@ -3,15 +3,15 @@ otherwise run on the same file, in one run.
 
   python launch/hf_speed.py --export=EXPORT --reference=SRC [--pflm_export=DIR] \
       [--llama_cpp_python=PY] [--batch_sizes=1,16] [--new_tokens=128] [--repeats=3] \
-      [--out=hf_speed.json]
+      [--dtypes=float32,auto,int8] [--out=hf_speed.json]
 
 SRC is what the export was imported from (a Hugging Face directory or a .gguf file, loaded by
 transformers as the reference). Every engine decodes the same `--new_tokens` tokens after
 the same 8-token prompt for every row (EOS ignored), compile / warm-up excluded; the median
 of --repeats timed runs:
-  ours AR      greedy, in float32 and in the CPU's serving precision
-               (kforcing_jax.models.precision: `mixed` where the CPU has native bf16 dot
-               instructions);
+  ours AR      greedy, in each of --dtypes (kforcing_jax.models.precision; `auto`: the
+               CPU's serving precision, `mixed` where it has native bf16 dot instructions;
+               `int8`: weight-only int8 products in the CPU kernel);
   ours PFLM    --pflm_export (a K-Forcing student of the same model), K = its window, one
                forward per K tokens (sampled: a PFLM's tokens come from its noise);
   transformers float32 `generate`, greedy, torch's own threads;
@@ -46,6 +46,7 @@ flags.DEFINE_string('batch_sizes', '1,16', 'comma-separated batch sizes')
 flags.DEFINE_integer('new_tokens', 128, 'greedy tokens per row')
 flags.DEFINE_integer('repeats', 3, 'timed runs per point (median)')
 flags.DEFINE_string('out', 'hf_speed.json', 'JSON output')
+flags.DEFINE_string('dtypes', 'float32,auto,int8', 'comma-separated precisions of our engines')
 flags.DEFINE_string('pflm_export', None, 'a PFLM export of the same model (optional)')
 flags.DEFINE_string('llama_cpp_python', None,
                     'a python with llama-cpp-python to time llama.cpp on --reference (a .gguf)')
@@ -94,7 +95,7 @@ def main(argv):
   for b in sizes:
     row = {'batch_size': b, 'new_tokens': n}
     prompts = [PROMPT] * b
-    for dtype in sorted({'float32', serving[0]}):
+    for dtype in dict.fromkeys(precision.choose(d)[0] for d in FLAGS.dtypes.split(',')):
       m = kforcing_jax.load(FLAGS.export, dtype=dtype)
       s = median_seconds(lambda m=m: m.generate_ids(prompts, n, temperature=0.0,
                                                     stop_at_eos=False), FLAGS.repeats)

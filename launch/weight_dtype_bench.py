@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kforcing_jax import runtime
+from kforcing_jax.models import quantize
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('rows', '1,2,4,16', 'comma-separated M (rows per product)')
@@ -29,6 +30,7 @@ flags.DEFINE_integer('d_model', 576, 'model width')
 flags.DEFINE_integer('mlp_dim', 1536, 'MLP width')
 flags.DEFINE_integer('repeats', 30, 'timed calls (median)')
 flags.DEFINE_string('out', 'weight_dtype.json', 'JSON output')
+flags.DEFINE_string('weights', 'float32,bfloat16,int8,int8_kernel', 'comma-separated weight forms')
 
 
 def quantize_int8(w_InxOut):
@@ -41,6 +43,8 @@ def product(x, w, dtype):
     return x @ w
   if dtype == 'bfloat16':
     return jnp.dot(x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)
+  if dtype == 'int8_kernel':
+    return quantize.product(x, w, 'kernel')
   q, scale = w
   return (x @ q.astype(jnp.float32)) * scale
 
@@ -52,7 +56,9 @@ def main(argv):
   w32 = [rng.normal(size=s).astype(np.float32) * 0.02 for s in shapes]
   weights = {'float32': [jnp.asarray(w) for w in w32],
              'bfloat16': [jnp.asarray(w, jnp.bfloat16) for w in w32],
-             'int8': [quantize_int8(w) for w in w32]}
+             'int8': [quantize_int8(w) for w in w32],
+             'int8_kernel': [quantize.quantize(w) for w in w32]}
+  weights = {k: v for k, v in weights.items() if k in FLAGS.weights.split(',')}
   results = []
   for m in (int(r) for r in FLAGS.rows.split(',')):
     x = jnp.ones((m, FLAGS.d_model), jnp.float32)
@@ -69,7 +75,7 @@ def main(argv):
         fn(ws, x).block_until_ready()
         times.append(time.perf_counter() - t0)
       s = statistics.median(times)
-      nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(ws))
+      nbytes = quantize.weight_bytes(ws)
       row = {'rows': m, 'weights': dtype, 'ms': s * 1e3, 'weight_gb_per_s': nbytes / s / 1e9}
       results.append(row)
       print(f'M={m:3d} {dtype:9s} {row["ms"]:8.2f} ms  {row["weight_gb_per_s"]:6.1f} GB/s',

@@ -46,6 +46,7 @@ from kforcing_jax import runtime
 from kforcing_jax.decoding import step as step_lib
 from kforcing_jax.models import arch as arch_lib
 from kforcing_jax.models import flash_decode
+from kforcing_jax.models import quantize
 from kforcing_jax.models import sampling
 from kforcing_jax.models import transformer as model_lib
 
@@ -213,7 +214,7 @@ def _generate(model, plan: LoopPlan, params, prompt_BxP, pads_B, row_seeds_B, se
   elif lay.pflm or 'inverse_cdf' in plan.samplers:
     u_BxN = noise_for_tokens(seed_key, row_seeds_B, jnp.arange(n_tokens))
   if lay.pflm:
-    hints_BxNxD = model.apply({'params': params}, u_BxN, jnp.broadcast_to(tau, (B,)),
+    hints_BxNxD = model.apply(quantize.variables(params), u_BxN, jnp.broadcast_to(tau, (B,)),
                               method=model_lib.Transformer.encode_noise)
 
   def body(st: LoopState) -> LoopState:

@@ -25,6 +25,7 @@ from kforcing_jax.decoding import engine as decode
 from kforcing_jax.models import arch as arch_lib
 from kforcing_jax.models import transformer as model_lib
 from kforcing_jax.models import precision
+from kforcing_jax.models import quantize
 from kforcing_jax import sharding as sharding_lib
 from kforcing_jax.data import tokenization
 
@@ -149,7 +150,7 @@ def _forward_fn(arch: arch_lib.ArchConfig, exe: arch_lib.ExecConfig):
   """The jitted causal forward of these configs, shared by every Sampler."""
   model = model_lib.build(arch, exe)
   return jax.jit(lambda p, t: model.apply(
-      {'params': p}, t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape),
+      quantize.variables(p), t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape),
       method=model_lib.Transformer.forward))
 
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from kforcing_jax import errors
 from kforcing_jax.models import attention as attn_lib
+from kforcing_jax.models import quantize
 from kforcing_jax.models import sampling
 from kforcing_jax.models import transformer as model_lib
 
@@ -223,7 +224,7 @@ def forward(model, params, tokens_BxT, cache, slot, pads_B, rope, *, hints_BxHxD
   else:
     attend = attn_lib.SlotCached(slot, mask, pads_B, exe.decode_attention, exe.cache_products)
   cos, sin = rope
-  return model.apply({'params': params}, tokens_BxT, cache, attend, (cos[0][pos_BxQ],
+  return model.apply(quantize.variables(params), tokens_BxT, cache, attend, (cos[0][pos_BxQ],
                                                                       sin[0][pos_BxQ]),
                      hints_BxHxD=hints_BxHxD, logits_from=logits_from,
                      method=model_lib.Transformer.decode_step)

@@ -28,6 +28,7 @@ from kforcing_jax.decoding import sampler as sampler_lib
 from kforcing_jax.evaluation import external_lm
 from kforcing_jax.evaluation import misses as misses_lib
 from kforcing_jax.models import layouts
+from kforcing_jax.models import quantize
 from kforcing_jax.models import sampling
 from kforcing_jax.models import transformer as model_lib
 from kforcing_jax.training import targets as targets_lib
@@ -47,7 +48,7 @@ def unigram_entropy(tokens) -> float:
 def next_token_logprobs(model, params, tokens_BxT):
   """log p(token[t] | tokens[<t]) [B, T - 1] of a causal model, gathered inside the jit."""
   B, T = tokens_BxT.shape
-  logits = model.apply({'params': params}, tokens_BxT, jnp.broadcast_to(jnp.arange(T), (B, T)),
+  logits = model.apply(quantize.variables(params), tokens_BxT, jnp.broadcast_to(jnp.arange(T), (B, T)),
                        method=model_lib.Transformer.forward)
   logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
   return jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], axis=-1)[..., 0]

@@ -19,6 +19,8 @@ DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')  # ExecConfig.attention_impl
 DECODE_ATTENTION = ('xla', 'pallas')  # ExecConfig.decode_attention
 CACHE_PRODUCTS = ('auto', 'dot', 'reduce')  # ExecConfig.cache_products
+WEIGHTS = ('float', 'int8')  # ExecConfig.weights
+INT8_PRODUCTS = ('auto', 'kernel', 'xla')  # ExecConfig.int8_products
 ARCH_VERSION = 4
 # ArchConfig.noise_encoder: 'released' is the released K-Forcing checkpoints' form (its
 # LayerNorm has a bias, its MLP the exact erf GELU); 'scale_only_tanh' is the form that
@@ -234,6 +236,11 @@ class ExecConfig:
   attention_impl: str = 'auto'  # full causal attention: auto (cuDNN on GPU for bf16) | xla | cudnn
   decode_attention: str = 'xla'  # cached attention: xla (masked, whole cache) | pallas
   cache_products: str = 'auto'  # xla cached attention: auto (reduce on CPU) | dot | reduce
+  # Weight-product kernels when decoding: 'float' (param_dtype) or 'int8' (weight-only, one
+  # float32 scale per output column: kforcing_jax.models.quantize; activations float32).
+  weights: str = 'float'
+  # How int8 products run: auto (the CPU kernel on CPU, else xla) | kernel | xla
+  int8_products: str = 'auto'
   dropout: float = 0.0
 
   def __post_init__(self):
@@ -243,6 +250,8 @@ class ExecConfig:
     _choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
     _choice('decode_attention', self.decode_attention, DECODE_ATTENTION)
     _choice('cache_products', self.cache_products, CACHE_PRODUCTS)
+    _choice('weights', self.weights, WEIGHTS)
+    _choice('int8_products', self.int8_products, INT8_PRODUCTS)
     if not 0.0 <= self.dropout < 1.0:
       raise ArchitectureError(f'dropout must be in [0, 1), got {self.dropout}')
 
@@ -255,7 +264,11 @@ class ExecConfig:
     products = self.cache_products
     if products == 'auto':
       products = 'reduce' if backend == 'cpu' else 'dot'
-    return dataclasses.replace(self, attention_impl=impl, cache_products=products)
+    int8 = self.int8_products
+    if int8 == 'auto':
+      int8 = 'kernel' if backend == 'cpu' else 'xla'
+    return dataclasses.replace(self, attention_impl=impl, cache_products=products,
+                               int8_products=int8)
 
   @property
   def compute(self):

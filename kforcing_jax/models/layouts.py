@@ -16,6 +16,8 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
+from kforcing_jax.models import quantize
+
 
 @functools.lru_cache(maxsize=32)
 def window_mask(n: int, a: int, h: int) -> np.ndarray:
@@ -68,12 +70,12 @@ def apply_window(model, params, ctx_BxN, win_BxNxA, u_BxNxH, tau_B=None, dense=F
   if dense:
     kw['dense_mask_BxQxQ'] = jnp.asarray(window_mask(n, a, h))[None]
   if h:
-    logits = model.apply({'params': params}, inp['tokens'], inp['positions'],
+    logits = model.apply(quantize.variables(params), inp['tokens'], inp['positions'],
                          hint_u_BxH=u_BxNxH.reshape(B, n * h), hint_pos_BxH=inp['hint_pos'],
                          tau_B=tau_B, logits_from=inp['logits_from'],
                          method=type(model).window_forward, **kw)
     return logits.reshape(B, n, h, -1)
-  logits = model.apply({'params': params}, inp['tokens'], inp['positions'],
+  logits = model.apply(quantize.variables(params), inp['tokens'], inp['positions'],
                        logits_from=0 if a == 0 else n, method=type(model).window_forward, **kw)
   if a == 0:
     return logits

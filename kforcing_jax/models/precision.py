@@ -4,6 +4,9 @@
   mixed     bf16 weights, bf16 x bf16 -> float32 weight products, float32 activations, KV
             cache and softmax (CPUs with native bf16 dot instructions);
   float32   everything in float32.
+  int8      weight-only int8 products (one float32 scale per output column), everything
+            else float32: a quarter of float32's weight bytes per decoding step; on a CPU
+            the products run in a kernel built for it (kforcing_jax.kernels.int8_cpu).
 `auto` picks bfloat16 on accelerators; on a CPU, mixed where it has native bf16 dot
 instructions (AVX-512 BF16, AMX, Arm BF16) and float32 where bf16 would be emulated.
 Logits are float32 in every mode (model.Head). The noise encoder keeps float32 weights:
@@ -16,14 +19,16 @@ import dataclasses
 import jax
 
 from kforcing_jax import errors
-from kforcing_jax.models import arch as arch_lib
 from kforcing_jax import runtime
+from kforcing_jax.models import arch as arch_lib
+from kforcing_jax.models import quantize
 
 SERVE_DTYPES = {
     'bfloat16': arch_lib.ExecConfig(dtype='bfloat16', param_dtype='bfloat16'),
     'mixed': arch_lib.ExecConfig(dtype='float32', param_dtype='bfloat16',
                                   dot_dtype='bfloat16'),
     'float32': arch_lib.ExecConfig(),
+    'int8': arch_lib.ExecConfig(weights='int8'),
 }
 
 
@@ -56,7 +61,13 @@ def exec_config(name: str, decode_attention: str = 'xla',
 
 
 def cast_params(params, exe: arch_lib.ExecConfig):
-  """params in exe's parameter dtype, the noise encoder's left in float32."""
+  """params in exe's parameter dtype, the noise encoder's left in float32; with int8
+  weights the weight-product kernels quantized (quantize.quantize_params)."""
   dt = exe.params
-  return {k: (v if k == 'noise_encoder' else jax.tree.map(lambda x: x.astype(dt), v))
-          for k, v in params.items()}
+  params = {k: (v if k == 'noise_encoder' else jax.tree.map(lambda x: x.astype(dt), v))
+            for k, v in params.items()}
+  if exe.weights == 'int8':
+    if any(map(quantize.is_quantized, jax.tree.leaves(params, is_leaf=quantize.is_quantized))):
+      return params  # quantized already
+    params = quantize.quantize_params(params, tie_embeddings='kernel' not in params.get('head', {}))
+  return params

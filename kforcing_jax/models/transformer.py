@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kforcing_jax.models import attention as attn_lib
+from kforcing_jax.models import quantize
 from kforcing_jax.models.arch import ACTIVATIONS, ArchConfig, ExecConfig
 
 NEG_INF = attn_lib.NEG_INF
@@ -43,16 +44,56 @@ def _init(init_fn, axes):
   return nn.with_logical_partitioning(init_fn, axes)
 
 
+def _weight(module: nn.Module, name: str, init, shape, dtype):
+  """A weight product's kernel: its QuantizedKernel where the model decodes on int8 weights
+  (the 'quantized' collection: quantize.variables), else the parameter."""
+  if module.has_variable(quantize.COLLECTION, name):
+    return module.get_variable(quantize.COLLECTION, name)
+  return module.param(name, init, shape, dtype)
+
+
+def _product(exe: ExecConfig, spec: str, x, kernel, result=None):
+  """einsum(spec, x, kernel) with exe's operand dtype and a `result`-dtype (default: the
+  compute dtype) result; an int8 QuantizedKernel multiplies through quantize.product."""
+  result = exe.compute if result is None else result
+  if quantize.is_quantized(kernel):
+    return quantize.product(x, kernel, exe.int8_products).astype(result)
+  return jnp.einsum(spec, x.astype(exe.operand), kernel.astype(exe.operand),
+                    preferred_element_type=result)
+
+
+class Dense(nn.Module):
+  """nn.Dense's parameters (kernel [in, out], bias [out]) and arithmetic: exe's operand dtype
+  and compute-dtype results (dtype overrides both); the kernel may be int8 (_weight)."""
+  exe: ExecConfig
+  features: int
+  kernel_axes: tuple
+  bias_axes: tuple
+  use_bias: bool = True
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    exe = self.exe
+    operand, result = (self.dtype, self.dtype) if self.dtype else (exe.operand, exe.compute)
+    kernel = _weight(self, 'kernel', _init(nn.initializers.xavier_uniform(), self.kernel_axes),
+                     (x.shape[-1], self.features), exe.params)
+    if quantize.is_quantized(kernel):
+      y = quantize.product(x, kernel, exe.int8_products).astype(result)
+    else:
+      y = jax.lax.dot_general(x.astype(operand), kernel.astype(operand),
+                              (((x.ndim - 1,), (0,)), ((), ())),
+                              preferred_element_type=None if operand == result else result)
+    if self.use_bias:
+      bias = self.param('bias', _init(nn.initializers.zeros, self.bias_axes), (self.features,),
+                        exe.params)
+      y = y + bias.astype(operand)
+    return y
+
+
 def _dense(exe: ExecConfig, features: int, kernel_axes, bias_axes, name=None, dtype=None,
            use_bias: bool = True):
-  """Dense with `exe`'s operand dtype and compute-dtype results (dtype overrides both)."""
-  operand, result = (dtype, dtype) if dtype else (exe.operand, exe.compute)
-  extra = {}
-  if operand != result:  # e.g. bf16 operands with float32 results
-    extra['dot_general'] = functools.partial(jax.lax.dot_general, preferred_element_type=result)
-  return nn.Dense(features, dtype=operand, param_dtype=exe.params, name=name, use_bias=use_bias,
-                  kernel_init=_init(nn.initializers.xavier_uniform(), kernel_axes),
-                  bias_init=_init(nn.initializers.zeros, bias_axes), **extra)
+  return Dense(exe, features, kernel_axes, bias_axes, use_bias, dtype, name=name)
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: tuple = ()) -> np.ndarray:
@@ -182,12 +223,11 @@ class Attention(nn.Module):
   def _project(self, x, name: str, shape: tuple[int, ...], axes: tuple, bias: bool):
     """x [B, T, D] through <name>_kernel [D, *shape] (+ <name>_bias [*shape])."""
     exe = self.exe
-    kernel = self.param(f'{name}_kernel', _init(nn.initializers.variance_scaling(
+    kernel = _weight(self, f'{name}_kernel', _init(nn.initializers.variance_scaling(
         1.0, 'fan_avg', 'uniform', in_axis=0, out_axis=tuple(range(1, len(shape) + 1))),
         ('embed',) + axes), (x.shape[-1],) + shape, exe.params)
     dims = 'chk'[-len(shape):]
-    y = jnp.einsum(f'btd,d{dims}->bt{dims}', x.astype(exe.operand), kernel.astype(exe.operand),
-                   preferred_element_type=exe.compute)
+    y = _product(exe, f'btd,d{dims}->bt{dims}', x, kernel)
     if bias:
       y = y + self.param(f'{name}_bias', _init(nn.initializers.zeros, axes), shape,
                          exe.params).astype(y.dtype)
@@ -210,11 +250,10 @@ class Attention(nn.Module):
       q = RMSNorm(exe, a.norm_eps, 'kv', name='q_norm')(q).astype(exe.compute)
       k = RMSNorm(exe, a.norm_eps, 'kv', name='k_norm')(k).astype(exe.compute)
     out, new_kv = attend(rope(q, rope_cs), rope(k, rope_cs), v, kv, query_from)
-    w_out = self.param('out_kernel', _init(nn.initializers.variance_scaling(
+    w_out = _weight(self, 'out_kernel', _init(nn.initializers.variance_scaling(
         1.0, 'fan_avg', 'uniform', in_axis=(0, 1), out_axis=2),
         ('heads', 'kv', 'embed')), (H, hd, a.d_model), exe.params)
-    out = jnp.einsum('bthk,hkd->btd', out.astype(exe.operand), w_out.astype(exe.operand),
-                     preferred_element_type=exe.compute)
+    out = _product(exe, 'bthk,hkd->btd', out, w_out)
     if a.out_bias:
       out = out + self.param('out_bias', _init(nn.initializers.zeros, ('embed',)),
                              (a.d_model,), exe.params).astype(out.dtype)
@@ -245,21 +284,23 @@ class Head(nn.Module):
   """Normalised features -> logits [.., V]: operands in the exec operand dtype, a float32
   result and a float32 bias whatever the compute dtype (the inverse-CDF targets, the loss
   and the evaluators read these logits). With tie_embeddings the kernel is the embedding
-  table [V, D] the caller passes."""
+  table [V, D] the caller passes; with int8 weights it is the head's own quantized kernel
+  (quantize.quantize_params), tied or not."""
   arch: ArchConfig
   exe: ExecConfig
 
   @nn.compact
   def __call__(self, x, embedding_VxD=None):
     a, exe = self.arch, self.exe
-    if a.tie_embeddings:
-      logits = jnp.einsum('btd,vd->btv', x.astype(exe.operand), embedding_VxD.astype(exe.operand),
-                          preferred_element_type=jnp.float32)
+    if self.has_variable(quantize.COLLECTION, 'kernel'):  # int8, tied or not
+      logits = _product(exe, '', x, self.get_variable(quantize.COLLECTION, 'kernel'),
+                        jnp.float32)
+    elif a.tie_embeddings:
+      logits = _product(exe, 'btd,vd->btv', x, embedding_VxD, jnp.float32)
     else:
       kernel = self.param('kernel', _init(nn.initializers.zeros, ('embed', 'vocab')),
                           (a.d_model, a.vocab_size), exe.params)
-      logits = jnp.einsum('btd,dv->btv', x.astype(exe.operand), kernel.astype(exe.operand),
-                          preferred_element_type=jnp.float32)
+      logits = _product(exe, 'btd,dv->btv', x, kernel, jnp.float32)
     if a.head_bias:
       logits = logits + self.param('bias', _init(nn.initializers.zeros, ('vocab',)),
                                    (a.vocab_size,), exe.params).astype(jnp.float32)
@@ -299,7 +340,7 @@ class Transformer(nn.Module):
 
   def setup(self):
     a, exe = self.arch, self.exe
-    if 'auto' in (exe.attention_impl, exe.cache_products):
+    if 'auto' in (exe.attention_impl, exe.cache_products, exe.int8_products):
       raise ValueError('Transformer needs a resolved ExecConfig: use model.build(arch, exe)')
     self.embed = nn.Embed(a.vocab_size, a.d_model, param_dtype=exe.params, dtype=jnp.float32,
                           embedding_init=_init(nn.initializers.normal(0.02), ('vocab', 'embed')))

@@ -47,6 +47,7 @@ from jax.sharding import PartitionSpec
 from kforcing_jax.decoding import step as step_lib
 from kforcing_jax.models import arch as arch_lib
 from kforcing_jax.models import flash_decode
+from kforcing_jax.models import quantize
 from kforcing_jax.models import sampling
 from kforcing_jax.models import transformer as model_lib
 
@@ -133,7 +134,7 @@ def _jitted(kind: str, arch: arch_lib.ArchConfig, exe: arch_lib.ExecConfig, plan
   def score(params, toks_1xT):
     TRACES['score'] += 1
     T = toks_1xT.shape[1]
-    logits = model.apply({'params': params}, toks_1xT, jnp.arange(T)[None],
+    logits = model.apply(quantize.variables(params), toks_1xT, jnp.arange(T)[None],
                          method=model_lib.Transformer.forward)
     lp = step_lib.logprobs_of(logits[:, :-1], toks_1xT[:, 1:], MAX_LOGPROBS)
     return jax.tree.map(lambda x: x[0], lp)
@@ -148,7 +149,7 @@ def _jitted(kind: str, arch: arch_lib.ArchConfig, exe: arch_lib.ExecConfig, plan
     if lay.pflm:  # every step's noise of the request, drawn and encoded once
       u_1xN = jax.vmap(lambda j: sampling.uniform_noise(jax.random.fold_in(key, j), ()))(
           jnp.arange(plan.hint_tokens))[None]
-      h_1xNxD = model.apply({'params': params}, u_1xN, jnp.ones((1,), jnp.float32),
+      h_1xNxD = model.apply(quantize.variables(params), u_1xN, jnp.ones((1,), jnp.float32),
                             method=model_lib.Transformer.encode_noise)
       hints = jax.lax.dynamic_update_slice(hints, h_1xNxD.astype(hints.dtype), (slot, 0, 0))
     new = state.replace(
@@ -244,6 +245,9 @@ class SlotEngine:
     if max_slots < 1 or steps_per_call < 1:
       raise step_lib.DecodeError(f'max_slots={max_slots}, steps_per_call={steps_per_call}: '
                                  'both must be >= 1')
+    if exe is not None and exe.weights == 'int8' and mesh is not None and mesh.size > 1:
+      raise step_lib.DecodeError(f'int8 weights decode on one device; the mesh has '
+                                 f'{mesh.size}: use another precision or one device')
     self.arch, self.k, self.K = arch, k, K
     self.model = model_lib.build(arch, exe)
     self.exe = self.model.exe

@@ -1,0 +1,266 @@
+// Weight-only int8 products for CPU decoding: y[m, n] = scale[n] * sum_k x[m, k] * q[k, n],
+// float32 activations and accumulation, int8 weights read once per call.
+//
+// XLA:CPU widens narrow weights to float32 in full before a product, so a batch-1 decoding
+// step reads 4 bytes per weight; this kernel reads 1 and widens 16 at a time in registers.
+// Weights come panel-packed, [N / 16, K, 16] int8 (kforcing_jax.models.quantize.pack): one
+// panel is 16 output columns over all of K, contiguous, so a tile streams its panel once
+// while its rows' accumulators stay in registers.
+//
+// Work is split into chunks of panels. The calling thread and helpers scheduled on XLA's
+// intra-op pool take chunks from one atomic counter, and the caller waits only for chunks
+// that were taken: a helper that never starts costs nothing and cannot deadlock the call.
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 16;
+
+// One tile: MB rows of x times one panel row by row, written to the panel's `cols` columns
+// of y. The panel is int8 (read from the packed weights) or float32 (a panel widened once
+// and reused by every row block when M exceeds one block).
+#if defined(__AVX512F__)
+constexpr int kMaxRows = 12;
+using Vec = __m512;  // one panel row
+
+inline Vec LoadRow(const int8_t* w) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+      reinterpret_cast<const __m128i*>(w))));
+}
+inline Vec LoadRow(const float* w) { return _mm512_loadu_ps(w); }
+
+template <int MB, typename W>
+void Tile(const float* x, int64_t ldx, int64_t K, const W* w, const float* scale, float* y,
+          int64_t ldy, int64_t cols) {
+  // short row blocks get independent accumulator chains over k (the FMA latency)
+  constexpr int U = MB >= 4 ? 1 : (MB >= 2 ? 2 : 4);
+  Vec acc[U][MB];
+#pragma GCC unroll 16
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) acc[u][i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + U <= K; k += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const Vec wk = LoadRow(w + (k + u) * kPanel);
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i)
+        acc[u][i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k + u]), wk, acc[u][i]);
+    }
+  }
+  for (; k < K; ++k) {
+    const Vec wk = LoadRow(w + k * kPanel);
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i)
+      acc[0][i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k]), wk, acc[0][i]);
+  }
+  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
+  const Vec s = _mm512_maskz_loadu_ps(mask, scale);
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i) {
+    Vec a = acc[0][i];
+    for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[u][i]);
+    _mm512_mask_storeu_ps(y + i * ldy, mask, _mm512_mul_ps(a, s));
+  }
+}
+
+#elif defined(__AVX2__)
+constexpr int kMaxRows = 6;
+struct Vec {  // one panel row: two 8-float halves
+  __m256 lo, hi;
+};
+
+inline Vec LoadRow(const int8_t* w) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+}
+inline Vec LoadRow(const float* w) { return {_mm256_loadu_ps(w), _mm256_loadu_ps(w + 8)}; }
+
+template <int MB, typename W>
+void Tile(const float* x, int64_t ldx, int64_t K, const W* w, const float* scale, float* y,
+          int64_t ldy, int64_t cols) {
+  constexpr int U = MB >= 4 ? 1 : (MB >= 2 ? 2 : 4);
+  Vec acc[U][MB];
+#pragma GCC unroll 16
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) acc[u][i].lo = acc[u][i].hi = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + U <= K; k += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const Vec wk = LoadRow(w + (k + u) * kPanel);
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) {
+        const __m256 xi = _mm256_broadcast_ss(x + i * ldx + k + u);
+        acc[u][i].lo = _mm256_fmadd_ps(xi, wk.lo, acc[u][i].lo);
+        acc[u][i].hi = _mm256_fmadd_ps(xi, wk.hi, acc[u][i].hi);
+      }
+    }
+  }
+  for (; k < K; ++k) {
+    const Vec wk = LoadRow(w + k * kPanel);
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) {
+      const __m256 xi = _mm256_broadcast_ss(x + i * ldx + k);
+      acc[0][i].lo = _mm256_fmadd_ps(xi, wk.lo, acc[0][i].lo);
+      acc[0][i].hi = _mm256_fmadd_ps(xi, wk.hi, acc[0][i].hi);
+    }
+  }
+  alignas(32) float tmp[kPanel];
+  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i) {
+    __m256 a0 = acc[0][i].lo, a1 = acc[0][i].hi;
+    for (int u = 1; u < U; ++u) {
+      a0 = _mm256_add_ps(a0, acc[u][i].lo);
+      a1 = _mm256_add_ps(a1, acc[u][i].hi);
+    }
+    a0 = _mm256_mul_ps(a0, s0);
+    a1 = _mm256_mul_ps(a1, s1);
+    if (cols == kPanel) {
+      _mm256_storeu_ps(y + i * ldy, a0);
+      _mm256_storeu_ps(y + i * ldy + 8, a1);
+    } else {
+      _mm256_store_ps(tmp, a0);
+      _mm256_store_ps(tmp + 8, a1);
+      std::memcpy(y + i * ldy, tmp, cols * sizeof(float));
+    }
+  }
+}
+
+#else
+constexpr int kMaxRows = 4;
+
+template <int MB, typename W>
+void Tile(const float* x, int64_t ldx, int64_t K, const W* w, const float* scale, float* y,
+          int64_t ldy, int64_t cols) {
+  float acc[MB][kPanel] = {};
+  for (int64_t k = 0; k < K; ++k)
+    for (int i = 0; i < MB; ++i) {
+      const float xi = x[i * ldx + k];
+      for (int j = 0; j < kPanel; ++j) acc[i][j] += xi * static_cast<float>(w[k * kPanel + j]);
+    }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < cols; ++j) y[i * ldy + j] = acc[i][j] * scale[j];
+}
+#endif
+
+template <typename W>
+using TileFn = void (*)(const float*, int64_t, int64_t, const W*, const float*, float*, int64_t,
+                        int64_t);
+
+template <typename W, int... I>
+constexpr auto MakeTiles(std::integer_sequence<int, I...>) {
+  return std::array<TileFn<W>, sizeof...(I)>{&Tile<I + 1, W>...};
+}
+constexpr auto kInt8Tiles = MakeTiles<int8_t>(std::make_integer_sequence<int, kMaxRows>{});
+constexpr auto kFloatTiles = MakeTiles<float>(std::make_integer_sequence<int, kMaxRows>{});
+
+struct Problem {
+  const float* x;
+  const int8_t* w;
+  const float* scale;  // [N_padded]: the scale of each packed column, zeros past N
+  float* y;
+  int64_t M, K, N;
+  int64_t panels_per_chunk, n_chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void RunChunk(int64_t c) const {
+    const int64_t p0 = c * panels_per_chunk;
+    const int64_t p1 = std::min(p0 + panels_per_chunk, (N + kPanel - 1) / kPanel);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
+      const int8_t* panel = w + p * K * kPanel;
+      if (M <= kMaxRows) {
+        kInt8Tiles[M - 1](x, K, K, panel, scale + n0, y + n0, N, cols);
+        continue;
+      }
+      // several row blocks: widen the panel once (K x 16 floats, cache-resident)
+      thread_local std::vector<float> wide;
+      wide.resize(K * kPanel);
+      for (int64_t i = 0; i < K * kPanel; ++i) wide[i] = static_cast<float>(panel[i]);
+      for (int64_t m = 0; m < M; m += kMaxRows) {
+        const int64_t rows = std::min<int64_t>(kMaxRows, M - m);
+        kFloatTiles[rows - 1](x + m * K, K, K, wide.data(), scale + n0, y + m * N + n0, N,
+                              cols);
+      }
+    }
+  }
+
+  void Work() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < n_chunks;) {
+      RunChunk(c);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// Below this many multiply-adds a call runs on its own thread: waking a helper costs more.
+constexpr int64_t kParallelMacs = int64_t{1} << 17;
+
+ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
+                          ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kPanel)
+    return ffi::Error::InvalidArgument("int8 matmul: want x [M, K], w [P, K, 16], y [M, N]");
+  const int64_t M = xd[0], K = xd[1], N = yd[1];
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  if (wd[1] != K || yd[0] != M || wd[0] != panels ||
+      static_cast<int64_t>(scale.element_count()) != panels * kPanel)
+    return ffi::Error::InvalidArgument("int8 matmul: mismatched shapes");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+
+  auto problem = std::make_shared<Problem>();
+  Problem& pr = *problem;
+  pr.x = x.typed_data();
+  pr.w = w.typed_data();
+  pr.scale = scale.typed_data();
+  pr.y = y->typed_data();
+  pr.M = M;
+  pr.K = K;
+  pr.N = N;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const bool parallel = threads > 1 && M * K * N >= kParallelMacs && panels > 1;
+  // a few chunks per thread even out a helper that starts late
+  const int64_t want = parallel ? std::min(panels, 4 * threads) : 1;
+  pr.panels_per_chunk = (panels + want - 1) / want;
+  pr.n_chunks = (panels + pr.panels_per_chunk - 1) / pr.panels_per_chunk;
+  if (pr.n_chunks > 1) {
+    for (int64_t t = 1; t < std::min(threads, pr.n_chunks); ++t)
+      pool.Schedule([problem] { problem->Work(); });
+  }
+  pr.Work();
+  while (pr.done.load(std::memory_order_acquire) < pr.n_chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KfInt8Matmul, Int8MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -4,6 +4,7 @@ tokens through the kernel as through XLA's dequantize-and-dot, stays close to th
 model, serves what it decodes alone, and bad settings fail with the field's name."""
 import dataclasses
 import os
+import platform
 import queue
 import time
 
@@ -42,6 +43,21 @@ def test_kernel_equals_the_exact_product_of_its_int8_weights(m, k, n):
   assert got.shape == (m, n)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   assert np.all(got[:, n // 2] == 0.0)
+
+
+@pytest.mark.skipif(platform.machine() not in ('x86_64', 'AMD64'),
+                    reason='the portable build is checked against x86-64 SIMD builds')
+def test_portable_build_equals_this_cpus_build(monkeypatch, tmp_path):
+  """The kernel compiled for plain x86-64 (the portable code path, as on a CPU without AVX2)
+  gives this CPU's build's products to float32 rounding."""
+  monkeypatch.setenv('KFORCING_KERNEL_CACHE', str(tmp_path))
+  rng = np.random.default_rng(5)
+  qk = quantize.quantize(rng.standard_normal((75, 40)).astype(np.float32))
+  for m in (1, 3, 9, 20):
+    x = jnp.asarray(rng.standard_normal((m, 75)), jnp.float32)
+    got = {march: np.asarray(jax.jit(lambda x, w, march=march: int8_cpu.matmul(
+        x, w.packed, w.scale, w.n, march))(x, qk)) for march in ('x86-64', None)}
+    np.testing.assert_allclose(got['x86-64'], got[None], rtol=1e-5, atol=1e-5)
 
 
 def test_quantization_round_trips_within_half_a_step():

@@ -12,11 +12,12 @@ PKG = os.path.join(ROOT, 'kforcing_jax')
 CORE = ('kforcing_jax.errors', 'kforcing_jax.runtime', 'kforcing_jax.sharding')
 LAYERS = {
     'core': 0,
-    'kforcing_jax.models': 1,
-    'kforcing_jax.data': 2, 'kforcing_jax.training': 2, 'kforcing_jax.decoding': 2,
-    'kforcing_jax.serving': 3, 'kforcing_jax.evaluation': 3, 'kforcing_jax.interop': 3,
-    'kforcing_jax.configs': 4, 'kforcing_jax.pipeline': 4,
-    'kforcing_jax': 5,  # the package's __init__ and its command-line tools
+    'kforcing_jax.kernels': 1,
+    'kforcing_jax.models': 2,
+    'kforcing_jax.data': 3, 'kforcing_jax.training': 3, 'kforcing_jax.decoding': 3,
+    'kforcing_jax.serving': 4, 'kforcing_jax.evaluation': 4, 'kforcing_jax.interop': 4,
+    'kforcing_jax.configs': 5, 'kforcing_jax.pipeline': 5,
+    'kforcing_jax': 6,  # the package's __init__ and its command-line tools
 }
 PEER_OK = {('kforcing_jax.training', 'kforcing_jax.data'),
            ('kforcing_jax.decoding', 'kforcing_jax.data'),

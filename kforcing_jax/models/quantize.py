@@ -78,24 +78,34 @@ def is_quantized(x) -> bool:
   return isinstance(x, QuantizedKernel)
 
 
+def contracted_axes(path: tuple[str, ...]) -> int | None:
+  """How many leading axes the weight product of the parameter at `path` contracts; None
+  for parameters that are not a block's or the head's kernel (the noise encoder's own MLP
+  included: it stays float32)."""
+  if 'noise_encoder' in path or len(path) < 2:
+    return None
+  if path[-2:] in _KERNELS:
+    return _KERNELS[path[-2:]]
+  if path[-1] == 'kernel' and len(path) >= 3 and path[-3] == 'mlp':  # fc_in*, fc_out
+    return 1
+  return None
+
+
 def quantize_params(params: dict, tie_embeddings: bool) -> dict:
   """The parameter tree with every block's and the head's weight-product kernels replaced by
   QuantizedKernels (the noise encoder, embeddings, norms and biases keep their values)."""
   def walk(tree, path):
     out = {}
     for name, value in tree.items():
-      if isinstance(value, dict):
-        out[name] = walk(value, path + (name,))
-        continue
-      parent = path[-1] if path else ''
-      n_in = _KERNELS.get((parent, name))
-      if n_in is None and name == 'kernel' and len(path) >= 2 and path[-2] == 'mlp' and \
-          'noise_encoder' not in path:
-        n_in = 1  # Mlp's fc_in*/fc_out Dense layers
-      out[name] = quantize(value, n_in) if n_in and 'noise_encoder' not in path else value
+      here = path + (name,)
+      if hasattr(value, 'items'):
+        out[name] = walk(value, here)
+      else:
+        n_in = contracted_axes(here)
+        out[name] = value if n_in is None else quantize(value, n_in)
     return out
 
-  q = walk(dict(params), ())
+  q = walk(params, ())
   if tie_embeddings:
     table_VxD = params['embed']['embedding']
     q['head'] = dict(q.get('head', {}), kernel=quantize(np.asarray(table_VxD).T, 1))
@@ -105,15 +115,12 @@ def quantize_params(params: dict, tie_embeddings: bool) -> dict:
 def variables(params) -> dict:
   """model.apply's variables for `params`: {'params': ...} plus, where params hold
   QuantizedKernels, a 'quantized' collection with them at the same paths."""
-  found = [False]
-
   def split(tree):
     p, q = {}, {}
     for name, value in tree.items():
       if is_quantized(value):
         q[name] = value
-        found[0] = True
-      elif isinstance(value, dict) or hasattr(value, 'items'):
+      elif hasattr(value, 'items'):
         p[name], sub = split(value)
         if sub:
           q[name] = sub
@@ -121,10 +128,11 @@ def variables(params) -> dict:
         p[name] = value
     return p, q
 
-  if not hasattr(params, 'items'):
-    return {'params': params}
-  p, q = split(params)
-  return {'params': p, COLLECTION: q} if found[0] else {'params': params}
+  if hasattr(params, 'items'):
+    p, q = split(params)
+    if q:
+      return {'params': p, COLLECTION: q}
+  return {'params': params}
 
 
 def product(x, w: QuantizedKernel, impl: str = 'kernel'):

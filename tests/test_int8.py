@@ -88,6 +88,9 @@ def test_int8_parameter_tree_quantizes_the_weight_products_only(family):
                         'mlp/fc_in_0/kernel', 'mlp/fc_in_1/kernel', 'mlp/fc_out/kernel']}
   for name in want.get(family, []):
     assert f'block_0/{name}' in quantized and f'block_1/{name}' in quantized
+  assert precision.cast_params(q, INT8) is q  # quantized once
+  with pytest.raises(precision.PrecisionError, match='int8'):
+    precision.cast_params(q, precision.exec_config('float32'))
   if arch.tie_embeddings:  # the lookup keeps the float table
     assert flat['embed/embedding'].dtype == jnp.float32
   # biases stay float and present
@@ -161,6 +164,12 @@ def test_bad_settings_name_the_field(monkeypatch, tmp_path):
     arch_lib.ExecConfig(int8_products='avx')
   with pytest.raises(precision.PrecisionError, match='int8'):
     precision.choose('int4')
+  arch, _, params = tiny_model(seed=1)
+  with pytest.raises(decode.DecodeError, match="weights='int8' but the parameters are float"):
+    decode.Engine(arch, params, INT8)
+  with pytest.raises(decode.DecodeError, match="weights='float' but the parameters are int8"):
+    engine_lib.SlotEngine(arch, precision.cast_params(params, INT8), None, k=0, K=1,
+                          max_slots=1)
   # no compiler: a clear error before anything is built
   monkeypatch.setenv('KFORCING_KERNEL_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))

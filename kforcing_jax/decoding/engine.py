@@ -289,6 +289,10 @@ class Engine:
     self.exe = self.model.exe
     self.params = params
     self.k = k
+    try:
+      quantize.check_weights(self.exe.weights, params)
+    except ValueError as e:
+      raise DecodeError(str(e)) from None
     self.max_len = max_len or arch.max_seq_len
 
   @property

@@ -62,12 +62,17 @@ def exec_config(name: str, decode_attention: str = 'xla',
 
 def cast_params(params, exe: arch_lib.ExecConfig):
   """params in exe's parameter dtype, the noise encoder's left in float32; with int8
-  weights the weight-product kernels quantized (quantize.quantize_params)."""
+  weights the weight-product kernels quantized (quantize.quantize_params). Parameters
+  quantized already are returned as they are, for int8 only."""
+  if quantize.holds_quantized(params):
+    if exe.weights != 'int8':
+      raise PrecisionError('these parameters hold int8 weights: decode them with the int8 '
+                           'precision, or load the float model again for another')
+    return params
   dt = exe.params
   params = {k: (v if k == 'noise_encoder' else jax.tree.map(lambda x: x.astype(dt), v))
             for k, v in params.items()}
   if exe.weights == 'int8':
-    if any(map(quantize.is_quantized, jax.tree.leaves(params, is_leaf=quantize.is_quantized))):
-      return params  # quantized already
-    params = quantize.quantize_params(params, tie_embeddings='kernel' not in params.get('head', {}))
+    tied = 'kernel' not in params.get('head', {})
+    params = quantize.quantize_params(params, tie_embeddings=tied)
   return params

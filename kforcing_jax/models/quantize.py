@@ -78,6 +78,20 @@ def is_quantized(x) -> bool:
   return isinstance(x, QuantizedKernel)
 
 
+def holds_quantized(params) -> bool:
+  """Whether a parameter tree holds int8 kernels (quantize_params' output)."""
+  return any(map(is_quantized, jax.tree.leaves(params, is_leaf=is_quantized)))
+
+
+def check_weights(exe_weights: str, params) -> None:
+  """Refuses int8 decoding on float parameters and float decoding on int8 ones (either
+  would silently run the other precision)."""
+  if (exe_weights == 'int8') != holds_quantized(params):
+    raise ValueError(f'ExecConfig.weights={exe_weights!r} but the parameters are '
+                     f'{"int8" if holds_quantized(params) else "float"}: give '
+                     'precision.cast_params(params, exe)\'s output')
+
+
 def contracted_axes(path: tuple[str, ...]) -> int | None:
   """How many leading axes the weight product of the parameter at `path` contracts; None
   for parameters that are not a block's or the head's kernel (the noise encoder's own MLP

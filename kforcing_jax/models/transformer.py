@@ -293,8 +293,8 @@ class Head(nn.Module):
   def __call__(self, x, embedding_VxD=None):
     a, exe = self.arch, self.exe
     if self.has_variable(quantize.COLLECTION, 'kernel'):  # int8, tied or not
-      logits = _product(exe, '', x, self.get_variable(quantize.COLLECTION, 'kernel'),
-                        jnp.float32)
+      logits = quantize.product(x, self.get_variable(quantize.COLLECTION, 'kernel'),
+                                exe.int8_products)
     elif a.tie_embeddings:
       logits = _product(exe, 'btd,vd->btv', x, embedding_VxD, jnp.float32)
     else:

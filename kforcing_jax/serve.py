@@ -64,8 +64,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer('max_len', None, 'longest prompt + completion (default: the model\'s)',
                        **d)
   flags.DEFINE_integer('steps_per_call', 1, 'decoding steps per host round-trip', **d)
-  flags.DEFINE_string('dtype', 'auto', 'serving precision: float32 | mixed | bfloat16 | int8 | auto',
-                      **d)
+  flags.DEFINE_string('dtype', 'auto',
+                      'serving precision: float32 | mixed | bfloat16 | int8 | auto', **d)
   flags.DEFINE_string('decode_attention', 'xla', 'xla (masked attention over the whole '
                       'cache) | pallas (GPU: the flash-decoding kernel reads each slot\'s '
                       'filled cache slots only)', **d)

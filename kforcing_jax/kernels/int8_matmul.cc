@@ -32,19 +32,89 @@ namespace {
 
 constexpr int64_t kPanel = 16;
 
-// One tile: MB rows of x times one panel row by row, written to the panel's `cols` columns
-// of y. The panel is int8 (read from the packed weights) or float32 (a panel widened once
-// and reused by every row block when M exceeds one block).
+// One panel row (16 columns) as registers, per instruction set: Zero, LoadRow (int8
+// widened, or float32), Fma(acc, x, w) = acc + x * w, Add, and Store of acc * scale to the
+// first `cols` columns.
 #if defined(__AVX512F__)
-constexpr int kMaxRows = 12;
-using Vec = __m512;  // one panel row
+constexpr int kMaxRows = 12;  // accumulators of a row block (32 registers)
+using Vec = __m512;
 
+inline Vec Zero() { return _mm512_setzero_ps(); }
 inline Vec LoadRow(const int8_t* w) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-      reinterpret_cast<const __m128i*>(w))));
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
 }
 inline Vec LoadRow(const float* w) { return _mm512_loadu_ps(w); }
+inline Vec Fma(Vec acc, const float* x, Vec w) {
+  return _mm512_fmadd_ps(_mm512_set1_ps(*x), w, acc);
+}
+inline Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline void Store(float* y, Vec acc, const float* scale, int64_t cols) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
+  _mm512_mask_storeu_ps(y, mask, _mm512_mul_ps(acc, _mm512_loadu_ps(scale)));
+}
 
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int kMaxRows = 6;  // two registers per row (16 registers)
+struct Vec {
+  __m256 lo, hi;
+};
+
+inline Vec Zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline Vec LoadRow(const int8_t* w) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+}
+inline Vec LoadRow(const float* w) { return {_mm256_loadu_ps(w), _mm256_loadu_ps(w + 8)}; }
+inline Vec Fma(Vec acc, const float* x, Vec w) {
+  const __m256 xi = _mm256_broadcast_ss(x);
+  return {_mm256_fmadd_ps(xi, w.lo, acc.lo), _mm256_fmadd_ps(xi, w.hi, acc.hi)};
+}
+inline Vec Add(Vec a, Vec b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline void Store(float* y, Vec acc, const float* scale, int64_t cols) {
+  const __m256 lo = _mm256_mul_ps(acc.lo, _mm256_loadu_ps(scale));
+  const __m256 hi = _mm256_mul_ps(acc.hi, _mm256_loadu_ps(scale + 8));
+  if (cols == kPanel) {
+    _mm256_storeu_ps(y, lo);
+    _mm256_storeu_ps(y + 8, hi);
+  } else {
+    alignas(32) float tmp[kPanel];
+    _mm256_store_ps(tmp, lo);
+    _mm256_store_ps(tmp + 8, hi);
+    std::memcpy(y, tmp, cols * sizeof(float));
+  }
+}
+
+#else  // portable: the compiler vectorizes what it can
+constexpr int kMaxRows = 4;
+struct Vec {
+  float v[kPanel];
+};
+
+inline Vec Zero() { return {}; }
+template <typename W>
+inline Vec LoadRow(const W* w) {
+  Vec r;
+  for (int j = 0; j < kPanel; ++j) r.v[j] = static_cast<float>(w[j]);
+  return r;
+}
+inline Vec Fma(Vec acc, const float* x, const Vec& w) {
+  for (int j = 0; j < kPanel; ++j) acc.v[j] += *x * w.v[j];
+  return acc;
+}
+inline Vec Add(Vec a, const Vec& b) {
+  for (int j = 0; j < kPanel; ++j) a.v[j] += b.v[j];
+  return a;
+}
+inline void Store(float* y, const Vec& acc, const float* scale, int64_t cols) {
+  for (int64_t j = 0; j < cols; ++j) y[j] = acc.v[j] * scale[j];
+}
+#endif
+
+// One tile: MB rows of x times one panel, k by k, written to the panel's `cols` columns of
+// y. The panel is int8 (read from the packed weights) or float32 (a panel widened once and
+// reused by every row block when M exceeds one block).
 template <int MB, typename W>
 void Tile(const float* x, int64_t ldx, int64_t K, const W* w, const float* scale, float* y,
           int64_t ldy, int64_t cols) {
@@ -54,115 +124,28 @@ void Tile(const float* x, int64_t ldx, int64_t K, const W* w, const float* scale
 #pragma GCC unroll 16
   for (int u = 0; u < U; ++u)
 #pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) acc[u][i] = _mm512_setzero_ps();
+    for (int i = 0; i < MB; ++i) acc[u][i] = Zero();
   int64_t k = 0;
   for (; k + U <= K; k += U) {
 #pragma GCC unroll 4
     for (int u = 0; u < U; ++u) {
       const Vec wk = LoadRow(w + (k + u) * kPanel);
 #pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i)
-        acc[u][i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k + u]), wk, acc[u][i]);
+      for (int i = 0; i < MB; ++i) acc[u][i] = Fma(acc[u][i], x + i * ldx + k + u, wk);
     }
   }
   for (; k < K; ++k) {
     const Vec wk = LoadRow(w + k * kPanel);
 #pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i)
-      acc[0][i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k]), wk, acc[0][i]);
+    for (int i = 0; i < MB; ++i) acc[0][i] = Fma(acc[0][i], x + i * ldx + k, wk);
   }
-  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
-  const Vec s = _mm512_maskz_loadu_ps(mask, scale);
 #pragma GCC unroll 16
   for (int i = 0; i < MB; ++i) {
     Vec a = acc[0][i];
-    for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[u][i]);
-    _mm512_mask_storeu_ps(y + i * ldy, mask, _mm512_mul_ps(a, s));
+    for (int u = 1; u < U; ++u) a = Add(a, acc[u][i]);
+    Store(y + i * ldy, a, scale, cols);
   }
 }
-
-#elif defined(__AVX2__)
-constexpr int kMaxRows = 6;
-struct Vec {  // one panel row: two 8-float halves
-  __m256 lo, hi;
-};
-
-inline Vec LoadRow(const int8_t* w) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
-  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
-          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
-}
-inline Vec LoadRow(const float* w) { return {_mm256_loadu_ps(w), _mm256_loadu_ps(w + 8)}; }
-
-template <int MB, typename W>
-void Tile(const float* x, int64_t ldx, int64_t K, const W* w, const float* scale, float* y,
-          int64_t ldy, int64_t cols) {
-  constexpr int U = MB >= 4 ? 1 : (MB >= 2 ? 2 : 4);
-  Vec acc[U][MB];
-#pragma GCC unroll 16
-  for (int u = 0; u < U; ++u)
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) acc[u][i].lo = acc[u][i].hi = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + U <= K; k += U) {
-#pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) {
-      const Vec wk = LoadRow(w + (k + u) * kPanel);
-#pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) {
-        const __m256 xi = _mm256_broadcast_ss(x + i * ldx + k + u);
-        acc[u][i].lo = _mm256_fmadd_ps(xi, wk.lo, acc[u][i].lo);
-        acc[u][i].hi = _mm256_fmadd_ps(xi, wk.hi, acc[u][i].hi);
-      }
-    }
-  }
-  for (; k < K; ++k) {
-    const Vec wk = LoadRow(w + k * kPanel);
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) {
-      const __m256 xi = _mm256_broadcast_ss(x + i * ldx + k);
-      acc[0][i].lo = _mm256_fmadd_ps(xi, wk.lo, acc[0][i].lo);
-      acc[0][i].hi = _mm256_fmadd_ps(xi, wk.hi, acc[0][i].hi);
-    }
-  }
-  alignas(32) float tmp[kPanel];
-  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
-#pragma GCC unroll 16
-  for (int i = 0; i < MB; ++i) {
-    __m256 a0 = acc[0][i].lo, a1 = acc[0][i].hi;
-    for (int u = 1; u < U; ++u) {
-      a0 = _mm256_add_ps(a0, acc[u][i].lo);
-      a1 = _mm256_add_ps(a1, acc[u][i].hi);
-    }
-    a0 = _mm256_mul_ps(a0, s0);
-    a1 = _mm256_mul_ps(a1, s1);
-    if (cols == kPanel) {
-      _mm256_storeu_ps(y + i * ldy, a0);
-      _mm256_storeu_ps(y + i * ldy + 8, a1);
-    } else {
-      _mm256_store_ps(tmp, a0);
-      _mm256_store_ps(tmp + 8, a1);
-      std::memcpy(y + i * ldy, tmp, cols * sizeof(float));
-    }
-  }
-}
-
-#else
-constexpr int kMaxRows = 4;
-
-template <int MB, typename W>
-void Tile(const float* x, int64_t ldx, int64_t K, const W* w, const float* scale, float* y,
-          int64_t ldy, int64_t cols) {
-  float acc[MB][kPanel] = {};
-  for (int64_t k = 0; k < K; ++k)
-    for (int i = 0; i < MB; ++i) {
-      const float xi = x[i * ldx + k];
-      for (int j = 0; j < kPanel; ++j) acc[i][j] += xi * static_cast<float>(w[k * kPanel + j]);
-    }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < cols; ++j) y[i * ldy + j] = acc[i][j] * scale[j];
-}
-#endif
 
 template <typename W>
 using TileFn = void (*)(const float*, int64_t, int64_t, const W*, const float*, float*, int64_t,

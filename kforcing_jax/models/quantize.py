@@ -164,7 +164,8 @@ def product(x, w: QuantizedKernel, impl: str = 'kernel'):
 
 
 def weight_bytes(params) -> int:
-  """Bytes of the weights a decoding step reads from `params` (quantized or not)."""
+  """Bytes the parameters take, int8 kernels with their scales (a batch-1 decoding step
+  reads about all of them but the embedding table)."""
   total = 0
   for leaf in jax.tree.leaves(params, is_leaf=is_quantized):
     total += leaf.nbytes if is_quantized(leaf) else leaf.size * leaf.dtype.itemsize

@@ -1,8 +1,10 @@
 """What narrower weights buy a small-batch decode step on this backend: an MLP stack's weight
-products at M rows, with float32, bfloat16 and int8 (per-output-channel scale) weights.
+products at M rows, with float32, bfloat16 and int8 (per-output-channel scale) weights; the
+int8 ones through XLA's dequantize-and-dot (`int8`) and through our CPU kernel
+(`int8_kernel`, kforcing_jax.kernels).
 
   python launch/weight_dtype_bench.py [--rows=1,2,4,16] [--layers=30] [--d_model=576] \
-      [--mlp_dim=1536] [--out=weight_dtype.json]
+      [--mlp_dim=1536] [--weights=float32,bfloat16,int8,int8_kernel] [--out=weight_dtype.json]
 
 At batch 1 a decode step reads every weight once for a few flops per weight, so its speed is
 the rate at which the backend streams weights: narrower weights only help where the backend
@@ -33,20 +35,13 @@ flags.DEFINE_string('out', 'weight_dtype.json', 'JSON output')
 flags.DEFINE_string('weights', 'float32,bfloat16,int8,int8_kernel', 'comma-separated weight forms')
 
 
-def quantize_int8(w_InxOut):
-  scale = np.abs(w_InxOut).max(0) / 127.0
-  return jnp.asarray(np.round(w_InxOut / scale), jnp.int8), jnp.asarray(scale, jnp.float32)
-
-
 def product(x, w, dtype):
   if dtype == 'float32':
     return x @ w
   if dtype == 'bfloat16':
     return jnp.dot(x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)
-  if dtype == 'int8_kernel':
-    return quantize.product(x, w, 'kernel')
-  q, scale = w
-  return (x @ q.astype(jnp.float32)) * scale
+  # int8: XLA's dequantize-and-dot (ExecConfig.int8_products='xla'); int8_kernel: ours
+  return quantize.product(x, w, 'kernel' if dtype == 'int8_kernel' else 'xla')
 
 
 def main(argv):
@@ -56,8 +51,8 @@ def main(argv):
   w32 = [rng.normal(size=s).astype(np.float32) * 0.02 for s in shapes]
   weights = {'float32': [jnp.asarray(w) for w in w32],
              'bfloat16': [jnp.asarray(w, jnp.bfloat16) for w in w32],
-             'int8': [quantize_int8(w) for w in w32],
-             'int8_kernel': [quantize.quantize(w) for w in w32]}
+             'int8': [quantize.quantize(w) for w in w32]}
+  weights['int8_kernel'] = weights['int8']
   weights = {k: v for k, v in weights.items() if k in FLAGS.weights.split(',')}
   results = []
   for m in (int(r) for r in FLAGS.rows.split(',')):

@@ -289,10 +289,9 @@ class Engine:
     self.exe = self.model.exe
     self.params = params
     self.k = k
-    try:
-      quantize.check_weights(self.exe.weights, params)
-    except ValueError as e:
-      raise DecodeError(str(e)) from None
+    mismatch = quantize.weights_mismatch(self.exe.weights, params)
+    if mismatch:
+      raise DecodeError(mismatch)
     self.max_len = max_len or arch.max_seq_len
 
   @property

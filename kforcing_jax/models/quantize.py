@@ -48,11 +48,15 @@ class QuantizedKernel:
   def nbytes(self) -> int:
     return self.packed.size + 4 * self.scale.size
 
+  def unpacked(self) -> jax.Array:
+    """The int8 weights as [prod(in_shape), n] (the panels undone, padding dropped)."""
+    P, K, _ = self.packed.shape
+    return jnp.transpose(self.packed, (1, 0, 2)).reshape(K, P * PANEL)[:, :self.n]
+
   def dequantized(self) -> jax.Array:
     """The float32 kernel [*in_shape, *out_shape] these weights stand for."""
-    P, K, _ = self.packed.shape
-    w = jnp.transpose(self.packed, (1, 0, 2)).reshape(K, P * PANEL).astype(jnp.float32)
-    return (w * self.scale)[:, :self.n].reshape(self.in_shape + self.out_shape)
+    w = self.unpacked().astype(jnp.float32) * self.scale[:self.n]
+    return w.reshape(self.in_shape + self.out_shape)
 
 
 def quantize(w, n_in: int = 1) -> QuantizedKernel:
@@ -83,13 +87,15 @@ def holds_quantized(params) -> bool:
   return any(map(is_quantized, jax.tree.leaves(params, is_leaf=is_quantized)))
 
 
-def check_weights(exe_weights: str, params) -> None:
-  """Refuses int8 decoding on float parameters and float decoding on int8 ones (either
-  would silently run the other precision)."""
-  if (exe_weights == 'int8') != holds_quantized(params):
-    raise ValueError(f'ExecConfig.weights={exe_weights!r} but the parameters are '
-                     f'{"int8" if holds_quantized(params) else "float"}: give '
-                     'precision.cast_params(params, exe)\'s output')
+def weights_mismatch(exe_weights: str, params) -> str | None:
+  """Why an engine must refuse these parameters for ExecConfig.weights, or None: int8
+  decoding on float parameters, or float decoding on int8 ones, would silently run the
+  other precision."""
+  held = 'int8' if holds_quantized(params) else 'float'
+  if (exe_weights == 'int8') == (held == 'int8'):
+    return None
+  return (f'ExecConfig.weights={exe_weights!r} but the parameters are {held}: give '
+          "precision.cast_params(params, exe)'s output")
 
 
 def contracted_axes(path: tuple[str, ...]) -> int | None:
@@ -156,10 +162,9 @@ def product(x, w: QuantizedKernel, impl: str = 'kernel'):
   x2 = x.reshape((-1, math.prod(w.in_shape))).astype(jnp.float32)
   if impl == 'kernel':
     y = int8_cpu.matmul(x2, w.packed, w.scale, w.n)
-  else:
-    P, K, _ = w.packed.shape
-    q = jnp.transpose(w.packed, (1, 0, 2)).reshape(K, P * PANEL)[:, :w.n]
-    y = jnp.dot(x2, q.astype(jnp.float32), preferred_element_type=jnp.float32) * w.scale[:w.n]
+  else:  # scaled after the product: one multiply per output, not per weight
+    y = jnp.dot(x2, w.unpacked().astype(jnp.float32),
+                preferred_element_type=jnp.float32) * w.scale[:w.n]
   return y.reshape(lead + w.out_shape)
 
 

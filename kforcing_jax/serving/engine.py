@@ -252,10 +252,9 @@ class SlotEngine:
     self.model = model_lib.build(arch, exe)
     self.exe = self.model.exe
     self.params = params
-    try:
-      quantize.check_weights(self.exe.weights, params)
-    except ValueError as e:
-      raise step_lib.DecodeError(str(e)) from None
+    mismatch = quantize.weights_mismatch(self.exe.weights, params)
+    if mismatch:
+      raise step_lib.DecodeError(mismatch)
     self.layout = step_lib.SlotLayout(K, self.pflm)
     self.max_len = max_len or arch.max_seq_len
     if self.max_len < 2:

@@ -179,8 +179,10 @@ def get_config():
   # Cached attention while decoding: xla (masked, over the whole cache) | pallas (a
   # flash-decoding kernel over the filled slots only; GPU).
   m.decode_attention = 'xla'
-  # Products of the xla cached attention: auto (multiply-reduce for steps of 2..16
-  # queries on CPU, dots elsewhere) | dot | reduce.
+  # Products of the xla cached attention: dot | reduce (multiply-reduce for steps of 2..16
+  # queries) | kernel (as reduce, and one-query steps in the CPU kernel of
+  # kforcing_jax/kernels) | auto (kernel on a one-device CPU with a C++ compiler, reduce on
+  # other CPUs, dots elsewhere).
   m.cache_products = 'auto'
 
   c.data = d = ml_collections.ConfigDict()

@@ -1,8 +1,8 @@
 """Where a decoding step's time goes: AR and PFLM ms/step and, with --trace, the kernels.
 
   python launch/decode_profile.py --config=configs/owt.py --config.model.vocab_size=50258 \
-      --batch_sizes=1,256 --K=4 --trace --out=DIR [--attention=dot|reduce] [--label=NAME] \
-      [--engine=offline|slot]
+      --batch_sizes=1,256 --K=4 --trace --out=DIR [--attention=dot|reduce|kernel] \
+      [--label=NAME] [--engine=offline|slot]
 
 Random weights at the config's model fields, the benchmark's protocol (prompt length 6,
 generation to data.seq_len, compile excluded, median of --repeats runs). With --trace, one
@@ -15,7 +15,8 @@ loop's host round trip), and then the same time per source op -- events mapped t
 compiled HLO's op_name metadata, all layers together (e.g. `Transformer/block/attn/
 reduce_sum`, `Transformer/head/dot_general`) -- which says what a fusion or kernel is.
 --attention sets ExecConfig.cache_products (dot: batched dots for every step; reduce:
-multiply-reduce for steps of 2..16 queries; auto: reduce on CPU) to compare them;
+multiply-reduce for steps of 2..16 queries; kernel: as reduce, one-query steps in the CPU
+kernel; auto: kernel on a one-device CPU, else reduce) to compare them;
 --decode_attention=pallas profiles the flash-decoding kernel path (GPU). --engine=slot
 times and traces the serving SlotEngine's step instead (as many slots as the batch size,
 all busy, or --slots slots of which the batch size are busy, stepping in their slot-count
@@ -59,7 +60,7 @@ flags.DEFINE_integer('cache_phases', 1, 'DecodeSpec.cache_phases')
 flags.DEFINE_integer('repeats', 3, 'timed runs (median)')
 flags.DEFINE_bool('trace', False, 'profile one more run of each engine')
 flags.DEFINE_integer('top', 25, 'events printed per trace')
-flags.DEFINE_enum('attention', 'auto', ['auto', 'dot', 'reduce'],
+flags.DEFINE_enum('attention', 'auto', ['auto', 'dot', 'reduce', 'kernel'],
                   'products of the xla cached attention (ExecConfig.cache_products)')
 flags.DEFINE_string('dtype', 'auto', 'serving precision, as benchmark.py --dtype')
 flags.DEFINE_string('decode_attention', 'xla', 'as benchmark.py --decode_attention')

@@ -117,7 +117,7 @@ def cached_logits(model, params, tokens, step: int, products: str):
 
 @pytest.mark.parametrize('family', ['llama_gqa', 'qwen3_like'])
 def test_grouped_query_attention_equals_repeated_kv_heads(family):
-  """Causal, window and cached (dot and reduce products) attention of a GQA model equal
+  """Causal, window and cached (dot, reduce and kernel products) attention of a GQA model equal
   those of the MHA model whose KV heads are its KV heads repeated (transformers'
   repeat_kv): query head h reads KV head h // G."""
   arch, model, params = tiny_model(pflm=True, family=family, seed=3, layers=1)
@@ -128,8 +128,9 @@ def test_grouped_query_attention_equals_repeated_kv_heads(family):
   tokens = jnp.asarray(rng.integers(0, 50, (2, 9)))
   want = causal_logits(mha, mha_params, tokens)
   np.testing.assert_allclose(causal_logits(model, params, tokens), want, atol=2e-5, rtol=1e-5)
-  for products in ('dot', 'reduce'):
-    np.testing.assert_allclose(cached_logits(model, params, tokens, 3, products), want,
+  # three inputs a step (dot, reduce); one a step through the CPU kernel
+  for products, step in (('dot', 3), ('reduce', 3), ('kernel', 1)):
+    np.testing.assert_allclose(cached_logits(model, params, tokens, step, products), want,
                                atol=2e-5, rtol=1e-5)
   win = jnp.asarray(rng.integers(0, 50, (2, 9, 2)))
   u = jnp.asarray(rng.random((2, 9, 2)), jnp.float32)

@@ -15,7 +15,7 @@ import pytest
 
 from kforcing_jax.decoding import engine as decode
 from kforcing_jax.decoding import sampler as sampler_lib
-from kforcing_jax.kernels import int8_cpu
+from kforcing_jax.kernels import cpu as cpu_kernels
 from kforcing_jax.models import arch as arch_lib
 from kforcing_jax.models import precision
 from kforcing_jax.models import quantize
@@ -55,7 +55,7 @@ def test_portable_build_equals_this_cpus_build(monkeypatch, tmp_path):
   qk = quantize.quantize(rng.standard_normal((75, 40)).astype(np.float32))
   for m in (1, 3, 9, 20):
     x = jnp.asarray(rng.standard_normal((m, 75)), jnp.float32)
-    got = {march: np.asarray(jax.jit(lambda x, w, march=march: int8_cpu.matmul(
+    got = {march: np.asarray(jax.jit(lambda x, w, march=march: cpu_kernels.int8_matmul(
         x, w.packed, w.scale, w.n, march))(x, qk)) for march in ('x86-64', None)}
     np.testing.assert_allclose(got['x86-64'], got[None], rtol=1e-5, atol=1e-5)
 
@@ -173,14 +173,14 @@ def test_bad_settings_name_the_field(monkeypatch, tmp_path):
   # no compiler: a clear error before anything is built
   monkeypatch.setenv('KFORCING_KERNEL_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
-  with pytest.raises(int8_cpu.KernelBuildError, match='CXX'):
-    int8_cpu.build()
+  with pytest.raises(cpu_kernels.KernelBuildError, match='CXX'):
+    cpu_kernels.build()
 
 
 def test_the_kernel_is_built_once_per_machine(monkeypatch, tmp_path):
   monkeypatch.setenv('KFORCING_KERNEL_CACHE', str(tmp_path))
-  path = int8_cpu.build()
+  path = cpu_kernels.build()
   assert os.path.dirname(path) == str(tmp_path) and path.endswith('.so')
   mtime = os.path.getmtime(path)
-  assert int8_cpu.build() == path and os.path.getmtime(path) == mtime
+  assert cpu_kernels.build() == path and os.path.getmtime(path) == mtime
   assert [f for f in os.listdir(tmp_path)] == [os.path.basename(path)]  # no temporaries

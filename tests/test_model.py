@@ -38,13 +38,14 @@ def test_causality_by_gradients():
 
 
 @pytest.mark.parametrize('family', list(FAMILIES))
-@pytest.mark.parametrize('products', ['dot', 'reduce'])
-def test_cached_steps_equal_full_forward(products, family):
-  """Two tokens per step (so 'reduce', the CPU multiply-reduce, and 'dot', the GPU's batched
-  dots, both run) over an explicit cache == one causal forward."""
+@pytest.mark.parametrize('products, F', [('dot', 2), ('reduce', 2), ('kernel', 1)])
+def test_cached_steps_equal_full_forward(products, F, family):
+  """F tokens per step over an explicit cache == one causal forward: two (so 'reduce', the
+  CPU multiply-reduce, and 'dot', the GPU's batched dots, both run), and one through the CPU
+  kernel ('kernel')."""
   exe = arch_lib.ExecConfig(cache_products=products)
   arch, model, params = tiny_model(exe=exe, family=family)
-  B, T, S, F = 2, 10, 16, 2
+  B, T, S = 2, 10, 16
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 50, (B, T)))
   full = causal_logits(model, params, tokens)
   cache = model_lib.init_cache(arch, model.exe, B, S)

@@ -1,2 +1,2 @@
-"""Custom kernels XLA calls through its FFI: int8_matmul.cc, the CPU's weight-only int8
-products (int8_cpu builds and registers it)."""
+"""Custom kernels XLA calls through its FFI: cpu_matmul.cc, the CPU's weight-only int8
+products and decode-time attention products (`cpu` builds and registers them)."""

@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from kforcing_jax import errors
+from kforcing_jax.kernels import cpu as cpu_kernels
 
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')  # ExecConfig.attention_impl
 DECODE_ATTENTION = ('xla', 'pallas')  # ExecConfig.decode_attention
-CACHE_PRODUCTS = ('auto', 'dot', 'reduce')  # ExecConfig.cache_products
+CACHE_PRODUCTS = ('auto', 'dot', 'reduce', 'kernel')  # ExecConfig.cache_products
 WEIGHTS = ('float', 'int8')  # ExecConfig.weights
 INT8_PRODUCTS = ('auto', 'kernel', 'xla')  # ExecConfig.int8_products
 ARCH_VERSION = 4
@@ -235,7 +236,11 @@ class ExecConfig:
   dot_dtype: str = ''
   attention_impl: str = 'auto'  # full causal attention: auto (cuDNN on GPU for bf16) | xla | cudnn
   decode_attention: str = 'xla'  # cached attention: xla (masked, whole cache) | pallas
-  cache_products: str = 'auto'  # xla cached attention: auto (reduce on CPU) | dot | reduce
+  # Products of the xla cached attention: dot | reduce (multiply-reduce for steps of 2..16
+  # queries) | kernel (as reduce, and one-query steps through the CPU kernel,
+  # kforcing_jax.kernels.cpu) | auto: kernel on a one-device CPU with a C++ compiler to
+  # build it, reduce on other CPUs, dot elsewhere.
+  cache_products: str = 'auto'
   # Weight-product kernels when decoding: 'float' (param_dtype) or 'int8' (weight-only, one
   # float32 scale per output column: kforcing_jax.models.quantize; activations float32).
   weights: str = 'float'
@@ -263,7 +268,14 @@ class ExecConfig:
       impl = 'cudnn' if backend == 'gpu' and self.dtype == 'bfloat16' else 'xla'
     products = self.cache_products
     if products == 'auto':
-      products = 'reduce' if backend == 'cpu' else 'dot'
+      products = 'dot'
+      if backend == 'cpu':
+        # the kernel runs on one device: a mesh of several would gather its operands
+        one = jax.device_count() == 1 and cpu_kernels.compiler() is not None
+        products = 'kernel' if one else 'reduce'
+    if products == 'kernel' and backend != 'cpu':
+      raise ArchitectureError(f"cache_products='kernel' runs on the CPU, not on {backend}: "
+                              'choose auto, dot or reduce')
     int8 = self.int8_products
     if int8 == 'auto':
       int8 = 'kernel' if backend == 'cpu' else 'xla'

@@ -27,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kforcing_jax.kernels import cpu as cpu_kernels
 from kforcing_jax.models import flash_decode
 
 NEG_INF = -1e9
-CACHE_PRODUCTS = ('dot', 'reduce')  # resolved values of ExecConfig.cache_products
+CACHE_PRODUCTS = ('dot', 'reduce', 'kernel')  # resolved values of ExecConfig.cache_products
 
 
 def group_queries(q_BxTxHxD, n_kv_heads: int):
@@ -97,14 +98,19 @@ def cached_attention(q_BxTxHxD, kt_BxKxDxS, v_BxKxSxD, mask_BxTxS, products: str
   dots) this is much faster than a seq-major [B, S, heads, head_dim] cache, whose per-step
   transposed copies dominate the step there. products='reduce' computes the products of a
   step with a few queries (1 < T <= 16: a PFLM step's 2K) as broadcast-multiply-reduce
-  loops that read the cache once -- faster than XLA:CPU's small batched dots; one query
-  (AR) or many (a prefill) stay dots either way."""
+  loops that read the cache once -- faster than XLA:CPU's small batched dots; many queries
+  (a prefill) stay dots. products='kernel' does the same, and for one query (an AR step) runs
+  both products in the CPU kernel (kforcing_jax.kernels.cpu) on a float32 cache: XLA:CPU's
+  batched dots with G rows each reach a fraction of memory speed there."""
   B, T, H, d = q_BxTxHxD.shape
   K = kt_BxKxDxS.shape[1]
   # [B, K, G * T, D]: a KV head's query heads and inputs as the rows of one product
   q = jnp.transpose(group_queries(q_BxTxHxD.astype(kt_BxKxDxS.dtype), K),
                     (0, 2, 3, 1, 4)).reshape(B, K, H // K * T, d)
-  elementwise = products == 'reduce' and 1 < T <= 16
+  if products == 'kernel' and T == 1 and kt_BxKxDxS.dtype == jnp.float32:
+    return _kernel_attention(q, kt_BxKxDxS, v_BxKxSxD, mask_BxTxS).reshape(
+        B, 1, H, d).astype(q_BxTxHxD.dtype)
+  elementwise = products in ('reduce', 'kernel') and 1 < T <= 16
   if elementwise:
     s = jnp.sum(q[..., None].astype(jnp.float32) * kt_BxKxDxS[:, :, None], axis=-2) / np.sqrt(d)
   else:
@@ -120,6 +126,15 @@ def cached_attention(q_BxTxHxD, kt_BxKxDxS, v_BxKxSxD, mask_BxTxS, products: str
     out = jnp.einsum('bkqs,bksd->bkqd', p.astype(v_BxKxSxD.dtype), v_BxKxSxD)
   out = jnp.transpose(out.reshape(B, K, H // K, T, d), (0, 3, 1, 2, 4))
   return out.reshape(B, T, H, d).astype(q_BxTxHxD.dtype)
+
+
+def _kernel_attention(q_BxKxGxD, kt_BxKxDxS, v_BxKxSxD, mask_Bx1xS):
+  """One query's cached attention with both products in the CPU kernel, the softmax in
+  XLA; [B, K, G, D] float32. The cache goes in as stored: a reshape of it would fuse with
+  its in-place update and copy it every step."""
+  s = cpu_kernels.batched_matmul(q_BxKxGxD, kt_BxKxDxS)
+  s = jnp.where(mask_Bx1xS[:, None], s / np.sqrt(q_BxKxGxD.shape[-1]), NEG_INF)
+  return cpu_kernels.batched_matmul(jax.nn.softmax(s, axis=-1), v_BxKxSxD)
 
 
 def _no_cache(name, kv, query_from):

@@ -6,7 +6,7 @@
   float32   everything in float32.
   int8      weight-only int8 products (one float32 scale per output column), everything
             else float32: a quarter of float32's weight bytes per decoding step; on a CPU
-            the products run in a kernel built for it (kforcing_jax.kernels.int8_cpu).
+            the products run in a kernel built for it (kforcing_jax.kernels.cpu).
 `auto` picks bfloat16 on accelerators; on a CPU, mixed where it has native bf16 dot
 instructions (AVX-512 BF16, AMX, Arm BF16) and float32 where bf16 would be emulated.
 Logits are float32 in every mode (model.Head). The noise encoder keeps float32 weights:

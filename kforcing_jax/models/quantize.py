@@ -9,7 +9,7 @@ A quantized kernel is a QuantizedKernel in the parameter tree in place of the fl
 every other precision are unchanged.
 
 Symmetric rounding, scale = max |w| / 127 per output column; the products accumulate in
-float32. On the CPU they run in kforcing_jax.kernels.int8_cpu (XLA:CPU would widen the
+float32. On the CPU they run in kforcing_jax.kernels.cpu (XLA:CPU would widen the
 weights in full first, slower than float32); elsewhere XLA's own dequantize-and-dot.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kforcing_jax.kernels import int8_cpu
+from kforcing_jax.kernels import cpu as cpu_kernels
 
-PANEL = int8_cpu.PANEL
+PANEL = cpu_kernels.PANEL
 COLLECTION = 'quantized'
 # parameters that are weight products' kernels: <module>/<name>, contracted leading axes
 _KERNELS = {('attn', 'qkv_kernel'): 1, ('attn', 'q_kernel'): 1, ('attn', 'kv_kernel'): 1,
@@ -161,7 +161,7 @@ def product(x, w: QuantizedKernel, impl: str = 'kernel'):
   lead = x.shape[:x.ndim - len(w.in_shape)]
   x2 = x.reshape((-1, math.prod(w.in_shape))).astype(jnp.float32)
   if impl == 'kernel':
-    y = int8_cpu.matmul(x2, w.packed, w.scale, w.n)
+    y = cpu_kernels.int8_matmul(x2, w.packed, w.scale, w.n)
   else:  # scaled after the product: one multiply per output, not per weight
     y = jnp.dot(x2, w.unpacked().astype(jnp.float32),
                 preferred_element_type=jnp.float32) * w.scale[:w.n]

@@ -245,9 +245,13 @@ class SlotEngine:
     if max_slots < 1 or steps_per_call < 1:
       raise step_lib.DecodeError(f'max_slots={max_slots}, steps_per_call={steps_per_call}: '
                                  'both must be >= 1')
-    if exe is not None and exe.weights == 'int8' and mesh is not None and mesh.size > 1:
-      raise step_lib.DecodeError(f'int8 weights decode on one device; the mesh has '
-                                 f'{mesh.size}: use another precision or one device')
+    if exe is not None and mesh is not None and mesh.size > 1:
+      if exe.weights == 'int8':
+        raise step_lib.DecodeError(f'int8 weights decode on one device; the mesh has '
+                                   f'{mesh.size}: use another precision or one device')
+      if exe.cache_products == 'kernel':
+        raise step_lib.DecodeError(f"cache_products='kernel' runs on one device; the mesh "
+                                   f'has {mesh.size}: choose auto, dot or reduce')
     self.arch, self.k, self.K = arch, k, K
     self.model = model_lib.build(arch, exe)
     self.exe = self.model.exe

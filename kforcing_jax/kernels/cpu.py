@@ -1,5 +1,6 @@
-"""The CPU int8 weight-product kernel (int8_matmul.cc): built once per machine, registered
-with XLA as an FFI target, called from jitted code.
+"""The CPU kernels of cpu_matmul.cc -- weight-only int8 products (`int8_matmul`) and batched
+small float32 products for decode-time attention (`batched_matmul`): built once per
+machine, registered with XLA as FFI targets, called from jitted code.
 
 The shared library is compiled on first use with the system C++ compiler for this CPU
 (-march=native: AVX-512, AVX2 + FMA or portable code; $KFORCING_KERNEL_MARCH overrides
@@ -26,12 +27,14 @@ import jaxlib
 from kforcing_jax import errors
 from kforcing_jax import runtime
 
-PANEL = 16  # output columns per packed panel (int8_matmul.cc's kPanel)
-SOURCE = os.path.join(os.path.dirname(__file__), 'int8_matmul.cc')
+PANEL = 16  # output columns per packed panel (cpu_matmul.cc's kPanel)
+SOURCE = os.path.join(os.path.dirname(__file__), 'cpu_matmul.cc')
+# FFI handler symbols of the library -> the name part of their targets
+_HANDLERS = {'KfInt8Matmul': 'int8_matmul', 'KfBatchedMatmul': 'batched_matmul'}
 FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC')
 
 _lock = threading.Lock()
-_targets: dict[str, str] = {}  # -march value -> its registered FFI target
+_targets: dict[str, dict[str, str]] = {}  # -march value -> {handler: its FFI target}
 
 
 class KernelBuildError(errors.UserError):
@@ -66,11 +69,11 @@ def _library_path(cxx: str, march: str) -> str:
   cpu = ' '.join(sorted(runtime.cpu_features()))
   for part in (version, ' '.join(_flags(march)), jaxlib.__version__, platform.machine(), cpu):
     h.update(part.encode())
-  return os.path.join(cache_dir(), f'int8_matmul-{h.hexdigest()[:16]}.so')
+  return os.path.join(cache_dir(), f'cpu_matmul-{h.hexdigest()[:16]}.so')
 
 
 def build(march: str | None = None) -> str:
-  """The kernel library's path for -march=`march` (default: default_march()), compiled
+  """The kernels' library path for -march=`march` (default: default_march()), compiled
   first if this machine has none cached."""
   march = march or default_march()
   cxx = compiler()
@@ -78,8 +81,9 @@ def build(march: str | None = None) -> str:
     why = (f'CXX={os.environ["CXX"]!r} is not an executable' if os.environ.get('CXX') else
            'none found: set CXX or install g++')
     raise KernelBuildError(
-        f'int8 weights on the CPU need a C++ compiler to build their kernel ({why}), or choose '
-        'another precision (--dtype=mixed|float32)')
+        f'the CPU kernels (int8 weights, ExecConfig.cache_products=kernel) need a C++ '
+        f'compiler ({why}); or choose another precision (--dtype=mixed|float32) and '
+        'cache_products (dot|reduce)')
   path = _library_path(cxx, march)
   if os.path.exists(path):
     return path
@@ -90,7 +94,7 @@ def build(march: str | None = None) -> str:
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-      raise KernelBuildError(f'building the int8 kernel failed ({" ".join(cmd)}):\n'
+      raise KernelBuildError(f'building the CPU kernels failed ({" ".join(cmd)}):\n'
                              f'{proc.stderr[-4000:]}')
     os.replace(tmp, path)
   finally:
@@ -99,22 +103,34 @@ def build(march: str | None = None) -> str:
   return path
 
 
-def register(march: str | None = None) -> str:
-  """Builds (once per machine) and registers (once per process) the kernel for -march=
-  `march`; returns its FFI target's name."""
+def register(march: str | None = None, handler: str = 'KfInt8Matmul') -> str:
+  """Builds (once per machine) and registers (once per process) the kernels for -march=
+  `march`; returns `handler`'s FFI target name."""
   march = march or default_march()
   with _lock:
     if march not in _targets:
       lib = ctypes.cdll.LoadLibrary(build(march))
-      target = 'kf_int8_matmul_' + ''.join(c if c.isalnum() else '_' for c in march)
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.KfInt8Matmul), platform='cpu')
-      _targets[march] = target
-    return _targets[march]
+      suffix = ''.join(c if c.isalnum() else '_' for c in march)
+      _targets[march] = {}
+      for symbol, name in _HANDLERS.items():
+        target = f'kf_{name}_{suffix}'
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform='cpu')
+        _targets[march][symbol] = target
+    return _targets[march][handler]
 
 
-def matmul(x_MxK: jax.Array, packed_PxKx16: jax.Array, scale_Np: jax.Array, n: int,
-           march: str | None = None) -> jax.Array:
+def int8_matmul(x_MxK: jax.Array, packed_PxKx16: jax.Array, scale_Np: jax.Array, n: int,
+                march: str | None = None) -> jax.Array:
   """[M, n] float32 = x @ (q * scale) with q panel-packed int8 (quantize.quantize)."""
   call = jax.ffi.ffi_call(register(march), jax.ShapeDtypeStruct((x_MxK.shape[0], n),
                                                                 jnp.float32))
   return call(x_MxK.astype(jnp.float32), packed_PxKx16, scale_Np)
+
+
+def batched_matmul(x: jax.Array, w: jax.Array, march: str | None = None) -> jax.Array:
+  """float32 x[..., M, K] @ w[..., K, N] -> [..., M, N] over equal leading (batch) axes, w
+  row-major as stored."""
+  call = jax.ffi.ffi_call(register(march, 'KfBatchedMatmul'),
+                          jax.ShapeDtypeStruct(x.shape[:-1] + w.shape[-1:], jnp.float32))
+  return call(x.astype(jnp.float32), w.astype(jnp.float32))

@@ -1,5 +1,7 @@
 """Small random models and a pipeline crash shared by the tests."""
 import functools
+import queue
+import time
 from unittest import mock
 
 import flax.linen as nn
@@ -12,6 +14,8 @@ from kforcing_jax.models import layouts
 from kforcing_jax.models import arch as arch_lib
 from kforcing_jax.models import transformer as model_lib
 from kforcing_jax.pipeline import run as pipeline
+from kforcing_jax.serving import engine as engine_lib
+from kforcing_jax.serving import scheduler as scheduler_lib
 
 
 # Architecture families the model tests run over (ArchConfig fields beyond the shape):
@@ -104,3 +108,33 @@ def run_until_train_batch(cfg, workdir: str, n: int) -> None:
   with mock.patch.object(data_lib.BatchIterator, '__next__', dying_next):
     with pytest.raises(KeyboardInterrupt):
       pipeline.run(cfg, workdir)
+
+
+def staggered_requests(n: int = 5):
+  """n AR requests of 1-3 prompt tokens and growing lengths, greedy and sampled in turn."""
+  return [scheduler_lib.Request([5 + i, 6, 7][:1 + i % 3], 4 + 2 * i, engine_lib.SamplingParams(
+      temperature=(0.0, 1.0)[i % 2], seed=30 + i), None) for i in range(n)]
+
+
+def serve_staggered(engine, requests) -> list[list[int]]:
+  """The tokens a scheduler over `engine` streams for each request, submitted 20 ms apart."""
+  sched = scheduler_lib.Scheduler(engine, eos_id=-1).start()
+  queues = []
+  try:
+    for r in requests:
+      queues.append(queue.Queue())
+      r.emit = queues[-1].put
+      sched.submit(r)
+      time.sleep(0.02)
+    got = []
+    for q in queues:
+      toks = []
+      while True:
+        ev = q.get(timeout=120)
+        toks += ev.token_ids
+        if ev.finish_reason:
+          break
+      got.append(toks)
+  finally:
+    sched.shutdown()
+  return got

@@ -2,8 +2,6 @@
 batched products equal the float64 products, one-query cached attention equals the batched
 dots', AR decoding and serving write the dot products' tokens, 'auto' picks the kernel only
 where it runs, and it is refused where it cannot run."""
-import queue
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +16,7 @@ from kforcing_jax.kernels import cpu as cpu_kernels
 from kforcing_jax.models import arch as arch_lib
 from kforcing_jax.models import attention as attn_lib
 from kforcing_jax.serving import engine as engine_lib
-from kforcing_jax.serving import scheduler as scheduler_lib
-from tests.helpers import tiny_model
+from tests.helpers import serve_staggered, staggered_requests, tiny_model
 
 KERNEL = arch_lib.ExecConfig(cache_products='kernel')
 DOT = arch_lib.ExecConfig(cache_products='dot')
@@ -71,28 +68,8 @@ def test_served_tokens_equal_alone_tokens_with_the_kernel():
   sampler = sampler_lib.Sampler(arch, params, k=0, exe=KERNEL)
   eng = engine_lib.SlotEngine(arch, sampler.params, KERNEL, k=0, K=1, max_slots=2)
   assert eng.exe.cache_products == 'kernel'
-  reqs = [scheduler_lib.Request([5 + i, 6, 7][:1 + i % 3], 4 + 2 * i, engine_lib.SamplingParams(
-      temperature=(0.0, 1.0)[i % 2], seed=30 + i), None) for i in range(5)]
-  sched = scheduler_lib.Scheduler(eng, eos_id=-1).start()
-  queues = []
-  try:
-    for r in reqs:
-      queues.append(queue.Queue())
-      r.emit = queues[-1].put
-      sched.submit(r)
-      time.sleep(0.02)
-    got = []
-    for q in queues:
-      toks = []
-      while True:
-        ev = q.get(timeout=120)
-        toks += ev.token_ids
-        if ev.finish_reason:
-          break
-      got.append(toks)
-  finally:
-    sched.shutdown()
-  for r, toks in zip(reqs, got):
+  reqs = staggered_requests()
+  for r, toks in zip(reqs, serve_staggered(eng, reqs)):
     want = sampler.generate_ids([r.prompt], r.max_tokens, temperature=r.params.temperature,
                                 seed=r.params.seed, stop_at_eos=False)[0].tolist()
     assert toks == want, r.prompt

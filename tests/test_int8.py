@@ -5,8 +5,6 @@ model, serves what it decodes alone, and bad settings fail with the field's name
 import dataclasses
 import os
 import platform
-import queue
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +19,7 @@ from kforcing_jax.models import precision
 from kforcing_jax.models import quantize
 from kforcing_jax.models import transformer as model_lib
 from kforcing_jax.serving import engine as engine_lib
-from kforcing_jax.serving import scheduler as scheduler_lib
-from tests.helpers import tiny_model
+from tests.helpers import serve_staggered, staggered_requests, tiny_model
 
 INT8 = precision.exec_config('int8')
 INT8_XLA = dataclasses.replace(INT8, int8_products='xla')
@@ -130,28 +127,8 @@ def test_served_int8_tokens_equal_alone_int8_tokens():
   arch, _, params = tiny_model(family='llama_gqa', seed=2, vocab=57)
   sampler = sampler_lib.Sampler(arch, params, k=0, exe=INT8)
   eng = engine_lib.SlotEngine(arch, sampler.params, INT8, k=0, K=1, max_slots=2)
-  reqs = [scheduler_lib.Request([5 + i, 6, 7][:1 + i % 3], 4 + 2 * i, engine_lib.SamplingParams(
-      temperature=(0.0, 1.0)[i % 2], seed=30 + i), None) for i in range(5)]
-  sched = scheduler_lib.Scheduler(eng, eos_id=-1).start()
-  queues = []
-  try:
-    for r in reqs:
-      queues.append(queue.Queue())
-      r.emit = queues[-1].put
-      sched.submit(r)
-      time.sleep(0.02)
-    got = []
-    for q in queues:
-      toks = []
-      while True:
-        ev = q.get(timeout=120)
-        toks += ev.token_ids
-        if ev.finish_reason:
-          break
-      got.append(toks)
-  finally:
-    sched.shutdown()
-  for r, toks in zip(reqs, got):
+  reqs = staggered_requests()
+  for r, toks in zip(reqs, serve_staggered(eng, reqs)):
     want = sampler.generate_ids([r.prompt], r.max_tokens, temperature=r.params.temperature,
                                 seed=r.params.seed, stop_at_eos=False)[0].tolist()
     assert toks == want, r.prompt

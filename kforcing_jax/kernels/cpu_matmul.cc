@@ -197,12 +197,18 @@ class ParallelChunks {
 // Below this many multiply-adds a call runs on its own thread: waking a helper costs more.
 constexpr int64_t kParallelMacs = int64_t{1} << 17;
 
-// How many chunks `items` work items go in: a few per thread even out a helper that starts
-// late; one where the call is too small to share.
-int64_t ChunkCount(ffi::ThreadPool& pool, int64_t items, int64_t macs) {
+// Runs range(i0, i1) over `items` work items split in chunks: a few per thread even out a
+// helper that starts late; one chunk where the call (`macs` multiply-adds) is too small to
+// share.
+void ParallelRanges(ffi::ThreadPool& pool, int64_t items, int64_t macs,
+                    const std::function<void(int64_t, int64_t)>& range) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (threads == 1 || macs < kParallelMacs || items < 2) return 1;
-  return std::min(items, 4 * threads);
+  const int64_t want =
+      threads == 1 || macs < kParallelMacs || items < 2 ? 1 : std::min(items, 4 * threads);
+  const int64_t per_chunk = (items + want - 1) / want;
+  ParallelChunks::Run(pool, (items + per_chunk - 1) / per_chunk, [=](int64_t c) {
+    range(c * per_chunk, std::min(items, (c + 1) * per_chunk));
+  });
 }
 
 void Int8Panels(const float* x, const int8_t* w, const float* scale, float* y, int64_t M,
@@ -242,10 +248,8 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int8_t* wp = w.typed_data();
   const float* sp = scale.typed_data();
   float* yp = y->typed_data();
-  const int64_t chunks = ChunkCount(pool, panels, M * K * N);
-  const int64_t per_chunk = (panels + chunks - 1) / chunks;
-  ParallelChunks::Run(pool, (panels + per_chunk - 1) / per_chunk, [=](int64_t c) {
-    Int8Panels(xp, wp, sp, yp, M, K, N, c * per_chunk, std::min(panels, (c + 1) * per_chunk));
+  ParallelRanges(pool, panels, M * K * N, [=](int64_t p0, int64_t p1) {
+    Int8Panels(xp, wp, sp, yp, M, K, N, p0, p1);
   });
   return ffi::Error::Success();
 }
@@ -300,10 +304,8 @@ ffi::Error BatchedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     std::fill(yp, yp + B * M * N, 0.0f);
     return ffi::Error::Success();
   }
-  const int64_t chunks = ChunkCount(pool, B, B * M * K * N);
-  const int64_t per_chunk = (B + chunks - 1) / chunks;
-  ParallelChunks::Run(pool, (B + per_chunk - 1) / per_chunk, [=](int64_t c) {
-    for (int64_t b = c * per_chunk; b < std::min(B, (c + 1) * per_chunk); ++b)
+  ParallelRanges(pool, B, B * M * K * N, [=](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
       FloatProduct(xp + b * M * K, wp + b * K * N, yp + b * M * N, M, K, N);
   });
   return ffi::Error::Success();

@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -73,6 +74,15 @@ def test_misses_count_position_i_where_the_earlier_tokens_match():
   near, far = got['edge_distance'][1][0], got['edge_distance'][1][-1]
   assert (near['share'], near['agreement']) == pytest.approx((2 / 3, 0.5))
   assert (far['share'], far['agreement']) == pytest.approx((1 / 3, 1.0))
+
+
+def test_windows_are_the_asked_ks_up_to_each_students_window():
+  def windows(asked, k):
+    return evaluate.windows(ml_collections.ConfigDict({'windows': asked}), k)
+  assert windows((), 4) == [1, 2, 3, 4] and windows((), 1) == [1]
+  assert windows((8, 1, 3), 4) == [1, 3] and windows((1, 3, 8), 8) == [1, 3, 8]
+  assert windows((8,), 2) == [2]  # every K above the window: the window itself
+  assert evaluate.windows(ml_collections.ConfigDict({}), 2) == [1, 2]  # an older config
 
 
 @pytest.fixture(scope='module')

@@ -175,7 +175,7 @@ def evaluate(cfg, source, teacher, models) -> dict:
       hit, ok, prob, edge = shared_noise_hits(sampler, teacher, agree_batch, e.seed)
       agree = all_k_agreement(hit, ok)
       student_misses[stage] = misses_lib.breakdown(hit, ok, prob, edge)
-    settings = [(1, 0.0)] if k == 0 else [(K, lam) for K in range(1, k + 1)
+    settings = [(1, 0.0)] if k == 0 else [(K, lam) for K in windows(e, k)
                                           for lam in sorted({0.0, e.freq_penalty})]
     for K, lam in settings:
       spec = decode.DecodeSpec(K=K, pflm=k > 0, max_new_tokens=new_tokens, freq_penalty=lam,
@@ -201,7 +201,22 @@ def evaluate(cfg, source, teacher, models) -> dict:
                        'num_samples': e.num_samples, 'max_new_tokens': new_tokens,
                        'seed': e.seed, 'agreement_rows': e.agreement_rows,
                        'eos_id': eos, 'data_seed': cfg.seed,
+                       'windows': list(asked_windows(e)) or None,  # None: 1..k
                        'external_lm': e.external_lm or None}}
+
+
+def asked_windows(e) -> tuple[int, ...]:
+  asked = e.get('windows', ())  # absent from configs written before the field
+  return (asked,) if isinstance(asked, int) else tuple(asked)
+
+
+def windows(e, k: int) -> list[int]:
+  """The K values a student of window k is evaluated at: evaluate.windows' values up to k,
+  or k itself when every listed K is above it; () = 1..k."""
+  asked = asked_windows(e)
+  if not asked:
+    return list(range(1, k + 1))
+  return sorted({K for K in asked if K <= k}) or [k]
 
 
 def markdown(report: dict, speed_md: str | None = None) -> str:

@@ -150,6 +150,21 @@ def validate(cfg) -> None:
     _positive(f'data.{f}', d[f])
   for name, section in cfg.stages.items():
     _validate_stage(name, section, cfg)
+  _validate_evaluate(cfg.evaluate)
+
+
+def _validate_evaluate(e) -> None:
+  for f in ('num_prompts', 'prompt_len', 'num_samples', 'max_new_tokens', 'agreement_rows'):
+    _positive(f'evaluate.{f}', e[f])
+  if e.freq_penalty < 0:
+    raise ConfigError(f'evaluate.freq_penalty must be >= 0, got {e.freq_penalty}')
+  windows = e.get('windows', ())
+  if isinstance(windows, (int, str)):
+    windows = (windows,)
+  for K in windows:
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+      raise ConfigError(f'evaluate.windows must hold K values >= 1 (tokens per pass; () = '
+                        f'every K up to each student\'s window), got {tuple(windows)!r}')
 
 
 def load_config_file(path: str):

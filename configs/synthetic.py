@@ -33,7 +33,7 @@ def get_config():
   c.model.noise_freq_scale = 32.0
   c.data.seq_len = 64  # sentences average 24 tokens; 64 keeps attention cheap on CPU.
   c.data.eval_batch_size = 64
-  # 800 teacher steps: at 500 the teacher's samples held far more floor-probability tokens
+  # 800 teacher steps: with 500 the teacher's samples hold far more floor-probability tokens
   # than the source (a heavy tail; BENCHMARKS.md, main job). k=1 learns the inverse CDF
   # from scratch; wider windows start from a distilled student; k=4 gets the most steps
   # (its K=4 samples carry the most floor-probability tokens at fewer steps).

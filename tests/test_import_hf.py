@@ -268,5 +268,5 @@ def test_sliding_window_import_at_the_window_length(llama_dir, tmp_path):
 
 
 def test_hub_source_that_cannot_be_downloaded_is_one_clear_error(tmp_path):
-  with pytest.raises(hf_lib.ImportError_, match='--src=DIR'):
+  with pytest.raises(hf_lib.ImportFailed, match='--src=DIR'):
     hf_lib.import_model('hf://nobody/no-such-model', str(tmp_path / 'x'))

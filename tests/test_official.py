@@ -227,14 +227,14 @@ def test_renamed_and_truncated_tensors_are_named(tmp_path):
   state = _state()
   state['blocks.1.attn_qkv.weights'] = state.pop('blocks.1.attn_qkv.weight')
   np.savez(tmp_path / 'renamed.npz', **state)
-  with pytest.raises(import_official.ImportError_, match=r'missing: blocks\.1\.attn_qkv\.weight;'
+  with pytest.raises(import_official.ImportFailed, match=r'missing: blocks\.1\.attn_qkv\.weight;'
                      r' unexpected: blocks\.1\.attn_qkv\.weights'):
     import_official.import_checkpoint(str(tmp_path / 'renamed.npz'), str(tmp_path / 'o1'),
                                       mask_id=MASK)
   state = _state()
   state['blocks.0.mlp.0.weight'] = state['blocks.0.mlp.0.weight'][:100]
   np.savez(tmp_path / 'truncated.npz', **state)
-  with pytest.raises(import_official.ImportError_, match=r'blocks\.0\.mlp\.0\.weight: '
+  with pytest.raises(import_official.ImportFailed, match=r'blocks\.0\.mlp\.0\.weight: '
                      r'\[100, 64\], expected \[256, 64\]'):
     import_official.import_checkpoint(str(tmp_path / 'truncated.npz'), str(tmp_path / 'o2'),
                                       mask_id=MASK)
@@ -242,23 +242,23 @@ def test_renamed_and_truncated_tensors_are_named(tmp_path):
 
 
 def test_bad_inputs_are_clear(tmp_path, monkeypatch):
-  with pytest.raises(import_official.ImportError_, match='--mask_id is needed'):
+  with pytest.raises(import_official.ImportFailed, match='--mask_id is needed'):
     import_official.import_checkpoint(official('ar_tiny_state.npz'), str(tmp_path / 'a'))
   unnamed = str(tmp_path / 'pflm.npz')
   with open(official('pflm_tiny_k4_state.npz'), 'rb') as src, open(unnamed, 'wb') as dst:
     dst.write(src.read())
-  with pytest.raises(import_official.ImportError_, match='does not record its window; pass --k'):
+  with pytest.raises(import_official.ImportFailed, match='does not record its window; pass --k'):
     import_official.import_checkpoint(unnamed, str(tmp_path / 'b'), mask_id=MASK)
-  with pytest.raises(import_official.ImportError_, match="allowed: gpt2, bert-base-uncased, none"):
+  with pytest.raises(import_official.ImportFailed, match="allowed: gpt2, bert-base-uncased, none"):
     import_official.import_checkpoint(official('ar_tiny_state.npz'), str(tmp_path / 'c'),
                                       tokenizer='llama', mask_id=MASK)
-  with pytest.raises(import_official.ImportError_, match='rope_base'):
+  with pytest.raises(import_official.ImportFailed, match='rope_base'):
     import_official.import_checkpoint(official('ar_tiny_state.npz'), str(tmp_path / 'd'),
                                       mask_id=MASK, rope_base=500000.0)
   monkeypatch.setenv('HF_HUB_OFFLINE', '1')
   import huggingface_hub.constants  # pylint: disable=g-import-not-at-top  (read at import)
   monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
-  with pytest.raises(import_official.ImportError_, match=r'pflm_owt_k4\.ckpt.*--ckpt=/path/to/'
+  with pytest.raises(import_official.ImportFailed, match=r'pflm_owt_k4\.ckpt.*--ckpt=/path/to/'
                      r'pflm_owt_k4\.ckpt'):
     import_official.import_checkpoint('hf://zwave/K-Forcing/pflm_owt_k4.ckpt',
                                       str(tmp_path / 'e'))
@@ -273,7 +273,7 @@ def test_pickled_objects_need_trust_pickle(tmp_path):
   state = {'backbone.' + k: torch.from_numpy(v) for k, v in _state().items()}
   path = str(tmp_path / 'ar_with_hparams.ckpt')
   torch.save({'state_dict': state, 'hyper_parameters': _NotATensor()}, path)
-  with pytest.raises(import_official.ImportError_, match='--trust_pickle'):
+  with pytest.raises(import_official.ImportFailed, match='--trust_pickle'):
     import_official.import_checkpoint(path, str(tmp_path / 'a'), mask_id=MASK)
   desc = import_official.import_checkpoint(path, str(tmp_path / 'b'), mask_id=MASK,
                                            trust_pickle=True)

@@ -45,8 +45,8 @@ _HUB_FILES = ['*.json', '*.safetensors', '*.jinja']
 PARAM_DTYPES = {'float32': np.float32, 'bfloat16': jnp.bfloat16}
 
 
-class ImportError_(errors.UserError):
-  pass
+class ImportFailed(errors.UserError):
+  """A model that cannot be imported; the message names the file, field or flag."""
 
 
 def sha256(path: str) -> str:
@@ -62,11 +62,11 @@ def resolve(src: str) -> str:
   if not src.startswith(HF_PREFIX):
     if os.path.isdir(src) or (os.path.isfile(src) and src.endswith('.gguf')):
       return src
-    raise ImportError_(f'--src={src!r} is neither a model directory nor a .gguf file (nor '
+    raise ImportFailed(f'--src={src!r} is neither a model directory nor a .gguf file (nor '
                        'hf://OWNER/REPO)')
   parts = src[len(HF_PREFIX):].strip('/').split('/')
   if len(parts) < 2:
-    raise ImportError_(f'--src={src!r}: expected hf://OWNER/REPO or hf://OWNER/REPO/FILE.gguf')
+    raise ImportFailed(f'--src={src!r}: expected hf://OWNER/REPO or hf://OWNER/REPO/FILE.gguf')
   repo, filename = '/'.join(parts[:2]), '/'.join(parts[2:])
   try:
     import huggingface_hub  # optional dependency (requirements-external.txt): hub only
@@ -75,7 +75,7 @@ def resolve(src: str) -> str:
     return huggingface_hub.snapshot_download(repo_id=repo, allow_patterns=_HUB_FILES)
   except Exception as e:  # offline, unknown repo, no huggingface_hub: one clear message
     first = str(e).splitlines()[0] if str(e) else ''
-    raise ImportError_(
+    raise ImportFailed(
         f'could not download {repo}{"/" + filename if filename else ""} from the Hugging Face '
         f'Hub ({type(e).__name__}: {first}); download it where there is a network '
         f'(huggingface-cli download {repo} --local-dir DIR) and pass --src=DIR'
@@ -96,24 +96,24 @@ class SafetensorsDir:
       files = [SINGLE]
     else:
       have = ', '.join(sorted(os.listdir(path))[:12])
-      raise ImportError_(f'{path} has neither {SINGLE} nor {INDEX} (files: {have}); only '
+      raise ImportFailed(f'{path} has neither {SINGLE} nor {INDEX} (files: {have}); only '
                          'safetensors checkpoints are read')
     self.files = [os.path.join(path, f) for f in files]
     self.handles, self.where, self._shapes = {}, {}, {}
     for file in self.files:
       if not os.path.isfile(file):
-        raise ImportError_(f'{INDEX} lists {os.path.basename(file)}, which is not in {path}')
+        raise ImportFailed(f'{INDEX} lists {os.path.basename(file)}, which is not in {path}')
       try:
         handle = safe_open(file, framework='flax')
         for name in handle.keys():
           if name in self.where:
-            raise ImportError_(f'tensor {name} is in both {self.where[name]} and {file}')
+            raise ImportFailed(f'tensor {name} is in both {self.where[name]} and {file}')
           self.where[name] = file
           self._shapes[name] = tuple(handle.get_slice(name).get_shape())
-      except ImportError_:
+      except ImportFailed:
         raise
       except Exception as e:  # the reader's own error type: truncated or corrupt file
-        raise ImportError_(f'{file} is not a readable safetensors file (truncated or '
+        raise ImportFailed(f'{file} is not a readable safetensors file (truncated or '
                            f'corrupt?): {e}') from None
       self.handles[file] = handle
 
@@ -163,9 +163,9 @@ def _tokenizer_source(local: str, gguf_file, tokenizer_path: str):
     d = tokenizer_path or local
     if not hf_tokenizer.has_tokenizer(d):
       if tokenizer_path:
-        raise ImportError_(f'--tokenizer_path={tokenizer_path!r} has no '
+        raise ImportFailed(f'--tokenizer_path={tokenizer_path!r} has no '
                            f'{hf_tokenizer.TOKENIZER_JSON}')
-      raise ImportError_(f'{local} has no {hf_tokenizer.TOKENIZER_JSON}: pass '
+      raise ImportFailed(f'{local} has no {hf_tokenizer.TOKENIZER_JSON}: pass '
                          '--tokenizer_path=DIR with the model\'s tokenizer files, or '
                          '--tokenizer_path=none to import ids only')
     file = os.path.join(d, hf_tokenizer.TOKENIZER_JSON)
@@ -183,9 +183,9 @@ def import_model(src: str, out: str, *, max_seq_len: int = 0, tokenizer_path: st
                  dtype: str = 'float32') -> dict:
   """Writes the export of SRC to OUT; returns its description."""
   if dtype not in PARAM_DTYPES:
-    raise ImportError_(f'--dtype={dtype!r}; allowed: {", ".join(PARAM_DTYPES)}')
+    raise ImportFailed(f'--dtype={dtype!r}; allowed: {", ".join(PARAM_DTYPES)}')
   if os.path.exists(out):
-    raise ImportError_(f'--out={out} already exists; choose a new path')
+    raise ImportFailed(f'--out={out} already exists; choose a new path')
   local = resolve(src)
   gguf_file = gguf_lib.GGUFFile(local) if local.endswith('.gguf') else None
   if gguf_file is not None:
@@ -193,7 +193,7 @@ def import_model(src: str, out: str, *, max_seq_len: int = 0, tokenizer_path: st
   else:
     cfg_file = os.path.join(local, 'config.json')
     if not os.path.isfile(cfg_file):
-      raise ImportError_(f'{local} has no config.json: it is not a Hugging Face model directory')
+      raise ImportFailed(f'{local} has no config.json: it is not a Hugging Face model directory')
     with open(cfg_file, encoding='utf-8') as f:
       cfg = json.load(f)
     source = SafetensorsDir(local)
@@ -214,7 +214,7 @@ def import_model(src: str, out: str, *, max_seq_len: int = 0, tokenizer_path: st
   else:
     n_tok = tokenizers.Tokenizer.from_str(tok_json).get_vocab_size(with_added_tokens=True)
     if n_tok > arch.vocab_size:
-      raise ImportError_(f'the tokenizer has {n_tok} tokens, the model\'s embedding only '
+      raise ImportFailed(f'the tokenizer has {n_tok} tokens, the model\'s embedding only '
                          f'{arch.vocab_size} rows')
     tok_config, desc['special_ids'] = special_tokens(tok_json, tok_config,
                                                      hf_config.special_ids(cfg))

@@ -35,26 +35,26 @@ TORCH_SUFFIXES = ('.ckpt', '.pt', '.pth', '.bin')
 RELEASED = {'gpt2': (50258, 50257, 1024), 'bert-base-uncased': (30522, 103, 128)}
 
 
-class ImportError_(errors.UserError):
-  pass
+class ImportFailed(errors.UserError):
+  """A released checkpoint that cannot be imported; the message names the file or flag."""
 
 
 def resolve(path: str) -> str:
   """A local file for PATH; hf://OWNER/REPO/FILE is downloaded (cached) when online."""
   if not path.startswith(HF_PREFIX):
     if not os.path.isfile(path):
-      raise ImportError_(f'--ckpt={path!r} is not a file')
+      raise ImportFailed(f'--ckpt={path!r} is not a file')
     return path
   parts = path[len(HF_PREFIX):].split('/')
   if len(parts) < 3:
-    raise ImportError_(f'--ckpt={path!r}: expected hf://OWNER/REPO/FILE, e.g. '
+    raise ImportFailed(f'--ckpt={path!r}: expected hf://OWNER/REPO/FILE, e.g. '
                        'hf://zwave/K-Forcing/pflm_owt_k4.ckpt')
   repo, filename = '/'.join(parts[:2]), '/'.join(parts[2:])
   try:
     import huggingface_hub
     return huggingface_hub.hf_hub_download(repo_id=repo, filename=filename)
   except Exception as e:  # offline, unknown file, no huggingface_hub: one clear message
-    raise ImportError_(
+    raise ImportFailed(
         f'could not download {filename} from the Hugging Face repository {repo} '
         f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); download it '
         f'where there is a network (https://huggingface.co/{repo}/blob/main/{filename}) and '
@@ -65,14 +65,14 @@ def _torch_load(path: str, trust_pickle: bool):
   try:
     import torch
   except ImportError:
-    raise ImportError_(f'reading {path} needs torch (pip install -r requirements-external.txt)'
+    raise ImportFailed(f'reading {path} needs torch (pip install -r requirements-external.txt)'
                        '; or pass the same tensors as a .npz') from None
   import pickle
   try:
     return torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
     if not trust_pickle:
-      raise ImportError_(
+      raise ImportFailed(
           f'{path} holds Python objects beyond tensors, which only a full pickle load can '
           f'read (and a pickle can run code): pass --trust_pickle if you trust this file '
           f'({str(e).splitlines()[0]})') from None
@@ -87,14 +87,14 @@ def read_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarr
   elif path.endswith(TORCH_SUFFIXES):
     ckpt = _torch_load(path, trust_pickle)
     if not isinstance(ckpt, dict):
-      raise ImportError_(f'{path}: expected a dict (a checkpoint or a state dict), got '
+      raise ImportFailed(f'{path}: expected a dict (a checkpoint or a state dict), got '
                          f'{type(ckpt).__name__}')
     raw = ckpt.get('state_dict', ckpt)  # the released loader's rule; 'ema' is never read
     raw = {k: v.detach().float().numpy() for k, v in raw.items() if hasattr(v, 'detach')}
   else:
-    raise ImportError_(f'--ckpt={path!r}: unknown file type; allowed: '
+    raise ImportFailed(f'--ckpt={path!r}: unknown file type; allowed: '
                        f'{", ".join(TORCH_SUFFIXES)}, .npz')
-  return {k.replace('backbone.', ''): np.asarray(v, np.float32) for k, v in raw.items()}
+  return {k.removeprefix('backbone.'): np.asarray(v, np.float32) for k, v in raw.items()}
 
 
 def expected_shapes(V: int, D: int, L: int, head_dim: int, pflm: bool, mlp_ratio: int = 4):
@@ -132,35 +132,35 @@ def infer_arch(state: dict, *, mask_id: int, max_seq_len: int,
   """The architecture of a released state dict, checked tensor by tensor."""
   for name in ('vocab_embed.embedding', 'rotary_emb.inv_freq'):
     if name not in state:
-      raise ImportError_(f'the checkpoint has no {name}: it is not a released K-Forcing '
+      raise ImportFailed(f'the checkpoint has no {name}: it is not a released K-Forcing '
                          f'model (names seen: {", ".join(sorted(state)[:8])}, ...)')
   V, D = state['vocab_embed.embedding'].shape
   blocks = {int(m.group(1)) for k in state for m in [re.match(r'blocks\.(\d+)\.', k)] if m}
   L = max(blocks) + 1 if blocks else 0
   head_dim = 2 * state['rotary_emb.inv_freq'].shape[0]
   if L == 0 or D % head_dim:
-    raise ImportError_(f'cannot infer the architecture: {L} blocks, D={D}, head dim {head_dim}')
+    raise ImportFailed(f'cannot infer the architecture: {L} blocks, D={D}, head dim {head_dim}')
   pflm = any(k.startswith('noise_encoder.') for k in state)
   want = expected_shapes(V, D, L, head_dim, pflm)
   missing = sorted(set(want) - set(state))
   unexpected = sorted(set(state) - set(want))
   if missing or unexpected:
-    raise ImportError_(f'the checkpoint does not match a released {"PFLM" if pflm else "AR"} '
+    raise ImportFailed(f'the checkpoint does not match a released {"PFLM" if pflm else "AR"} '
                        f'model with V={V}, D={D}, L={L}, head dim {head_dim}: missing: '
                        f'{", ".join(missing) or "none"}; unexpected: '
                        f'{", ".join(unexpected) or "none"}')
   wrong = [f'{k}: {list(state[k].shape)}, expected {list(s)}' for k, s in want.items()
            if tuple(state[k].shape) != s]
   if wrong:
-    raise ImportError_('tensors with unexpected shapes: ' + '; '.join(wrong))
+    raise ImportFailed('tensors with unexpected shapes: ' + '; '.join(wrong))
   ours = 1.0 / (rope_base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
   if not np.allclose(state['rotary_emb.inv_freq'], ours, rtol=1e-6, atol=0):
-    raise ImportError_(f'rotary_emb.inv_freq is not the RoPE of base {rope_base} over head dim '
+    raise ImportFailed(f'rotary_emb.inv_freq is not the RoPE of base {rope_base} over head dim '
                        f'{head_dim} that this model computes (max difference '
                        f'{np.max(np.abs(state["rotary_emb.inv_freq"] - ours)):.3g}); pass '
                        'the right --rope_base')
   if not 0 <= mask_id < V:
-    raise ImportError_(f'--mask_id={mask_id} is outside the vocabulary 0..{V - 1}')
+    raise ImportFailed(f'--mask_id={mask_id} is outside the vocabulary 0..{V - 1}')
   return arch_lib.ArchConfig(vocab_size=int(V), d_model=int(D), n_layers=L,
                               n_heads=int(D // head_dim), mlp_ratio=4,
                               max_seq_len=int(max_seq_len), rope_base=float(rope_base),
@@ -228,10 +228,10 @@ def tokenizer_identity(name: str, path: str, vocab_size: int) -> dict:
   try:
     tok = tokenization.load(name, path)
   except (OSError, ValueError) as e:
-    raise ImportError_(f'--tokenizer={name}: {e} (offline: pass --tokenizer_path=DIR with its '
+    raise ImportFailed(f'--tokenizer={name}: {e} (offline: pass --tokenizer_path=DIR with its '
                        'files, or --tokenizer=none to import ids only)') from None
   if tok.vocab_size != vocab_size:
-    raise ImportError_(f'--tokenizer={name} has {tok.vocab_size} ids, the checkpoint '
+    raise ImportFailed(f'--tokenizer={name} has {tok.vocab_size} ids, the checkpoint '
                        f'{vocab_size}')
   return tok.identity()
 
@@ -241,7 +241,7 @@ def import_checkpoint(ckpt: str, out: str, *, tokenizer: str = '', tokenizer_pat
                       rope_base: float = 10000.0, trust_pickle: bool = False) -> dict:
   """Writes the export of a released checkpoint to `out`; returns its description."""
   if os.path.exists(out):
-    raise ImportError_(f'--out={out} already exists; choose a new path')
+    raise ImportFailed(f'--out={out} already exists; choose a new path')
   local = resolve(ckpt)
   state = read_state_dict(local, trust_pickle)
   V = int(state['vocab_embed.embedding'].shape[0]) if 'vocab_embed.embedding' in state else -1
@@ -249,11 +249,11 @@ def import_checkpoint(ckpt: str, out: str, *, tokenizer: str = '', tokenizer_pat
     tokenizer = next((n for n, (v, _, _) in RELEASED.items() if v == V), 'none')
   allowed = tuple(RELEASED) + ('none',)
   if tokenizer not in allowed:
-    raise ImportError_(f'--tokenizer={tokenizer!r}; allowed: {", ".join(allowed)}')
+    raise ImportFailed(f'--tokenizer={tokenizer!r}; allowed: {", ".join(allowed)}')
   _, default_mask, default_len = RELEASED.get(tokenizer, (V, -1, 1024))
   mask_id = default_mask if mask_id < 0 else mask_id
   if mask_id < 0:
-    raise ImportError_('--mask_id is needed with --tokenizer=none (the id the model never '
+    raise ImportFailed('--mask_id is needed with --tokenizer=none (the id the model never '
                        'emits; the released models use 50257 with gpt2, 103 with '
                        'bert-base-uncased)')
   arch = infer_arch(state, mask_id=mask_id, rope_base=rope_base,
@@ -261,10 +261,10 @@ def import_checkpoint(ckpt: str, out: str, *, tokenizer: str = '', tokenizer_pat
   if arch.pflm:
     k = window_from_name(ckpt) if k < 0 else k
     if k < 1:
-      raise ImportError_(f'{ckpt}: a PFLM checkpoint does not record its window; pass --k '
+      raise ImportFailed(f'{ckpt}: a PFLM checkpoint does not record its window; pass --k '
                          '(the released ones have k=4)')
   elif k > 0:
-    raise ImportError_(f'--k={k} was given for an AR checkpoint (no noise encoder); allowed: 0')
+    raise ImportFailed(f'--k={k} was given for an AR checkpoint (no noise encoder); allowed: 0')
   desc = {'stage': 'imported', 'k': max(k, 0), 'arch': arch.to_dict(),
           'tokenizer': tokenizer_identity(tokenizer, tokenizer_path, arch.vocab_size),
           'tokenizer_path': os.path.abspath(tokenizer_path) if tokenizer_path else '',

@@ -394,7 +394,9 @@ class Metrics:
     histogram = lambda name, doc, b=buckets: prometheus_client.Histogram(name, doc, buckets=b,
                                                                         registry=r)
     self.step_seconds = histogram('kforcing_step_seconds',
-                                  'one engine step (all slots advance by K)')
+                                  'one engine step (all slots advance by K), from its dispatch '
+                                  'until its tokens reach the host: it includes waiting behind '
+                                  'the step dispatched before it')
     self.ttft_seconds = histogram('kforcing_time_to_first_token_seconds',
                                   'arrival to first tokens')
     self.tpot_seconds = histogram('kforcing_time_per_output_token_seconds',

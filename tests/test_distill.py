@@ -193,6 +193,16 @@ def test_window_must_double_the_pflm_teacher(run_dir, tmp_path):
   cfg.stages.distill_k4.objective = 'on_policy'
   ctx = context_lib.build(cfg, str(d))
   assert distill.spec(ctx, 'distill_k4').compat['teacher_stage'] == 'distill_k1'
+  # ... but not a narrower one, and those targets need an AR model
+  cfg.stages.distill_k1.teacher_stage = 'distill_k2'
+  cfg.stages.distill_k1.objective = 'on_policy'
+  with pytest.raises(run_dir_lib.StageError,
+                     match="distill_k1: window 1 is narrower than its teacher distill_k2's 2"):
+    distill.spec(context_lib.build(cfg, str(d)), 'distill_k1')
+  cfg.stages.distill_k4.ar_teacher = 'distill_k1'
+  with pytest.raises(run_dir_lib.StageError, match='ar_teacher=distill_k1 is a PFLM of '
+                     "window 1; objective 'on_policy' needs an AR model"):
+    distill.spec(context_lib.build(cfg, str(d)), 'distill_k4')
 
 
 def test_a_student_keeps_its_pflm_teachers_readout(run_dir):

@@ -192,17 +192,8 @@ def load_checked_teacher(ctx, stage: str, ref: str, what: str):
   return arch, params, info, shardings
 
 
-def spec(ctx, stage: str) -> trainer.StageSpec:
-  """The distill stage `stage` (stages.<stage>: kind 'distill', window k, an objective): a
-  student of window k copied from its frozen teacher (a finished stage of the run or an
-  export), trained on its objective's targets."""
-  cfg, s = ctx.cfg, ctx.cfg.stages[stage]
-  k = int(s.k)
-  objective = objectives_lib.get(s.objective)
-  teacher_stage = ctx.teacher_ref(stage)
-  t_arch, t_params, t_info, t_shardings = load_checked_teacher(ctx, stage, teacher_stage,
-                                                               'the teacher')
-  teacher_k = t_info['k']
+def check_window(stage: str, k: int, teacher_k: int, teacher_stage: str, objective) -> None:
+  """A student of window k may learn from a teacher of window teacher_k under `objective`."""
   if teacher_k > 0 and k != 2 * teacher_k and objective.uses_stage_teacher_targets:
     raise errors.StageError(
         f'{stage}: a PFLM teacher of window {teacher_k} ({teacher_stage}) can only teach '
@@ -214,8 +205,11 @@ def spec(ctx, stage: str) -> trainer.StageSpec:
   if teacher_k > k:
     raise errors.StageError(f'{stage}: window {k} is narrower than its teacher '
                             f'{teacher_stage}\'s {teacher_k}')
-  extra_layers = int(s.get('extra_layers', 0))
-  arch = student_arch(ctx.arch, t_arch, stage, extra_layers)
+
+
+def check_student(stage: str, arch, t_arch, teacher_stage: str, objective) -> None:
+  """The student reads out as its objective trains, and copies its teacher's backbone (its
+  depth aside: extra_layers)."""
   if arch.readout != objective.readout:
     raise errors.StageError(
         f'{stage}: objective {objective.name!r} trains a student with model.readout='
@@ -230,20 +224,43 @@ def spec(ctx, stage: str) -> trainer.StageSpec:
         f'{stage}: the student backbone differs from its teacher {teacher_stage}: ' +
         ', '.join(f'model.{f}: teacher {a}, student {b}' for f, (a, b) in diffs.items()) +
         '; a stage copies its teacher, so its backbone must match')
+
+
+def load_ar_model(ctx, stage: str, objective):
+  """(reference, model, params, shardings) of the AR model whose rollouts make the targets
+  of an objective that uses one."""
+  ar_ref = ctx.ar_ref(stage)
+  a_arch, a_params, a_info, a_shardings = load_checked_teacher(ctx, stage, ar_ref,
+                                                               'the AR model')
+  if a_info['k'] != 0:
+    raise errors.StageError(f'{stage}: stages.{stage}.ar_teacher={ar_ref} is a PFLM of '
+                            f'window {a_info["k"]}; objective {objective.name!r} needs an '
+                            'AR model (the run\'s teacher stage or an AR export)')
+  return ar_ref, model_lib.build(a_arch, ctx.exe), a_params, a_shardings
+
+
+def spec(ctx, stage: str) -> trainer.StageSpec:
+  """The distill stage `stage` (stages.<stage>: kind 'distill', window k, an objective): a
+  student of window k copied from its frozen teacher (a finished stage of the run or an
+  export), trained on its objective's targets."""
+  cfg, s = ctx.cfg, ctx.cfg.stages[stage]
+  k = int(s.k)
+  objective = objectives_lib.get(s.objective)
+  teacher_stage = ctx.teacher_ref(stage)
+  t_arch, t_params, t_info, t_shardings = load_checked_teacher(ctx, stage, teacher_stage,
+                                                               'the teacher')
+  teacher_k = t_info['k']
+  check_window(stage, k, teacher_k, teacher_stage, objective)
+  extra_layers = int(s.get('extra_layers', 0))
+  arch = student_arch(ctx.arch, t_arch, stage, extra_layers)
+  check_student(stage, arch, t_arch, teacher_stage, objective)
   teacher = model_lib.build(t_arch, ctx.exe)
   student = model_lib.build(arch, ctx.exe)
   frozen, frozen_shardings = {'teacher': t_params}, {'teacher': t_shardings}
   ar_model, ar_ref = None, None
   if objective.uses_ar and teacher_k > 0:
-    ar_ref = ctx.ar_ref(stage)
-    a_arch, a_params, a_info, a_shardings = load_checked_teacher(ctx, stage, ar_ref,
-                                                                 'the AR model')
-    if a_info['k'] != 0:
-      raise errors.StageError(f'{stage}: stages.{stage}.ar_teacher={ar_ref} is a PFLM of '
-                              f'window {a_info["k"]}; objective {objective.name!r} needs an '
-                              'AR model (the run\'s teacher stage or an AR export)')
-    ar_model = model_lib.build(a_arch, ctx.exe)
-    frozen['ar'], frozen_shardings['ar'] = a_params, a_shardings
+    ar_ref, ar_model, frozen['ar'], frozen_shardings['ar'] = load_ar_model(ctx, stage,
+                                                                           objective)
   models = objectives_lib.Models(teacher=teacher, teacher_k=teacher_k, ar=ar_model,
                                  student=student, k=k)
   targets_fn = objective.make_targets(models, s)

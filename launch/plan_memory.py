@@ -77,13 +77,13 @@ def main(argv):
       continue
     s, k = cfg.stages[stage], cfg.stages[stage].k
     # the teacher as in a progressive chain (AR for k=1, window k/2 after it)
-    passes = objectives.get(s.objective).target_passes(objectives.Models(
+    target_arrays = objectives.get(s.objective).target_memory(objectives.Models(
         teacher=None, teacher_k=k // 2, ar=None, student=None, k=k))
     sharding_lib.check_batch(s.batch_size, mesh, f'stages.{stage}.batch_size',
                              s.microbatches, f'stages.{stage}.microbatches')
     d_est = memory.estimate(dataclasses.replace(arch, pflm=True), exe, abstract, mesh,
                             s.batch_size, cfg.data.seq_len, s.microbatches, window=k,
-                            fused_attention=False, target_factor=passes / k)
+                            fused_attention=False, target_factor=target_arrays)
     print(f'{stage}: batch {s.batch_size} x {cfg.data.seq_len} windows of {k}, '
           f'{s.microbatches} microbatches: train step ~{d_est.train_total / GiB:.2f} GiB '
           f'(activations ~{d_est.activations / GiB:.2f})')

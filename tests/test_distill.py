@@ -192,7 +192,12 @@ def test_window_must_double_the_pflm_teacher(run_dir, tmp_path):
   # under targets of the AR model, a PFLM teacher only starts the weights: any wider k
   cfg.stages.distill_k4.objective = 'on_policy'
   ctx = context_lib.build(cfg, str(d))
-  assert distill.spec(ctx, 'distill_k4').compat['teacher_stage'] == 'distill_k1'
+  stage = distill.spec(ctx, 'distill_k4')
+  assert stage.compat['teacher_stage'] == 'distill_k1'
+  assert list(stage.frozen[0]) == ['ar']  # the PFLM teacher only starts the weights
+  cfg.stages.distill_k2.objective = 'progressive'  # targets from the stage teacher itself
+  assert list(distill.spec(context_lib.build(cfg, str(d)), 'distill_k2').frozen[0]) == [
+      'teacher']
   # ... but not a narrower one, and those targets need an AR model
   cfg.stages.distill_k1.teacher_stage = 'distill_k2'
   cfg.stages.distill_k1.objective = 'on_policy'
@@ -351,7 +356,9 @@ def test_wider_windows_learn_their_objectives_targets(learning_run, stage, objec
   spec = distill.spec(ctx, stage)
   assert spec.compat['objective'] == objective
   assert ('ar' in spec.frozen[0]) == (objective != 'progressive' and stage != 'distill_k1')
-  t_params = spec.frozen[0]['teacher']
+  # the stage teacher is a frozen argument only where the targets read it
+  assert ('teacher' in spec.frozen[0]) == (objective == 'progressive' or stage == 'distill_k1')
+  t_params = ctx.load_teacher(ctx.teacher_ref(stage))[1]
   steps = 60
   tx = optim.make_optimizer(cfg.stages[stage].opt, steps)
   state, _, shardings = trainer.create_state(spec.init_params, tx, ctx.mesh,

@@ -64,39 +64,63 @@ def test_teacher_estimate_matches_xla(config, batch, microbatches):
   check(est, measured, 0.1)
 
 
-def test_distill_estimate_matches_xla(d=256, layers=4, seq=256, vocab=8192, k=2):
-  """The window layout of the distill step, the AR teacher's targets included. (At larger
-  shapes XLA:CPU's buffer assignment of this step varies up to 2x between processes
-  compiling the same program, so only this shape is held to 25%.)"""
+def distill_case(objective_name: str, teacher_k: int, d=256, layers=4, seq=256, vocab=8192,
+                 k=2):
+  """(estimate, XLA's compiled bytes, frozen bytes per device) of a distill step of window k
+  under an objective, its teacher AR (teacher_k 0) or a PFLM of window teacher_k beside
+  the AR model, frozen as the pipeline passes them (distill.spec)."""
+  objective = objectives.get(objective_name)
   arch = arch_lib.ArchConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=d // 64,
                               max_seq_len=seq)
   exe = arch_lib.ExecConfig(dtype='bfloat16')
-  s_arch = dataclasses.replace(arch, pflm=True)
+  s_arch = dataclasses.replace(arch, pflm=True, readout=objective.readout)
   mesh = sharding_lib.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 1})
-  student, teacher_model = model_lib.build(s_arch, exe), model_lib.build(arch, exe)
-  settings = base_config.distill_stage(k)
+  student, ar_model = model_lib.build(s_arch, exe), model_lib.build(arch, exe)
+  settings = base_config.distill_stage(k, objective_name)
   settings.microbatches = 2
   tx = optim.make_optimizer(settings.opt, 100)
   abstract, shardings, _ = trainer.abstract_state(model_lib.init_fn(student, seq), tx, mesh,
                                                   False)
-  t_abs, t_shard = ckpt_lib.abstract_params(arch, mesh, exe)
-  objective = objectives.get('progressive')
-  targets_fn = objective.make_targets(objectives.Models(
-      teacher=teacher_model, teacher_k=0, ar=None, student=student, k=k), settings)
+  ar_abs, ar_shard = ckpt_lib.abstract_params(arch, mesh, exe)
+  if teacher_k == 0:
+    models = objectives.Models(teacher=ar_model, teacher_k=0, ar=None, student=student, k=k)
+    frozen, frozen_sh = {'teacher': ar_abs}, {'teacher': ar_shard}
+  else:
+    t_abs, t_shard = ckpt_lib.abstract_params(s_arch, mesh, exe)
+    models = objectives.Models(teacher=student, teacher_k=teacher_k,
+                               ar=ar_model if objective.uses_ar else None, student=student,
+                               k=k)
+    frozen, frozen_sh = {}, {}
+    if objective.uses_ar:
+      frozen['ar'], frozen_sh['ar'] = ar_abs, ar_shard
+    if objective.uses_stage_teacher_targets or not objective.uses_ar:
+      frozen['teacher'], frozen_sh['teacher'] = t_abs, t_shard
+  targets_fn = objective.make_targets(models, settings)
   step = distill.make_distill_step(student, objective, targets_fn, tx, k=k, settings=settings,
                                    never_emit=())
   bs = sharding_lib.batch_sharding(mesh)
-  batch = {'tokens': jax.ShapeDtypeStruct((16, 256), jnp.int32, sharding=bs),
-           'mask': jax.ShapeDtypeStruct((16, 256), jnp.bool_, sharding=bs)}
-  fn = trainer.jit_step(step, shardings, mesh, ({'teacher': t_shard},))
+  batch = {'tokens': jax.ShapeDtypeStruct((16, seq), jnp.int32, sharding=bs),
+           'mask': jax.ShapeDtypeStruct((16, seq), jnp.bool_, sharding=bs)}
+  fn = trainer.jit_step(step, shardings, mesh, (frozen_sh,))
   with sharding_lib.mesh_context(mesh):
-    compiled = fn.lower(abstract, batch, jax.random.key(0), {'teacher': t_abs}).compile()
-  measured = memory.compiled_bytes(compiled)
-  est = memory.estimate(s_arch, exe, abstract, mesh, 16, seq, microbatches=2, window=k)
+    compiled = fn.lower(abstract, batch, jax.random.key(0), frozen).compile()
+  est = memory.estimate(s_arch, exe, abstract, mesh, 16, seq, microbatches=2, window=k,
+                        target_factor=objective.target_memory(models))
   assert est.rows_per_device == 2
-  teacher_params = memory.tree_bytes_per_device(t_abs)
-  assert est.state + teacher_params == pytest.approx(measured['arguments'], rel=0.01)
-  assert est.train_total + teacher_params == pytest.approx(measured['total'], rel=0.25)
+  return est, memory.compiled_bytes(compiled), memory.tree_bytes_per_device(frozen)
+
+
+@pytest.mark.parametrize('objective_name,teacher_k', [
+    ('progressive', 0), ('on_policy', 1), ('on_policy_soft', 1)])
+def test_distill_estimate_matches_xla(objective_name, teacher_k):
+  """The window layout of the distill step with each objective's targets, the frozen models
+  as the pipeline passes them (an on-policy stage's PFLM teacher only starts the student:
+  the step does not take it). (At larger shapes XLA:CPU's buffer assignment of this step
+  varies up to 2x between processes compiling the same program, so only this shape is held
+  to 25%.)"""
+  est, measured, frozen_bytes = distill_case(objective_name, teacher_k)
+  assert est.state + frozen_bytes == pytest.approx(measured['arguments'], rel=0.01)
+  assert est.train_total + frozen_bytes == pytest.approx(measured['total'], rel=0.25)
 
 
 def test_kv_cache_bytes_are_the_cache_arrays_split_over_the_mesh():

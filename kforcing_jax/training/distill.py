@@ -256,18 +256,25 @@ def spec(ctx, stage: str) -> trainer.StageSpec:
   check_student(stage, arch, t_arch, teacher_stage, objective)
   teacher = model_lib.build(t_arch, ctx.exe)
   student = model_lib.build(arch, ctx.exe)
-  frozen, frozen_shardings = {'teacher': t_params}, {'teacher': t_shardings}
+  frozen, frozen_shardings = {}, {}
   ar_model, ar_ref = None, None
   if objective.uses_ar and teacher_k > 0:
     ar_ref, ar_model, frozen['ar'], frozen_shardings['ar'] = load_ar_model(ctx, stage,
                                                                            objective)
+  # a PFLM teacher whose targets the objective does not use only starts the student's
+  # weights: the step does not take it, and nothing holds it on the device while it trains
+  if ar_model is None or objective.uses_stage_teacher_targets:
+    frozen['teacher'], frozen_shardings['teacher'] = t_params, t_shardings
+  t_fingerprint = ckpt_lib.params_fingerprint(t_params)
+  del t_params
   models = objectives_lib.Models(teacher=teacher, teacher_k=teacher_k, ar=ar_model,
                                  student=student, k=k)
   targets_fn = objective.make_targets(models, s)
   never_emit = tuple(arch.never_emit_ids)
 
   def start_params(fresh):
-    params, copied, new = copy_matching(fresh, t_params)
+    weights = frozen.get('teacher') or ctx.load_teacher(teacher_stage)[1]
+    params, copied, new = copy_matching(fresh, weights)
     print(f'{stage}: teacher {teacher_stage}; objective {objective.name}' +
           (f' (AR model {ar_ref})' if ar_ref else '') + f'; copied {len(copied)} tensors, '
           f'new {len(new)}' + (f': {", ".join(new)}' if len(new) < 12 else ''))
@@ -287,7 +294,7 @@ def spec(ctx, stage: str) -> trainer.StageSpec:
     return agree
 
   compat = ctx.compat(k=k, teacher_stage=teacher_stage, objective=objective.name,
-                      teacher_fingerprint=ckpt_lib.params_fingerprint(t_params))
+                      teacher_fingerprint=t_fingerprint)
   compat['model.n_layers'] = arch.n_layers  # the student's: its teacher's + extra_layers
   if ar_ref:
     compat['ar_fingerprint'] = ckpt_lib.params_fingerprint(frozen['ar'])
@@ -302,7 +309,7 @@ def spec(ctx, stage: str) -> trainer.StageSpec:
       compat=compat, evaluate=evaluate, seeds=trainer.stage_seeds(cfg.seed, stage),
       legacy_seeds=(cfg.seed + 17 * k, cfg.seed + k, cfg.seed + 1000 * k),
       tokens_per_step=s.batch_size * cfg.data.seq_len * k, window=k,
-      target_factor=passes / k,
+      target_factor=objective.target_memory(models),
       frozen=(frozen,), frozen_shardings=(frozen_shardings,), start_params=start_params,
       progress_keys=('loss', 'acc_all'),
       meta={'k': k, 'teacher_stage': teacher_stage, 'objective': objective.name},

@@ -98,7 +98,8 @@ def activation_bytes(arch, rows: float, tokens: int, keys: int, fused_attention:
 
   window > 0: the distillation window layout, whose tokens + tokens*window queries attend
   the context (tokens keys) plus their own window, with the teacher's targets drawn first
-  (target_factor: the objective's passes for them over the k of an AR teacher's rollout)."""
+  (target_factor: the [N, k, V] arrays they hold, in units of an AR teacher's k-token
+  rollout: Objective.target_memory)."""
   queries = tokens * (1 + window)
   per_token_layer = (ACT_BYTES_PER_D * arch.d_model + ACT_BYTES_PER_MLP * arch.mlp_dim +
                      ACT_BYTES_PER_QKV * (arch.n_heads + 2 * arch.n_kv_heads) * arch.head_dim)

@@ -80,12 +80,22 @@ class Objective:
   # only); False: the stage teacher is only where the student's weights start
   uses_stage_teacher_targets: bool
   make_targets: Callable[[Models, object], TargetsFn]  # (models, stage settings) -> targets
-  # teacher and student forward passes per window spent on targets (memory and cost)
+  # teacher and student forward passes per window spent on targets (their cost)
   target_passes: Callable[[Models], float]
   soft: bool = False  # targets are (hard ids, soft distributions); the loss reads the soft
   # the student readout it trains (model.readout): hard ids teach an argmax, distributions
   # an inverse CDF
   readout: str = 'argmax'
+  # the [N, k, V] arrays its targets hold at the step's peak, in units of an AR teacher's
+  # k-token rollout (logits and CDF); None: target_passes / k
+  target_arrays: Callable[[Models], float] | None = None
+
+  def target_memory(self, models: Models) -> float:
+    """training.memory's target term: the [N, k, V] arrays the targets hold at the step's
+    peak, in units of an AR teacher's k-token rollout (tests/test_memory holds it to XLA)."""
+    if self.target_arrays is not None:
+      return self.target_arrays(models)
+    return self.target_passes(models) / models.k
 
   def loss(self, logits_BxNxKxV, y_BxNxK, w_BxNxK, settings, q_BxNxKxV=None) -> jax.Array:
     """The summed weighted cross-entropy (divided by the summed weights by the trainer):
@@ -259,11 +269,14 @@ OBJECTIVES: dict[str, Objective] = {
     'ar_rollout': Objective('ar_rollout', True, False, _ar_rollout, lambda m: float(m.k)),
     'mixed': Objective('mixed', True, True, _mixed,
                        lambda m: _passes_progressive(m) + (m.k if m.teacher_k else 0)),
-    'on_policy': Objective('on_policy', True, False, _on_policy, lambda m: 1.0),
+    # on-policy targets: the AR model's rollout (1) and the student's own logits they read
+    # (0.5); soft ones also hold their distributions (0.5)
+    'on_policy': Objective('on_policy', True, False, _on_policy, lambda m: 1.0,
+                           target_arrays=lambda m: 1.5),
     'on_policy_soft': Objective('on_policy_soft', True, False, _on_policy_soft,
-                                lambda m: 1.0, soft=True),
+                                lambda m: 1.0, soft=True, target_arrays=lambda m: 2.0),
     'on_policy_kl': Objective('on_policy_kl', True, False, _on_policy_kl, lambda m: 1.0,
-                              soft=True, readout='inverse_cdf'),
+                              soft=True, readout='inverse_cdf', target_arrays=lambda m: 2.0),
 }
 
 

@@ -147,7 +147,7 @@ class StageSpec:
   # the seeds of checkpoints written before checkpoints recorded theirs (resumed with them)
   legacy_seeds: tuple[int, int, int] | None = None
   window: int = 0  # 0: the teacher step; k: a distill step of window k (memory estimate)
-  target_factor: float = 1.0  # the objective's target cost per window over k AR passes
+  target_factor: float = 1.0  # the objective's target arrays (Objective.target_memory)
   frozen: tuple = ()
   frozen_shardings: tuple = ()
   start_params: Callable[[Any], Any] | None = None  # fresh params -> starting params

@@ -246,9 +246,9 @@ def get_config():
   ev.teacher = ''
   ev.max_new_tokens = 58  # capped at the model length minus the prompt.
   ev.freq_penalty = 0.5  # the second lambda evaluated for students (0 is always run).
-  # The K values (tokens per pass) each student decodes at: those up to its window (its
-  # window itself when every listed K is above it); () = every K from 1 to its window.
-  # E.g. (1, 4) where the K in between are not needed (each K is a compile and a run).
+  # The K values (tokens per pass) each student decodes at: those listed up to its window,
+  # and its window itself; () = every K from 1 to its window. E.g. (1,) for K = 1 and k
+  # only (each K is a compile and a decoding run).
   ev.windows = ()
   ev.seed = 2024  # decoding / agreement noise.
   ev.agreement_rows = 32  # held-out rows whose every position is a shared-noise context.

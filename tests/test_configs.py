@@ -159,8 +159,8 @@ def test_synthetic_config_runs_every_stage(distilled_run, tmp_path):
   assert depth == {'distill_k4': 3, 'distill_k8': 4}  # one block on top of each teacher's
   assert os.path.exists(run / 'evaluate' / 'report.md')
   assert [(r['model'], r['K']) for r in out['evaluate']['rows']] == [
-      ('teacher', 1), ('k1', 1), ('k2', 1), ('k4', 1), ('k4', 3), ('k8', 1), ('k8', 3),
-      ('k8', 8)]
+      ('teacher', 1), ('k1', 1), ('k2', 1), ('k2', 2), ('k4', 1), ('k4', 3), ('k4', 4),
+      ('k8', 1), ('k8', 3), ('k8', 8)]
 
 
 def config_overrides(before, after) -> list[str]:

@@ -80,8 +80,8 @@ def test_windows_are_the_asked_ks_up_to_each_students_window():
   def windows(asked, k):
     return evaluate.windows(ml_collections.ConfigDict({'windows': asked}), k)
   assert windows((), 4) == [1, 2, 3, 4] and windows((), 1) == [1]
-  assert windows((8, 1, 3), 4) == [1, 3] and windows((1, 3, 8), 8) == [1, 3, 8]
-  assert windows((8,), 2) == [2]  # every K above the window: the window itself
+  assert windows((8, 1, 3), 4) == [1, 3, 4] and windows((1, 3, 8), 8) == [1, 3, 8]
+  assert windows((8,), 2) == [2] and windows((1,), 4) == [1, 4]  # and the window itself
   assert evaluate.windows(ml_collections.ConfigDict({}), 2) == [1, 2]  # an older config
 
 

@@ -211,12 +211,12 @@ def asked_windows(e) -> tuple[int, ...]:
 
 
 def windows(e, k: int) -> list[int]:
-  """The K values a student of window k is evaluated at: evaluate.windows' values up to k,
-  or k itself when every listed K is above it; () = 1..k."""
+  """The K values a student of window k is evaluated at: evaluate.windows' values up to k
+  and k itself (its headline row); () = 1..k."""
   asked = asked_windows(e)
   if not asked:
     return list(range(1, k + 1))
-  return sorted({K for K in asked if K <= k}) or [k]
+  return sorted({K for K in asked if K <= k} | {k})
 
 
 def markdown(report: dict, speed_md: str | None = None) -> str:

@@ -93,7 +93,7 @@ def distill_case(objective_name: str, teacher_k: int, d=256, layers=4, seq=256, 
     frozen, frozen_sh = {}, {}
     if objective.uses_ar:
       frozen['ar'], frozen_sh['ar'] = ar_abs, ar_shard
-    if objective.uses_stage_teacher_targets or not objective.uses_ar:
+    if objective.takes_stage_teacher(teacher_k):
       frozen['teacher'], frozen_sh['teacher'] = t_abs, t_shard
   targets_fn = objective.make_targets(models, settings)
   step = distill.make_distill_step(student, objective, targets_fn, tx, k=k, settings=settings,

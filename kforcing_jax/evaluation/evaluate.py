@@ -201,19 +201,14 @@ def evaluate(cfg, source, teacher, models) -> dict:
                        'num_samples': e.num_samples, 'max_new_tokens': new_tokens,
                        'seed': e.seed, 'agreement_rows': e.agreement_rows,
                        'eos_id': eos, 'data_seed': cfg.seed,
-                       'windows': list(asked_windows(e)) or None,  # None: 1..k
+                       'windows': list(e.get('windows', ())) or None,  # None: 1..k
                        'external_lm': e.external_lm or None}}
-
-
-def asked_windows(e) -> tuple[int, ...]:
-  asked = e.get('windows', ())  # absent from configs written before the field
-  return (asked,) if isinstance(asked, int) else tuple(asked)
 
 
 def windows(e, k: int) -> list[int]:
   """The K values a student of window k is evaluated at: evaluate.windows' values up to k
   and k itself (its headline row); () = 1..k."""
-  asked = asked_windows(e)
+  asked = e.get('windows', ())  # absent from configs written before the field
   if not asked:
     return list(range(1, k + 1))
   return sorted({K for K in asked if K <= k} | {k})

@@ -158,9 +158,7 @@ def _validate_evaluate(e) -> None:
     _positive(f'evaluate.{f}', e[f])
   if e.freq_penalty < 0:
     raise ConfigError(f'evaluate.freq_penalty must be >= 0, got {e.freq_penalty}')
-  windows = e.get('windows', ())
-  if isinstance(windows, (int, str)):
-    windows = (windows,)
+  windows = e.get('windows', ())  # a tuple (ConfigDict keeps the field's type)
   for K in windows:
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
       raise ConfigError(f'evaluate.windows must hold K values >= 1 (tokens per pass; () = '

@@ -263,7 +263,7 @@ def spec(ctx, stage: str) -> trainer.StageSpec:
                                                                            objective)
   # a PFLM teacher whose targets the objective does not use only starts the student's
   # weights: the step does not take it, and nothing holds it on the device while it trains
-  if ar_model is None or objective.uses_stage_teacher_targets:
+  if objective.takes_stage_teacher(teacher_k):
     frozen['teacher'], frozen_shardings['teacher'] = t_params, t_shardings
   t_fingerprint = ckpt_lib.params_fingerprint(t_params)
   del t_params

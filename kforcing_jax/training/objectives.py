@@ -90,6 +90,11 @@ class Objective:
   # k-token rollout (logits and CDF); None: target_passes / k
   target_arrays: Callable[[Models], float] | None = None
 
+  def takes_stage_teacher(self, teacher_k: int) -> bool:
+    """Whether the step reads the stage teacher's weights: its targets come from it, or it
+    is the AR model itself (teacher_k 0). Otherwise the teacher only starts the student."""
+    return teacher_k == 0 or not self.uses_ar or self.uses_stage_teacher_targets
+
   def target_memory(self, models: Models) -> float:
     """training.memory's target term: the [N, k, V] arrays the targets hold at the step's
     peak, in units of an AR teacher's k-token rollout (tests/test_memory holds it to XLA)."""

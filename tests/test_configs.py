@@ -20,6 +20,7 @@ import pytest
 
 from kforcing_jax.configs import base
 from kforcing_jax.data import datasets as data_lib
+from kforcing_jax import errors
 from kforcing_jax.interop import released
 from kforcing_jax.pipeline import cli
 from kforcing_jax.pipeline import config_lib
@@ -352,8 +353,24 @@ def test_validation_names_field_and_allowed_values(field, value, match, tmp_path
   for part in section.split('.') if section else []:
     node = node[part]
   node[key] = value
-  with pytest.raises(Exception, match=match):
+  with pytest.raises(errors.UserError, match=match):
     context_lib.build(cfg, str(tmp_path))
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('norm', 'batchnorm', "model.norm='batchnorm' is not allowed; allowed: layernorm, rmsnorm"),
+    ('n_kv_heads', 3, 'model.n_kv_heads=3 must divide model.n_heads=2'),
+    ('mlp_activations', ('swish',), "model.mlp_activations='swish' is not allowed"),
+    ('attention_impl', 'flash', "model.attention_impl='flash' is not allowed; allowed: auto"),
+    ('dropout', -0.1, r'model.dropout must be in \[0, 1\)'),
+])
+def test_validate_refuses_what_the_model_refuses(field, value, match):
+  """config_lib.validate, which every entry point runs before loading a tokenizer or writing
+  anything, applies ArchConfig's and ExecConfig's own checks to the model section."""
+  cfg = synthetic_config()
+  cfg.model[field] = value
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(cfg)
 
 
 def test_vocab_and_length_mismatches(tmp_path):

@@ -295,17 +295,27 @@ class ExecConfig:
     return DTYPES[self.dot_dtype or self.dtype]
 
 
+# ArchConfig fields that a run config's `model` section does not set: the vocabulary and
+# the never-emitted ids come from the tokenizer, `pflm` from the stage, the version from
+# this code; max_seq_len is resolved against data.seq_len.
+_FROM_RUN_ELSEWHERE = ('vocab_size', 'never_emit_ids', 'pflm', 'max_seq_len', 'version')
+# ExecConfig fields a run config sets (`weights` and `int8_products` are decoding choices).
+_EXEC_FROM_RUN = ('dtype', 'param_dtype', 'dot_dtype', 'attention_impl', 'decode_attention',
+                  'cache_products', 'dropout')
+
+
 def configs_from_run(cfg, vocab_size: int, never_emit_ids=(), pflm: bool = False):
-  """(ArchConfig, ExecConfig) of a run config's `model` section: the one mapping."""
+  """(ArchConfig, ExecConfig) of a run config's `model` section: the one mapping, by field
+  name, so a new architecture field needs only its ArchConfig field and its default in
+  configs/base.py. A bad value raises ArchitectureError naming `model.<field>`."""
   m = cfg.model
-  arch = ArchConfig(vocab_size=vocab_size, d_model=m.d_model, n_layers=m.n_layers,
-                    n_heads=m.n_heads, mlp_ratio=m.mlp_ratio,
+  arch = ArchConfig(vocab_size=vocab_size,
                     max_seq_len=m.max_seq_len if m.max_seq_len > 0 else cfg.data.seq_len,
-                    rope_base=m.rope_base, never_emit_ids=tuple(int(i) for i in never_emit_ids),
-                    pflm=pflm, noise_freq_scale=m.noise_freq_scale,
-                    noise_encoder=m.noise_encoder, readout=m.readout,
-                    **{f: m[f] for f in V4_FIELDS})
-  exe = ExecConfig(dtype=m.dtype, param_dtype=m.param_dtype, dot_dtype=m.dot_dtype,
-                   attention_impl=m.attention_impl, decode_attention=m.decode_attention,
-                   cache_products=m.cache_products, dropout=m.dropout)
+                    never_emit_ids=tuple(int(i) for i in never_emit_ids), pflm=pflm,
+                    **{f.name: m[f.name] for f in dataclasses.fields(ArchConfig)
+                       if f.name not in _FROM_RUN_ELSEWHERE})
+  try:
+    exe = ExecConfig(**{f: m[f] for f in _EXEC_FROM_RUN})
+  except ArchitectureError as e:  # ExecConfig's own messages name the bare field
+    raise ArchitectureError(f'model.{e}') from None
   return arch, exe

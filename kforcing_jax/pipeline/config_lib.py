@@ -121,26 +121,9 @@ def _validate_distill(name: str, s, cfg) -> None:
 def validate(cfg) -> None:
   stages(cfg)
   m, d = cfg.model, cfg.data
-  _choice('model.dtype', m.dtype, tuple(arch_lib.DTYPES))
-  _choice('model.param_dtype', m.param_dtype, tuple(arch_lib.DTYPES))
-  _choice('model.dot_dtype', m.dot_dtype, ('',) + tuple(arch_lib.DTYPES))
-  _choice('model.attention_impl', m.attention_impl, arch_lib.ATTENTION_IMPLS)
-  _choice('model.decode_attention', m.decode_attention, arch_lib.DECODE_ATTENTION)
-  _choice('model.cache_products', m.cache_products, arch_lib.CACHE_PRODUCTS)
-  _choice('model.noise_encoder', m.noise_encoder, arch_lib.NOISE_ENCODERS)
-  _choice('model.readout', m.readout, arch_lib.READOUTS)
-  for f in ('d_model', 'n_layers', 'n_heads', 'mlp_ratio'):
-    _positive(f'model.{f}', m[f])
-  if not m.head_dim and m.d_model % m.n_heads:
-    raise ConfigError(f'model.d_model={m.d_model} must divide by model.n_heads={m.n_heads} '
-                      '(or set model.head_dim)')
-  if (m.head_dim or m.d_model // m.n_heads) % 2:
-    raise ConfigError('model.head_dim (default d_model / n_heads) must be even for RoPE')
   if m.vocab_size != -1 and m.vocab_size < 2:
     raise ConfigError(f'model.vocab_size must be -1 (from the tokenizer) or >= 2, got '
                       f'{m.vocab_size}')
-  if not 0.0 <= m.dropout < 1.0:
-    raise ConfigError(f'model.dropout must be in [0, 1), got {m.dropout}')
   _choice('data.source', d.source, data_lib.SOURCES)
   if d.packing:
     _choice('data.packing', d.packing, data_lib.PACKINGS)
@@ -148,6 +131,10 @@ def validate(cfg) -> None:
     _choice('data.tokenizer', d.tokenizer, data_lib.TOKENIZERS + ('synthetic',))
   for f in ('seq_len', 'eval_batch_size'):
     _positive(f'data.{f}', d[f])
+  try:  # the model's own checks, up front (the vocabulary comes from the tokenizer later)
+    arch_lib.configs_from_run(cfg, vocab_size=max(m.vocab_size, 2))
+  except arch_lib.ArchitectureError as e:
+    raise ConfigError(str(e)) from None
   for name, section in cfg.stages.items():
     _validate_stage(name, section, cfg)
   _validate_evaluate(cfg.evaluate)

@@ -21,6 +21,14 @@ OUT=${OUT:-fidelity_out}
 SCALE=${SCALE:-9}
 BUDGET=${1:-540}
 RUN=/tmp/kf_fidelity
+if ! [[ $SCALE =~ ^[1-9][0-9]*$ ]]; then
+  echo "SCALE=$SCALE: give a whole number >= 1 (how many times the distill stages' steps)" >&2
+  exit 2
+fi
+if ! [[ $BUDGET =~ ^[1-9][0-9]*$ ]]; then
+  echo "SECONDS=$BUDGET: give the whole run's time limit in seconds, e.g. 540" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 rm -rf "$RUN"
 start=$SECONDS
@@ -30,10 +38,6 @@ if [[ -d .whl ]]; then
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
-fi
-if ! [[ $SCALE =~ ^[1-9][0-9]*$ ]]; then
-  echo "SCALE=$SCALE: give a whole number >= 1 (how many times the distill stages' steps)" >&2
-  exit 2
 fi
 # the configured steps, read from the config itself so this script follows it
 read -r K1 K2 K4 < <(python3 -c "

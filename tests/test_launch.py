@@ -61,3 +61,16 @@ def test_multi_gpu_dry_run():
 def test_bad_arguments(script, args, msg):
   r = run(script, *args, '--dry_run')
   assert r.returncode == 2 and msg in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize('env,args,msg', [
+    ({'SCALE': '0'}, [], 'SCALE=0: give a whole number >= 1'),
+    ({'SCALE': '2x'}, [], 'SCALE=2x: give a whole number >= 1'),
+    ({}, ['ten'], 'SECONDS=ten: give the whole run'),
+])
+def test_gpu_fidelity_refuses_bad_settings(env, args, msg, tmp_path):
+  r = subprocess.run(['bash', os.path.join('launch', 'gpu_fidelity.sh'), *args], cwd=ROOT,
+                     env={**os.environ, 'OUT': str(tmp_path / 'out'), **env},
+                     capture_output=True, text=True, timeout=60)
+  assert r.returncode == 2 and msg in r.stderr, r.stderr
+  assert not (tmp_path / 'out').exists()  # refused before anything is written

@@ -11,11 +11,11 @@
 # Float32 products stay float32 on the GPU (JAX_DEFAULT_MATMUL_PRECISION=highest): TF32's
 # 10-bit mantissa is coarser than the ~0.005 of u to which the students place the ends of
 # the teacher's CDF intervals, and the CPU figures it is compared with are float32.
-# OUT gets fidelity.log (every stage's log lines), report.md / report.json (the evaluation),
-# summaries.json (each stage's summary: steps, seconds, held-out agreement) and
-# fidelity.tgz (all of it, refreshed after every stage, so a run cut off by SECONDS still
-# returns the stages that finished). Missing pure-Python packages (ml-collections, clu) are
-# installed from ./.whl as in launch/gpu_check.sh.
+# OUT gets fidelity.log (every stage's log lines), summaries.json (each stage's summary:
+# steps, seconds, held-out agreement) and report.md / report.json (the evaluation), written
+# after every stage, so a run cut off by SECONDS still returns the stages that finished.
+# Missing pure-Python packages (ml-collections, clu) are installed from ./.whl as in
+# launch/gpu_check.sh.
 set -uo pipefail
 OUT=${OUT:-fidelity_out}
 SCALE=${SCALE:-9}
@@ -74,7 +74,6 @@ for stage in sorted(os.listdir(run)) if os.path.isdir(run) else []:
 with open(out, 'w') as f:
   json.dump(summaries, f, indent=1)
 EOF
-  tar czf "$OUT/fidelity.tgz" -C "$OUT" --exclude=fidelity.tgz .
 }
 
 PIPE=

@@ -184,7 +184,7 @@ def offline_row(f, engine, specs, b: int, vocab_size: int, new_tokens: int) -> d
     pads = jnp.zeros((b,), jnp.int32)
     seeds = jnp.arange(b, dtype=jnp.int32)
     for name, spec in specs.items():
-      categories = op_categories(engine.compile(spec, b, width).as_text())
+      categories = op_categories(engine.compile(spec, b, width, exact=True).as_text())
       row[name]['trace'] = trace_summary(
           lambda: engine.generate_arrays(spec, prompts, pads, seeds, seed=99)[0],
           row[name]['steps'], f.top, categories)

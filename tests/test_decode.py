@@ -29,8 +29,9 @@ def serving(cfg, model, params, precision):
   return cfg, model_lib.build(cfg, exe), params, exe
 
 
-def engine(arch, params, exe=None, k=None):
-  return decode.Engine(arch, params, exe, k=(4 if arch.pflm else 0) if k is None else k)
+def engine(arch, params, exe=None, k=None, buckets=True):
+  return decode.Engine(arch, params, exe, k=(4 if arch.pflm else 0) if k is None else k,
+                       buckets=buckets)
 
 
 @pytest.mark.parametrize('precision, readout', [('float32', 'argmax'), ('mixed', 'argmax'),
@@ -123,7 +124,7 @@ def test_ar_sampling_follows_the_tempered_filtered_distribution(sampler):
 @pytest.mark.parametrize('pflm_mode', [True, False])
 def test_rows_do_not_depend_on_batch_or_padding(pflm, pflm_mode):
   cfg, model, params = pflm
-  eng = engine(cfg, params)
+  eng = engine(cfg, params, buckets=False)  # each call in its own shapes
   spec = decode.DecodeSpec(K=4 if pflm_mode else 1, pflm=pflm_mode, max_new_tokens=8)
   prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16], [17]]
   batch, _ = eng.generate(prompts, spec, seed=1, row_seeds=[5, 6, 7, 8])
@@ -155,7 +156,9 @@ def test_no_recompilation_for_same_shapes(pflm):
   traces = eng.traces
   eng.generate([[6, 7, 8], [9]], spec, seed=1)
   assert eng.traces == traces
-  eng.generate([[6, 7, 8, 9], [9]], spec, seed=1)  # longer prompt: a new shape
+  eng.generate([[6, 7, 8, 9, 10], [9]], spec, seed=1, row_seeds=[0, 1])  # the same buckets
+  assert eng.traces == traces
+  eng.generate([list(range(1, 10)), [9]], spec, seed=1)  # 9 tokens: the next width bucket
   assert eng.traces == traces + 1
   # loops compiled ahead, from threads at once (the benchmark's precompile), are the ones
   # the calls then run: one trace per shape, none at the calls -- also in another Engine
@@ -168,6 +171,71 @@ def test_no_recompilation_for_same_shapes(pflm):
   np.testing.assert_array_equal(outs[1][:2], eng.generate([[6, 7, 8], [9]], spec, seed=1)[0])
 
 
+def test_bucket_sizes():
+  assert [decode.bucket(n) for n in range(1, 18)] == [1, 2, 3, 4, 5, 6, 7, 8, 10, 10, 12, 12,
+                                                      14, 14, 16, 16, 20]
+  assert [decode.bucket(n) for n in (33, 40, 41, 100, 1000, 1025)] == [40, 40, 48, 112, 1024,
+                                                                       1280]
+  assert [decode.bucket(n, 8) for n in (1, 8, 9, 60, 65, 129)] == [8, 8, 16, 64, 80, 160]
+  assert all(n <= decode.bucket(n) <= 1.25 * n for n in range(9, 3000))
+
+
+@pytest.mark.parametrize('mode', ['ar_categorical', 'ar_inverse_cdf', 'pflm', 'pflm_noise'])
+def test_buckets_give_the_exact_shapes_tokens(pflm, mode):
+  """generate() decodes a ragged batch in bucketed shapes (more rows, a wider prompt, more
+  cache): the same tokens and steps as in the exact shapes, also where rows stop at EOS."""
+  if mode.startswith('ar'):
+    arch, _, params = tiny_model(seed=6)
+    spec = decode.DecodeSpec(K=1, max_new_tokens=13, sampler=mode[3:], temperature=0.8,
+                             top_p=0.95)
+  else:
+    arch, _, params = pflm
+    spec = decode.DecodeSpec(K=4, pflm=True, max_new_tokens=13, freq_penalty=0.3)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, 50, n).tolist() for n in (11, 1, 4, 9, 2, 7, 3, 10, 5)]
+  exact, bucketed = engine(arch, params, buckets=False), engine(arch, params)
+  assert exact.shapes(spec, 11, 9)[1:] == (11, 9)
+  shape_spec, width, rows = bucketed.shapes(spec, 11, 9)
+  assert (width, rows) == (16, 10) and shape_spec.max_new_tokens == (14 if spec.K == 1 else 16)
+  kw = dict(seed=2, row_seeds=np.arange(9) + 30)
+  if mode == 'pflm_noise':
+    kw['noise_BxN'] = rng.uniform(size=(9, 16))
+  free, _ = exact.generate(prompts, spec, **kw)
+  # the EOS: the token in most rows but not in all (some rows stop early, others never)
+  rows_with = {int(t): int(np.sum(np.any(free == t, axis=1))) for t in np.unique(free)}
+  eos = max((n, t) for t, n in rows_with.items() if n < len(prompts))[1]
+  spec = dataclasses.replace(spec, eos_id=eos, pad_id=52)
+  want, want_steps = exact.generate(prompts, spec, **kw)
+  got, steps = bucketed.generate(prompts, spec, **kw)
+  np.testing.assert_array_equal(got, want)
+  assert steps == want_steps
+  rows = want.tolist()
+  assert any(eos in r[:-1] for r in rows) and any(eos not in r for r in rows)
+  # every row stops early: so must the extra rows, for the loop to stop when the batch does
+  same = dict(kw, row_seeds=[30] * 9)
+  if mode == 'pflm_noise':
+    same['noise_BxN'] = np.repeat(kw['noise_BxN'][:1], 9, axis=0)
+  spec = dataclasses.replace(spec, eos_id=int(free[0, 3]))
+  want, want_steps = exact.generate([prompts[0]] * 9, spec, **same)
+  got, steps = bucketed.generate([prompts[0]] * 9, spec, **same)
+  np.testing.assert_array_equal(got, want)
+  assert steps == want_steps < spec.n_steps
+
+
+def test_ragged_calls_in_one_bucket_compile_one_loop(pflm):
+  cfg, model, params = pflm
+  eng = engine(cfg, params)
+  rng = np.random.default_rng(1)
+  calls = [(rows, width, new) for rows in (11, 12) for width in (17, 24) for new in (9, 12)]
+  for i, (rows, width, new) in enumerate(calls):
+    prompts = [rng.integers(1, 50, rng.integers(1, width + 1)).tolist() for _ in range(rows)]
+    prompts[0] = rng.integers(1, 50, width).tolist()
+    eng.generate(prompts, decode.DecodeSpec(K=4, pflm=True, max_new_tokens=new), seed=i)
+    if not i:
+      traces = eng.traces
+  assert eng.traces == traces  # rows 12, width 24, cache for 12 new tokens: one loop
+
+
 def test_sampling_settings_and_lengths_do_not_recompile(pflm):
   """temperature, top_k, top_p, freq_penalty, tau and max_new_tokens within one cache
   length are traced: one compiled loop per AR sampler serves them all."""
@@ -178,15 +246,15 @@ def test_sampling_settings_and_lengths_do_not_recompile(pflm):
               dict(top_p=0.7), dict(freq_penalty=0.7), dict(max_new_tokens=12),
               dict(temperature=2.0, top_k=5, top_p=0.9, freq_penalty=1.0))
   for sampler in decode.SAMPLERS:
-    base = decode.DecodeSpec(K=1, max_new_tokens=9, sampler=sampler)  # cache: 3 + 9 -> 16
-    plan = ar.plan(base, 3)
+    base = decode.DecodeSpec(K=1, max_new_tokens=9, sampler=sampler)  # cache: 8 + 10 -> 24
+    plan = ar.plan(*ar.shapes(base, 3, 2)[:2])
     ar.generate(prompts, base)
     traces = ar.traces
     size = decode.loop_fn(ar.arch, ar.exe, plan)._cache_size()  # pylint: disable=protected-access
     outs = set()
     for kw in settings:
       spec = dataclasses.replace(base, **kw)
-      assert ar.plan(spec, 3) == plan
+      assert ar.plan(*ar.shapes(spec, 3, 2)[:2]) == plan
       outs.add(ar.generate(prompts, spec, seed=3)[0][:, :9].tobytes())
     assert ar.traces == traces
     assert decode.loop_fn(ar.arch, ar.exe, plan)._cache_size() == size  # pylint: disable=protected-access

@@ -46,6 +46,20 @@ def test_same_shapes_compile_once(pflm_sampler):
   assert s.engine.traces == traces + 1
 
 
+def test_logits_in_buckets_equal_the_exact_shapes():
+  arch, _, params = tiny_model(seed=3)
+  bucketed = kforcing_jax.Sampler(arch, params, k=0)
+  exact = kforcing_jax.Sampler(arch, params, k=0, buckets=False)
+  toks = np.random.default_rng(0).integers(0, 50, (9, 13))
+  np.testing.assert_allclose(bucketed.logits(toks), exact.logits(toks), rtol=1e-5, atol=1e-5)
+  size = bucketed._forward._cache_size()  # pylint: disable=protected-access
+  for B, T in ((10, 16), (9, 9), (10, 14)):  # the bucket of [9, 13]: [10, 16]
+    assert bucketed.logits(toks[:1].repeat(B, 0)[:, :1].repeat(T, 1)).shape == (B, T, 53)
+  assert bucketed._forward._cache_size() == size  # pylint: disable=protected-access
+  with pytest.raises(decode.DecodeError, match=r'tokens have shape \[3\]'):
+    bucketed.logits([1, 2, 3])
+
+
 def test_samplers_of_the_same_configs_share_compiled_loops(pflm_sampler):
   """A new Sampler of the same model (other weights of the same shapes) reuses the loops
   and the forward that an earlier one compiled."""

@@ -25,7 +25,10 @@ decode_attention='pallas' reads only the filled slots in one loop instead
 (kforcing_jax.models.flash_decode; GPU).
 
 Prompts are left-padded to one length P; row b's RoPE positions are slot - pad_b and its
-padding slots are masked, so a row decodes the same alone or in any batch. The randomness
+padding slots are masked, so a row decodes the same alone or in any batch. Engine.generate
+therefore rounds the batch, the prompt width and max_new_tokens up to compile buckets
+(`bucket`: exact up to 8, then four per doubling) and drops the extra rows and tokens: a
+stream of calls with ragged sizes compiles a few loops, not one per size. The randomness
 of token j of the row with seed r comes from fold_in(fold_in(seed, r), j): a sample does
 not depend on batch size, batch position or K.
 """
@@ -154,6 +157,14 @@ class LoopState:
   counts_BxV: jax.Array  # [B, V] int32 generated-token counts (the frequency penalty)
 
 
+def bucket(n: int, multiple: int = 1) -> int:
+  """The compile bucket of a size n >= 1: n rounded up to a multiple of `multiple`, and
+  beyond 8 to one of four sizes per doubling (10, 12, 14, 16, 20, 24, ...), so at most 25%
+  above n."""
+  step = max(multiple, 1 << max(0, (n - 1).bit_length() - 3))
+  return -(-n // step) * step
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, min_len: int = 1):
   """[B, P] int32 left-padded prompts and [B] pad counts."""
   if not prompts:
@@ -280,7 +291,7 @@ class Engine:
   decode. Its loops are shared with every Engine of the same configs (loop_fn)."""
 
   def __init__(self, arch: arch_lib.ArchConfig, params, exe: arch_lib.ExecConfig | None = None,
-               *, k: int = 0, max_len: int | None = None):
+               *, k: int = 0, max_len: int | None = None, buckets: bool = True):
     if arch.pflm != (k > 0):
       raise DecodeError(f'window k={k} does not fit the model: a PFLM (pflm=True) needs '
                         'k >= 1, an AR model k=0')
@@ -293,6 +304,8 @@ class Engine:
     if mismatch:
       raise DecodeError(mismatch)
     self.max_len = max_len or arch.max_seq_len
+    # generate() decodes in bucketed shapes (see `bucket`); False: the exact ones
+    self.buckets = buckets
 
   @property
   def traces(self) -> int:
@@ -373,19 +386,51 @@ class Engine:
     """prompts: list of token-id lists (ragged). Returns ([B, max_new] int32 numpy, steps).
     noise_BxN: optional uniforms, token j of row b uses noise_BxN[b, j] (PFLM hints, or the
     AR inverse-CDF sampler's u) instead of the seeded ones."""
+    B = len(prompts)
     arr, pads = left_pad(prompts, spec.pad_id, min_len=spec.feed + 1)
-    self.check(spec, max(len(p) for p in prompts), len(prompts))
-    row_seeds = np.arange(len(prompts)) if row_seeds is None else np.asarray(row_seeds)
-    fn = self._fn(spec, arr.shape[1])
+    self.check(spec, max(len(p) for p in prompts), B)
+    row_seeds = np.arange(B) if row_seeds is None else np.asarray(row_seeds)
+    u = None if noise_BxN is None else self.check_noise(spec, noise_BxN, B)
+    shape_spec, width, rows = self.shapes(spec, arr.shape[1], B)
+    if width > arr.shape[1]:
+      pads = pads + (width - arr.shape[1])
+      arr = np.pad(arr, ((0, 0), (width - arr.shape[1], 0)), constant_values=spec.pad_id)
+    if rows > B:
+      # copies of the first row, with its seed and noise: they finish when it does, so the
+      # steps taken are the batch's own
+      take = np.concatenate([np.arange(B), np.zeros(rows - B, int)])
+      arr, pads, row_seeds = arr[take], pads[take], row_seeds[take]
+      u = None if u is None else u[take]
+    fn = self._fn(shape_spec, width)
     # the noise argument only when given: compile()'s loops take none (same jit cache entry)
     extra = ()
-    if noise_BxN is not None:
-      u = self.check_noise(spec, noise_BxN, len(prompts))
-      width = self.plan(spec, arr.shape[1]).out_steps * spec.K  # the loop's noise per row
-      extra = (np.pad(u, ((0, 0), (0, width - u.shape[1])), constant_values=0.5),)
+    if u is not None:
+      n = self.plan(shape_spec, width).out_steps * spec.K  # the loop's noise per row
+      extra = (np.pad(u, ((0, 0), (0, n - u.shape[1])), constant_values=0.5),)
     out, steps = fn(self.params, arr, pads, np.asarray(row_seeds, np.int32),
-                    jax.random.key(seed), *self._traced_args(spec, len(prompts)), *extra)
-    return np.asarray(out)[:, :spec.max_new_tokens], int(steps)
+                    jax.random.key(seed), *self._traced_args(spec, rows), *extra)
+    return np.asarray(out)[:B, :spec.max_new_tokens], int(steps)
+
+  def shapes(self, spec: DecodeSpec, width: int, batch: int) -> tuple[DecodeSpec, int, int]:
+    """(the spec whose cache length the loop is compiled for, prompt width, rows) that
+    generate() decodes [batch, width] prompts in: each rounded up to its `bucket` while the
+    cache stays within the model's max_len and the device's memory; the exact ones
+    without buckets. Only max_new_tokens of the returned spec differs from spec's (the loop
+    still stops after spec's steps: they are traced)."""
+    if not self.buckets:
+      return spec, width, batch
+    b_width = bucket(width, CACHE_ALIGN)
+    if b_width + spec.max_new_tokens > self.max_len:
+      b_width = width
+    new = max(spec.max_new_tokens,
+              min(bucket(spec.max_new_tokens, spec.K), self.max_len - b_width))
+    shape_spec = dataclasses.replace(spec, max_new_tokens=new)
+    rows = bucket(batch)
+    try:
+      self.memory_check(shape_spec, b_width, rows)
+    except DecodeError:  # the exact shapes passed check(): decode in them
+      return spec, width, batch
+    return shape_spec, b_width, rows
 
   def check_noise(self, spec: DecodeSpec, noise_BxN, batch: int) -> np.ndarray:
     """The caller's uniforms as a [B, n_steps * K] float32 array, or DecodeError."""
@@ -402,10 +447,13 @@ class Engine:
       raise DecodeError('noise values must lie in [0, 1]')
     return u[:, :need].astype(np.float32)
 
-  def compile(self, spec: DecodeSpec, batch: int, prompt_width: int):
-    """Compiles the loop for [batch, prompt_width] prompts ahead of the first call, which
-    then reuses it (jit's lowering and compilation caches). Thread-safe: benchmarks compile
-    several loops at once on hosts with many cores."""
+  def compile(self, spec: DecodeSpec, batch: int, prompt_width: int, exact: bool = False):
+    """Compiles the loop that generate() runs for [batch, prompt_width] prompts (in their
+    buckets, see `shapes`; with exact, generate_arrays' loop for exactly these shapes) ahead
+    of the first call, which then reuses it (jit's lowering and compilation caches).
+    Thread-safe: benchmarks compile several loops at once on hosts with many cores."""
+    if not exact:
+      spec, prompt_width, batch = self.shapes(spec, prompt_width, batch)
     int_B = jax.ShapeDtypeStruct((batch,), jnp.int32)
     abstract = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
     traced = jax.tree.map(abstract, self._traced_args(spec, batch))
@@ -414,7 +462,8 @@ class Engine:
         jax.random.key(0), *traced).compile()
 
   def generate_arrays(self, spec, prompt_BxP, pads_B, row_seeds_B, seed: int = 0):
-    """The jitted loop on already padded device arrays (benchmarks); returns device arrays
+    """The jitted loop on already padded device arrays, in exactly their shapes and spec's
+    cache length (benchmarks; compile(..., exact=True) prepares it); returns device arrays
     (tokens [B, >= max_new_tokens], steps)."""
     return self._fn(spec, prompt_BxP.shape[1])(
         self.params, prompt_BxP, pads_B, row_seeds_B, jax.random.key(seed),

@@ -8,8 +8,9 @@ its compiled decoding loops -- text in, text out.
   ids = sampler.generate_ids([[0, 12, 40]], max_new_tokens=32, seed=1)
 
 The compiled decoding loops are shared by every Sampler with the same model and execution
-configs: a call compiles only for a new K, batch size, prompt width or cache length
-(prompt + max_new_tokens, rounded up to decode.CACHE_ALIGN slots); the temperature, top_k,
+configs: a call compiles only for a new K or a new bucket of batch size, prompt width or
+max_new_tokens (decode.bucket: exact up to 8, then four per doubling; the extra rows and
+tokens are dropped, and the tokens are those of the exact shapes); the temperature, top_k,
 top_p, sampler, freq_penalty and seed are traced values. K is checked against the model's
 window inside the engine: a k=4 model refuses K=8.
 """
@@ -39,10 +40,10 @@ class Sampler:
 
   def __init__(self, arch: arch_lib.ArchConfig, params, *, k: int, tokenizer=None,
                exe: arch_lib.ExecConfig | None = None, max_len: int | None = None,
-               description: dict | None = None):
+               description: dict | None = None, buckets: bool = True):
     exe = exe or arch_lib.ExecConfig()
     self.engine = decode.Engine(arch, precision.cast_params(params, exe), exe, k=k,
-                                max_len=max_len)
+                                max_len=max_len, buckets=buckets)
     self.tokenizer = tokenizer
     self.description = description or {}
 
@@ -136,9 +137,18 @@ class Sampler:
     return encode_prompts(self.require_tokenizer(), texts, max_tokens)
 
   def logits(self, tokens_BxT) -> np.ndarray:
-    """float32 [B, T, V] next-token logits of the causal forward (one compile per shape)."""
-    tokens = jnp.asarray(np.asarray(tokens_BxT, np.int32))
-    return np.asarray(self._forward(self.params, tokens))
+    """float32 [B, T, V] next-token logits of the causal forward. Computed in the engine's
+    buckets of B and T (rows repeated, tokens appended: a causal forward's earlier positions
+    do not see them), so ragged calls compile a few shapes."""
+    tokens = np.asarray(tokens_BxT, np.int32)
+    if tokens.ndim != 2 or 0 in tokens.shape:
+      raise decode.DecodeError(f'tokens have shape {list(tokens.shape)}; needed [B, T] with '
+                               'B, T >= 1')
+    B, T = tokens.shape
+    if self.engine.buckets:
+      width = max(T, min(decode.bucket(T, decode.CACHE_ALIGN), self.engine.max_len))
+      tokens = np.pad(tokens[np.arange(decode.bucket(B)) % B], ((0, 0), (0, width - T)))
+    return np.asarray(self._forward(self.params, jnp.asarray(tokens)))[:B, :T]
 
   @property
   def _forward(self):

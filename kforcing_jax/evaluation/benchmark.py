@@ -56,7 +56,7 @@ def precompile(jobs) -> None:
   workers = 1 if jax.default_backend() == 'cpu' else min(len(jobs), os.cpu_count() or 1)
   t0 = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    list(pool.map(lambda job: job[0].compile(job[1], job[2], width), jobs))
+    list(pool.map(lambda job: job[0].compile(job[1], job[2], width, exact=True), jobs))
   print(f'compiled {len(jobs)} decoding loops in {time.perf_counter() - t0:.1f} s '
         f'({workers} thread{"s" if workers > 1 else ""})', flush=True)
 

@@ -103,7 +103,8 @@ def main(_):
   print('| objective | ms/step | vs progressive | target passes / window |')
   print('|---|---|---|---|')
   for r in rows:
-    print(f'| {r["objective"]} | {r["ms_per_step"]:.1f} | {r["vs_progressive"]:.2f} | '
+    vs = '-' if r['vs_progressive'] is None else f'{r["vs_progressive"]:.2f}'
+    print(f'| {r["objective"]} | {r["ms_per_step"]:.1f} | {vs} | '
           f'{r["target_passes_per_window"]:g} |')
 
 

@@ -130,6 +130,14 @@ def cpu_model() -> str:
   return platform.processor() or 'unknown CPU'
 
 
+def machine() -> dict:
+  """What a benchmark's JSON records about where it ran: the CPU model and its SIMD
+  features (AVX/AMX), the jax version and the devices."""
+  return {'cpu': cpu_model(), 'cpu_features': sorted(
+      f for f in cpu_features() if f.startswith(('avx', 'amx'))), 'jax': jax.__version__,
+          'devices': str(jax.devices())}
+
+
 BF16_DOT_FLAGS = ('avx512_bf16', 'amx_bf16', 'bf16')  # x86 AVX-512 BF16 / AMX, Arm BF16
 
 

@@ -93,9 +93,7 @@ def main(_):
   base = next((r['ms_per_step'] for r in rows if r['objective'] == 'progressive'), None)
   for r in rows:
     r['vs_progressive'] = None if base is None else r['ms_per_step'] / base
-  result = {'cpu': runtime.cpu_model(), 'cpu_features': sorted(
-      f for f in runtime.cpu_features() if f.startswith(('avx', 'amx'))),
-            'jax': jax.__version__, 'devices': str(jax.devices()), 'rows': rows}
+  result = {**runtime.machine(), 'rows': rows}
   if FLAGS.out:
     os.makedirs(FLAGS.out, exist_ok=True)
     with open(os.path.join(FLAGS.out, 'objective_cost.json'), 'w', encoding='utf-8') as f:

@@ -78,11 +78,9 @@ def main(argv):
           f'({row["seconds_per_call"]:.2f} s a call)', flush=True)
   same = all(np.array_equal(a, b) for a, b in zip(*outs))
   print(f'same tokens: {same}')
-  result = {'cpu': runtime.cpu_model(), 'cpu_features': sorted(
-      f for f in runtime.cpu_features() if f.startswith(('avx', 'amx'))),
-            'jax': jax.__version__, 'devices': str(jax.devices()), 'calls': FLAGS.calls,
-            'K': FLAGS.K, 'max_batch': FLAGS.max_batch, 'batch': FLAGS.batch,
-            'new_tokens': FLAGS.new_tokens, 'same_tokens': same, 'rows': rows}
+  result = {**runtime.machine(), 'calls': FLAGS.calls, 'K': FLAGS.K,
+            'max_batch': FLAGS.max_batch, 'batch': FLAGS.batch, 'new_tokens': FLAGS.new_tokens,
+            'same_tokens': same, 'rows': rows}
   with open(FLAGS.out, 'w', encoding='utf-8') as f:
     json.dump(result, f, indent=1)
   if not same:

@@ -42,9 +42,7 @@ def run_benchmark(cfg, workdir: str | None, random_init: bool, batch_sizes, K: i
   benchmark_lib.check_decode_attention(decode_attention, on_accel)
   exe = precision.exec_config(dtype, decode_attention)
   if random_init:
-    vocab = cfg.model.vocab_size
-    arch, params = random_init_lib.random_model(
-        cfg, vocab if vocab > 0 else data_lib.make_tokenizer(cfg).vocab_size)
+    arch, params = random_init_lib.random_model(cfg, data_lib.model_vocab_size(cfg))
     ar = sampler_lib.Sampler(arch, params, k=K, exe=exe, max_len=cfg.data.seq_len)
     pf = ar
   elif exports:

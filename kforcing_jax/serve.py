@@ -117,9 +117,7 @@ def load_model(f, mesh) -> tuple[sampler_lib.Sampler, str]:
     return (run_dir.load_sampler(f.workdir, f.stage, dtype=dtype, mesh=mesh,
                                  decode_attention=attn), f.stage)
   cfg = f.config
-  vocab = cfg.model.vocab_size
-  arch, params = random_init.random_model(
-      cfg, vocab if vocab > 0 else data_lib.make_tokenizer(cfg).vocab_size)
+  arch, params = random_init.random_model(cfg, data_lib.model_vocab_size(cfg))
   k = (f.K or 4) if f.model == 'pflm' else 0
   if f.model == 'ar':
     arch = dataclasses.replace(arch, pflm=False)

@@ -234,8 +234,7 @@ def main(argv):
   dtype, why = precision.choose(f.dtype)
   print(f'serving precision: {dtype} ({why})')
   benchmark.check_decode_attention(f.decode_attention, jax.default_backend() != 'cpu')
-  arch, params = random_init.random_model(cfg, cfg.model.vocab_size if cfg.model.vocab_size > 0
-                                          else data_lib.make_tokenizer(cfg).vocab_size)
+  arch, params = random_init.random_model(cfg, data_lib.model_vocab_size(cfg))
   exe = precision.exec_config(dtype, f.decode_attention, f.attention)
   sampler = sampler_lib.Sampler(arch, params, k=f.K, exe=exe, max_len=cfg.data.seq_len)
   engine = sampler.engine

@@ -64,8 +64,7 @@ def run(arch, params, calls, buckets: bool):
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  vocab = cfg.model.vocab_size if cfg.model.vocab_size > 0 else \
-      data_lib.make_tokenizer(cfg).vocab_size
+  vocab = data_lib.model_vocab_size(cfg)
   arch, params = random_init.random_model(cfg, vocab)
   arch = dataclasses.replace(arch, pflm=FLAGS.K > 0)  # K=0: its backbone as an AR model
   calls = stream(arch.max_seq_len, vocab)

@@ -352,6 +352,12 @@ class BatchIterator:
             for k, v in local.items()}
 
 
+def model_vocab_size(cfg) -> int:
+  """The model's vocabulary: model.vocab_size, or where it is -1 the tokenizer's."""
+  v = int(cfg.model.vocab_size)
+  return v if v > 0 else make_tokenizer(cfg).vocab_size
+
+
 def make_tokenizer(cfg):
   """The tokenizer a config trains with, without preparing any data."""
   name, _ = resolve(cfg)
